@@ -1,0 +1,100 @@
+#pragma once
+
+// Error codes of every subsystem, as CAF error-code enums.
+//
+// Code is for logic (retry or not, which wire code to answer with); the
+// context message is for humans. PKCS#11 failures carry the function and the
+// CKR name as context: `hsm: reopen_session (C_Sign: CKR_SESSION_CLOSED)`.
+// Any thread may use these; they hold no state.
+
+#include <cstdint>
+#include <string>
+
+#include "caf/error.hpp"
+#include "caf/expected.hpp"
+#include "caf/make_message.hpp"
+
+namespace hsm {
+
+/// Classes of PKCS#11 failure. The class says what a caller should do next.
+enum class hsm_errc : uint8_t {
+  /// Transient: the same call on the same session may succeed later.
+  retryable = 1,
+  /// The session is gone (closed, handle invalid, device error): open a new
+  /// session, log in again, retry.
+  reopen_session,
+  /// The module lost the token or its own state: finalize, initialize again.
+  reinit_module,
+  /// Never retried: wrong PIN, locked PIN, broken configuration, a key or
+  /// template the token refuses. Retrying can lock the PIN or loop forever.
+  fatal,
+};
+
+/// Errors of the key path that a request can cause; each maps to a wire code.
+enum class key_errc : uint8_t {
+  /// No key is stored under the key id.
+  unknown_key = 1,
+  /// The scheme is unknown, or the token cannot serve it.
+  scheme_unsupported,
+  /// The payload does not fit the scheme (e.g. not a 32-byte hash for ECDSA).
+  invalid_payload,
+  /// A parameter is missing or malformed (bad key id, bad hex, ...).
+  invalid_request,
+  /// The stored key material cannot be used (corrupted blob, bad public key).
+  key_corrupted,
+  /// The HSM's signature did not verify against the stored public key.
+  signature_mismatch,
+  /// The token's master key cannot unwrap the database's canary.
+  master_key_mismatch,
+  /// The master key object is missing from the token.
+  master_key_missing,
+};
+
+/// Errors of the key store.
+enum class store_errc : uint8_t {
+  /// The database cannot be opened or reached.
+  unavailable = 1,
+  /// A statement failed.
+  query_failed,
+  /// The database schema is newer than this build knows.
+  schema_too_new,
+  /// A stored row does not parse.
+  corrupt_row,
+};
+
+/// Errors in options, files and the environment, found at start-up.
+enum class config_errc : uint8_t {
+  /// An option has a bad value; the context names the option.
+  invalid_option = 1,
+  /// A required option is missing; the context names it.
+  missing_option,
+  /// A file named by an option cannot be used (missing, bad permissions).
+  bad_file,
+};
+
+/// Names of the values, e.g. `reopen_session`.
+std::string to_string(hsm_errc x);
+std::string to_string(key_errc x);
+std::string to_string(store_errc x);
+std::string to_string(config_errc x);
+
+/// Renders any project error (or a CAF system error) as one line for humans:
+/// `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`.
+std::string describe(const caf::error& err);
+
+/// True when the same request may succeed if tried again later.
+bool is_retryable(const caf::error& err);
+
+/// True when a PKCS#11 error must never be retried (wrong PIN, ...).
+bool is_fatal(const caf::error& err);
+
+/// The short code that a request's error result carries on the wire, e.g.
+/// `unknown_key`, `hsm_unavailable`, `internal`.
+std::string wire_code(const caf::error& err);
+
+} // namespace hsm
+
+CAF_ERROR_CODE_ENUM(hsm::hsm_errc, "hsm")
+CAF_ERROR_CODE_ENUM(hsm::key_errc, "key")
+CAF_ERROR_CODE_ENUM(hsm::store_errc, "store")
+CAF_ERROR_CODE_ENUM(hsm::config_errc, "config")

@@ -1,0 +1,13 @@
+#pragma once
+
+// The `hsm-driver` command line: subcommands, option parsing, JSON output.
+// `main` only calls `run_cli`.
+
+namespace hsm {
+
+/// Parses argv, runs the subcommand, prints its JSON result on stdout and
+/// logs on stderr. Returns the process exit code: 0 success, 1 the operation
+/// failed, 2 bad usage or configuration.
+int run_cli(int argc, char** argv);
+
+} // namespace hsm

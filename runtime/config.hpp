@@ -1,0 +1,80 @@
+#pragma once
+
+// Driver configuration: command-line flags and environment variables with
+// the runbook's names (DESIGN.md, "Configuration"), resolved once into a
+// plain struct and checked at start-up with messages that name the option.
+// PINs are not configuration: they come from USER_PIN / USER_PIN_FILE
+// (secret_pin.hpp) and are refused on the command line.
+
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "messages/errors.hpp"
+#include "runtime/schemes.hpp"
+
+namespace hsm {
+
+/// Default `--token-label`.
+inline constexpr std::string_view default_token_label = "hsm-driver";
+/// Default `--master-key-label`.
+inline constexpr std::string_view default_master_key_label
+  = "hsm-driver-master";
+/// Default `--sqlite-path`.
+inline constexpr std::string_view default_sqlite_path
+  = "/var/lib/hsm-driver/keys.db";
+/// Default `--log-level`.
+inline constexpr std::string_view default_log_level = "info";
+
+/// Reads an environment variable; injectable so that tests need no setenv.
+using env_lookup
+  = std::function<std::optional<std::string>(std::string_view name)>;
+
+/// The process environment.
+env_lookup process_env();
+
+/// Options as given (flags and environment), before checking.
+struct raw_options {
+  std::string pkcs11_module;
+  std::string token_label;
+  std::string master_key_label;
+  std::string sqlite_path;
+  std::string resident_schemes;
+  std::string log_level;
+};
+
+/// Options after checking.
+struct driver_config {
+  /// The PKCS#11 module to load.
+  std::filesystem::path pkcs11_module;
+  /// Where `pkcs11_module` came from (`--pkcs11-module`, `PKCS11_MODULE`,
+  /// `PKCS11_THALES_MODULE` or `PKCS11_IBM_MODULE`), for messages.
+  std::string pkcs11_module_source;
+  /// Label of the token to use.
+  std::string token_label;
+  /// Label of the master key on that token.
+  std::string master_key_label;
+  /// The SQLite key store.
+  std::filesystem::path sqlite_path;
+  /// Schemes whose keys are token-resident (opt-in).
+  std::set<scheme> resident_schemes;
+  /// spdlog level name.
+  std::string log_level;
+};
+
+/// Checks `raw` and fills in defaults and environment variables. Flags win
+/// over the environment. The module comes from `--pkcs11-module`, else from
+/// exactly one of `PKCS11_MODULE`, `PKCS11_THALES_MODULE`,
+/// `PKCS11_IBM_MODULE` (two set to different paths is an error: one module
+/// per process). Unknown scheme names are errors naming the option.
+[[nodiscard]] caf::expected<driver_config> resolve(const raw_options& raw,
+                                                   const env_lookup& env);
+
+/// Splits `a,b , c` into trimmed, non-empty parts.
+std::vector<std::string> split_list(std::string_view text);
+
+} // namespace hsm

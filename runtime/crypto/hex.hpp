@@ -1,0 +1,22 @@
+#pragma once
+
+// Hex encoding for the wire and the command line. Any thread.
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "messages/errors.hpp"
+
+namespace hsm::crypto {
+
+/// Lower-case hex, no prefix.
+std::string to_hex(std::span<const uint8_t> bytes);
+
+/// Parses hex (either case, optional `0x` prefix). An odd length or a
+/// non-hex character is `key_errc::invalid_request` naming the position.
+caf::expected<std::vector<uint8_t>> from_hex(std::string_view text);
+
+} // namespace hsm::crypto

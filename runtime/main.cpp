@@ -1,0 +1,5 @@
+#include "runtime/commands.hpp"
+
+int main(int argc, char** argv) {
+  return hsm::run_cli(argc, argv);
+}

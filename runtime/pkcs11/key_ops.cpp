@@ -1,0 +1,157 @@
+#include "runtime/pkcs11/key_ops.hpp"
+
+#include "runtime/crypto/ec.hpp"
+#include "runtime/pkcs11/rv.hpp"
+
+namespace hsm::pkcs11 {
+
+namespace {
+
+CK_MECHANISM_TYPE keygen_mechanism(scheme s) {
+  return s == scheme::ed25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
+                              : CKM_EC_KEY_PAIR_GEN;
+}
+
+CK_MECHANISM_TYPE sign_mechanism(scheme s) {
+  return s == scheme::ed25519 ? CKM_EDDSA : CKM_ECDSA;
+}
+
+CK_KEY_TYPE key_type(scheme s) {
+  return s == scheme::ed25519 ? CKK_EC_EDWARDS : CKK_EC;
+}
+
+/// Public half: a session object we only read CKA_EC_POINT from.
+attributes public_template(scheme s) {
+  attributes t;
+  t.add_bool(CKA_TOKEN, false)
+    .add_bool(CKA_PRIVATE, false)
+    .add_bool(CKA_VERIFY, true)
+    .add_bytes(CKA_EC_PARAMS, ec_params(s));
+  return t;
+}
+
+/// The private half; minimal on purpose (some tokens refuse EC templates
+/// carrying CKA_WRAP/CKA_UNWRAP).
+attributes private_template(bool token, bool extractable) {
+  attributes t;
+  t.add_bool(CKA_TOKEN, token)
+    .add_bool(CKA_PRIVATE, true)
+    .add_bool(CKA_SENSITIVE, true)
+    .add_bool(CKA_EXTRACTABLE, extractable)
+    .add_bool(CKA_SIGN, true);
+  return t;
+}
+
+caf::expected<std::vector<uint8_t>> read_public_key(session& sess,
+                                                    CK_OBJECT_HANDLE pub,
+                                                    scheme s) {
+  auto point = sess.attribute(pub, CKA_EC_POINT);
+  if (!point)
+    return point.error();
+  return crypto::parse_ec_point(s, *point);
+}
+
+/// Maps an unwrap failure: session-level classes pass through (the caller
+/// retries on another session); anything else means the blob is unusable.
+caf::error unwrap_failure(const caf::error& err) {
+  if (err == hsm_errc::fatal)
+    return caf::make_error(key_errc::key_corrupted,
+                           "the token cannot unwrap the stored key ("
+                             + describe(err) + ")");
+  return err;
+}
+
+} // namespace
+
+caf::expected<generated_key> generate_wrapped(session& sess,
+                                              CK_OBJECT_HANDLE master,
+                                              scheme s) {
+  auto pub_tmpl = public_template(s);
+  auto priv_tmpl = private_template(false, true);
+  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl,
+                                     priv_tmpl);
+  if (!pair)
+    return pair.error();
+  scoped_object pub{sess, pair->first};
+  scoped_object priv{sess, pair->second};
+  auto public_key = read_public_key(sess, pub.get(), s);
+  if (!public_key)
+    return public_key.error();
+  auto wrapped = sess.wrap(CKM_AES_KEY_WRAP_PAD, master, priv.get());
+  if (!wrapped)
+    return wrapped.error();
+  return generated_key{std::move(*public_key), std::move(*wrapped)};
+}
+
+caf::expected<std::vector<uint8_t>>
+sign_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
+             std::span<const uint8_t> blob, std::span<const uint8_t> payload) {
+  attributes tmpl;
+  tmpl.add_ulong(CKA_CLASS, CKO_PRIVATE_KEY)
+    .add_ulong(CKA_KEY_TYPE, key_type(s))
+    .add_bool(CKA_TOKEN, false)
+    .add_bool(CKA_PRIVATE, true)
+    .add_bool(CKA_SENSITIVE, true)
+    .add_bool(CKA_EXTRACTABLE, false)
+    .add_bool(CKA_SIGN, true);
+  auto key = sess.unwrap(CKM_AES_KEY_WRAP_PAD, master, blob, tmpl);
+  if (!key)
+    return unwrap_failure(key.error());
+  scoped_object obj{sess, *key};
+  return sess.sign(sign_mechanism(s), obj.get(), payload);
+}
+
+caf::error destroy_resident(session& sess, std::span<const uint8_t> id) {
+  attributes tmpl;
+  tmpl.add_bytes(CKA_ID, id).add_bool(CKA_TOKEN, true);
+  auto found = sess.find(tmpl, 64);
+  if (!found)
+    return found.error();
+  for (auto h : *found)
+    if (auto err = sess.destroy(h))
+      return err;
+  return caf::none;
+}
+
+caf::expected<resident_key> generate_resident(session& sess, scheme s,
+                                              std::span<const uint8_t> id,
+                                              std::string_view label) {
+  auto pub_tmpl = public_template(s);
+  auto priv_tmpl = private_template(true, false);
+  priv_tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label);
+  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl,
+                                     priv_tmpl);
+  if (!pair)
+    return pair.error();
+  scoped_object pub{sess, pair->first};
+  auto public_key = read_public_key(sess, pub.get(), s);
+  if (!public_key) {
+    static_cast<void>(sess.destroy(pair->second));
+    return public_key.error();
+  }
+  return resident_key{std::move(*public_key), pair->second};
+}
+
+caf::expected<std::vector<uint8_t>>
+sign_resident(session& sess, scheme s, std::span<const uint8_t> id,
+              std::string_view label, std::span<const uint8_t> payload) {
+  attributes tmpl;
+  tmpl.add_ulong(CKA_CLASS, CKO_PRIVATE_KEY)
+    .add_ulong(CKA_KEY_TYPE, key_type(s))
+    .add_bytes(CKA_ID, id)
+    .add_text(CKA_LABEL, label)
+    .add_bool(CKA_TOKEN, true);
+  auto found = sess.find(tmpl, 2);
+  if (!found)
+    return found.error();
+  if (found->size() != 1)
+    return caf::make_error(key_errc::key_corrupted,
+                           found->empty()
+                             ? std::string{"the token holds no resident key "
+                                           "with this key id and label"}
+                             : std::string{"the token holds several resident "
+                                           "keys with this key id and label"});
+  return sess.sign(sign_mechanism(s), found->front(), payload);
+}
+
+} // namespace hsm::pkcs11

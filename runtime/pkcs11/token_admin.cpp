@@ -1,0 +1,108 @@
+#include "runtime/pkcs11/token_admin.hpp"
+
+#include <array>
+#include <cstring>
+
+#include "runtime/pkcs11/rv.hpp"
+
+namespace hsm::pkcs11 {
+
+caf::error init_token(const module& mod, std::string_view label,
+                      const secret_pin& so_pin, const secret_pin& user_pin) {
+  if (label.empty() || label.size() > 32)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--token-label"},
+                           "a token label has 1 to 32 characters");
+  auto all = mod.tokens();
+  if (!all)
+    return all.error();
+  const token_description* free_slot = nullptr;
+  for (auto& t : *all) {
+    if (t.initialized && t.label == label)
+      return caf::make_error(config_errc::invalid_option,
+                             std::string{"--token-label"},
+                             "a token labelled '" + std::string{label}
+                               + "' exists already");
+    if (!t.initialized && free_slot == nullptr)
+      free_slot = &t;
+  }
+  if (free_slot == nullptr)
+    return caf::make_error(hsm_errc::fatal, std::string{"C_InitToken"},
+                           std::string{"no slot with an uninitialised token"});
+  std::array<CK_UTF8CHAR, 32> padded;
+  padded.fill(' ');
+  std::memcpy(padded.data(), label.data(), label.size());
+  auto* so = reinterpret_cast<CK_UTF8CHAR*>(const_cast<char*>(so_pin.data()));
+  if (auto rv = mod.fns().init_token(free_slot->slot, so,
+                                     static_cast<CK_ULONG>(so_pin.size()),
+                                     padded.data());
+      rv != CKR_OK)
+    return rv_error("C_InitToken", rv);
+  // Slot ids may change after C_InitToken: look the token up by label.
+  auto slot = mod.find_token(label);
+  if (!slot)
+    return slot.error();
+  auto s = session::open(mod, *slot);
+  if (!s)
+    return s.error();
+  if (auto err = s->login_so(so_pin))
+    return err;
+  auto* pin = reinterpret_cast<CK_UTF8CHAR*>(
+    const_cast<char*>(user_pin.data()));
+  auto rv = mod.fns().init_pin(s->handle(), pin,
+                               static_cast<CK_ULONG>(user_pin.size()));
+  mod.fns().logout(s->handle());
+  if (rv != CKR_OK)
+    return rv_error("C_InitPIN", rv);
+  return caf::none;
+}
+
+caf::expected<CK_OBJECT_HANDLE> find_master_key(session& s,
+                                                std::string_view label) {
+  attributes tmpl;
+  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_text(CKA_LABEL, label);
+  auto found = s.find(tmpl, 2);
+  if (!found)
+    return found.error();
+  if (found->empty())
+    return caf::make_error(key_errc::master_key_missing,
+                           "no master key labelled '" + std::string{label}
+                             + "' on the token; create one with "
+                               "'hsm-driver master-key init' (test and dev "
+                               "tokens) or the HSM vendor's tools");
+  if (found->size() > 1)
+    return caf::make_error(hsm_errc::fatal, std::string{"C_FindObjects"},
+                           "several secret keys are labelled '"
+                             + std::string{label} + "'");
+  return found->front();
+}
+
+caf::expected<CK_OBJECT_HANDLE>
+create_master_key(session& s, std::string_view label, bool* created) {
+  if (auto existing = find_master_key(s, label)) {
+    *created = false;
+    return *existing;
+  } else if (existing.error() != key_errc::master_key_missing) {
+    return existing.error();
+  }
+  attributes tmpl;
+  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
+    .add_ulong(CKA_KEY_TYPE, CKK_AES)
+    .add_ulong(CKA_VALUE_LEN, 32)
+    .add_text(CKA_LABEL, label)
+    .add_bool(CKA_TOKEN, true)
+    .add_bool(CKA_PRIVATE, true)
+    .add_bool(CKA_SENSITIVE, true)
+    .add_bool(CKA_EXTRACTABLE, false)
+    .add_bool(CKA_WRAP, true)
+    .add_bool(CKA_UNWRAP, true)
+    .add_bool(CKA_ENCRYPT, false)
+    .add_bool(CKA_DECRYPT, false);
+  auto key = s.generate_key(CKM_AES_KEY_GEN, tmpl);
+  if (!key)
+    return key.error();
+  *created = true;
+  return *key;
+}
+
+} // namespace hsm::pkcs11

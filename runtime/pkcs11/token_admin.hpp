@@ -1,0 +1,36 @@
+#pragma once
+
+// Token set-up for test and dev tokens, and the master key. Used by the CLI
+// (`hsm-driver token init`, `hsm-driver master-key init`), the dev mode and
+// the tests; production tokens are set up with the vendor's tools.
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "messages/errors.hpp"
+#include "runtime/pkcs11/module.hpp"
+#include "runtime/pkcs11/secret_pin.hpp"
+#include "runtime/pkcs11/session.hpp"
+
+namespace hsm::pkcs11 {
+
+/// Initialises a free slot's token as `label` (C_InitToken), then sets the
+/// user PIN (C_InitPIN as SO). A token with that label already present is
+/// `config_errc::invalid_option`; no free slot is an `hsm_errc`.
+[[nodiscard]] caf::error init_token(const module& mod, std::string_view label,
+                                    const secret_pin& so_pin,
+                                    const secret_pin& user_pin);
+
+/// The master key object labelled `label`: `key_errc::master_key_missing`
+/// when absent; two of them is `hsm_errc::fatal` (ambiguous).
+[[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
+find_master_key(session& s, std::string_view label);
+
+/// Creates the token AES-256 master key: token object, private, sensitive,
+/// not extractable, wrap/unwrap only. Returns nullopt-free handle; if a key
+/// with that label exists, returns it and sets `*created` to false.
+[[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
+create_master_key(session& s, std::string_view label, bool* created);
+
+} // namespace hsm::pkcs11

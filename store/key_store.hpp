@@ -1,0 +1,119 @@
+#pragma once
+
+// The key store: where wrapped private keys (or references to token-resident
+// keys) live beside their public keys. Records are immutable once written.
+//
+// A key_store instance is not thread-safe: one owner (the CLI, or the storage
+// actor) calls it. Back ends map their own failures to `store_errc`; nothing
+// throws out of this interface.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "messages/errors.hpp"
+#include "runtime/schemes.hpp"
+
+namespace hsm::store {
+
+/// The `wrap_mechanism` of a token-resident key (no blob; `key_blob` holds
+/// the key's `CKA_ID`).
+inline constexpr std::string_view resident_mechanism = "token-resident";
+
+/// The mechanism the driver wraps with (RFC 5649).
+inline constexpr std::string_view aes_key_wrap_pad = "CKM_AES_KEY_WRAP_PAD";
+
+/// One key. Never holds plaintext private key material.
+struct key_record {
+  /// The proxy's name for the key; unique.
+  std::string key_id;
+  /// The key's scheme.
+  hsm::scheme scheme = hsm::scheme::secp256k1;
+  /// Canonical public key: SEC1 uncompressed (EC) or 32 raw bytes (Ed25519).
+  std::vector<uint8_t> public_key;
+  /// The wrapped private key, or the `CKA_ID` of a token-resident key.
+  std::vector<uint8_t> key_blob;
+  /// How `key_blob` was made: `aes_key_wrap_pad` or `resident_mechanism`.
+  std::string wrap_mechanism;
+  /// Creation time, milliseconds since the Unix epoch (UTC).
+  int64_t created_at_ms = 0;
+
+  /// True for a token-resident key.
+  bool resident() const {
+    return wrap_mechanism == resident_mechanism;
+  }
+};
+
+/// What `put` did.
+struct put_result {
+  /// The record now stored under the key id: the caller's, or the one that
+  /// was there before (then `inserted` is false and nothing changed).
+  key_record record;
+  /// True if this call wrote the record.
+  bool inserted = false;
+};
+
+/// The master-key check (invariant 5): a P-256 key wrapped by the master key
+/// at first start. A token that cannot unwrap it and sign with it holds
+/// another master key.
+struct canary_record {
+  /// Canonical P-256 public key of the canary.
+  std::vector<uint8_t> public_key;
+  /// The canary's private key wrapped by the master key.
+  std::vector<uint8_t> wrapped_key;
+  /// Mechanism used for `wrapped_key`.
+  std::string wrap_mechanism;
+  /// Label of the master key that wrapped it (for the operator's message).
+  std::string master_key_label;
+  /// Creation time, milliseconds since the Unix epoch.
+  int64_t created_at_ms = 0;
+};
+
+/// One schema migration; applied in version order, each at most once.
+struct migration {
+  /// 1, 2, ...: the schema version after this migration.
+  int version;
+  /// File name, for logs.
+  const char* name;
+  /// The statements.
+  const char* sql;
+};
+
+/// Abstract key store. See the file comment for threading.
+class key_store {
+public:
+  virtual ~key_store() = default;
+
+  /// Inserts `rec` unless its key id is taken. Idempotent by key id: the same
+  /// key id never holds two keys; a second put returns the stored record with
+  /// `inserted == false`. Returns only after the write is durable.
+  [[nodiscard]] virtual caf::expected<put_result> put(const key_record& rec)
+    = 0;
+
+  /// The record stored under `key_id`, or nullopt.
+  [[nodiscard]] virtual caf::expected<std::optional<key_record>>
+  get(std::string_view key_id) = 0;
+
+  /// The canary, or nullopt before first start.
+  [[nodiscard]] virtual caf::expected<std::optional<canary_record>>
+  get_canary() = 0;
+
+  /// Stores `c` unless a canary exists; returns the canary now stored (the
+  /// first writer wins, so racing drivers agree on one).
+  [[nodiscard]] virtual caf::expected<canary_record>
+  put_canary(const canary_record& c) = 0;
+
+  /// The schema version the database is at.
+  [[nodiscard]] virtual caf::expected<int> schema_version() = 0;
+};
+
+/// Migrations for SQLite, from store/migrations/sqlite/ (generated).
+std::vector<migration> sqlite_migrations();
+
+/// Milliseconds since the Unix epoch, now.
+int64_t now_ms();
+
+} // namespace hsm::store

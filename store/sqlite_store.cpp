@@ -1,0 +1,761 @@
+#include "store/sqlite_store.hpp"
+
+#include <sqlite3.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <initializer_list>
+#include <string>
+#include <system_error>
+#include <utility>
+
+namespace hsm::store {
+
+namespace {
+
+// -- constants ----------------------------------------------------------------
+
+/// How long a statement waits for another connection's lock before it fails
+/// with SQLITE_BUSY.
+constexpr int busy_timeout_ms = 5000;
+
+/// Mode of a new database file: it holds wrapped keys. SQLite gives the -wal
+/// and -shm files the mode of the database file.
+constexpr mode_t db_file_mode = S_IRUSR | S_IWUSR;
+
+/// SQLITE_STATIC without its C-style cast: SQLite does not copy bound data.
+/// Safe because every statement is reset and its bindings cleared (see
+/// `stmt_scope`) before the bound data goes away.
+constexpr sqlite3_destructor_type no_copy = nullptr;
+
+constexpr const char* create_migrations_table
+  = "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, "
+    "name TEXT NOT NULL, "
+    "applied_at_ms INTEGER NOT NULL)";
+
+constexpr const char* select_version_sql
+  = "SELECT COALESCE(MAX(version), 0) FROM schema_migrations";
+
+constexpr const char* insert_migration_sql
+  = "INSERT INTO schema_migrations (version, name, applied_at_ms) "
+    "VALUES (?1, ?2, ?3)";
+
+constexpr const char* insert_key_sql
+  = "INSERT INTO keys (key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) "
+    "ON CONFLICT (key_id) DO NOTHING";
+
+constexpr const char* select_key_sql
+  = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms FROM keys WHERE key_id = ?1";
+
+constexpr const char* insert_canary_sql
+  = "INSERT INTO master_key_canary (id, public_key, wrapped_key, "
+    "wrap_mechanism, master_key_label, created_at_ms) "
+    "VALUES (1, ?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING";
+
+constexpr const char* select_canary_sql
+  = "SELECT public_key, wrapped_key, wrap_mechanism, master_key_label, "
+    "created_at_ms FROM master_key_canary WHERE id = 1";
+
+// -- RAII wrappers ------------------------------------------------------------
+
+/// Closes a connection. close_v2 defers the close until every statement is
+/// finalized, so member order cannot leak a half-closed handle.
+struct db_closer {
+  void operator()(sqlite3* db) const noexcept {
+    sqlite3_close_v2(db);
+  }
+};
+
+/// An owned connection.
+using db_ptr = std::unique_ptr<sqlite3, db_closer>;
+
+/// Finalizes a prepared statement.
+struct stmt_finalizer {
+  void operator()(sqlite3_stmt* stmt) const noexcept {
+    sqlite3_finalize(stmt);
+  }
+};
+
+/// An owned prepared statement.
+using stmt_ptr = std::unique_ptr<sqlite3_stmt, stmt_finalizer>;
+
+/// Resets a (cached) statement and clears its bindings on scope exit, so it
+/// holds no read snapshot open and no pointer into the caller's data.
+class stmt_scope {
+public:
+  explicit stmt_scope(sqlite3_stmt* stmt) noexcept : stmt_(stmt) {
+    // nop
+  }
+
+  stmt_scope(const stmt_scope&) = delete;
+  stmt_scope& operator=(const stmt_scope&) = delete;
+
+  ~stmt_scope() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+
+private:
+  sqlite3_stmt* stmt_;
+};
+
+// -- errors -------------------------------------------------------------------
+
+/// True for the result codes that mean another connection holds the lock.
+bool is_busy(int rc) {
+  auto primary = rc & 0xff;
+  return primary == SQLITE_BUSY || primary == SQLITE_LOCKED;
+}
+
+caf::error make_unavailable(std::string msg) {
+  return caf::make_error(store_errc::unavailable, std::move(msg));
+}
+
+caf::error make_query_failed(std::string msg) {
+  return caf::make_error(store_errc::query_failed, std::move(msg));
+}
+
+caf::error make_corrupt_row(std::string msg) {
+  return caf::make_error(store_errc::corrupt_row, std::move(msg));
+}
+
+/// Maps the failed call with result `rc` on `db`: busy or locked (after the
+/// busy timeout) is `unavailable`, anything else `query_failed`. `what` names
+/// the operation. SQLite's messages name columns and constraints, never bound
+/// values, so no key material reaches the error.
+caf::error sqlite_error(sqlite3* db, int rc, std::string_view what) {
+  std::string msg{what};
+  msg += ": ";
+  msg += db != nullptr ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+  if (is_busy(rc)) {
+    msg += " (after waiting ";
+    msg += std::to_string(busy_timeout_ms);
+    msg += " ms)";
+    return make_unavailable(std::move(msg));
+  }
+  return make_query_failed(std::move(msg));
+}
+
+// -- binding and reading ------------------------------------------------------
+
+/// Binds parameters, remembering the first failure. Binds without copying.
+class binder {
+public:
+  explicit binder(sqlite3_stmt* stmt) noexcept : stmt_(stmt) {
+    // nop
+  }
+
+  binder& text(int index, std::string_view x) {
+    if (rc_ != SQLITE_OK)
+      return *this;
+    if (x.size() > static_cast<size_t>(INT_MAX)) {
+      rc_ = SQLITE_TOOBIG;
+      return *this;
+    }
+    // A null pointer would bind NULL; an empty view binds ''.
+    auto data = x.data() != nullptr ? x.data() : "";
+    rc_ = sqlite3_bind_text(stmt_, index, data, static_cast<int>(x.size()),
+                            no_copy);
+    return *this;
+  }
+
+  binder& blob(int index, const std::vector<uint8_t>& x) {
+    if (rc_ != SQLITE_OK)
+      return *this;
+    if (x.size() > static_cast<size_t>(INT_MAX)) {
+      rc_ = SQLITE_TOOBIG;
+      return *this;
+    }
+    // A null pointer would bind NULL; an empty vector binds a 0-byte blob.
+    if (x.empty())
+      rc_ = sqlite3_bind_zeroblob(stmt_, index, 0);
+    else
+      rc_ = sqlite3_bind_blob(stmt_, index, x.data(),
+                              static_cast<int>(x.size()), no_copy);
+    return *this;
+  }
+
+  binder& int64(int index, int64_t x) {
+    if (rc_ == SQLITE_OK)
+      rc_ = sqlite3_bind_int64(stmt_, index, x);
+    return *this;
+  }
+
+  /// SQLITE_OK, or the result of the first failed bind.
+  int rc() const noexcept {
+    return rc_;
+  }
+
+private:
+  sqlite3_stmt* stmt_;
+  int rc_ = SQLITE_OK;
+};
+
+/// An error for a failed bind (sqlite3_errmsg may be stale after a bind).
+caf::error bind_error(int rc, std::string_view what) {
+  std::string msg{what};
+  msg += ": bind: ";
+  msg += sqlite3_errstr(rc);
+  return make_query_failed(std::move(msg));
+}
+
+/// Checks the storage classes of the current row's columns (STRICT tables
+/// make a mismatch impossible short of a damaged file).
+bool has_types(sqlite3_stmt* stmt, std::initializer_list<int> types) {
+  int index = 0;
+  for (auto type : types)
+    if (sqlite3_column_type(stmt, index++) != type)
+      return false;
+  return true;
+}
+
+std::string column_text(sqlite3_stmt* stmt, int index) {
+  auto data = sqlite3_column_text(stmt, index);
+  auto size = sqlite3_column_bytes(stmt, index);
+  if (data == nullptr || size <= 0)
+    return {};
+  return std::string(reinterpret_cast<const char*>(data),
+                     static_cast<size_t>(size));
+}
+
+std::vector<uint8_t> column_blob(sqlite3_stmt* stmt, int index) {
+  auto data = static_cast<const uint8_t*>(sqlite3_column_blob(stmt, index));
+  auto size = sqlite3_column_bytes(stmt, index);
+  if (data == nullptr || size <= 0)
+    return {};
+  return std::vector<uint8_t>(data, data + size);
+}
+
+/// Reads a row of `select_key_sql`.
+caf::expected<key_record> read_key_row(sqlite3_stmt* stmt,
+                                       std::string_view key_id) {
+  if (!has_types(stmt, {SQLITE_TEXT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_BLOB,
+                        SQLITE_TEXT, SQLITE_INTEGER}))
+    return make_corrupt_row("key '" + std::string{key_id}
+                            + "': a column has the wrong type");
+  auto scheme_name = column_text(stmt, 1);
+  auto parsed = parse_scheme(scheme_name);
+  if (!parsed)
+    return make_corrupt_row("key '" + std::string{key_id}
+                            + "': unknown scheme '" + scheme_name + "'");
+  key_record rec;
+  rec.key_id = column_text(stmt, 0);
+  rec.scheme = *parsed;
+  rec.public_key = column_blob(stmt, 2);
+  rec.key_blob = column_blob(stmt, 3);
+  rec.wrap_mechanism = column_text(stmt, 4);
+  rec.created_at_ms = sqlite3_column_int64(stmt, 5);
+  return rec;
+}
+
+/// Reads a row of `select_canary_sql`.
+caf::expected<canary_record> read_canary_row(sqlite3_stmt* stmt) {
+  if (!has_types(stmt, {SQLITE_BLOB, SQLITE_BLOB, SQLITE_TEXT, SQLITE_TEXT,
+                        SQLITE_INTEGER}))
+    return make_corrupt_row("canary: a column has the wrong type");
+  canary_record c;
+  c.public_key = column_blob(stmt, 0);
+  c.wrapped_key = column_blob(stmt, 1);
+  c.wrap_mechanism = column_text(stmt, 2);
+  c.master_key_label = column_text(stmt, 3);
+  c.created_at_ms = sqlite3_column_int64(stmt, 4);
+  return c;
+}
+
+// -- statements ---------------------------------------------------------------
+
+/// Prepares `sql` on `db`; `persistent` for statements kept for the life of
+/// the store. `what` names the operation for errors.
+caf::expected<stmt_ptr> prepare(sqlite3* db, const char* sql, bool persistent,
+                                std::string_view what) {
+  sqlite3_stmt* raw = nullptr;
+  auto flags = persistent ? static_cast<unsigned>(SQLITE_PREPARE_PERSISTENT)
+                          : 0u;
+  auto rc = sqlite3_prepare_v3(db, sql, -1, flags, &raw, nullptr);
+  stmt_ptr stmt{raw};
+  if (rc != SQLITE_OK)
+    return sqlite_error(db, rc, std::string{what} + ": prepare");
+  return stmt;
+}
+
+/// Runs statements without parameters or results.
+caf::error exec(sqlite3* db, const char* sql, std::string_view what) {
+  char* msg = nullptr;
+  auto rc = sqlite3_exec(db, sql, nullptr, nullptr, &msg);
+  if (rc == SQLITE_OK)
+    return {};
+  std::string text{what};
+  text += ": ";
+  text += msg != nullptr ? msg : sqlite3_errstr(rc);
+  sqlite3_free(msg);
+  if (is_busy(rc))
+    return make_unavailable(std::move(text));
+  return make_query_failed(std::move(text));
+}
+
+/// Runs a statement that answers with one integer.
+caf::expected<int> query_int(sqlite3* db, const char* sql,
+                             std::string_view what) {
+  auto stmt = prepare(db, sql, false, what);
+  if (!stmt)
+    return std::move(stmt.error());
+  auto rc = sqlite3_step(stmt->get());
+  if (rc != SQLITE_ROW)
+    return sqlite_error(db, rc, what);
+  return sqlite3_column_int(stmt->get(), 0);
+}
+
+/// Rolls back on scope exit unless committed. Runs the transaction
+/// statements through `sqlite3_exec` or cached statements, as given.
+class write_transaction {
+public:
+  write_transaction(sqlite3* db, sqlite3_stmt* begin, sqlite3_stmt* commit,
+                    sqlite3_stmt* rollback) noexcept
+    : db_(db), begin_(begin), commit_(commit), rollback_(rollback) {
+    // nop
+  }
+
+  write_transaction(const write_transaction&) = delete;
+  write_transaction& operator=(const write_transaction&) = delete;
+
+  ~write_transaction() {
+    // Some errors (SQLITE_FULL, SQLITE_IOERR, ...) roll back on their own;
+    // then autocommit is on again and there is nothing to undo.
+    if (!active_ || sqlite3_get_autocommit(db_) != 0)
+      return;
+    if (rollback_ != nullptr) {
+      sqlite3_step(rollback_);
+      sqlite3_reset(rollback_);
+    } else {
+      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+  }
+
+  /// `BEGIN IMMEDIATE`: takes the write lock now, waiting up to the busy
+  /// timeout, so that reads inside the transaction see the latest commit.
+  caf::error begin(std::string_view what) {
+    auto err = run(begin_, "BEGIN IMMEDIATE", what);
+    if (!err)
+      active_ = true;
+    return err;
+  }
+
+  /// `COMMIT`; durable on return (synchronous=FULL).
+  caf::error commit(std::string_view what) {
+    auto err = run(commit_, "COMMIT", what);
+    if (!err)
+      active_ = false;
+    return err;
+  }
+
+private:
+  caf::error run(sqlite3_stmt* stmt, const char* sql, std::string_view what) {
+    std::string ctx{what};
+    ctx += ": ";
+    ctx += sql;
+    if (stmt == nullptr)
+      return exec(db_, sql, ctx);
+    auto rc = sqlite3_step(stmt);
+    auto err = rc == SQLITE_DONE ? caf::error{} : sqlite_error(db_, rc, ctx);
+    sqlite3_reset(stmt);
+    return err;
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* begin_;
+  sqlite3_stmt* commit_;
+  sqlite3_stmt* rollback_;
+  bool active_ = false;
+};
+
+// -- opening ------------------------------------------------------------------
+
+std::string errno_text(int code) {
+  return std::generic_category().message(code);
+}
+
+/// Creates the database file with mode 0600 if it does not exist yet, so that
+/// SQLite never creates it with the umask's mode. An existing file keeps its
+/// mode.
+caf::error create_private_file(const std::filesystem::path& file) {
+  namespace fs = std::filesystem;
+  auto dir = file.parent_path();
+  if (dir.empty())
+    dir = ".";
+  std::error_code ec;
+  auto st = fs::status(dir, ec);
+  if (st.type() == fs::file_type::not_found)
+    return make_unavailable("cannot open database " + file.string()
+                            + ": directory " + dir.string()
+                            + " does not exist");
+  if (ec)
+    return make_unavailable("cannot open database " + file.string()
+                            + ": directory " + dir.string() + ": "
+                            + ec.message());
+  if (st.type() != fs::file_type::directory)
+    return make_unavailable("cannot open database " + file.string() + ": "
+                            + dir.string() + " is not a directory");
+  auto fd = ::open(file.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC,
+                   db_file_mode);
+  if (fd < 0) {
+    if (errno == EEXIST)
+      return {};
+    return make_unavailable("cannot create database " + file.string() + ": "
+                            + errno_text(errno));
+  }
+  // The umask may have taken bits away; set the mode exactly.
+  auto rc = ::fchmod(fd, db_file_mode);
+  auto chmod_errno = errno;
+  ::close(fd);
+  if (rc != 0)
+    return make_unavailable("cannot chmod database " + file.string() + ": "
+                            + errno_text(chmod_errno));
+  return {};
+}
+
+/// The same error as `store_errc::unavailable`: at open, any failure means
+/// the file cannot be used (not a database, locked, unreadable).
+caf::error as_unavailable(const caf::error& err) {
+  const auto& ctx = err.context();
+  if (ctx.size() == 1 && ctx.match_element<std::string>(0))
+    return make_unavailable(ctx.get_as<std::string>(0));
+  return make_unavailable(describe(err));
+}
+
+/// Switches to WAL and returns the journal mode now in effect. SQLite does
+/// not call the busy handler when the switch meets another connection's lock
+/// (two processes creating the database at once get SQLITE_BUSY at once), so
+/// this retries until the busy timeout has passed.
+caf::expected<std::string> set_wal_mode(sqlite3* db, const std::string& what) {
+  using clock = std::chrono::steady_clock;
+  constexpr auto pause_ms = 10;
+  auto deadline = clock::now() + std::chrono::milliseconds{busy_timeout_ms};
+  for (;;) {
+    sqlite3_stmt* raw = nullptr;
+    auto rc = sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &raw,
+                                 nullptr);
+    stmt_ptr stmt{raw};
+    if (rc == SQLITE_OK) {
+      rc = sqlite3_step(stmt.get());
+      if (rc == SQLITE_ROW)
+        return column_text(stmt.get(), 0);
+    }
+    if (!is_busy(rc) || clock::now() >= deadline)
+      return sqlite_error(db, rc, what);
+    stmt.reset();
+    sqlite3_sleep(pause_ms);
+  }
+}
+
+/// Sets the busy timeout, WAL mode, full sync and foreign keys.
+caf::error configure(sqlite3* db, const std::string& where) {
+  sqlite3_busy_timeout(db, busy_timeout_ms);
+  auto mode = set_wal_mode(db, where + ": PRAGMA journal_mode=WAL");
+  if (!mode)
+    return as_unavailable(mode.error());
+  std::transform(mode->begin(), mode->end(), mode->begin(), [](char c) {
+    return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  });
+  if (*mode != "wal")
+    return make_unavailable(where + ": journal_mode is '" + *mode
+                            + "', not 'wal'");
+  if (auto err = exec(db, "PRAGMA synchronous=FULL",
+                      where + ": PRAGMA synchronous=FULL"))
+    return as_unavailable(err);
+  if (auto err = exec(db, "PRAGMA foreign_keys=ON",
+                      where + ": PRAGMA foreign_keys=ON"))
+    return as_unavailable(err);
+  return {};
+}
+
+/// Checks that versions are positive and distinct, and sorts by version.
+caf::error sort_migrations(std::vector<migration>& ms) {
+  std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {
+    return x.version < y.version;
+  });
+  for (size_t i = 0; i < ms.size(); ++i) {
+    if (ms[i].version <= 0 || ms[i].sql == nullptr || ms[i].name == nullptr)
+      return make_query_failed("invalid migration list: bad entry at version "
+                               + std::to_string(ms[i].version));
+    if (i > 0 && ms[i - 1].version == ms[i].version)
+      return make_query_failed("invalid migration list: version "
+                               + std::to_string(ms[i].version)
+                               + " appears twice");
+  }
+  return {};
+}
+
+/// Applies the migrations above the database's version, all in one
+/// transaction; the version is read after taking the write lock, so two
+/// processes opening at once apply each migration once.
+caf::error migrate(sqlite3* db, const std::string& where,
+                   std::vector<migration> ms) {
+  if (auto err = sort_migrations(ms))
+    return err;
+  auto newest = ms.empty() ? 0 : ms.back().version;
+  write_transaction tx{db, nullptr, nullptr, nullptr};
+  if (auto err = tx.begin(where + ": migrate"))
+    return err;
+  if (auto err = exec(db, create_migrations_table, where + ": migrate"))
+    return err;
+  auto current = query_int(db, select_version_sql,
+                           where + ": read schema version");
+  if (!current)
+    return std::move(current.error());
+  if (*current > newest)
+    return caf::make_error(store_errc::schema_too_new,
+                           where + ": database schema version "
+                             + std::to_string(*current)
+                             + " is newer than this build's newest migration "
+                             + std::to_string(newest));
+  if (*current == newest)
+    return tx.commit(where + ": migrate");
+  auto insert = prepare(db, insert_migration_sql, false,
+                        where + ": migrate");
+  if (!insert)
+    return std::move(insert.error());
+  for (const auto& m : ms) {
+    if (m.version <= *current)
+      continue;
+    auto what = where + ": migration " + std::to_string(m.version) + " ("
+                + m.name + ")";
+    if (auto err = exec(db, m.sql, what))
+      return err;
+    stmt_scope scope{insert->get()};
+    binder args{insert->get()};
+    args.int64(1, m.version).text(2, m.name).int64(3, now_ms());
+    if (args.rc() != SQLITE_OK)
+      return bind_error(args.rc(), what);
+    auto rc = sqlite3_step(insert->get());
+    if (rc != SQLITE_DONE)
+      return sqlite_error(db, rc, what + ": record version");
+  }
+  return tx.commit(where + ": migrate");
+}
+
+} // namespace
+
+// -- connection ---------------------------------------------------------------
+
+struct sqlite_store::connection {
+  /// The database file.
+  std::filesystem::path path;
+  /// Declared first, so destroyed after the statements.
+  db_ptr db;
+  /// Cached statements, prepared once in `open`.
+  stmt_ptr begin;
+  stmt_ptr commit;
+  stmt_ptr rollback;
+  stmt_ptr insert_key;
+  stmt_ptr select_key;
+  stmt_ptr insert_canary;
+  stmt_ptr select_canary;
+  stmt_ptr select_version;
+
+  /// A transaction on the cached statements.
+  write_transaction transaction() {
+    return write_transaction{db.get(), begin.get(), commit.get(),
+                             rollback.get()};
+  }
+};
+
+// -- construction -------------------------------------------------------------
+
+caf::expected<std::unique_ptr<sqlite_store>>
+sqlite_store::open(const std::filesystem::path& path,
+                   std::vector<migration> migrations) {
+  auto where = "database " + path.string();
+  if (auto err = create_private_file(path))
+    return err;
+  sqlite3* raw = nullptr;
+  auto rc = sqlite3_open_v2(path.c_str(), &raw,
+                            SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
+                              | SQLITE_OPEN_NOMUTEX,
+                            nullptr);
+  db_ptr db{raw};
+  if (rc != SQLITE_OK) {
+    auto msg = "cannot open " + where + ": "
+               + (raw != nullptr ? sqlite3_errmsg(raw) : sqlite3_errstr(rc));
+    return make_unavailable(std::move(msg));
+  }
+  if (auto err = configure(db.get(), where))
+    return err;
+  if (auto err = migrate(db.get(), where, std::move(migrations)))
+    return err;
+  auto conn = std::make_unique<connection>();
+  conn->path = path;
+  struct cached {
+    stmt_ptr connection::*member;
+    const char* sql;
+  };
+  static constexpr cached statements[] = {
+    {&connection::begin, "BEGIN IMMEDIATE"},
+    {&connection::commit, "COMMIT"},
+    {&connection::rollback, "ROLLBACK"},
+    {&connection::insert_key, insert_key_sql},
+    {&connection::select_key, select_key_sql},
+    {&connection::insert_canary, insert_canary_sql},
+    {&connection::select_canary, select_canary_sql},
+    {&connection::select_version, select_version_sql},
+  };
+  for (const auto& s : statements) {
+    auto stmt = prepare(db.get(), s.sql, true, where + ": " + s.sql);
+    if (!stmt)
+      return std::move(stmt.error());
+    (*conn).*(s.member) = std::move(*stmt);
+  }
+  conn->db = std::move(db);
+  return std::unique_ptr<sqlite_store>{new sqlite_store{std::move(conn)}};
+}
+
+sqlite_store::sqlite_store(std::unique_ptr<connection> conn)
+  : conn_(std::move(conn)) {
+  // nop
+}
+
+sqlite_store::~sqlite_store() = default;
+
+// -- key_store ----------------------------------------------------------------
+
+caf::expected<put_result> sqlite_store::put(const key_record& rec) {
+  auto what = "put key '" + rec.key_id + "'";
+  auto db = conn_->db.get();
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  put_result result;
+  {
+    auto stmt = conn_->insert_key.get();
+    stmt_scope scope{stmt};
+    binder args{stmt};
+    args.text(1, rec.key_id)
+      .text(2, to_string(rec.scheme))
+      .blob(3, rec.public_key)
+      .blob(4, rec.key_blob)
+      .text(5, rec.wrap_mechanism)
+      .int64(6, rec.created_at_ms);
+    if (args.rc() != SQLITE_OK)
+      return bind_error(args.rc(), what);
+    auto rc = sqlite3_step(stmt);
+    if (rc != SQLITE_DONE)
+      return sqlite_error(db, rc, what);
+    result.inserted = sqlite3_changes(db) != 0;
+  }
+  if (result.inserted) {
+    result.record = rec;
+  } else {
+    // The key id is taken: answer with the stored record, read under the
+    // same lock.
+    auto stored = get(rec.key_id);
+    if (!stored)
+      return std::move(stored.error());
+    if (!*stored)
+      return make_query_failed(what + ": conflicting row not found");
+    result.record = std::move(**stored);
+  }
+  if (auto err = tx.commit(what))
+    return err;
+  return result;
+}
+
+caf::expected<std::optional<key_record>>
+sqlite_store::get(std::string_view key_id) {
+  auto what = "get key '" + std::string{key_id} + "'";
+  auto stmt = conn_->select_key.get();
+  stmt_scope scope{stmt};
+  binder args{stmt};
+  args.text(1, key_id);
+  if (args.rc() != SQLITE_OK)
+    return bind_error(args.rc(), what);
+  auto rc = sqlite3_step(stmt);
+  if (rc == SQLITE_DONE)
+    return std::optional<key_record>{};
+  if (rc != SQLITE_ROW)
+    return sqlite_error(conn_->db.get(), rc, what);
+  auto rec = read_key_row(stmt, key_id);
+  if (!rec)
+    return std::move(rec.error());
+  return std::optional<key_record>{std::move(*rec)};
+}
+
+caf::expected<std::optional<canary_record>> sqlite_store::get_canary() {
+  auto stmt = conn_->select_canary.get();
+  stmt_scope scope{stmt};
+  auto rc = sqlite3_step(stmt);
+  if (rc == SQLITE_DONE)
+    return std::optional<canary_record>{};
+  if (rc != SQLITE_ROW)
+    return sqlite_error(conn_->db.get(), rc, "get canary");
+  auto c = read_canary_row(stmt);
+  if (!c)
+    return std::move(c.error());
+  return std::optional<canary_record>{std::move(*c)};
+}
+
+caf::expected<canary_record>
+sqlite_store::put_canary(const canary_record& c) {
+  constexpr std::string_view what = "put canary";
+  auto db = conn_->db.get();
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  bool inserted = false;
+  {
+    auto stmt = conn_->insert_canary.get();
+    stmt_scope scope{stmt};
+    binder args{stmt};
+    args.blob(1, c.public_key)
+      .blob(2, c.wrapped_key)
+      .text(3, c.wrap_mechanism)
+      .text(4, c.master_key_label)
+      .int64(5, c.created_at_ms);
+    if (args.rc() != SQLITE_OK)
+      return bind_error(args.rc(), what);
+    auto rc = sqlite3_step(stmt);
+    if (rc != SQLITE_DONE)
+      return sqlite_error(db, rc, what);
+    inserted = sqlite3_changes(db) != 0;
+  }
+  canary_record result;
+  if (inserted) {
+    result = c;
+  } else {
+    // First writer wins: answer with the stored canary.
+    auto stored = get_canary();
+    if (!stored)
+      return std::move(stored.error());
+    if (!*stored)
+      return make_query_failed("put canary: conflicting row not found");
+    result = std::move(**stored);
+  }
+  if (auto err = tx.commit(what))
+    return err;
+  return result;
+}
+
+caf::expected<int> sqlite_store::schema_version() {
+  auto stmt = conn_->select_version.get();
+  stmt_scope scope{stmt};
+  auto rc = sqlite3_step(stmt);
+  if (rc != SQLITE_ROW)
+    return sqlite_error(conn_->db.get(), rc, "schema version");
+  return sqlite3_column_int(stmt, 0);
+}
+
+// -- properties ---------------------------------------------------------------
+
+const std::filesystem::path& sqlite_store::path() const noexcept {
+  return conn_->path;
+}
+
+} // namespace hsm::store

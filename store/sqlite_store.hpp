@@ -1,0 +1,87 @@
+#pragma once
+
+// The SQLite back end of the key store: one database file in WAL mode, its
+// schema brought up to date by the migrations in store/migrations/sqlite/
+// when it opens. The caller of `open` owns the store (the CLI, or the storage
+// actor). One thread at a time calls it (the connection is opened NOMUTEX);
+// it may move between threads, as an actor does between workers. Several
+// stores, in one process or many, may share a file: writes run in
+// `BEGIN IMMEDIATE` transactions and wait up to five seconds for the lock.
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "store/key_store.hpp"
+
+namespace hsm::store {
+
+/// A key store in one SQLite database file. See the file comment for
+/// threading.
+class sqlite_store final : public key_store {
+public:
+  // -- construction -----------------------------------------------------------
+
+  /// Opens (or creates, with mode 0600) the database at `path` and applies
+  /// every migration above its schema version, in one `BEGIN IMMEDIATE`
+  /// transaction. Fails with `store_errc::unavailable` if the file cannot be
+  /// opened or locked (e.g. a missing parent directory), with
+  /// `store_errc::schema_too_new` if the database is at a version newer than
+  /// the newest of `migrations`, and with `store_errc::query_failed` if a
+  /// migration fails (then none of them is applied). Migration SQL must not
+  /// open or end transactions itself.
+  [[nodiscard]] static caf::expected<std::unique_ptr<sqlite_store>>
+  open(const std::filesystem::path& path,
+       std::vector<migration> migrations = sqlite_migrations());
+
+  /// Closes the connection.
+  ~sqlite_store() override;
+
+  /// Not copyable: owns a connection.
+  sqlite_store(const sqlite_store&) = delete;
+
+  /// Not copyable: owns a connection.
+  sqlite_store& operator=(const sqlite_store&) = delete;
+
+  // -- key_store --------------------------------------------------------------
+
+  /// Inserts `rec` unless its key id is taken (then returns the stored
+  /// record); commits before returning.
+  [[nodiscard]] caf::expected<put_result> put(const key_record& rec) override;
+
+  /// The record stored under `key_id`, or nullopt; `store_errc::corrupt_row`
+  /// if the stored row does not parse.
+  [[nodiscard]] caf::expected<std::optional<key_record>>
+  get(std::string_view key_id) override;
+
+  /// The canary, or nullopt before first start.
+  [[nodiscard]] caf::expected<std::optional<canary_record>>
+  get_canary() override;
+
+  /// Stores `c` unless a canary exists; returns the canary now stored.
+  [[nodiscard]] caf::expected<canary_record>
+  put_canary(const canary_record& c) override;
+
+  /// The highest version in `schema_migrations`.
+  [[nodiscard]] caf::expected<int> schema_version() override;
+
+  // -- properties -------------------------------------------------------------
+
+  /// The database file, as given to `open` (for log messages).
+  [[nodiscard]] const std::filesystem::path& path() const noexcept;
+
+private:
+  /// The connection and its prepared statements (defined in the .cpp, so
+  /// that this header does not need sqlite3.h).
+  struct connection;
+
+  /// Takes over an open, migrated connection.
+  explicit sqlite_store(std::unique_ptr<connection> conn);
+
+  /// Never null.
+  std::unique_ptr<connection> conn_;
+};
+
+} // namespace hsm::store

@@ -1,0 +1,228 @@
+// The real `hsm-driver` binary on a real SoftHSMv2 token and SQLite file.
+
+#include <sys/stat.h>
+
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "runtime/crypto/hex.hpp"
+#include "tests/support/openssl_verify.hpp"
+#include "tests/support/softhsm_env.hpp"
+
+namespace hsm {
+namespace {
+
+using json = nlohmann::json;
+
+std::vector<uint8_t> unhex(const json& j) {
+  auto v = crypto::from_hex(j.get<std::string>());
+  return v ? *v : std::vector<uint8_t>{};
+}
+
+class CliTest : public ::testing::Test {
+protected:
+  void SetUp() override {
+    label = test::unique_label("cli");
+    dir = test::fresh_dir("cli");
+    env = {{"SOFTHSM2_CONF", test::softhsm_conf()},
+           {"PKCS11_MODULE", test::softhsm_module()},
+           {"PKCS11_THALES_MODULE", ""},
+           {"PKCS11_IBM_MODULE", ""},
+           {"USER_PIN_FILE", ""},
+           {"USER_PIN", std::string{test::user_pin}},
+           {"SO_PIN", std::string{test::so_pin}},
+           {"HSM_TOKEN_LABEL", label},
+           {"SQLITE_PATH", (dir / "keys.db").string()}};
+    auto init = run({"token", "init"});
+    ASSERT_EQ(init.exit_code, 0) << init.out << init.err;
+    auto mk = run({"master-key", "init"});
+    ASSERT_EQ(mk.exit_code, 0) << mk.out << mk.err;
+    EXPECT_TRUE(json::parse(mk.out)["created"].get<bool>());
+  }
+
+  test::run_result run(const std::vector<std::string>& args,
+                       std::map<std::string, std::string> extra = {}) {
+    auto e = env;
+    for (auto& [k, v] : extra)
+      e[k] = v;
+    auto res = test::run_driver(args, e);
+    all_output += res.out + res.err;
+    return res;
+  }
+
+  std::string label;
+  std::filesystem::path dir;
+  std::map<std::string, std::string> env;
+  std::string all_output;
+};
+
+TEST_F(CliTest, GenerateSignShowPrintJsonThatVerifies) {
+  for (std::string s : {"secp256k1", "p256"}) {
+    auto id = "cli-" + s;
+    auto gen = run({"keys", "generate", "--scheme", s, "--key-id", id});
+    ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
+    auto g = json::parse(gen.out);
+    EXPECT_TRUE(g["ok"].get<bool>());
+    EXPECT_TRUE(g["key"]["created"].get<bool>());
+    auto pub = unhex(g["key"]["public_key"]);
+    ASSERT_EQ(pub.size(), 65u);
+    auto hash = test::sha256("cli payload " + s);
+    auto sign = run({"keys", "sign", "--key-id", id, "--payload",
+                     crypto::to_hex(hash)});
+    ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
+    auto j = json::parse(sign.out);
+    auto der = unhex(j["signature"]["der"]);
+    auto raw = unhex(j["signature"]["signature"]);
+    auto scheme_value = *parse_scheme(s);
+    EXPECT_TRUE(test::openssl_verify(scheme_value, pub, hash, der));
+    EXPECT_EQ(raw.size(), 64u);
+    EXPECT_TRUE(j["signature"].contains("recovery_id"));
+    if (s == "secp256k1") {
+      EXPECT_TRUE(test::is_low_s_secp256k1(raw));
+    }
+    auto show = run({"keys", "show", "--key-id", id});
+    ASSERT_EQ(show.exit_code, 0) << show.err;
+    EXPECT_EQ(json::parse(show.out)["key"]["public_key"],
+              g["key"]["public_key"]);
+    auto again = run({"keys", "generate", "--scheme", s, "--key-id", id});
+    ASSERT_EQ(again.exit_code, 0);
+    auto a = json::parse(again.out);
+    EXPECT_FALSE(a["key"]["created"].get<bool>());
+    EXPECT_EQ(a["key"]["public_key"], g["key"]["public_key"]);
+  }
+}
+
+TEST_F(CliTest, Ed25519NeedsTheResidentOptInOnSoftHsm) {
+  auto refused = run({"keys", "generate", "--scheme", "ed25519", "--key-id",
+                      "ed"});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_EQ(json::parse(refused.out)["error"]["code"], "scheme_unsupported");
+  auto probe = run({"probe"});
+  ASSERT_EQ(probe.exit_code, 0) << probe.err;
+  auto p = json::parse(probe.out);
+  for (auto& s : p["schemes"])
+    EXPECT_EQ(s["served"].get<bool>(), s["scheme"] != "ed25519") << s.dump();
+  auto gen = run({"--resident-schemes", "ed25519", "keys", "generate",
+                  "--scheme", "ed25519", "--key-id", "ed"});
+  ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
+  auto pub = unhex(json::parse(gen.out)["key"]["public_key"]);
+  ASSERT_EQ(pub.size(), 32u);
+  auto sign = run({"--resident-schemes", "ed25519", "keys", "sign",
+                   "--key-id", "ed", "--payload", "68656c6c6f"});
+  ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
+  auto sig = unhex(json::parse(sign.out)["signature"]["signature"]);
+  std::vector<uint8_t> msg{'h', 'e', 'l', 'l', 'o'};
+  EXPECT_TRUE(test::openssl_verify(scheme::ed25519, pub, msg, sig));
+}
+
+TEST_F(CliTest, BadInputGetsClearErrors) {
+  ASSERT_EQ(run({"keys", "generate", "--scheme", "p256", "--key-id", "k"})
+              .exit_code,
+            0);
+  struct bad_case {
+    std::vector<std::string> args;
+    std::string code;
+  };
+  std::vector<bad_case> cases{
+    {{"keys", "sign", "--key-id", "nope", "--payload", std::string(64, 'a')},
+     "unknown_key"},
+    {{"keys", "sign", "--key-id", "k", "--payload", std::string(62, 'a')},
+     "invalid_payload"},
+    {{"keys", "sign", "--key-id", "k", "--payload", "zz"}, "invalid_request"},
+    {{"keys", "generate", "--scheme", "schnorr", "--key-id", "s"},
+     "scheme_unsupported"},
+  };
+  for (auto& c : cases) {
+    auto res = run(c.args);
+    EXPECT_EQ(res.exit_code, 1) << res.out << res.err;
+    auto j = json::parse(res.out);
+    EXPECT_FALSE(j["ok"].get<bool>());
+    EXPECT_EQ(j["error"]["code"], c.code) << res.out;
+    EXPECT_FALSE(j["error"]["message"].get<std::string>().empty());
+  }
+}
+
+TEST_F(CliTest, MissingModuleFailsWithAClearMessage) {
+  auto res = run({"probe"}, {{"PKCS11_MODULE", "/nonexistent/libp11.so"}});
+  EXPECT_EQ(res.exit_code, 2);
+  EXPECT_NE(res.out.find("/nonexistent/libp11.so"), std::string::npos)
+    << res.out;
+  auto none = run({"probe"}, {{"PKCS11_MODULE", ""}});
+  EXPECT_EQ(none.exit_code, 2);
+  EXPECT_NE(none.out.find("--pkcs11-module"), std::string::npos) << none.out;
+}
+
+TEST_F(CliTest, WrongPinFailsWithoutRetry) {
+  auto res = run({"probe"}, {{"USER_PIN", "not-the-pin"}});
+  EXPECT_EQ(res.exit_code, 1);
+  auto j = json::parse(res.out);
+  EXPECT_EQ(j["error"]["code"], "hsm_error");
+  EXPECT_FALSE(j["error"]["retryable"].get<bool>());
+  EXPECT_NE(j["error"]["message"].get<std::string>().find("CKR_PIN_INCORRECT"),
+            std::string::npos);
+  // The right PIN still works: nothing was locked by a retry loop.
+  EXPECT_EQ(run({"probe"}).exit_code, 0);
+}
+
+TEST_F(CliTest, PinFileMustBePrivate) {
+  auto file = dir / "pin";
+  std::ofstream{file} << test::user_pin << "\n";
+  ::chmod(file.c_str(), 0644);
+  auto loose = run({"probe"}, {{"USER_PIN", ""},
+                               {"USER_PIN_FILE", file.string()}});
+  EXPECT_EQ(loose.exit_code, 2);
+  EXPECT_NE(loose.out.find("USER_PIN_FILE"), std::string::npos) << loose.out;
+  ::chmod(file.c_str(), 0600);
+  auto ok = run({"probe"}, {{"USER_PIN", ""}, {"USER_PIN_FILE", file.string()}});
+  EXPECT_EQ(ok.exit_code, 0) << ok.out << ok.err;
+}
+
+TEST_F(CliTest, PinNeverAppearsInOutputOrOnTheCommandLine) {
+  auto trace = std::map<std::string, std::string>{{"HSM_LOG_LEVEL", "trace"}};
+  run({"keys", "generate", "--scheme", "p256", "--key-id", "p"}, trace);
+  run({"keys", "sign", "--key-id", "p", "--payload", std::string(64, '1')},
+      trace);
+  run({"probe"}, {{"HSM_LOG_LEVEL", "trace"}, {"USER_PIN", "wrong-pin-xyz"}});
+  auto flag = run({"probe", "--pin", "secret-on-argv-1"});
+  EXPECT_EQ(flag.exit_code, 2);
+  EXPECT_NE(flag.err.find("USER_PIN"), std::string::npos);
+  auto eq = run({"probe", "--user-pin=secret-on-argv-2"});
+  EXPECT_EQ(eq.exit_code, 2);
+  auto extra = run({"probe", "secret-on-argv-3"});
+  EXPECT_EQ(extra.exit_code, 2);
+  for (auto secret : {std::string{test::user_pin}, std::string{test::so_pin},
+                      std::string{"wrong-pin-xyz"},
+                      std::string{"secret-on-argv-1"},
+                      std::string{"secret-on-argv-2"},
+                      std::string{"secret-on-argv-3"}})
+    EXPECT_EQ(all_output.find(secret), std::string::npos) << secret;
+  EXPECT_FALSE(all_output.empty());
+}
+
+TEST_F(CliTest, TokenWithAnotherMasterKeyIsRefusedAndWritesNothing) {
+  ASSERT_EQ(run({"keys", "generate", "--scheme", "p256", "--key-id", "first"})
+              .exit_code,
+            0);
+  auto other = test::unique_label("cli-other");
+  ASSERT_EQ(run({"token", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code, 0);
+  ASSERT_EQ(
+    run({"master-key", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code, 0);
+  auto check = run({"master-key", "check"}, {{"HSM_TOKEN_LABEL", other}});
+  EXPECT_EQ(check.exit_code, 1);
+  EXPECT_EQ(json::parse(check.out)["error"]["code"], "master_key_mismatch");
+  auto gen = run({"keys", "generate", "--scheme", "p256", "--key-id",
+                  "second"},
+                 {{"HSM_TOKEN_LABEL", other}});
+  EXPECT_EQ(gen.exit_code, 1);
+  EXPECT_EQ(json::parse(gen.out)["error"]["code"], "master_key_mismatch");
+  // The right token sees no trace of the refused request.
+  auto show = run({"keys", "show", "--key-id", "second"});
+  EXPECT_EQ(json::parse(show.out)["error"]["code"], "unknown_key");
+  auto good = run({"master-key", "check"});
+  EXPECT_EQ(good.exit_code, 0) << good.out << good.err;
+}
+
+} // namespace
+} // namespace hsm

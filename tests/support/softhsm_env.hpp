@@ -1,0 +1,81 @@
+#pragma once
+
+// Integration-test support: one SoftHSMv2 set-up per test run (its own
+// SOFTHSM2_CONF and token folder under a fresh temporary folder), one loaded
+// module for the whole process (one module per process, as in production)
+// with a counting decorator on its function table, and a way to run the
+// real `hsm-driver` binary.
+
+#include <atomic>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/pkcs11/module.hpp"
+#include "runtime/pkcs11/secret_pin.hpp"
+#include "runtime/pkcs11/session.hpp"
+
+namespace hsm::test {
+
+/// The user PIN of every test token. Test-only.
+inline constexpr std::string_view user_pin = "test-user-pin-4711";
+/// The SO PIN of every test token. Test-only.
+inline constexpr std::string_view so_pin = "test-so-pin-0815";
+
+/// The SoftHSMv2 module path.
+std::string softhsm_module();
+
+/// This run's temporary folder (removed at exit).
+const std::filesystem::path& work_dir();
+
+/// The SOFTHSM2_CONF of this run.
+std::string softhsm_conf();
+
+/// A fresh sub-folder of work_dir().
+std::filesystem::path fresh_dir(std::string_view prefix);
+
+/// A label no other test of this run uses (<= 32 characters).
+std::string unique_label(std::string_view prefix);
+
+/// Counts calls per C_* function; injects a failure into `login` on demand.
+struct call_counts {
+  std::atomic<int> login{0};
+  std::atomic<int> generate_key_pair{0};
+  std::atomic<int> unwrap_key{0};
+  std::atomic<int> sign{0};
+};
+
+/// The counts of the shared module's function table.
+call_counts& counts();
+
+/// The module shared by every test in this process.
+pkcs11::module& shared_module();
+
+/// A token created for one test, with a logged-in session and a master key.
+struct test_token {
+  std::string label;
+  pkcs11::session sess;
+  CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
+};
+
+/// Creates and initialises a token labelled `label`, logs in, creates the
+/// master key `master_label`.
+test_token make_token(const std::string& label,
+                      std::string_view master_label = "hsm-driver-master");
+
+/// Output of a finished child process.
+struct run_result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+/// Runs the hsm-driver binary with `args`; the environment is this
+/// process's plus `env` (an empty value unsets the variable).
+run_result run_driver(const std::vector<std::string>& args,
+                      const std::map<std::string, std::string>& env);
+
+} // namespace hsm::test

@@ -1,0 +1,80 @@
+#include "runtime/pkcs11/secret_pin.hpp"
+
+#include <sys/stat.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+namespace hsm::pkcs11 {
+namespace {
+
+class SecretPinTest : public ::testing::Test {
+protected:
+  void SetUp() override {
+    dir = std::filesystem::path{::testing::TempDir()}
+          / ("pin-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir);
+    ::unsetenv("TEST_PIN");
+    ::unsetenv("TEST_PIN_FILE");
+  }
+  void TearDown() override {
+    std::filesystem::remove_all(dir);
+  }
+  std::filesystem::path write_pin(const std::string& text, mode_t mode) {
+    auto path = dir / "pin";
+    std::ofstream{path} << text;
+    ::chmod(path.c_str(), mode);
+    return path;
+  }
+  std::filesystem::path dir;
+};
+
+TEST_F(SecretPinTest, EnvironmentPinIsReadThenScrubbed) {
+  ::setenv("TEST_PIN", "1234", 1);
+  auto pin = secret_pin::from_environment("TEST_PIN", "TEST_PIN_FILE");
+  ASSERT_TRUE(pin) << describe(pin.error());
+  EXPECT_EQ(std::string(pin->data(), pin->size()), "1234");
+  EXPECT_EQ(std::getenv("TEST_PIN"), nullptr);
+}
+
+TEST_F(SecretPinTest, MissingPinNamesBothVariables) {
+  auto pin = secret_pin::from_environment("TEST_PIN", "TEST_PIN_FILE");
+  ASSERT_FALSE(pin);
+  EXPECT_EQ(pin.error(), config_errc::missing_option);
+  EXPECT_NE(describe(pin.error()).find("TEST_PIN_FILE"), std::string::npos);
+}
+
+TEST_F(SecretPinTest, BothSourcesIsAnError) {
+  ::setenv("TEST_PIN", "1", 1);
+  ::setenv("TEST_PIN_FILE", write_pin("2", 0600).c_str(), 1);
+  auto pin = secret_pin::from_environment("TEST_PIN", "TEST_PIN_FILE");
+  ASSERT_FALSE(pin);
+  EXPECT_EQ(pin.error(), config_errc::invalid_option);
+}
+
+TEST_F(SecretPinTest, FileMustBePrivateAndNotEmpty) {
+  auto loose = secret_pin::from_file(write_pin("5678\n", 0640));
+  ASSERT_FALSE(loose);
+  EXPECT_EQ(loose.error(), config_errc::bad_file);
+  auto good = secret_pin::from_file(write_pin("5678\n", 0600));
+  ASSERT_TRUE(good) << describe(good.error());
+  EXPECT_EQ(std::string(good->data(), good->size()), "5678");
+  auto empty = secret_pin::from_file(write_pin("\n", 0600));
+  ASSERT_FALSE(empty);
+  auto missing = secret_pin::from_file((dir / "nope").string());
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error(), config_errc::bad_file);
+}
+
+TEST_F(SecretPinTest, MovedFromPinIsEmpty) {
+  secret_pin a{"9999"};
+  secret_pin b{std::move(a)};
+  EXPECT_TRUE(a.empty()); // NOLINT(bugprone-use-after-move)
+  EXPECT_EQ(b.size(), 4u);
+}
+
+} // namespace
+} // namespace hsm::pkcs11

@@ -21,7 +21,7 @@ packages=(
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
   # process helpers used by the test scripts
-  procps
+  procps jq
 )
 
 sudo_cmd=()

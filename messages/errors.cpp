@@ -68,6 +68,22 @@ std::string to_string(config_errc x) {
   return "config_errc(" + std::to_string(static_cast<int>(x)) + ")";
 }
 
+std::string to_string(net_errc x) {
+  switch (x) {
+    case net_errc::unreachable:
+      return "unreachable";
+    case net_errc::tls_failed:
+      return "tls_failed";
+    case net_errc::http_status:
+      return "http_status";
+    case net_errc::bad_response:
+      return "bad_response";
+    case net_errc::bad_tls_material:
+      return "bad_tls_material";
+  }
+  return "net_errc(" + std::to_string(static_cast<int>(x)) + ")";
+}
+
 namespace {
 
 template <class Enum>
@@ -104,6 +120,8 @@ std::string describe(const caf::error& err) {
     head = "store: " + to_string(static_cast<store_errc>(err.code()));
   else if (in_category<config_errc>(err))
     head = "config: " + to_string(static_cast<config_errc>(err.code()));
+  else if (in_category<net_errc>(err))
+    head = "net: " + to_string(static_cast<net_errc>(err.code()));
   else if (err.category() == caf::atom("system"))
     head = "system: " + caf::to_string(static_cast<caf::sec>(err.code()));
   else
@@ -115,6 +133,9 @@ std::string describe(const caf::error& err) {
 bool is_retryable(const caf::error& err) {
   if (in_category<hsm_errc>(err))
     return err.code() != static_cast<uint8_t>(hsm_errc::fatal);
+  if (in_category<net_errc>(err))
+    return err.code() == static_cast<uint8_t>(net_errc::unreachable)
+           || err.code() == static_cast<uint8_t>(net_errc::http_status);
   if (in_category<store_errc>(err))
     return err.code() == static_cast<uint8_t>(store_errc::unavailable)
            || err.code() == static_cast<uint8_t>(store_errc::query_failed);

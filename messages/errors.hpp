@@ -72,11 +72,27 @@ enum class config_errc : uint8_t {
   bad_file,
 };
 
+/// Errors talking to the proxy (client side) or serving it (reference proxy).
+enum class net_errc : uint8_t {
+  /// No connection: refused, reset, DNS, or a timeout; retried with backoff.
+  unreachable = 1,
+  /// The TLS handshake failed: certificate not trusted, wrong name, no client
+  /// certificate. Not retried in a tight loop: configuration is wrong.
+  tls_failed,
+  /// The peer answered with an unexpected HTTP status.
+  http_status,
+  /// The peer's body is not what the protocol says.
+  bad_response,
+  /// TLS material (certificate, key, CA) cannot be loaded or made.
+  bad_tls_material,
+};
+
 /// Names of the values, e.g. `reopen_session`.
 std::string to_string(hsm_errc x);
 std::string to_string(key_errc x);
 std::string to_string(store_errc x);
 std::string to_string(config_errc x);
+std::string to_string(net_errc x);
 
 /// Renders any project error (or a CAF system error) as one line for humans:
 /// `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`.
@@ -98,3 +114,4 @@ CAF_ERROR_CODE_ENUM(hsm::hsm_errc, "hsm")
 CAF_ERROR_CODE_ENUM(hsm::key_errc, "key")
 CAF_ERROR_CODE_ENUM(hsm::store_errc, "store")
 CAF_ERROR_CODE_ENUM(hsm::config_errc, "config")
+CAF_ERROR_CODE_ENUM(hsm::net_errc, "net")

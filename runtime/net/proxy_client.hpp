@@ -1,0 +1,85 @@
+#pragma once
+
+// The client side of the proxy protocol (DESIGN.md): HTTPS with a client
+// certificate, the server verified against `--ca-cert`, TLS 1.2 minimum
+// (1.3 preferred), over libcurl. One `proxy_client` is one connection (one
+// curl easy handle, kept alive between calls): the poller owns one for the
+// long-poll and the result poster owns another, so a result never waits
+// behind a poll. Not thread-safe; blocking: call it from a detached actor or
+// a thread of its own.
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "messages/errors.hpp"
+
+namespace hsm::net {
+
+/// TLS files of one side.
+struct tls_files {
+  /// CA bundle that must sign the peer's chain.
+  std::filesystem::path ca_cert;
+  /// Own certificate (chain) in PEM.
+  std::filesystem::path cert;
+  /// Own private key in PEM.
+  std::filesystem::path key;
+};
+
+/// Options of a client.
+struct proxy_client_config {
+  /// `host:port` of the proxy (`--proxy-addr`); IPv6 as `[::1]:8443`.
+  std::string proxy_addr;
+  /// Client TLS files (`--ca-cert`, `--client-cert`, `--client-key`).
+  tls_files tls;
+  /// This driver's id (`--driver-id`), sent with every poll and result.
+  std::string driver_id;
+  /// Connect (TCP + TLS) timeout.
+  std::chrono::milliseconds connect_timeout{5000};
+  /// Extra time allowed beyond a poll's `wait_ms` before giving up.
+  std::chrono::milliseconds poll_grace{10000};
+  /// Timeout of a result post.
+  std::chrono::milliseconds post_timeout{15000};
+};
+
+/// An HTTP answer.
+struct http_reply {
+  long status = 0;
+  std::string body;
+};
+
+/// One HTTPS connection to the proxy.
+class proxy_client {
+public:
+  /// Checks the files exist and are readable (an error names the option),
+  /// and prepares the handle. Does not connect yet.
+  [[nodiscard]] static caf::expected<std::unique_ptr<proxy_client>>
+  create(const proxy_client_config& cfg);
+
+  ~proxy_client();
+  proxy_client(const proxy_client&) = delete;
+  proxy_client& operator=(const proxy_client&) = delete;
+
+  /// `POST /v1/poll {"driver_id","max","wait_ms"}`. Returns the reply on any
+  /// HTTP status; transport failures are `net_errc::unreachable` (retry with
+  /// backoff) or `net_errc::tls_failed` (certificate problems).
+  [[nodiscard]] caf::expected<http_reply> poll(size_t max,
+                                               std::chrono::milliseconds wait);
+
+  /// `POST /v1/results` with a JSON body (see messages/wire.hpp). Returns
+  /// the reply on any HTTP status (200 accepted, 409 lease expired or already
+  /// answered); transport failures as for `poll`.
+  [[nodiscard]] caf::expected<http_reply> post_result(const std::string& body);
+
+  /// The configuration.
+  const proxy_client_config& config() const noexcept;
+
+private:
+  proxy_client() = default;
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace hsm::net

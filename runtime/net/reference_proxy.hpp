@@ -1,0 +1,100 @@
+#pragma once
+
+// The reference proxy: the remote side of the protocol, for the dev mode,
+// the tests and the benchmarks. An mTLS server (cpp-httplib over OpenSSL)
+// with a request queue, leases, redelivery when a lease expires, and
+// at-most-once acceptance of a result per lease; plus an admin API on a
+// listener of its own (plain HTTP on loopback) to enqueue requests and read
+// results and statistics. Thread-safe: the servers run on their own threads;
+// the in-process methods may be called from any thread.
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "messages/errors.hpp"
+
+namespace hsm::net {
+
+/// Options of the reference proxy.
+struct reference_proxy_config {
+  /// Listen address of the driver-facing mTLS listener.
+  std::string host = "127.0.0.1";
+  /// Its port; 0 picks a free one (see `port()`).
+  uint16_t port = 0;
+  /// Listen address of the admin listener (keep it on loopback).
+  std::string admin_host = "127.0.0.1";
+  /// Its port; 0 picks a free one.
+  uint16_t admin_port = 0;
+  /// Server certificate chain, key, and the CA that must sign clients.
+  std::filesystem::path server_cert;
+  std::filesystem::path server_key;
+  std::filesystem::path client_ca;
+  /// How long a lease lasts before the request is visible again.
+  std::chrono::milliseconds lease_duration{30000};
+  /// Upper bound on a poll's `wait_ms`.
+  std::chrono::milliseconds max_wait{30000};
+  /// Largest request body accepted, in bytes.
+  size_t max_body = 1 << 20;
+};
+
+/// Queue counters (`GET /v1/admin/stats`).
+struct proxy_stats {
+  size_t queued = 0;
+  size_t leased = 0;
+  size_t done = 0;
+  /// Deliveries after the first (lease expiries).
+  size_t redelivered = 0;
+  /// Results refused with 409.
+  size_t rejected_results = 0;
+  /// Leases in flight now, per driver id.
+  std::map<std::string, size_t> in_flight;
+  /// Most leases ever in flight at once, per driver id.
+  std::map<std::string, size_t> max_in_flight;
+};
+
+/// The running proxy. Stops and joins its threads on destruction.
+class reference_proxy {
+public:
+  /// Starts both listeners; fails with `net_errc::bad_tls_material` if the
+  /// TLS files do not load, `net_errc::unreachable` if a port cannot be bound.
+  [[nodiscard]] static caf::expected<std::unique_ptr<reference_proxy>>
+  start(const reference_proxy_config& cfg);
+
+  ~reference_proxy();
+  reference_proxy(const reference_proxy&) = delete;
+  reference_proxy& operator=(const reference_proxy&) = delete;
+
+  /// The driver-facing port.
+  uint16_t port() const noexcept;
+  /// The admin port.
+  uint16_t admin_port() const noexcept;
+
+  /// Enqueues a request (same as `POST /v1/admin/requests`); returns its id.
+  /// An id that exists already is not enqueued twice.
+  std::string enqueue(const std::string& kind, const nlohmann::json& params,
+                      std::optional<std::string> id = std::nullopt);
+
+  /// A request's state as `GET /v1/admin/requests/{id}` shows it; nullopt
+  /// for an unknown id.
+  std::optional<nlohmann::json> request_state(const std::string& id) const;
+
+  /// Counters.
+  proxy_stats stats() const;
+
+  /// Stops both listeners (idempotent).
+  void stop();
+
+private:
+  reference_proxy() = default;
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace hsm::net

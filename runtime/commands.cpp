@@ -1,16 +1,29 @@
 #include "runtime/commands.hpp"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
 #include <iostream>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <openssl/sha.h>
 
 #include "runtime/config.hpp"
 #include "runtime/crypto/hex.hpp"
+#include "runtime/crypto/signature.hpp"
+#include "runtime/daemon.hpp"
+#include "runtime/net/pki.hpp"
+#include "runtime/net/reference_proxy.hpp"
 #include "runtime/key_service.hpp"
 #include "runtime/logging.hpp"
 #include "runtime/pkcs11/module.hpp"
@@ -294,6 +307,320 @@ int cmd_keys_show(const driver_config& cfg, const std::string& key_id) {
   return exit_ok;
 }
 
+// -- the daemon, the reference proxy, the dev mode -------------------------------
+
+/// Options of `run` (and `dev`) beyond the key options.
+struct run_flags {
+  std::string proxy_addr;
+  std::string client_cert;
+  std::string client_key;
+  std::string ca_cert;
+  std::string driver_id;
+  size_t sessions = 2;
+  long hsm_timeout_ms = 10000;
+  long drain_timeout_ms = 30000;
+  long poll_wait_ms = 20000;
+};
+
+std::string env_or(const char* var, const std::string& value) {
+  if (!value.empty())
+    return value;
+  const char* v = std::getenv(var);
+  return v != nullptr ? std::string{v} : std::string{};
+}
+
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0 || buf[0] == '\0')
+    return "hsm-driver";
+  return buf;
+}
+
+caf::expected<daemon_options> daemon_opts(const driver_config& cfg,
+                                          const run_flags& f) {
+  daemon_options o;
+  o.cfg = cfg;
+  o.proxy.proxy_addr = env_or("PROXY_ADDR", f.proxy_addr);
+  o.proxy.tls.ca_cert = env_or("CA_CERT", f.ca_cert);
+  o.proxy.tls.cert = env_or("CLIENT_CERT", f.client_cert);
+  o.proxy.tls.key = env_or("CLIENT_KEY", f.client_key);
+  o.proxy.driver_id = env_or("HSM_DRIVER_ID", f.driver_id);
+  if (o.proxy.driver_id.empty())
+    o.proxy.driver_id = host_name();
+  struct required {
+    const char* flag;
+    std::string value;
+  };
+  for (auto& r : {required{"--proxy-addr", o.proxy.proxy_addr},
+                  required{"--ca-cert", o.proxy.tls.ca_cert.string()},
+                  required{"--client-cert", o.proxy.tls.cert.string()},
+                  required{"--client-key", o.proxy.tls.key.string()}})
+    if (r.value.empty())
+      return caf::make_error(config_errc::missing_option,
+                             std::string{r.flag},
+                             std::string{r.flag} + " is required");
+  if (f.sessions < 1 || f.sessions > 256)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--sessions"},
+                           std::string{"--sessions must be 1..256"});
+  auto check_ms = [](const char* flag, long v, long lo,
+                     long hi) -> caf::error {
+    if (v < lo || v > hi)
+      return caf::make_error(config_errc::invalid_option, std::string{flag},
+                             std::string{flag} + " must be "
+                               + std::to_string(lo) + ".."
+                               + std::to_string(hi) + " ms");
+    return caf::none;
+  };
+  if (auto err = check_ms("--hsm-timeout", f.hsm_timeout_ms, 100, 600000))
+    return err;
+  if (auto err = check_ms("--drain-timeout", f.drain_timeout_ms, 0, 3600000))
+    return err;
+  if (auto err = check_ms("--poll-wait", f.poll_wait_ms, 0, 60000))
+    return err;
+  o.sessions = f.sessions;
+  o.hsm_timeout = std::chrono::milliseconds{f.hsm_timeout_ms};
+  o.drain_timeout = std::chrono::milliseconds{f.drain_timeout_ms};
+  o.poll_wait = std::chrono::milliseconds{f.poll_wait_ms};
+  return o;
+}
+
+int cmd_run(const driver_config& cfg, const run_flags& f) {
+  auto opts = daemon_opts(cfg, f);
+  if (!opts)
+    return fail(opts.error());
+  auto d = daemon::start(*opts);
+  if (!d)
+    return fail(d.error());
+  auto sig = wait_for_stop_signal();
+  logger("runtime")->info("signal {} received", sig);
+  (*d)->stop();
+  return exit_ok;
+}
+
+struct proxy_flags {
+  std::string listen = "127.0.0.1:8443";
+  std::string admin_listen = "127.0.0.1:8444";
+  std::string server_cert;
+  std::string server_key;
+  std::string client_ca;
+  long lease_ms = 30000;
+};
+
+caf::error split_host_port(const std::string& addr, const char* flag,
+                           std::string& host, uint16_t& port) {
+  auto colon = addr.rfind(':');
+  if (colon == std::string::npos)
+    return caf::make_error(config_errc::invalid_option, std::string{flag},
+                           std::string{flag} + " takes host:port");
+  host = addr.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  auto p = std::strtol(addr.c_str() + colon + 1, nullptr, 10);
+  if (p < 0 || p > 65535)
+    return caf::make_error(config_errc::invalid_option, std::string{flag},
+                           std::string{flag} + ": bad port");
+  port = static_cast<uint16_t>(p);
+  return caf::none;
+}
+
+int cmd_proxy(const proxy_flags& f) {
+  net::reference_proxy_config pc;
+  if (auto err = split_host_port(f.listen, "--listen", pc.host, pc.port))
+    return fail(err);
+  if (auto err = split_host_port(f.admin_listen, "--admin-listen",
+                                 pc.admin_host, pc.admin_port))
+    return fail(err);
+  pc.server_cert = f.server_cert;
+  pc.server_key = f.server_key;
+  pc.client_ca = f.client_ca;
+  pc.lease_duration = std::chrono::milliseconds{f.lease_ms};
+  auto proxy = net::reference_proxy::start(pc);
+  if (!proxy)
+    return fail(proxy.error());
+  print(json{{"ok", true},
+             {"listen", pc.host + ":" + std::to_string((*proxy)->port())},
+             {"admin", pc.admin_host + ":"
+                         + std::to_string((*proxy)->admin_port())}});
+  wait_for_stop_signal();
+  (*proxy)->stop();
+  return exit_ok;
+}
+
+/// Writes `n` random hex characters' worth of PIN into a 0600 file.
+caf::error write_random_pin(const std::filesystem::path& path) {
+  std::random_device rd;
+  std::string pin;
+  const char* digits = "0123456789abcdef";
+  for (int i = 0; i < 24; ++i)
+    pin += digits[rd() % 16];
+  auto old = ::umask(077);
+  std::ofstream out{path};
+  out << pin << "\n";
+  ::umask(old);
+  if (!out)
+    return caf::make_error(config_errc::bad_file, path.string(),
+                           std::string{"cannot write"});
+  return caf::none;
+}
+
+/// Waits until the reference proxy reports `id` done; nullopt on timeout.
+std::optional<json> await_done(net::reference_proxy& proxy,
+                               const std::string& id) {
+  for (int i = 0; i < 600; ++i) {
+    auto st = proxy.request_state(id);
+    if (st && (*st)["state"] == "done")
+      return json::parse(st->dump());
+    std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  }
+  return std::nullopt;
+}
+
+int cmd_dev(driver_config cfg, run_flags f, const std::string& data_dir_arg,
+            bool resident_given) {
+  namespace fs = std::filesystem;
+  auto log = logger("runtime");
+  fs::path dir = data_dir_arg.empty() ? fs::path{"hsm-driver-dev"}
+                                      : fs::path{data_dir_arg};
+  std::error_code ec;
+  fs::create_directories(dir / "tokens", ec);
+  dir = fs::absolute(dir);
+  // A SoftHSMv2 token of our own, unless the caller picked a module.
+  auto conf = dir / "softhsm2.conf";
+  if (!fs::exists(conf)) {
+    std::ofstream out{conf};
+    out << "directories.tokendir = " << (dir / "tokens").string() << "\n"
+        << "objectstore.backend = file\nlog.level = ERROR\n"
+        << "slots.removable = false\n";
+  }
+  ::setenv("SOFTHSM2_CONF", conf.c_str(), 1);
+  cfg.sqlite_path = dir / "keys.db";
+  if (!resident_given)
+    cfg.resident_schemes = {scheme::ed25519};
+  bool fresh = !fs::exists(dir / "user.pin");
+  if (fresh) {
+    if (auto err = write_random_pin(dir / "user.pin"))
+      return fail(err);
+    if (auto err = write_random_pin(dir / "so.pin"))
+      return fail(err);
+  }
+  ::unsetenv("USER_PIN");
+  ::setenv("USER_PIN_FILE", (dir / "user.pin").c_str(), 1);
+  {
+    auto so = pkcs11::secret_pin::from_file((dir / "so.pin").string());
+    auto user = pkcs11::secret_pin::from_file((dir / "user.pin").string());
+    if (!so || !user)
+      return fail(!so ? so.error() : user.error());
+    auto mod = pkcs11::module::load(cfg.pkcs11_module);
+    if (!mod)
+      return fail(mod.error());
+    if (!mod->find_token(cfg.token_label)) {
+      log->info("creating token '{}' under {}", cfg.token_label, dir.string());
+      if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so, *user))
+        return fail(err);
+    }
+    auto slot = mod->find_token(cfg.token_label);
+    if (!slot)
+      return fail(slot.error());
+    auto sess = pkcs11::session::open(*mod, *slot);
+    if (!sess)
+      return fail(sess.error());
+    if (auto err = sess->login(*user))
+      return fail(err);
+    bool created = false;
+    auto mk = pkcs11::create_master_key(*sess, cfg.master_key_label, &created);
+    if (!mk)
+      return fail(mk.error());
+    if (created)
+      log->info("created master key '{}'", cfg.master_key_label);
+  } // the module is finalised again: the daemon loads it itself
+  auto pki = net::make_dev_pki(dir / "pki");
+  if (!pki)
+    return fail(pki.error());
+  net::reference_proxy_config pc;
+  pc.server_cert = pki->server_chain;
+  pc.server_key = pki->server_key;
+  pc.client_ca = pki->root_cert;
+  auto proxy = net::reference_proxy::start(pc);
+  if (!proxy)
+    return fail(proxy.error());
+  f.proxy_addr = "127.0.0.1:" + std::to_string((*proxy)->port());
+  f.ca_cert = pki->root_cert.string();
+  f.client_cert = pki->driver_chain.string();
+  f.client_key = pki->driver_key.string();
+  if (f.driver_id.empty())
+    f.driver_id = "dev-driver";
+  if (f.poll_wait_ms == 20000)
+    f.poll_wait_ms = 1000;
+  auto opts = daemon_opts(cfg, f);
+  if (!opts)
+    return fail(opts.error());
+  auto d = daemon::start(*opts);
+  if (!d)
+    return fail(d.error());
+  // The demo, through the proxy: a key per scheme, a signature, a check.
+  json demo = json::array();
+  bool all_ok = true;
+  for (auto s : all_schemes) {
+    auto name = std::string{to_string(s)};
+    auto key_id = "dev-" + name;
+    auto gid = (*proxy)->enqueue("generate_key",
+                                 {{"key_id", key_id}, {"scheme", name}});
+    auto gen = await_done(**proxy, gid);
+    if (!gen || !(*gen)["ok"].get<bool>()) {
+      demo.push_back({{"scheme", name},
+                      {"served", false},
+                      {"error", gen ? (*gen)["error"] : json{"timeout"}}});
+      continue;
+    }
+    auto pub = crypto::from_hex((*gen)["result"]["public_key"].get<std::string>());
+    std::string msg = "hello from hsm-driver dev";
+    std::vector<uint8_t> payload{msg.begin(), msg.end()};
+    if (is_ecdsa(s)) {
+      payload.resize(32);
+      SHA256(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(),
+             payload.data());
+    }
+    auto sid = (*proxy)->enqueue("sign", {{"key_id", key_id},
+                                          {"payload", crypto::to_hex(payload)}});
+    auto sig = await_done(**proxy, sid);
+    bool verified = false;
+    json entry{{"scheme", name}, {"key_id", key_id},
+               {"public_key", (*gen)["result"]["public_key"]}};
+    if (sig && (*sig)["ok"].get<bool>() && pub) {
+      auto raw = crypto::from_hex(
+        (*sig)["result"]["signature"].get<std::string>());
+      verified = raw && crypto::verify(s, *pub, payload, *raw);
+      entry["signature"] = (*sig)["result"]["signature"];
+      if ((*sig)["result"].contains("recovery_id"))
+        entry["recovery_id"] = (*sig)["result"]["recovery_id"];
+    } else if (sig) {
+      entry["error"] = (*sig)["error"];
+    }
+    entry["verified"] = verified;
+    all_ok = all_ok && verified;
+    demo.push_back(entry);
+  }
+  print(json{{"ok", all_ok},
+             {"data_dir", dir.string()},
+             {"proxy", f.proxy_addr},
+             {"admin_api", "http://127.0.0.1:"
+                             + std::to_string((*proxy)->admin_port())},
+             {"demo", demo}});
+  std::cerr << "hsm-driver dev: serving; enqueue requests with\n  curl -s "
+               "-XPOST http://127.0.0.1:"
+            << (*proxy)->admin_port()
+            << "/v1/admin/requests -d "
+               "'{\"kind\":\"generate_key\",\"params\":{\"key_id\":\"k1\","
+               "\"scheme\":\"secp256k1\"}}'\n"
+            << "Ctrl-C (SIGINT) or SIGTERM stops it.\n";
+  if (std::getenv("HSM_DRIVER_DEV_EXIT") == nullptr)
+    wait_for_stop_signal();
+  (*d)->stop();
+  (*proxy)->stop();
+  return all_ok ? exit_ok : exit_failed;
+}
+
 /// Refuses anything that looks like a PIN on the command line, without
 /// echoing it.
 bool pin_on_command_line(int argc, char** argv) {
@@ -378,6 +705,58 @@ int run_cli(int argc, char** argv) {
   auto* show = keys->add_subcommand("show", "print a key's public data");
   show->add_option("--key-id", key_id, "the key's id")->required();
 
+  run_flags rf;
+  auto add_run_flags = [&rf](CLI::App* cmd) {
+    cmd->add_option("--proxy-addr", rf.proxy_addr,
+                    "proxy host:port [env: PROXY_ADDR]");
+    cmd->add_option("--client-cert", rf.client_cert,
+                    "client certificate chain, PEM [env: CLIENT_CERT]");
+    cmd->add_option("--client-key", rf.client_key,
+                    "client private key, PEM [env: CLIENT_KEY]");
+    cmd->add_option("--ca-cert", rf.ca_cert,
+                    "CA that must sign the proxy's certificate [env: "
+                    "CA_CERT]");
+    cmd->add_option("--driver-id", rf.driver_id,
+                    "this driver's id [env: HSM_DRIVER_ID; default: host "
+                    "name]");
+    cmd->add_option("--sessions", rf.sessions,
+                    "PKCS#11 sessions (slots) [default: 2]");
+    cmd->add_option("--hsm-timeout", rf.hsm_timeout_ms,
+                    "deadline of one HSM call, ms [default: 10000]");
+    cmd->add_option("--drain-timeout", rf.drain_timeout_ms,
+                    "time to finish in-flight work on SIGTERM, ms [default: "
+                    "30000]");
+    cmd->add_option("--poll-wait", rf.poll_wait_ms,
+                    "long-poll wait, ms [default: 20000]");
+  };
+  auto* run_cmd = app.add_subcommand(
+    "run", "the daemon: pull requests from the proxy and serve them until "
+           "SIGTERM/SIGINT");
+  add_run_flags(run_cmd);
+  std::string data_dir;
+  auto* dev_cmd = app.add_subcommand(
+    "dev", "the whole system on this machine: a SoftHSMv2 token, a local "
+           "PKI, SQLite, the reference proxy and the driver, then a demo; "
+           "serves until SIGTERM/SIGINT");
+  dev_cmd->add_option("--data-dir", data_dir,
+                      "where the token, PKI and database live [default: "
+                      "./hsm-driver-dev]");
+  add_run_flags(dev_cmd);
+  proxy_flags pf;
+  auto* proxy_cmd = app.add_subcommand(
+    "proxy", "the reference proxy (mTLS listener and admin API)");
+  proxy_cmd->add_option("--listen", pf.listen, "host:port [127.0.0.1:8443]");
+  proxy_cmd->add_option("--admin-listen", pf.admin_listen,
+                        "admin API host:port [127.0.0.1:8444]");
+  proxy_cmd->add_option("--server-cert", pf.server_cert, "chain, PEM")
+    ->required();
+  proxy_cmd->add_option("--server-key", pf.server_key, "key, PEM")
+    ->required();
+  proxy_cmd->add_option("--client-ca", pf.client_ca,
+                        "CA that must sign client certificates")
+    ->required();
+  proxy_cmd->add_option("--lease-ms", pf.lease_ms, "lease duration [30000]");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -394,6 +773,21 @@ int run_cli(int argc, char** argv) {
     return exit_usage;
   }
 
+  if (run_cmd->parsed() || dev_cmd->parsed() || proxy_cmd->parsed())
+    block_stop_signals(); // before any thread exists
+  if (proxy_cmd->parsed()) {
+    if (auto err = init_logging(raw.log_level.empty() ? "info"
+                                                      : raw.log_level))
+      return fail(err);
+    return cmd_proxy(pf);
+  }
+  if (dev_cmd->parsed() && raw.pkcs11_module.empty()
+      && std::getenv("PKCS11_MODULE") == nullptr
+      && std::getenv("PKCS11_THALES_MODULE") == nullptr
+      && std::getenv("PKCS11_IBM_MODULE") == nullptr)
+    raw.pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so";
+  if (dev_cmd->parsed() && raw.token_label.empty())
+    raw.token_label = "hsm-driver-dev";
   auto cfg = resolve(raw, process_env());
   if (!cfg)
     return fail(cfg.error());
@@ -402,6 +796,10 @@ int run_cli(int argc, char** argv) {
     return exit_usage;
   }
 
+  if (run_cmd->parsed())
+    return cmd_run(*cfg, rf);
+  if (dev_cmd->parsed())
+    return cmd_dev(*cfg, rf, data_dir, !raw.resident_schemes.empty());
   if (probe_cmd->parsed())
     return cmd_probe(*cfg);
   if (token_init->parsed())

@@ -42,6 +42,14 @@ struct reference_proxy_config {
   std::chrono::milliseconds max_wait{30000};
   /// Largest request body accepted, in bytes.
   size_t max_body = 1 << 20;
+  /// Worker threads of the driver-facing listener. Each open connection
+  /// (a driver's long-poll, its result connection) holds one while it is
+  /// kept alive, so this bounds the connections served at once.
+  size_t worker_threads = 32;
+  /// How long an idle kept-alive connection stays open. cpp-httplib checks
+  /// for shutdown only between requests, so `stop()` may wait this long
+  /// for a connected but idle client.
+  std::chrono::seconds idle_timeout{2};
 };
 
 /// Queue counters (`GET /v1/admin/stats`).

@@ -127,7 +127,9 @@ caf::expected<module> module::load(const std::filesystem::path& path,
                            "PKCS#11 module not found: " + path.string());
   module result;
   result.path_ = path;
-  result.handle_ = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  // RTLD_NODELETE: some modules leave threads or atexit handlers behind that
+  // crash once their code is unmapped; the library stays mapped until exit.
+  result.handle_ = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (result.handle_ == nullptr) {
     const char* why = ::dlerror();
     return caf::make_error(config_errc::bad_file,

@@ -1,0 +1,304 @@
+#include "actors/dispatcher.hpp"
+
+#include <deque>
+#include <vector>
+
+#include "runtime/crypto/signature.hpp"
+#include "runtime/key_service.hpp"
+#include "runtime/logging.hpp"
+
+namespace hsm {
+
+namespace {
+
+using supervisor_atom = caf::atom_constant<caf::atom("superv")>;
+
+struct slot_entry {
+  hsm_session_actor handle;
+  bool up = false;
+  bool busy = false;
+};
+
+struct dispatcher_state {
+  dispatcher_config cfg;
+  store_actor store;
+  caf::actor poster;
+  caf::actor supervisor;
+  std::vector<slot_entry> slots;
+  std::deque<job> queue;
+  size_t running = 0; // jobs between start and report
+  dispatcher_stats stats;
+  std::vector<caf::response_promise> drained;
+};
+
+using dispatcher_ptr = caf::stateful_actor<dispatcher_state>*;
+
+void pump(dispatcher_ptr self);
+
+int64_t credits(const dispatcher_state& st) {
+  int64_t free_slots = 0;
+  for (auto& s : st.slots)
+    if (s.up && !s.busy)
+      ++free_slots;
+  return std::max<int64_t>(0, free_slots
+                                - static_cast<int64_t>(st.queue.size()));
+}
+
+void check_drained(dispatcher_ptr self) {
+  auto& st = self->state;
+  if (st.running == 0 && st.queue.empty()) {
+    for (auto& rp : st.drained)
+      rp.deliver(caf::unit);
+    st.drained.clear();
+  }
+}
+
+void report(dispatcher_ptr self, job_result r) {
+  auto& st = self->state;
+  if (r.ok)
+    ++st.stats.done;
+  else
+    ++st.stats.failed;
+  self->send(st.poster, result_atom::value, std::move(r));
+  --st.running;
+  check_drained(self);
+}
+
+void release(dispatcher_ptr self, size_t index) {
+  auto& st = self->state;
+  if (index < st.slots.size())
+    st.slots[index].busy = false;
+  pump(self);
+}
+
+/// The session failed under `j` (died, timed out, or a session-level error):
+/// retry elsewhere, a bounded number of times.
+void session_failed(dispatcher_ptr self, size_t index, job j,
+                    const caf::error& err) {
+  auto& st = self->state;
+  ++st.stats.slot_failures;
+  auto& s = st.slots[index];
+  s.busy = false;
+  if (err == caf::sec::request_timeout) {
+    s.up = false;
+    self->send(st.supervisor, replace_atom::value, index);
+  } else if (err == caf::sec::request_receiver_down) {
+    s.up = false;
+  }
+  if (++j.attempts < st.cfg.max_attempts) {
+    ++st.stats.retried;
+    logger("dispatch")->warn("[req={} slot={}] {}; retrying on another slot",
+                             j.id, index, describe(err));
+    st.queue.push_front(std::move(j));
+    --st.running;
+  } else {
+    auto out = caf::make_error(hsm_errc::retryable,
+                               "no HSM session could serve the request: "
+                                 + describe(err));
+    report(self, error_result(j, out));
+  }
+  pump(self);
+}
+
+bool is_session_failure(const caf::error& err) {
+  return err == caf::sec::request_timeout
+         || err == caf::sec::request_receiver_down
+         || err == hsm_errc::reopen_session || err == hsm_errc::reinit_module
+         || err == hsm_errc::retryable;
+}
+
+void run_sign(dispatcher_ptr self, size_t index, job j,
+              store::key_record rec) {
+  auto& st = self->state;
+  if (auto err = validate_payload(rec.scheme, j.payload)) {
+    report(self, error_result(j, err));
+    release(self, index);
+    return;
+  }
+  auto session = st.slots[index].handle;
+  self->request(session, st.cfg.hsm_timeout, sign_atom::value, rec, j.payload)
+    .then(
+      [=](raw_signature& raw) {
+        auto sig = crypto::finish_signature(rec.scheme, rec.public_key,
+                                            j.payload, raw.bytes);
+        release(self, index);
+        if (!sig)
+          report(self, error_result(j, sig.error()));
+        else
+          report(self, signature_result(
+                         j, signature_view{rec.key_id, rec.scheme,
+                                           std::move(*sig)}));
+      },
+      [=](caf::error& err) {
+        if (is_session_failure(err))
+          return session_failed(self, index, j, err);
+        release(self, index);
+        report(self, error_result(j, err));
+      });
+}
+
+void run_generate(dispatcher_ptr self, size_t index, job j) {
+  auto& st = self->state;
+  auto session = st.slots[index].handle;
+  self->request(session, st.cfg.hsm_timeout, generate_atom::value, j.key_id,
+                j.scheme)
+    .then(
+      [=](store::key_record& rec) {
+        release(self, index);
+        auto& ds = self->state;
+        // Durable before visible: report what the store committed.
+        self->request(ds.store, ds.cfg.store_timeout, caf::put_atom::value,
+                      std::move(rec))
+          .then(
+            [=](store::put_result& put) {
+              auto view = make_key_view(put.record, put.inserted);
+              report(self, view ? key_result(j, *view)
+                                : error_result(j, view.error()));
+            },
+            [=](caf::error& err) { report(self, error_result(j, err)); });
+      },
+      [=](caf::error& err) {
+        if (is_session_failure(err))
+          return session_failed(self, index, j, err);
+        release(self, index);
+        report(self, error_result(j, err));
+      });
+}
+
+/// Starts `j` on slot `index`: look the key up, then the HSM step.
+void start(dispatcher_ptr self, size_t index, job j) {
+  auto& st = self->state;
+  st.slots[index].busy = true;
+  ++st.running;
+  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value,
+                j.key_id)
+    .then(
+      [=](key_lookup& found) {
+        if (j.kind == job_kind::generate_key) {
+          if (found.found) {
+            // Idempotent: the stored key, the HSM untouched.
+            release(self, index);
+            if (found.record.scheme != j.scheme) {
+              report(self,
+                     error_result(j, caf::make_error(
+                                       key_errc::invalid_request,
+                                       "key_id already holds a "
+                                         + std::string{to_string(
+                                           found.record.scheme)}
+                                         + " key")));
+              return;
+            }
+            auto view = make_key_view(found.record, false);
+            report(self, view ? key_result(j, *view)
+                              : error_result(j, view.error()));
+            return;
+          }
+          run_generate(self, index, j);
+          return;
+        }
+        if (!found.found) {
+          release(self, index);
+          report(self, error_result(
+                         j, caf::make_error(key_errc::unknown_key,
+                                            "no key is stored under key_id '"
+                                              + j.key_id + "'")));
+          return;
+        }
+        run_sign(self, index, j, std::move(found.record));
+      },
+      [=](caf::error& err) {
+        release(self, index);
+        report(self, error_result(j, err));
+      });
+}
+
+void pump(dispatcher_ptr self) {
+  auto& st = self->state;
+  for (size_t i = 0; i < st.slots.size() && !st.queue.empty(); ++i) {
+    auto& s = st.slots[i];
+    if (!s.up || s.busy)
+      continue;
+    auto j = std::move(st.queue.front());
+    st.queue.pop_front();
+    start(self, i, std::move(j));
+  }
+}
+
+caf::behavior dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg,
+                              store_actor store, caf::actor poster) {
+  auto& init = self->state;
+  init.cfg = cfg;
+  init.store = std::move(store);
+  init.poster = std::move(poster);
+  init.slots.resize(cfg.sessions);
+  return {
+    [=](supervisor_atom, caf::actor sup) {
+      self->state.supervisor = std::move(sup);
+    },
+    [=](job_atom, job& j) {
+      auto& st = self->state;
+      if (st.queue.size() >= st.cfg.max_queue) {
+        ++st.running;
+        report(self, error_result(j, caf::make_error(
+                                       hsm_errc::retryable,
+                                       std::string{"driver queue full"})));
+        return;
+      }
+      st.queue.push_back(std::move(j));
+      pump(self);
+    },
+    [=](credit_atom) -> int64_t { return credits(self->state); },
+    [=](slot_up_atom, size_t index, hsm_session_actor handle) {
+      auto& s = self->state.slots[index];
+      s.handle = std::move(handle);
+      s.up = true;
+      s.busy = false;
+      pump(self);
+    },
+    [=](slot_down_atom, size_t index) {
+      auto& s = self->state.slots[index];
+      s.up = false;
+    },
+    [=](drain_atom) -> caf::delegated<caf::unit_t> {
+      self->state.drained.push_back(self->make_response_promise());
+      check_drained(self);
+      return {};
+    },
+    [=](stop_atom) {
+      // Hand back what never started: the proxy re-queues a retryable
+      // error at once.
+      auto& st = self->state;
+      while (!st.queue.empty()) {
+        auto j = std::move(st.queue.front());
+        st.queue.pop_front();
+        ++st.running;
+        report(self, error_result(j, caf::make_error(
+                                       hsm_errc::retryable,
+                                       std::string{"driver shutting down"})));
+      }
+    },
+    [=](stats_atom) {
+      auto& st = self->state;
+      auto out = st.stats;
+      out.queued = st.queue.size();
+      for (auto& s : st.slots) {
+        out.healthy_slots += s.up ? 1 : 0;
+        out.busy_slots += s.busy ? 1 : 0;
+      }
+      return out;
+    },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_dispatcher(caf::actor_system& sys, dispatcher_config cfg,
+                            store_actor store, caf::actor poster) {
+  return sys.spawn(dispatcher_impl, cfg, std::move(store), std::move(poster));
+}
+
+void set_supervisor(caf::actor dispatcher, caf::actor supervisor) {
+  caf::anon_send(dispatcher, supervisor_atom::value, std::move(supervisor));
+}
+
+} // namespace hsm

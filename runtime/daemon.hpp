@@ -1,0 +1,55 @@
+#pragma once
+
+// The daemon: loads the module, checks the master key against the store,
+// runs the capability probe, then starts the actor tree (storage, poster,
+// dispatcher, session supervisor, poller) and serves until stopped. `stop`
+// drains: stop polling, finish or hand back in-flight work within the drain
+// timeout, post the results, end the sessions in their own actors, and
+// finalise the module last.
+
+#include <chrono>
+#include <memory>
+
+#include "messages/errors.hpp"
+#include "runtime/config.hpp"
+#include "runtime/net/proxy_client.hpp"
+
+namespace hsm {
+
+/// Everything `hsm-driver run` takes.
+struct daemon_options {
+  driver_config cfg;
+  net::proxy_client_config proxy;
+  size_t sessions = 2;
+  std::chrono::milliseconds hsm_timeout{10000};
+  std::chrono::milliseconds drain_timeout{30000};
+  std::chrono::milliseconds poll_wait{20000};
+};
+
+/// A running daemon.
+class daemon {
+public:
+  /// Starts everything; refuses to start (with the reason) if the token's
+  /// master key does not match the store, or no scheme can be served.
+  [[nodiscard]] static caf::expected<std::unique_ptr<daemon>>
+  start(const daemon_options& opts);
+
+  /// Drains and stops (idempotent).
+  void stop();
+
+  ~daemon();
+
+private:
+  daemon() = default;
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it
+/// starts afterwards). Call first thing, before any thread exists.
+void block_stop_signals();
+
+/// Waits for SIGTERM or SIGINT; returns the signal number.
+int wait_for_stop_signal();
+
+} // namespace hsm

@@ -1,0 +1,320 @@
+#include "runtime/net/proxy_client.hpp"
+
+#include <curl/curl.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+namespace hsm::net {
+
+namespace {
+
+// -- libcurl global state -----------------------------------------------------
+
+/// curl_global_init once per process, before the first handle, from any
+/// thread. It is never cleaned up: other handles may outlive any client.
+CURLcode global_init() {
+  static std::once_flag flag;
+  static CURLcode rc = CURLE_OK;
+  std::call_once(flag, [] { rc = curl_global_init(CURL_GLOBAL_DEFAULT); });
+  return rc;
+}
+
+// -- configuration checks -----------------------------------------------------
+
+/// Checks that `path` names a readable regular file; the error names the
+/// option (`--ca-cert`, ...) that gave the path.
+caf::error check_file(const std::filesystem::path& path, const char* option) {
+  if (path.empty())
+    return caf::make_error(net_errc::bad_tls_material, std::string{option},
+                           std::string{"no file given"});
+  std::error_code ec;
+  auto st = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(st))
+    return caf::make_error(net_errc::bad_tls_material, std::string{option},
+                           "'" + path.string() + "' does not exist");
+  if (!std::filesystem::is_regular_file(st))
+    return caf::make_error(net_errc::bad_tls_material, std::string{option},
+                           "'" + path.string() + "' is not a regular file");
+  if (::access(path.c_str(), R_OK) != 0)
+    return caf::make_error(net_errc::bad_tls_material, std::string{option},
+                           "'" + path.string()
+                             + "' is not readable: " + std::strerror(errno));
+  return caf::none;
+}
+
+bool is_port(std::string_view text) {
+  if (text.empty() || text.size() > 5)
+    return false;
+  unsigned value = 0;
+  for (auto c : text) {
+    if (c < '0' || c > '9')
+      return false;
+    value = value * 10 + static_cast<unsigned>(c - '0');
+  }
+  return value >= 1 && value <= 65535;
+}
+
+/// Checks `host:port` or `[v6]:port`: no scheme, path, user or spaces.
+caf::error check_address(const std::string& addr) {
+  if (addr.empty())
+    return caf::make_error(config_errc::missing_option,
+                           std::string{"--proxy-addr"},
+                           std::string{"no proxy address: pass --proxy-addr "
+                                       "host:port"});
+  auto invalid = [&addr](const std::string& why) {
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--proxy-addr"},
+                           "'" + addr + "' " + why
+                             + " (expected host:port or [ipv6]:port)");
+  };
+  for (auto c : addr)
+    if (c == '/' || c == '@' || c == '?' || c == '#' || c == ' '
+        || c == '\\' || static_cast<unsigned char>(c) < 0x21
+        || static_cast<unsigned char>(c) > 0x7e)
+      return invalid("holds a character not allowed in an address");
+  std::string_view host;
+  std::string_view port;
+  std::string_view text{addr};
+  if (text.front() == '[') {
+    auto close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size()
+        || text[close + 1] != ':')
+      return invalid("is not [ipv6]:port");
+    host = text.substr(1, close - 1);
+    port = text.substr(close + 2);
+    if (host.find(':') == std::string_view::npos)
+      return invalid("has brackets around a name that is not IPv6");
+  } else {
+    auto colon = text.rfind(':');
+    if (colon == std::string_view::npos)
+      return invalid("has no port");
+    host = text.substr(0, colon);
+    port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos)
+      return invalid("looks like an IPv6 address without brackets");
+    if (host.find_first_of("[]") != std::string_view::npos)
+      return invalid("has a stray bracket");
+  }
+  if (host.empty())
+    return invalid("has no host");
+  if (!is_port(port))
+    return invalid("has no valid port (1-65535)");
+  return caf::none;
+}
+
+// -- error mapping ------------------------------------------------------------
+
+/// True for the curl codes that mean a certificate or handshake problem.
+bool is_tls_error(CURLcode rc) {
+  switch (rc) {
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+    case CURLE_SSL_ENGINE_SETFAILED:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_ENGINE_INITFAILED:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_SHUTDOWN_FAILED:
+    case CURLE_SSL_CRL_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+    case CURLE_SSL_INVALIDCERTSTATUS:
+    case CURLE_SSL_CLIENTCERT:
+    case CURLE_USE_SSL_FAILED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+caf::error transport_error(CURLcode rc, const char* errbuf,
+                           const std::string& what, bool fresh_connection) {
+  std::string detail = curl_easy_strerror(rc);
+  if (errbuf[0] != '\0')
+    detail += ": " + std::string{errbuf};
+  // With TLS 1.3 the server judges the client certificate after the client
+  // considers the handshake done: its refusal (an alert such as "unknown
+  // ca" or "certificate required") then surfaces on the first read or write.
+  auto alert = (rc == CURLE_RECV_ERROR || rc == CURLE_SEND_ERROR)
+               && std::strstr(errbuf, "alert") != nullptr;
+  // Often the client does not even see the alert: the proxy has closed the
+  // connection and sending fails. A proxy restarting looks the same, so the
+  // code stays `unreachable`, but the operator gets a hint.
+  if (!alert && fresh_connection
+      && (rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR
+          || rc == CURLE_GOT_NOTHING))
+    detail += " (the proxy closed a new connection right after the TLS "
+              "handshake: does it accept this client certificate?)";
+  auto code = is_tls_error(rc) || alert ? net_errc::tls_failed
+                                        : net_errc::unreachable;
+  return caf::make_error(code, what, std::move(detail));
+}
+
+size_t on_data(char* ptr, size_t size, size_t nmemb, void* user) {
+  auto* out = static_cast<std::string*>(user);
+  out->append(ptr, size * nmemb);
+  return size * nmemb;
+}
+
+long to_ms(std::chrono::milliseconds d) {
+  return d.count() > 0 ? static_cast<long>(d.count()) : 1L;
+}
+
+} // namespace
+
+// -- impl ---------------------------------------------------------------------
+
+struct proxy_client::impl {
+  proxy_client_config cfg;
+  CURL* curl = nullptr;
+  curl_slist* headers = nullptr;
+  std::string base_url;
+  std::string body;
+  char errbuf[CURL_ERROR_SIZE] = {};
+
+  ~impl() {
+    if (curl != nullptr)
+      curl_easy_cleanup(curl);
+    curl_slist_free_all(headers);
+  }
+
+  /// Sets the options that stay for the handle's life.
+  caf::error setup() {
+    curl = curl_easy_init();
+    if (curl == nullptr)
+      return caf::make_error(net_errc::unreachable,
+                             std::string{"curl_easy_init failed"});
+    headers = curl_slist_append(headers, "Content-Type: application/json");
+    if (headers != nullptr)
+      headers = curl_slist_append(headers, "Accept: application/json");
+    // No "Expect: 100-continue" round trip for larger results.
+    if (headers != nullptr)
+      headers = curl_slist_append(headers, "Expect:");
+    if (headers == nullptr)
+      return caf::make_error(net_errc::unreachable,
+                             std::string{"curl_slist_append failed"});
+    auto ca = cfg.tls.ca_cert.string();
+    auto cert = cfg.tls.cert.string();
+    auto key = cfg.tls.key.string();
+    // Strings are copied by libcurl (since 7.17).
+    CURLcode rc = CURLE_OK;
+    auto set = [&rc, this](CURLoption opt, auto value) {
+      if (rc == CURLE_OK)
+        rc = curl_easy_setopt(curl, opt, value);
+    };
+    set(CURLOPT_ERRORBUFFER, errbuf);
+    set(CURLOPT_NOSIGNAL, 1L);
+    set(CURLOPT_PROTOCOLS_STR, "https");
+    set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
+    set(CURLOPT_HTTPHEADER, headers);
+    set(CURLOPT_WRITEFUNCTION, &on_data);
+    set(CURLOPT_TCP_KEEPALIVE, 1L);
+    set(CURLOPT_TCP_NODELAY, 1L);
+    set(CURLOPT_CONNECTTIMEOUT_MS, to_ms(cfg.connect_timeout));
+    set(CURLOPT_CAINFO, ca.c_str());
+    // Only the configured CA: not the system's bundle directory.
+    set(CURLOPT_CAPATH, static_cast<char*>(nullptr));
+    set(CURLOPT_SSLCERT, cert.c_str());
+    set(CURLOPT_SSLCERTTYPE, "PEM");
+    set(CURLOPT_SSLKEY, key.c_str());
+    set(CURLOPT_SSLKEYTYPE, "PEM");
+    set(CURLOPT_SSL_VERIFYPEER, 1L);
+    set(CURLOPT_SSL_VERIFYHOST, 2L);
+    // The minimum; curl negotiates TLS 1.3 when the server offers it.
+    set(CURLOPT_SSLVERSION, static_cast<long>(CURL_SSLVERSION_TLSv1_2));
+    if (rc != CURLE_OK)
+      return caf::make_error(net_errc::tls_failed,
+                             std::string{"cannot configure libcurl"},
+                             std::string{curl_easy_strerror(rc)});
+    return caf::none;
+  }
+
+  caf::expected<http_reply> post(const char* path, const std::string& payload,
+                                 std::chrono::milliseconds timeout) {
+    auto url = base_url + path;
+    http_reply out;
+    errbuf[0] = '\0';
+    CURLcode rc = CURLE_OK;
+    auto set = [&rc, this](CURLoption opt, auto value) {
+      if (rc == CURLE_OK)
+        rc = curl_easy_setopt(curl, opt, value);
+    };
+    set(CURLOPT_URL, url.c_str());
+    set(CURLOPT_POSTFIELDS, payload.data());
+    set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(payload.size()));
+    set(CURLOPT_TIMEOUT_MS, to_ms(timeout));
+    set(CURLOPT_WRITEDATA, static_cast<void*>(&out.body));
+    if (rc == CURLE_OK)
+      rc = curl_easy_perform(curl);
+    // The body belongs to this call only.
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, static_cast<void*>(nullptr));
+    if (rc != CURLE_OK) {
+      long connects = 0;
+      curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
+      return transport_error(rc, errbuf, "POST " + url, connects > 0);
+    }
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &out.status);
+    return out;
+  }
+};
+
+// -- proxy_client -------------------------------------------------------------
+
+caf::expected<std::unique_ptr<proxy_client>>
+proxy_client::create(const proxy_client_config& cfg) {
+  if (auto err = check_address(cfg.proxy_addr))
+    return err;
+  if (cfg.driver_id.empty())
+    return caf::make_error(config_errc::missing_option,
+                           std::string{"--driver-id"},
+                           std::string{"no driver id"});
+  if (auto err = check_file(cfg.tls.ca_cert, "--ca-cert"))
+    return err;
+  if (auto err = check_file(cfg.tls.cert, "--client-cert"))
+    return err;
+  if (auto err = check_file(cfg.tls.key, "--client-key"))
+    return err;
+  if (auto rc = global_init(); rc != CURLE_OK)
+    return caf::make_error(net_errc::unreachable,
+                           std::string{"curl_global_init failed"},
+                           std::string{curl_easy_strerror(rc)});
+  std::unique_ptr<proxy_client> self{new proxy_client};
+  self->impl_ = std::make_unique<impl>();
+  self->impl_->cfg = cfg;
+  self->impl_->base_url = "https://" + cfg.proxy_addr;
+  if (auto err = self->impl_->setup())
+    return err;
+  return self;
+}
+
+proxy_client::~proxy_client() = default;
+
+caf::expected<http_reply>
+proxy_client::poll(size_t max, std::chrono::milliseconds wait) {
+  if (wait.count() < 0)
+    wait = std::chrono::milliseconds{0};
+  auto body = nlohmann::json{{"driver_id", impl_->cfg.driver_id},
+                             {"max", max},
+                             {"wait_ms", wait.count()}}
+                .dump(-1, ' ', false,
+                      nlohmann::json::error_handler_t::replace);
+  return impl_->post("/v1/poll", body, wait + impl_->cfg.poll_grace);
+}
+
+caf::expected<http_reply> proxy_client::post_result(const std::string& body) {
+  return impl_->post("/v1/results", body, impl_->cfg.post_timeout);
+}
+
+const proxy_client_config& proxy_client::config() const noexcept {
+  return impl_->cfg;
+}
+
+} // namespace hsm::net

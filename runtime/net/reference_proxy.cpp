@@ -1,0 +1,714 @@
+#include "runtime/net/reference_proxy.hpp"
+
+#include <httplib.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <set>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace hsm::net {
+
+namespace {
+
+using json = nlohmann::json;
+using clock_type = std::chrono::steady_clock;
+
+// -- wire helpers -------------------------------------------------------------
+
+constexpr const char* json_type = "application/json";
+
+/// Serialises without throwing on invalid UTF-8 (an id passed in-process may
+/// hold any bytes).
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+void reply(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(dump(body), json_type);
+}
+
+void reply_error(httplib::Response& res, int status, const std::string& code,
+                 const std::string& message) {
+  reply(res, status, json{{"error", code}, {"message", message}});
+}
+
+/// Parses a request body as a JSON object; nullopt (and a 400 reply) if it
+/// is not one. Uses the non-throwing parser: no exception crosses here.
+std::optional<json> parse_object(const httplib::Request& req,
+                                 httplib::Response& res) {
+  auto body = json::parse(req.body, nullptr, false);
+  if (body.is_discarded() || !body.is_object()) {
+    reply_error(res, 400, "bad_request", "body is not a JSON object");
+    return std::nullopt;
+  }
+  return body;
+}
+
+/// True if `body[key]` is a non-empty string; else replies 400.
+bool need_string(const json& body, const char* key, httplib::Response& res) {
+  auto it = body.find(key);
+  if (it == body.end() || !it->is_string()
+      || it->get_ref<const std::string&>().empty()) {
+    reply_error(res, 400, "bad_request",
+                std::string{"\""} + key + "\" must be a non-empty string");
+    return false;
+  }
+  return true;
+}
+
+/// `body[key]` if it is an integer >= `min`; else nullopt and a 400 reply.
+std::optional<uint64_t> need_count(const json& body, const char* key,
+                                   uint64_t min, httplib::Response& res) {
+  std::optional<uint64_t> out;
+  auto it = body.find(key);
+  if (it != body.end() && it->is_number_unsigned())
+    out = it->get<uint64_t>();
+  else if (it != body.end() && it->is_number_integer()
+           && it->get<int64_t>() >= 0)
+    out = static_cast<uint64_t>(it->get<int64_t>());
+  if (!out || *out < min) {
+    reply_error(res, 400, "bad_request",
+                std::string{"\""} + key + "\" must be an integer >= "
+                  + std::to_string(min));
+    return std::nullopt;
+  }
+  return out;
+}
+
+/// Blocks SIGPIPE in the calling thread (and so in the threads it starts,
+/// which inherit the mask): cpp-httplib writes to sockets without
+/// MSG_NOSIGNAL, and a peer that hangs up must not kill the process.
+void block_sigpipe() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+std::string openssl_reason() {
+  auto code = ERR_get_error();
+  std::string out;
+  if (code != 0) {
+    char buf[256];
+    ERR_error_string_n(code, buf, sizeof(buf));
+    out = buf;
+  }
+  ERR_clear_error();
+  return out;
+}
+
+caf::error bad_tls(std::string what) {
+  auto reason = openssl_reason();
+  if (!reason.empty())
+    what += " (" + reason + ")";
+  return caf::make_error(net_errc::bad_tls_material, std::move(what));
+}
+
+// -- queue state --------------------------------------------------------------
+
+enum class req_state { queued, leased, done };
+
+const char* to_string(req_state x) {
+  switch (x) {
+    case req_state::queued:
+      return "queued";
+    case req_state::leased:
+      return "leased";
+    case req_state::done:
+      return "done";
+  }
+  return "unknown";
+}
+
+struct entry {
+  std::string id;
+  std::string kind;
+  json params;
+  req_state state = req_state::queued;
+  size_t deliveries = 0;
+  // The current lease (state == leased only).
+  std::string lease;
+  std::string driver;
+  clock_type::time_point expiry;
+  // The outcome (state == done only).
+  bool ok = false;
+  json result;
+  json error;
+};
+
+} // namespace
+
+// -- impl ---------------------------------------------------------------------
+
+struct reference_proxy::impl {
+  explicit impl(const reference_proxy_config& c)
+    : cfg(c), rng(std::random_device{}()) {
+    // nop
+  }
+
+  reference_proxy_config cfg;
+
+  // -- servers (their threads run `listen_after_bind`) -----------------------
+
+  std::unique_ptr<httplib::SSLServer> tls;
+  httplib::Server admin;
+  std::thread tls_thread;
+  std::thread admin_thread;
+  std::thread reaper;
+  uint16_t port = 0;
+  uint16_t admin_port = 0;
+  std::mutex stop_mtx;
+  bool stopped = false;
+
+  // -- queue, guarded by mtx -------------------------------------------------
+
+  std::mutex mtx;
+  /// Wakes long-polls: a request became visible, or the proxy stops.
+  std::condition_variable visible_cv;
+  /// Wakes the reaper: an earlier lease exists, or the proxy stops.
+  std::condition_variable reaper_cv;
+  bool stopping = false;
+  std::unordered_map<std::string, entry> requests;
+  /// Visible requests in delivery order (ids).
+  std::deque<std::string> queue;
+  /// Live leases by expiry (expiry, id).
+  std::set<std::pair<clock_type::time_point, std::string>> leases;
+  size_t done = 0;
+  size_t redelivered = 0;
+  size_t rejected_results = 0;
+  std::map<std::string, size_t> in_flight;
+  std::map<std::string, size_t> max_in_flight;
+  uint64_t seq = 0;
+  std::mt19937_64 rng;
+
+  // -- queue operations (callers hold mtx) ------------------------------------
+
+  std::string token(const char* prefix) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%s%llu-%016llx", prefix,
+                  static_cast<unsigned long long>(++seq),
+                  static_cast<unsigned long long>(rng()));
+    return buf;
+  }
+
+  /// Ends a lease (result or expiry): drops it from the index and from the
+  /// holder's in-flight count.
+  void end_lease(entry& e) {
+    leases.erase({e.expiry, e.id});
+    auto& n = in_flight[e.driver];
+    if (n > 0)
+      --n;
+    e.lease.clear();
+    e.driver.clear();
+  }
+
+  /// Makes every request whose lease expired by `now` visible again, at the
+  /// front of the queue (oldest expiry first).
+  void expire(clock_type::time_point now) {
+    std::vector<std::string> expired;
+    while (!leases.empty() && leases.begin()->first <= now) {
+      auto id = leases.begin()->second;
+      auto& e = requests.at(id);
+      end_lease(e);
+      e.state = req_state::queued;
+      expired.push_back(std::move(id));
+    }
+    if (expired.empty())
+      return;
+    queue.insert(queue.begin(), expired.begin(), expired.end());
+    visible_cv.notify_all();
+  }
+
+  std::string add(const std::string& kind, const json& params,
+                  std::optional<std::string> id) {
+    if (id && requests.count(*id) > 0)
+      return *id;
+    if (!id) {
+      do {
+        id = token("req-");
+      } while (requests.count(*id) > 0);
+    }
+    entry e;
+    e.id = *id;
+    e.kind = kind;
+    e.params = params;
+    requests.emplace(*id, std::move(e));
+    queue.push_back(*id);
+    visible_cv.notify_all();
+    return *id;
+  }
+
+  /// Leases up to `max` visible requests to `driver`.
+  json deliver(const std::string& driver, size_t max,
+               clock_type::time_point now) {
+    auto out = json::array();
+    while (!queue.empty() && out.size() < max) {
+      auto id = std::move(queue.front());
+      queue.pop_front();
+      auto& e = requests.at(id);
+      e.state = req_state::leased;
+      e.lease = token("lease-");
+      e.driver = driver;
+      e.expiry = now + cfg.lease_duration;
+      if (++e.deliveries > 1)
+        ++redelivered;
+      auto [it, added] = leases.emplace(e.expiry, e.id);
+      if (added && it == leases.begin())
+        reaper_cv.notify_all();
+      auto n = ++in_flight[driver];
+      auto& peak = max_in_flight[driver];
+      peak = std::max(peak, n);
+      out.push_back(json{{"id", e.id},
+                         {"lease", e.lease},
+                         {"kind", e.kind},
+                         {"params", e.params}});
+    }
+    return out;
+  }
+
+  json state_of(const entry& e) const {
+    json out{{"id", e.id},
+             {"state", to_string(e.state)},
+             {"deliveries", e.deliveries}};
+    if (e.state == req_state::done) {
+      out["ok"] = e.ok;
+      if (e.ok)
+        out["result"] = e.result;
+      else
+        out["error"] = e.error;
+    }
+    return out;
+  }
+
+  proxy_stats stats() {
+    std::lock_guard<std::mutex> guard{mtx};
+    expire(clock_type::now());
+    proxy_stats out;
+    out.queued = queue.size();
+    out.leased = leases.size();
+    out.done = done;
+    out.redelivered = redelivered;
+    out.rejected_results = rejected_results;
+    out.in_flight = in_flight;
+    out.max_in_flight = max_in_flight;
+    return out;
+  }
+
+  // -- the reaper: expires leases even when nobody polls ---------------------
+
+  void run_reaper() {
+    std::unique_lock<std::mutex> lock{mtx};
+    while (!stopping) {
+      expire(clock_type::now());
+      if (leases.empty())
+        reaper_cv.wait(lock);
+      else
+        reaper_cv.wait_until(lock, leases.begin()->first);
+    }
+  }
+
+  // -- driver-facing handlers -------------------------------------------------
+
+  void on_poll(const httplib::Request& req, httplib::Response& res) {
+    auto body = parse_object(req, res);
+    if (!body || !need_string(*body, "driver_id", res))
+      return;
+    auto max = need_count(*body, "max", 1, res);
+    if (!max)
+      return;
+    auto wait_ms = need_count(*body, "wait_ms", 0, res);
+    if (!wait_ms)
+      return;
+    auto driver = (*body)["driver_id"].get<std::string>();
+    auto wait = std::min(std::chrono::milliseconds{static_cast<int64_t>(
+                           std::min<uint64_t>(*wait_ms, INT32_MAX))},
+                         cfg.max_wait);
+    std::unique_lock<std::mutex> lock{mtx};
+    auto deadline = clock_type::now() + wait;
+    for (;;) {
+      expire(clock_type::now());
+      if (!queue.empty() || stopping || clock_type::now() >= deadline)
+        break;
+      visible_cv.wait_until(lock, deadline);
+    }
+    // A stopping proxy hands out no more leases: nobody would take results.
+    auto out = stopping ? json::array()
+                        : deliver(driver, static_cast<size_t>(*max),
+                                  clock_type::now());
+    lock.unlock();
+    reply(res, 200, json{{"requests", std::move(out)}});
+  }
+
+  void on_result(const httplib::Request& req, httplib::Response& res) {
+    auto body = parse_object(req, res);
+    if (!body || !need_string(*body, "id", res)
+        || !need_string(*body, "lease", res)
+        || !need_string(*body, "driver_id", res))
+      return;
+    auto ok_it = body->find("ok");
+    if (ok_it == body->end() || !ok_it->is_boolean()) {
+      reply_error(res, 400, "bad_request", "\"ok\" must be a boolean");
+      return;
+    }
+    auto ok = ok_it->get<bool>();
+    json result;
+    json error;
+    auto retry = false;
+    if (ok) {
+      auto it = body->find("result");
+      if (it == body->end() || !it->is_object()) {
+        reply_error(res, 400, "bad_request",
+                    "\"result\" must be an object when \"ok\" is true");
+        return;
+      }
+      result = *it;
+    } else {
+      auto it = body->find("error");
+      auto valid = it != body->end() && it->is_object();
+      if (valid) {
+        auto code = it->find("code");
+        auto msg = it->find("message");
+        auto rt = it->find("retryable");
+        valid = code != it->end() && code->is_string() && msg != it->end()
+                && msg->is_string() && rt != it->end() && rt->is_boolean();
+        if (valid)
+          retry = rt->get<bool>();
+      }
+      if (!valid) {
+        reply_error(res, 400, "bad_request",
+                    "\"error\" must be an object with a string \"code\", "
+                    "a string \"message\" and a boolean \"retryable\" when "
+                    "\"ok\" is false");
+        return;
+      }
+      error = *it;
+    }
+    const auto& id = (*body)["id"].get_ref<const std::string&>();
+    const auto& lease = (*body)["lease"].get_ref<const std::string&>();
+    std::unique_lock<std::mutex> lock{mtx};
+    expire(clock_type::now());
+    auto it = requests.find(id);
+    if (it == requests.end() || it->second.state != req_state::leased
+        || it->second.lease != lease) {
+      ++rejected_results;
+      auto why = it == requests.end()               ? "unknown request"
+                 : it->second.state == req_state::done ? "already answered"
+                                                       : "lease expired";
+      lock.unlock();
+      reply_error(res, 409, "lease_not_current", why);
+      return;
+    }
+    auto& e = it->second;
+    end_lease(e);
+    if (!ok && retry) {
+      // A retryable failure: visible again at once, to any driver.
+      e.state = req_state::queued;
+      queue.push_front(e.id);
+      visible_cv.notify_all();
+    } else {
+      e.state = req_state::done;
+      e.ok = ok;
+      e.result = std::move(result);
+      e.error = std::move(error);
+      ++done;
+    }
+    lock.unlock();
+    reply(res, 200, json{{"accepted", true}});
+  }
+
+  // -- admin handlers ---------------------------------------------------------
+
+  void on_enqueue(const httplib::Request& req, httplib::Response& res) {
+    auto body = parse_object(req, res);
+    if (!body || !need_string(*body, "kind", res))
+      return;
+    auto params = body->find("params");
+    if (params == body->end() || !params->is_object()) {
+      reply_error(res, 400, "bad_request", "\"params\" must be an object");
+      return;
+    }
+    std::optional<std::string> id;
+    if (body->contains("id")) {
+      if (!need_string(*body, "id", res))
+        return;
+      id = (*body)["id"].get<std::string>();
+    }
+    std::unique_lock<std::mutex> lock{mtx};
+    auto out = add((*body)["kind"].get<std::string>(), *params, std::move(id));
+    lock.unlock();
+    reply(res, 200, json{{"id", out}});
+  }
+
+  void on_state(const httplib::Request& req, httplib::Response& res) {
+    std::string id = req.matches[1];
+    std::unique_lock<std::mutex> lock{mtx};
+    expire(clock_type::now());
+    auto it = requests.find(id);
+    if (it == requests.end()) {
+      lock.unlock();
+      reply_error(res, 404, "not_found", "no request with id " + id);
+      return;
+    }
+    auto out = state_of(it->second);
+    lock.unlock();
+    reply(res, 200, out);
+  }
+
+  void on_stats(httplib::Response& res) {
+    auto s = stats();
+    reply(res, 200,
+          json{{"queued", s.queued},
+               {"leased", s.leased},
+               {"done", s.done},
+               {"redelivered", s.redelivered},
+               {"rejected_results", s.rejected_results},
+               {"in_flight", s.in_flight},
+               {"max_in_flight", s.max_in_flight}});
+  }
+
+  // -- setup ------------------------------------------------------------------
+
+  /// Settings both listeners share: body limit, JSON error bodies, no
+  /// exception escaping a handler.
+  void common_setup(httplib::Server& svr) {
+    svr.set_payload_max_length(cfg.max_body);
+    // httplib's default also sets SO_REUSEPORT, which lets a second proxy
+    // bind the same port and silently share the traffic: reuse the address
+    // (restart while old connections linger) but never the port.
+    svr.set_socket_options([](auto sock) {
+      int yes = 1;
+      ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    });
+    svr.set_keep_alive_max_count(1000);
+    svr.set_keep_alive_timeout(
+      static_cast<time_t>(std::max<int64_t>(cfg.idle_timeout.count(), 1)));
+    // Headers and body go out in separate writes: without this, Nagle and
+    // the peer's delayed ACK add 40 ms to every answer.
+    svr.set_tcp_nodelay(true);
+    svr.set_error_handler(httplib::Server::HandlerWithResponse{
+      [](const httplib::Request&, httplib::Response& res) {
+        if (!res.body.empty())
+          return httplib::Server::HandlerResponse::Unhandled;
+        auto code = res.status == 404   ? "not_found"
+                    : res.status == 413 ? "payload_too_large"
+                                        : "bad_request";
+        reply_error(res, res.status, code,
+                    "HTTP " + std::to_string(res.status));
+        return httplib::Server::HandlerResponse::Handled;
+      }});
+    svr.set_exception_handler(
+      [](const httplib::Request&, httplib::Response& res,
+         std::exception_ptr ep) {
+        std::string what = "unexpected failure";
+        try {
+          if (ep)
+            std::rethrow_exception(ep);
+        } catch (const std::exception& ex) {
+          what = ex.what();
+        } catch (...) {
+          // nop: reported as the generic text above
+        }
+        reply_error(res, 500, "internal", what);
+      });
+  }
+
+  void routes() {
+    tls->Post("/v1/poll",
+              [this](const httplib::Request& req, httplib::Response& res) {
+                on_poll(req, res);
+              });
+    tls->Post("/v1/results",
+              [this](const httplib::Request& req, httplib::Response& res) {
+                on_result(req, res);
+              });
+    admin.Post("/v1/admin/requests",
+               [this](const httplib::Request& req, httplib::Response& res) {
+                 on_enqueue(req, res);
+               });
+    admin.Get(R"(/v1/admin/requests/([^/]+))",
+              [this](const httplib::Request& req, httplib::Response& res) {
+                on_state(req, res);
+              });
+    admin.Get("/v1/admin/stats",
+              [this](const httplib::Request&, httplib::Response& res) {
+                on_stats(res);
+              });
+  }
+
+  caf::error load_tls() {
+    for (const auto& [path, what] :
+         {std::pair{cfg.server_cert, "server certificate"},
+          std::pair{cfg.server_key, "server key"},
+          std::pair{cfg.client_ca, "client CA"}}) {
+      std::error_code ec;
+      if (path.empty() || !std::filesystem::is_regular_file(path, ec))
+        return caf::make_error(net_errc::bad_tls_material,
+                               std::string{what} + " '" + path.string()
+                                 + "' is not a readable file");
+    }
+    auto cert = cfg.server_cert.string();
+    auto key = cfg.server_key.string();
+    auto ca = cfg.client_ca.string();
+    // This constructor loads the chain and key, trusts `ca` for clients and
+    // sets SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT: a client
+    // without a certificate chaining to `ca` fails the handshake.
+    tls = std::make_unique<httplib::SSLServer>(cert.c_str(), key.c_str(),
+                                               ca.c_str());
+    if (!tls->is_valid())
+      return bad_tls("cannot load the server certificate " + cert
+                     + " with key " + key);
+    auto* ctx = tls->ssl_context();
+    if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
+      return bad_tls("cannot require TLS 1.2");
+    if (SSL_CTX_check_private_key(ctx) != 1)
+      return bad_tls("the server key does not match its certificate");
+    // httplib ignores whether the CA file loads; check it, and name the
+    // acceptable CAs in the handshake.
+    auto* names = SSL_load_client_CA_file(ca.c_str());
+    if (names == nullptr)
+      return bad_tls("no CA certificate in the client CA file " + ca);
+    SSL_CTX_set_client_CA_list(ctx, names);
+    ERR_clear_error();
+    return caf::none;
+  }
+
+  static caf::expected<uint16_t> bind(httplib::Server& svr,
+                                      const std::string& host, uint16_t p,
+                                      const char* what) {
+    if (p == 0) {
+      auto got = svr.bind_to_any_port(host);
+      if (got <= 0 || got > 65535)
+        return caf::make_error(net_errc::unreachable,
+                               std::string{"cannot bind the "} + what
+                                 + " listener on " + host);
+      return static_cast<uint16_t>(got);
+    }
+    if (!svr.bind_to_port(host, p))
+      return caf::make_error(net_errc::unreachable,
+                             std::string{"cannot bind the "} + what
+                               + " listener on " + host + ":"
+                               + std::to_string(p));
+    return p;
+  }
+
+  /// Runs `svr` on a thread of its own and waits until it accepts:
+  /// `Server::stop()` is a no-op before the listen loop started.
+  static std::thread run(httplib::Server& svr) {
+    auto exited = std::make_shared<std::atomic<bool>>(false);
+    std::thread t{[&svr, exited] {
+      block_sigpipe();
+      svr.listen_after_bind();
+      *exited = true;
+    }};
+    // A short wait at start-up only (the listen loop sets the flag first).
+    while (!svr.is_running() && !*exited)
+      std::this_thread::sleep_for(std::chrono::milliseconds{1});
+    return t;
+  }
+
+  void stop() {
+    std::lock_guard<std::mutex> guard{stop_mtx};
+    if (stopped)
+      return;
+    stopped = true;
+    {
+      std::lock_guard<std::mutex> lock{mtx};
+      stopping = true;
+      visible_cv.notify_all();
+      reaper_cv.notify_all();
+    }
+    if (tls)
+      tls->stop();
+    admin.stop();
+    for (auto* t : {&tls_thread, &admin_thread, &reaper})
+      if (t->joinable())
+        t->join();
+  }
+};
+
+// -- reference_proxy ----------------------------------------------------------
+
+caf::expected<std::unique_ptr<reference_proxy>>
+reference_proxy::start(const reference_proxy_config& cfg) {
+  std::unique_ptr<reference_proxy> self{new reference_proxy};
+  self->impl_ = std::make_unique<impl>(cfg);
+  auto& d = *self->impl_;
+  if (auto err = d.load_tls())
+    return err;
+  auto threads = std::max<size_t>(cfg.worker_threads, 2);
+  d.tls->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  d.common_setup(*d.tls);
+  d.common_setup(d.admin);
+  d.routes();
+  d.reaper = std::thread{[&d] { d.run_reaper(); }};
+  // Each listener runs as soon as it is bound, so that a failure further on
+  // leaves nothing behind: the destructor stops whatever runs.
+  auto port = impl::bind(*d.tls, cfg.host, cfg.port, "driver");
+  if (!port)
+    return std::move(port.error());
+  d.port = *port;
+  d.tls_thread = impl::run(*d.tls);
+  auto admin_port = impl::bind(d.admin, cfg.admin_host, cfg.admin_port,
+                               "admin");
+  if (!admin_port)
+    return std::move(admin_port.error());
+  d.admin_port = *admin_port;
+  d.admin_thread = impl::run(d.admin);
+  return self;
+}
+
+reference_proxy::~reference_proxy() {
+  stop();
+}
+
+uint16_t reference_proxy::port() const noexcept {
+  return impl_->port;
+}
+
+uint16_t reference_proxy::admin_port() const noexcept {
+  return impl_->admin_port;
+}
+
+std::string reference_proxy::enqueue(const std::string& kind,
+                                     const nlohmann::json& params,
+                                     std::optional<std::string> id) {
+  std::lock_guard<std::mutex> guard{impl_->mtx};
+  return impl_->add(kind, params, std::move(id));
+}
+
+std::optional<nlohmann::json>
+reference_proxy::request_state(const std::string& id) const {
+  std::lock_guard<std::mutex> guard{impl_->mtx};
+  impl_->expire(clock_type::now());
+  auto it = impl_->requests.find(id);
+  if (it == impl_->requests.end())
+    return std::nullopt;
+  return impl_->state_of(it->second);
+}
+
+proxy_stats reference_proxy::stats() const {
+  return impl_->stats();
+}
+
+void reference_proxy::stop() {
+  if (impl_)
+    impl_->stop();
+}
+
+} // namespace hsm::net

@@ -1,0 +1,725 @@
+#include "runtime/net/reference_proxy.hpp"
+
+#include <curl/curl.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <openssl/ssl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "runtime/net/pki.hpp"
+#include "runtime/net/proxy_client.hpp"
+
+namespace hsm::net {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+using steady = std::chrono::steady_clock;
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  auto dir = std::filesystem::path{::testing::TempDir()}
+             / ("hsm_net_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+long elapsed_ms(steady::time_point since) {
+  return static_cast<long>(
+    std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - since)
+      .count());
+}
+
+/// A POST over mTLS with libcurl directly, for bodies `proxy_client` never
+/// sends and for a client without a certificate. Empty `cert` = none.
+struct raw_reply {
+  CURLcode rc = CURLE_OK;
+  long status = 0;
+  std::string body;
+};
+
+size_t collect(char* ptr, size_t size, size_t nmemb, void* user) {
+  static_cast<std::string*>(user)->append(ptr, size * nmemb);
+  return size * nmemb;
+}
+
+raw_reply raw_post(uint16_t port, const std::string& path,
+                   const std::string& body, const dev_pki& trust,
+                   const std::filesystem::path& cert = {},
+                   const std::filesystem::path& key = {}) {
+  raw_reply out;
+  auto* curl = curl_easy_init();
+  auto url = "https://127.0.0.1:" + std::to_string(port) + path;
+  auto ca = trust.root_cert.string();
+  auto cert_s = cert.string();
+  auto key_s = key.string();
+  curl_slist* headers = curl_slist_append(nullptr,
+                                          "Content-Type: application/json");
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(curl, CURLOPT_CAINFO, ca.c_str());
+  if (!cert.empty()) {
+    curl_easy_setopt(curl, CURLOPT_SSLCERT, cert_s.c_str());
+    curl_easy_setopt(curl, CURLOPT_SSLKEY, key_s.c_str());
+  }
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.data());
+  curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE,
+                   static_cast<curl_off_t>(body.size()));
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &collect);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, static_cast<void*>(&out.body));
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 5000L);
+  out.rc = curl_easy_perform(curl);
+  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &out.status);
+  curl_easy_cleanup(curl);
+  curl_slist_free_all(headers);
+  return out;
+}
+
+json ok_result(const json& req, const std::string& driver) {
+  return json{{"id", req["id"]},
+              {"lease", req["lease"]},
+              {"driver_id", driver},
+              {"ok", true},
+              {"result", {{"public_key", "02ab"}}}};
+}
+
+json error_result(const json& req, const std::string& driver, bool retryable) {
+  return json{{"id", req["id"]},
+              {"lease", req["lease"]},
+              {"driver_id", driver},
+              {"ok", false},
+              {"error",
+               {{"code", "hsm_unavailable"},
+                {"message", "no session"},
+                {"retryable", retryable}}}};
+}
+
+// -- fixture ------------------------------------------------------------------
+
+/// One PKI for the suite (and a second, unrelated one for refusals); a fresh
+/// proxy per test.
+class ReferenceProxyTest : public ::testing::Test {
+protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::filesystem::path{fresh_dir("reference_proxy")};
+    auto pki = make_dev_pki(*dir_ / "pki");
+    ASSERT_TRUE(pki) << describe(pki.error());
+    pki_ = new dev_pki{*pki};
+    auto other = make_dev_pki(*dir_ / "other");
+    ASSERT_TRUE(other) << describe(other.error());
+    other_ = new dev_pki{*other};
+  }
+
+  static void TearDownTestSuite() {
+    std::error_code ec;
+    std::filesystem::remove_all(*dir_, ec);
+    delete dir_;
+    delete pki_;
+    delete other_;
+  }
+
+  void SetUp() override {
+    ASSERT_NE(pki_, nullptr);
+    ASSERT_NE(other_, nullptr);
+  }
+
+  void TearDown() override {
+    // Clients first: an idle kept-alive connection holds a server thread.
+    clients_.clear();
+    admin_.reset();
+    proxy_.reset();
+  }
+
+  reference_proxy_config proxy_config() const {
+    reference_proxy_config cfg;
+    cfg.server_cert = pki_->server_chain;
+    cfg.server_key = pki_->server_key;
+    cfg.client_ca = pki_->root_cert;
+    cfg.lease_duration = 10s;
+    cfg.max_wait = 5s;
+    return cfg;
+  }
+
+  void start(const reference_proxy_config& cfg) {
+    auto proxy = reference_proxy::start(cfg);
+    ASSERT_TRUE(proxy) << describe(proxy.error());
+    proxy_ = std::move(*proxy);
+    admin_ = std::make_unique<httplib::Client>("127.0.0.1",
+                                               proxy_->admin_port());
+    admin_->set_read_timeout(5, 0);
+  }
+
+  void start() {
+    start(proxy_config());
+  }
+
+  proxy_client_config client_config(const std::string& driver) const {
+    proxy_client_config cfg;
+    cfg.proxy_addr = "127.0.0.1:" + std::to_string(proxy_->port());
+    cfg.tls = {pki_->root_cert, pki_->driver_chain, pki_->driver_key};
+    cfg.driver_id = driver;
+    cfg.connect_timeout = 2s;
+    cfg.poll_grace = 3s;
+    cfg.post_timeout = 3s;
+    return cfg;
+  }
+
+  proxy_client* client(const proxy_client_config& cfg) {
+    auto c = proxy_client::create(cfg);
+    EXPECT_TRUE(c) << describe(c.error());
+    if (!c)
+      return nullptr;
+    clients_.push_back(std::move(*c));
+    return clients_.back().get();
+  }
+
+  proxy_client* client(const std::string& driver = "driver-a") {
+    return client(client_config(driver));
+  }
+
+  // -- admin API over HTTP ----------------------------------------------------
+
+  std::string enqueue(const std::string& kind, const json& params,
+                      const std::string& id = {}) {
+    json body{{"kind", kind}, {"params", params}};
+    if (!id.empty())
+      body["id"] = id;
+    auto res = admin_->Post("/v1/admin/requests", body.dump(),
+                            "application/json");
+    EXPECT_TRUE(res);
+    if (!res)
+      return {};
+    EXPECT_EQ(res->status, 200) << res->body;
+    return json::parse(res->body).value("id", "");
+  }
+
+  std::pair<int, json> state(const std::string& id) {
+    auto res = admin_->Get("/v1/admin/requests/" + id);
+    EXPECT_TRUE(res);
+    if (!res)
+      return {0, {}};
+    return {res->status, json::parse(res->body, nullptr, false)};
+  }
+
+  json stats() {
+    auto res = admin_->Get("/v1/admin/stats");
+    EXPECT_TRUE(res);
+    if (!res)
+      return {};
+    EXPECT_EQ(res->status, 200);
+    return json::parse(res->body);
+  }
+
+  /// Polls and returns the delivered requests (empty on any failure).
+  static json poll(proxy_client* c, size_t max,
+                   std::chrono::milliseconds wait) {
+    auto reply = c->poll(max, wait);
+    EXPECT_TRUE(reply) << describe(reply.error());
+    if (!reply)
+      return json::array();
+    EXPECT_EQ(reply->status, 200) << reply->body;
+    auto body = json::parse(reply->body, nullptr, false);
+    EXPECT_TRUE(body.is_object() && body["requests"].is_array())
+      << reply->body;
+    if (!body.is_object() || !body["requests"].is_array())
+      return json::array();
+    return body["requests"];
+  }
+
+  static long post(proxy_client* c, const json& body) {
+    auto reply = c->post_result(body.dump());
+    EXPECT_TRUE(reply) << describe(reply.error());
+    return reply ? reply->status : 0;
+  }
+
+  static inline std::filesystem::path* dir_ = nullptr;
+  static inline dev_pki* pki_ = nullptr;
+  static inline dev_pki* other_ = nullptr;
+
+  std::unique_ptr<reference_proxy> proxy_;
+  std::unique_ptr<httplib::Client> admin_;
+  std::vector<std::unique_ptr<proxy_client>> clients_;
+};
+
+// -- delivery and results -----------------------------------------------------
+
+TEST_F(ReferenceProxyTest, PollDeliversEnqueuedRequestWithLease) {
+  start();
+  auto id = enqueue("generate_key", {{"key_id", "k1"}, {"scheme", "p256"}});
+  ASSERT_FALSE(id.empty());
+  auto reqs = poll(client(), 10, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_EQ(reqs[0]["kind"], "generate_key");
+  EXPECT_EQ(reqs[0]["params"]["key_id"], "k1");
+  ASSERT_TRUE(reqs[0]["lease"].is_string());
+  EXPECT_FALSE(reqs[0]["lease"].get<std::string>().empty());
+  auto [status, st] = state(id);
+  EXPECT_EQ(status, 200);
+  EXPECT_EQ(st["state"], "leased");
+  EXPECT_EQ(st["deliveries"], 1);
+}
+
+TEST_F(ReferenceProxyTest, ResultIsAcceptedOnceThenConflicts) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto* c = client();
+  auto reqs = poll(c, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(post(c, ok_result(reqs[0], "driver-a")), 200);
+  EXPECT_EQ(post(c, ok_result(reqs[0], "driver-a")), 409);
+  auto [status, st] = state(id);
+  EXPECT_EQ(st["state"], "done");
+  EXPECT_EQ(st["ok"], true);
+  EXPECT_EQ(st["result"]["public_key"], "02ab");
+  auto s = stats();
+  EXPECT_EQ(s["done"], 1);
+  EXPECT_EQ(s["rejected_results"], 1);
+  EXPECT_EQ(s["queued"], 0);
+  EXPECT_EQ(s["leased"], 0);
+}
+
+TEST_F(ReferenceProxyTest, ResultWithWrongLeaseConflicts) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto* c = client();
+  auto reqs = poll(c, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  auto wrong = ok_result(reqs[0], "driver-a");
+  wrong["lease"] = "not-the-lease";
+  EXPECT_EQ(post(c, wrong), 409);
+  auto unknown = ok_result(reqs[0], "driver-a");
+  unknown["id"] = "no-such-request";
+  EXPECT_EQ(post(c, unknown), 409);
+  EXPECT_EQ(state(id).second["state"], "leased");
+  EXPECT_EQ(post(c, ok_result(reqs[0], "driver-a")), 200);
+  EXPECT_EQ(stats()["rejected_results"], 2);
+}
+
+TEST_F(ReferenceProxyTest, FailedResultIsStored) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto* c = client();
+  auto reqs = poll(c, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(post(c, error_result(reqs[0], "driver-a", false)), 200);
+  auto st = state(id).second;
+  EXPECT_EQ(st["state"], "done");
+  EXPECT_EQ(st["ok"], false);
+  EXPECT_EQ(st["error"]["code"], "hsm_unavailable");
+  EXPECT_FALSE(st.contains("result"));
+}
+
+TEST_F(ReferenceProxyTest, RetryableErrorRequeuesTheRequest) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto* c = client();
+  auto first = poll(c, 1, 1000ms);
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_EQ(post(c, error_result(first[0], "driver-a", true)), 200);
+  EXPECT_EQ(state(id).second["state"], "queued");
+  auto second = poll(client("driver-b"), 1, 0ms);
+  ASSERT_EQ(second.size(), 1u);
+  EXPECT_EQ(second[0]["id"], id);
+  EXPECT_NE(second[0]["lease"], first[0]["lease"]);
+  EXPECT_EQ(state(id).second["deliveries"], 2);
+  // The first lease ended with its result.
+  EXPECT_EQ(post(c, ok_result(first[0], "driver-a")), 409);
+}
+
+// -- long-poll ----------------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, LongPollReturnsEmptyAfterWait) {
+  start();
+  auto* c = client();
+  auto t0 = steady::now();
+  auto reqs = poll(c, 5, 300ms);
+  auto took = elapsed_ms(t0);
+  EXPECT_TRUE(reqs.empty());
+  EXPECT_GE(took, 280);
+  EXPECT_LT(took, 3000);
+}
+
+TEST_F(ReferenceProxyTest, LongPollWaitIsClampedToMaxWait) {
+  auto cfg = proxy_config();
+  cfg.max_wait = 200ms;
+  start(cfg);
+  auto t0 = steady::now();
+  auto reqs = poll(client(), 5, 2500ms);
+  auto took = elapsed_ms(t0);
+  EXPECT_TRUE(reqs.empty());
+  EXPECT_GE(took, 180);
+  EXPECT_LT(took, 2000);
+}
+
+TEST_F(ReferenceProxyTest, LongPollReturnsEarlyWhenRequestArrives) {
+  start();
+  auto* c = client();
+  auto t0 = steady::now();
+  auto pending = std::async(std::launch::async,
+                            [c] { return poll(c, 5, 4000ms); });
+  std::this_thread::sleep_for(200ms);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  ASSERT_EQ(pending.wait_for(3s), std::future_status::ready);
+  auto reqs = pending.get();
+  auto took = elapsed_ms(t0);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_GE(took, 150);
+  EXPECT_LT(took, 2000);
+}
+
+TEST_F(ReferenceProxyTest, PollHonoursMaxInFifoOrder) {
+  start();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 5; ++i)
+    ids.push_back(enqueue("sign", {{"key_id", "k" + std::to_string(i)},
+                                   {"payload", "00"}}));
+  auto* c = client();
+  auto first = poll(c, 2, 0ms);
+  ASSERT_EQ(first.size(), 2u);
+  EXPECT_EQ(first[0]["id"], ids[0]);
+  EXPECT_EQ(first[1]["id"], ids[1]);
+  auto rest = poll(c, 10, 0ms);
+  ASSERT_EQ(rest.size(), 3u);
+  EXPECT_EQ(rest[0]["id"], ids[2]);
+  EXPECT_EQ(rest[2]["id"], ids[4]);
+  EXPECT_EQ(stats()["leased"], 5);
+}
+
+// -- leases -------------------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, ExpiredLeaseIsRedeliveredWithNewLease) {
+  auto cfg = proxy_config();
+  cfg.lease_duration = 300ms;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto other = enqueue("sign", {{"key_id", "k2"}, {"payload", "00"}});
+  auto* c = client();
+  auto first = poll(c, 1, 0ms);
+  ASSERT_EQ(first.size(), 1u);
+  ASSERT_EQ(first[0]["id"], id);
+  // Leave `other` queued: the redelivered request goes before it. The
+  // long-poll below only returns early if expiry wakes it.
+  auto second_client = client("driver-b");
+  auto t0 = steady::now();
+  auto none = poll(second_client, 5, 0ms); // takes `other`
+  ASSERT_EQ(none.size(), 1u);
+  EXPECT_EQ(none[0]["id"], other);
+  auto again = poll(c, 1, 3000ms);
+  auto took = elapsed_ms(t0);
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0]["id"], id);
+  EXPECT_NE(again[0]["lease"], first[0]["lease"]);
+  EXPECT_GE(took, 200);
+  EXPECT_LT(took, 2500);
+  EXPECT_EQ(state(id).second["deliveries"], 2);
+  auto s = stats();
+  EXPECT_EQ(s["redelivered"], 1);
+  EXPECT_EQ(s["in_flight"]["driver-a"], 1);
+  EXPECT_EQ(post(c, ok_result(first[0], "driver-a")), 409);
+  EXPECT_EQ(post(c, ok_result(again[0], "driver-a")), 200);
+}
+
+TEST_F(ReferenceProxyTest, WaitingPollWakesWhenLeaseExpires) {
+  auto cfg = proxy_config();
+  cfg.lease_duration = 300ms;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto t0 = steady::now();
+  ASSERT_EQ(poll(client("driver-a"), 1, 0ms).size(), 1u);
+  // Nothing else happens: only the expiry can end this wait early.
+  auto reqs = poll(client("driver-b"), 1, 3000ms);
+  auto took = elapsed_ms(t0);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_GE(took, 250);
+  EXPECT_LT(took, 2000);
+  auto s = proxy_->stats();
+  EXPECT_EQ(s.in_flight["driver-a"], 0u);
+  EXPECT_EQ(s.in_flight["driver-b"], 1u);
+  EXPECT_EQ(s.redelivered, 1u);
+}
+
+TEST_F(ReferenceProxyTest, ExpiredLeaseShowsAsQueued) {
+  auto cfg = proxy_config();
+  cfg.lease_duration = 200ms;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto reqs = poll(client(), 1, 0ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(proxy_->stats().leased, 1u);
+  std::this_thread::sleep_for(400ms);
+  auto s = proxy_->stats();
+  EXPECT_EQ(s.queued, 1u);
+  EXPECT_EQ(s.leased, 0u);
+  EXPECT_EQ(s.in_flight["driver-a"], 0u);
+  EXPECT_EQ(s.max_in_flight["driver-a"], 1u);
+  EXPECT_EQ(s.redelivered, 0u); // counted when delivered again
+  EXPECT_EQ(state(id).second["state"], "queued");
+  EXPECT_EQ(state(id).second["deliveries"], 1);
+}
+
+TEST_F(ReferenceProxyTest, InFlightIsCountedPerDriver) {
+  start();
+  for (int i = 0; i < 4; ++i)
+    enqueue("sign", {{"key_id", "k" + std::to_string(i)}, {"payload", "00"}});
+  auto* a = client("driver-a");
+  auto* b = client("driver-b");
+  auto got_a = poll(a, 2, 0ms);
+  auto got_b = poll(b, 1, 0ms);
+  ASSERT_EQ(got_a.size(), 2u);
+  ASSERT_EQ(got_b.size(), 1u);
+  auto s = stats();
+  EXPECT_EQ(s["in_flight"]["driver-a"], 2);
+  EXPECT_EQ(s["in_flight"]["driver-b"], 1);
+  EXPECT_EQ(s["queued"], 1);
+  EXPECT_EQ(s["leased"], 3);
+  EXPECT_EQ(post(a, ok_result(got_a[0], "driver-a")), 200);
+  s = stats();
+  EXPECT_EQ(s["in_flight"]["driver-a"], 1);
+  EXPECT_EQ(s["max_in_flight"]["driver-a"], 2);
+  EXPECT_EQ(s["max_in_flight"]["driver-b"], 1);
+  auto in_process = proxy_->stats();
+  EXPECT_EQ(in_process.in_flight["driver-a"], 1u);
+  EXPECT_EQ(in_process.done, 1u);
+}
+
+// -- admin API ----------------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, AdminEnqueueOfExistingIdDoesNotDuplicate) {
+  start();
+  EXPECT_EQ(enqueue("generate_key", {{"key_id", "k1"}}, "req-1"), "req-1");
+  EXPECT_EQ(enqueue("generate_key", {{"key_id", "k1"}}, "req-1"), "req-1");
+  EXPECT_EQ(proxy_->enqueue("generate_key", {{"key_id", "k1"}}, "req-1"),
+            "req-1");
+  EXPECT_EQ(stats()["queued"], 1);
+  auto reqs = poll(client(), 10, 0ms);
+  EXPECT_EQ(reqs.size(), 1u);
+  // Not even once answered or leased.
+  EXPECT_EQ(enqueue("generate_key", {{"key_id", "k1"}}, "req-1"), "req-1");
+  EXPECT_EQ(stats()["queued"], 0);
+}
+
+TEST_F(ReferenceProxyTest, AdminEnqueueGeneratesDistinctIds) {
+  start();
+  auto a = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto b = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  EXPECT_FALSE(a.empty());
+  EXPECT_NE(a, b);
+  EXPECT_EQ(stats()["queued"], 2);
+}
+
+TEST_F(ReferenceProxyTest, AdminStateOfUnknownIdIs404) {
+  start();
+  EXPECT_EQ(state("no-such-id").first, 404);
+  EXPECT_FALSE(proxy_->request_state("no-such-id").has_value());
+}
+
+TEST_F(ReferenceProxyTest, AdminRejectsMalformedEnqueue) {
+  start();
+  auto res = admin_->Post("/v1/admin/requests", "{\"params\":{}}",
+                          "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  res = admin_->Post("/v1/admin/requests", "not json", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_TRUE(json::parse(res->body, nullptr, false).contains("error"));
+}
+
+// -- malformed driver requests -----------------------------------------------
+
+TEST_F(ReferenceProxyTest, MalformedPollBodyIs400) {
+  start();
+  auto cert = pki_->driver_chain;
+  auto key = pki_->driver_key;
+  for (auto body : {"not json", "[]", "{\"max\":1,\"wait_ms\":0}",
+                    "{\"driver_id\":\"d\",\"max\":0,\"wait_ms\":0}",
+                    "{\"driver_id\":\"d\",\"max\":1,\"wait_ms\":-5}",
+                    "{\"driver_id\":\"d\",\"max\":\"2\",\"wait_ms\":0}"}) {
+    auto r = raw_post(proxy_->port(), "/v1/poll", body, *pki_, cert, key);
+    ASSERT_EQ(r.rc, CURLE_OK) << curl_easy_strerror(r.rc);
+    EXPECT_EQ(r.status, 400) << body;
+    EXPECT_TRUE(json::parse(r.body, nullptr, false).contains("error"))
+      << r.body;
+  }
+  auto good = raw_post(proxy_->port(), "/v1/poll",
+                       "{\"driver_id\":\"d\",\"max\":1,\"wait_ms\":0}", *pki_,
+                       cert, key);
+  EXPECT_EQ(good.status, 200);
+}
+
+TEST_F(ReferenceProxyTest, MalformedResultBodyIs400) {
+  start();
+  auto* c = client();
+  for (auto body :
+       {"not json", "{}", "{\"id\":\"x\",\"lease\":\"y\",\"ok\":true}",
+        "{\"id\":\"x\",\"lease\":\"y\",\"driver_id\":\"d\",\"ok\":false,"
+        "\"error\":{\"code\":\"c\"}}"}) {
+    auto reply = c->post_result(body);
+    ASSERT_TRUE(reply) << describe(reply.error());
+    EXPECT_EQ(reply->status, 400) << body;
+  }
+}
+
+TEST_F(ReferenceProxyTest, OversizedBodyIs413) {
+  auto cfg = proxy_config();
+  cfg.max_body = 1024;
+  start(cfg);
+  auto big = json{{"id", "x"},
+                  {"lease", "y"},
+                  {"driver_id", "d"},
+                  {"ok", true},
+                  {"result", {{"blob", std::string(4096, 'a')}}}};
+  auto reply = client()->post_result(big.dump());
+  ASSERT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(reply->status, 413);
+}
+
+// -- mutual TLS ---------------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, RefusesClientCertificateFromAnotherPki) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto cfg = client_config("intruder");
+  cfg.tls.cert = other_->driver_chain;
+  cfg.tls.key = other_->driver_key;
+  auto* c = client(cfg);
+  ASSERT_NE(c, nullptr);
+  auto reply = c->poll(5, 0ms);
+  ASSERT_FALSE(reply) << "status " << reply->status;
+  EXPECT_TRUE(reply.error() == net_errc::tls_failed
+              || reply.error() == net_errc::unreachable)
+    << describe(reply.error());
+  EXPECT_EQ(state(id).second["deliveries"], 0);
+  EXPECT_EQ(state(id).second["state"], "queued");
+}
+
+TEST_F(ReferenceProxyTest, RefusesClientWithoutCertificate) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto r = raw_post(proxy_->port(), "/v1/poll",
+                    "{\"driver_id\":\"d\",\"max\":5,\"wait_ms\":0}", *pki_);
+  EXPECT_NE(r.rc, CURLE_OK) << "status " << r.status << " " << r.body;
+  EXPECT_EQ(r.status, 0);
+  EXPECT_EQ(state(id).second["deliveries"], 0);
+  // The same request with the driver's certificate gets through.
+  auto ok = raw_post(proxy_->port(), "/v1/poll",
+                     "{\"driver_id\":\"d\",\"max\":5,\"wait_ms\":0}", *pki_,
+                     pki_->driver_chain, pki_->driver_key);
+  EXPECT_EQ(ok.rc, CURLE_OK) << curl_easy_strerror(ok.rc);
+  EXPECT_EQ(ok.status, 200);
+}
+
+TEST_F(ReferenceProxyTest, DriverRefusesProxyOutsideItsCa) {
+  start();
+  auto cfg = client_config("driver-a");
+  cfg.tls.ca_cert = other_->root_cert;
+  auto* c = client(cfg);
+  ASSERT_NE(c, nullptr);
+  auto reply = c->poll(1, 0ms);
+  ASSERT_FALSE(reply) << "status " << reply->status;
+  EXPECT_EQ(reply.error(), net_errc::tls_failed) << describe(reply.error());
+}
+
+TEST_F(ReferenceProxyTest, ClientChainFromIssuedCertIsAccepted) {
+  start();
+  auto issued = issue_client_cert(*pki_, *dir_ / "issued", "driver-b");
+  ASSERT_TRUE(issued) << describe(issued.error());
+  auto cfg = client_config("driver-b");
+  cfg.tls.cert = issued->first;
+  cfg.tls.key = issued->second;
+  auto reply = client(cfg)->poll(1, 0ms);
+  ASSERT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(reply->status, 200);
+}
+
+/// What a transfer's write callback saw of its TLS session.
+struct tls_probe {
+  CURL* curl = nullptr;
+  int version = 0;
+};
+
+size_t record_tls_version(char*, size_t size, size_t nmemb, void* user) {
+  // The session is only sure to be valid while the transfer runs.
+  auto* probe = static_cast<tls_probe*>(user);
+  curl_tlssessioninfo* info = nullptr;
+  if (curl_easy_getinfo(probe->curl, CURLINFO_TLS_SSL_PTR, &info) == CURLE_OK
+      && info != nullptr && info->backend == CURLSSLBACKEND_OPENSSL)
+    probe->version = SSL_version(static_cast<SSL*>(info->internals));
+  return size * nmemb;
+}
+
+TEST_F(ReferenceProxyTest, NegotiatesTls13) {
+  start();
+  tls_probe seen;
+  seen.curl = curl_easy_init();
+  auto url = "https://127.0.0.1:" + std::to_string(proxy_->port())
+             + "/v1/poll";
+  std::string body = "{\"driver_id\":\"d\",\"max\":1,\"wait_ms\":0}";
+  auto ca = pki_->root_cert.string();
+  auto cert = pki_->driver_chain.string();
+  auto key = pki_->driver_key.string();
+  curl_easy_setopt(seen.curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(seen.curl, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(seen.curl, CURLOPT_CAINFO, ca.c_str());
+  curl_easy_setopt(seen.curl, CURLOPT_SSLCERT, cert.c_str());
+  curl_easy_setopt(seen.curl, CURLOPT_SSLKEY, key.c_str());
+  curl_easy_setopt(seen.curl, CURLOPT_POSTFIELDS, body.c_str());
+  curl_easy_setopt(seen.curl, CURLOPT_WRITEFUNCTION, &record_tls_version);
+  curl_easy_setopt(seen.curl, CURLOPT_WRITEDATA, static_cast<void*>(&seen));
+  curl_easy_setopt(seen.curl, CURLOPT_TIMEOUT_MS, 5000L);
+  auto rc = curl_easy_perform(seen.curl);
+  curl_easy_cleanup(seen.curl);
+  ASSERT_EQ(rc, CURLE_OK) << curl_easy_strerror(rc);
+  EXPECT_EQ(seen.version, TLS1_3_VERSION);
+}
+
+// -- start and stop -----------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, StartFailsOnMissingTlsFiles) {
+  auto cfg = proxy_config();
+  cfg.server_key = *dir_ / "missing.key.pem";
+  auto proxy = reference_proxy::start(cfg);
+  ASSERT_FALSE(proxy);
+  EXPECT_EQ(proxy.error(), net_errc::bad_tls_material);
+  cfg = proxy_config();
+  cfg.server_key = other_->server_key; // does not match the certificate
+  proxy = reference_proxy::start(cfg);
+  ASSERT_FALSE(proxy);
+  EXPECT_EQ(proxy.error(), net_errc::bad_tls_material);
+}
+
+TEST_F(ReferenceProxyTest, StartFailsOnBusyPort) {
+  start();
+  auto cfg = proxy_config();
+  cfg.port = proxy_->port();
+  auto second = reference_proxy::start(cfg);
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error(), net_errc::unreachable);
+}
+
+TEST_F(ReferenceProxyTest, StopEndsPendingLongPoll) {
+  start();
+  auto* c = client();
+  auto pending = std::async(std::launch::async,
+                            [c] { return c->poll(1, 4000ms); });
+  std::this_thread::sleep_for(200ms);
+  auto t0 = steady::now();
+  proxy_->stop();
+  EXPECT_LT(elapsed_ms(t0), 3000);
+  ASSERT_EQ(pending.wait_for(3s), std::future_status::ready);
+  proxy_->stop(); // idempotent
+}
+
+} // namespace
+} // namespace hsm::net

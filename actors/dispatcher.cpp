@@ -27,6 +27,7 @@ struct dispatcher_state {
   std::vector<slot_entry> slots;
   std::deque<job> queue;
   size_t running = 0; // jobs between start and report
+  size_t posting = 0; // results handed to the poster, not yet posted
   dispatcher_stats stats;
   std::vector<caf::response_promise> drained;
 };
@@ -35,18 +36,22 @@ using dispatcher_ptr = caf::stateful_actor<dispatcher_state>*;
 
 void pump(dispatcher_ptr self);
 
+/// Every lease the driver holds counts until its result is posted: queued,
+/// running (HSM or store step), or waiting for the poster. Credits are the
+/// healthy slots minus those, so the proxy never sees more leases in flight
+/// from this driver than it has healthy slots.
 int64_t credits(const dispatcher_state& st) {
-  int64_t free_slots = 0;
+  int64_t healthy = 0;
   for (auto& s : st.slots)
-    if (s.up && !s.busy)
-      ++free_slots;
-  return std::max<int64_t>(0, free_slots
-                                - static_cast<int64_t>(st.queue.size()));
+    if (s.up)
+      ++healthy;
+  auto held = static_cast<int64_t>(st.queue.size() + st.running + st.posting);
+  return std::max<int64_t>(0, healthy - held);
 }
 
 void check_drained(dispatcher_ptr self) {
   auto& st = self->state;
-  if (st.running == 0 && st.queue.empty()) {
+  if (st.running == 0 && st.queue.empty() && st.posting == 0) {
     for (auto& rp : st.drained)
       rp.deliver(caf::unit);
     st.drained.clear();
@@ -59,9 +64,20 @@ void report(dispatcher_ptr self, job_result r) {
     ++st.stats.done;
   else
     ++st.stats.failed;
-  self->send(st.poster, result_atom::value, std::move(r));
+  ++st.posting;
   --st.running;
-  check_drained(self);
+  // The poster answers once the result is posted (or given up on).
+  self->request(st.poster, std::chrono::minutes{5}, result_atom::value,
+                std::move(r))
+    .then(
+      [=] {
+        --self->state.posting;
+        check_drained(self);
+      },
+      [=](caf::error&) {
+        --self->state.posting;
+        check_drained(self);
+      });
 }
 
 void release(dispatcher_ptr self, size_t index) {
@@ -248,6 +264,11 @@ caf::behavior dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg,
       pump(self);
     },
     [=](credit_atom) -> int64_t { return credits(self->state); },
+    [=](result_atom, job_result& r) {
+      // An answer the poller made itself (an invalid request).
+      ++self->state.running;
+      report(self, std::move(r));
+    },
     [=](slot_up_atom, size_t index, hsm_session_actor handle) {
       auto& s = self->state.slots[index];
       s.handle = std::move(handle);

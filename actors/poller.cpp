@@ -56,7 +56,6 @@ caf::behavior poster_impl(caf::stateful_actor<poster_state>* self,
                  "redelivered when its lease expires",
                  r.id);
     },
-    [=](flush_atom) { return self->state.posted; },
   };
 }
 
@@ -66,7 +65,6 @@ struct poller_state {
   poller_config cfg;
   std::shared_ptr<net::proxy_client> client;
   caf::actor dispatcher;
-  caf::actor poster;
   bool stopping = false;
   std::chrono::milliseconds backoff{0};
 };
@@ -100,12 +98,12 @@ void poll_once(poller_ptr self, int64_t credit) {
               parsed->unanswerable);
   for (auto& r : parsed->rejected) {
     log->info("[req={}] rejected: {}", r.id, r.error_message);
-    self->send(st.poster, result_atom::value, std::move(r));
+    self->send(st.dispatcher, result_atom::value, std::move(r));
   }
   for (auto& j : parsed->jobs) {
     if (st.stopping) {
       // Leased after the stop: hand it back at once.
-      self->send(st.poster, result_atom::value,
+      self->send(st.dispatcher, result_atom::value,
                  error_result(j, caf::make_error(
                                    hsm_errc::retryable,
                                    std::string{"driver shutting down"})));
@@ -118,12 +116,11 @@ void poll_once(poller_ptr self, int64_t credit) {
 
 caf::behavior poller_impl(poller_ptr self, poller_config cfg,
                           std::shared_ptr<net::proxy_client> client,
-                          caf::actor dispatcher, caf::actor poster) {
+                          caf::actor dispatcher) {
   auto& init = self->state;
   init.cfg = cfg;
   init.client = std::move(client);
   init.dispatcher = std::move(dispatcher);
-  init.poster = std::move(poster);
   self->send(self, poll_atom::value);
   return {
     [=](poll_atom) {
@@ -164,9 +161,9 @@ caf::actor spawn_result_poster(caf::actor_system& sys,
 
 caf::actor spawn_poller(caf::actor_system& sys, poller_config cfg,
                         std::shared_ptr<net::proxy_client> client,
-                        caf::actor dispatcher, caf::actor poster) {
+                        caf::actor dispatcher) {
   return sys.spawn<caf::detached>(poller_impl, cfg, std::move(client),
-                                  std::move(dispatcher), std::move(poster));
+                                  std::move(dispatcher));
 }
 
 } // namespace hsm

@@ -33,14 +33,17 @@ struct poller_config {
   std::chrono::milliseconds backoff_max{5000};
 };
 
-/// Spawns the poster; it owns `client`.
+/// Spawns the poster; it owns `client`. `(result_atom, job_result)` is
+/// answered (with an empty reply) once the result is posted or given up on.
 caf::actor spawn_result_poster(caf::actor_system& sys,
                                std::shared_ptr<net::proxy_client> client);
 
-/// Spawns the poller; it owns `client` and starts polling at once. Send it
-/// `stop_atom` to stop polling (it replies when stopped).
+/// Spawns the poller; it owns `client` and starts polling at once. Jobs and
+/// the answers to invalid requests go to the dispatcher (which counts every
+/// lease until its result is posted). Send it `stop_atom` to stop polling
+/// (it replies when stopped).
 caf::actor spawn_poller(caf::actor_system& sys, poller_config cfg,
                         std::shared_ptr<net::proxy_client> client,
-                        caf::actor dispatcher, caf::actor poster);
+                        caf::actor dispatcher);
 
 } // namespace hsm

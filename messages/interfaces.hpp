@@ -31,7 +31,6 @@ using respawn_atom = caf::atom_constant<caf::atom("respawn")>;
 using poll_atom = caf::atom_constant<caf::atom("poll")>;
 using stop_atom = caf::atom_constant<caf::atom("stop")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
-using flush_atom = caf::atom_constant<caf::atom("flush")>;
 using stats_atom = caf::atom_constant<caf::atom("stats")>;
 
 /// A key lookup's answer: `found` false means no key under the id.

@@ -45,7 +45,7 @@ daemon::start(const daemon_options& opts) {
   d->impl_ = std::make_unique<impl>();
   auto& in = *d->impl_;
   in.opts = opts;
-  auto mod = pkcs11::module::load(opts.cfg.pkcs11_module);
+  auto mod = pkcs11::module::load(opts.cfg.pkcs11_module, opts.decorate);
   if (!mod)
     return mod.error();
   in.mod.emplace(std::move(*mod));
@@ -119,7 +119,7 @@ daemon::start(const daemon_options& opts) {
   pcfg.poll_wait = opts.poll_wait;
   in.poller = spawn_poller(
     sys, pcfg, std::shared_ptr<net::proxy_client>(std::move(*poll_client)),
-    in.dispatcher, in.poster);
+    in.dispatcher);
   log->info("serving: driver {} polls {} with {} session(s)",
             opts.proxy.driver_id, opts.proxy.proxy_addr, opts.sessions);
   return d;
@@ -148,10 +148,11 @@ void daemon::stop() {
                            "left for redelivery",
                            describe(err));
                });
-    // Queued jobs that never started are handed back.
+    // Queued jobs that never started are handed back (a retryable error
+    // makes the proxy queue them again at once), and those answers posted.
     self->send(in.dispatcher, stop_atom::value);
-    self->request(in.poster, std::chrono::seconds{60}, flush_atom::value)
-      .receive([](uint64_t) {}, [](caf::error&) {});
+    self->request(in.dispatcher, std::chrono::seconds{15}, drain_atom::value)
+      .receive([] {}, [](caf::error&) {});
     self->send(in.supervisor, stop_atom::value);
     self->send_exit(in.poller, caf::exit_reason::user_shutdown);
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
@@ -167,6 +168,17 @@ void daemon::stop() {
   in.admin_session.reset();
   in.mod.reset(); // C_Finalize last
   log->info("stopped");
+}
+
+caf::expected<dispatcher_stats> daemon::stats() {
+  if (!impl_ || impl_->stopped)
+    return caf::make_error(caf::sec::invalid_argument);
+  caf::scoped_actor self{*impl_->sys};
+  caf::expected<dispatcher_stats> out{caf::sec::request_timeout};
+  self->request(impl_->dispatcher, std::chrono::seconds{5}, stats_atom::value)
+    .receive([&](dispatcher_stats& st) { out = st; },
+             [&](caf::error& err) { out = err; });
+  return out;
 }
 
 daemon::~daemon() {

@@ -12,7 +12,9 @@
 
 #include "messages/errors.hpp"
 #include "runtime/config.hpp"
+#include "messages/interfaces.hpp"
 #include "runtime/net/proxy_client.hpp"
+#include "runtime/pkcs11/module.hpp"
 
 namespace hsm {
 
@@ -24,6 +26,8 @@ struct daemon_options {
   std::chrono::milliseconds hsm_timeout{10000};
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds poll_wait{20000};
+  /// Wraps the module's function table (fault-injection tests only).
+  pkcs11::table_decorator decorate;
 };
 
 /// A running daemon.
@@ -36,6 +40,9 @@ public:
 
   /// Drains and stops (idempotent).
   void stop();
+
+  /// The dispatcher's counters.
+  [[nodiscard]] caf::expected<dispatcher_stats> stats();
 
   ~daemon();
 

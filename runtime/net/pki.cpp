@@ -50,7 +50,8 @@ using gen_name_ptr
   = std::unique_ptr<GENERAL_NAME, ossl_deleter<GENERAL_NAME_free>>;
 using octets_ptr
   = std::unique_ptr<ASN1_OCTET_STRING, ossl_deleter<ASN1_OCTET_STRING_free>>;
-using ia5_ptr = std::unique_ptr<ASN1_IA5STRING, ossl_deleter<ASN1_IA5STRING_free>>;
+using ia5_ptr
+  = std::unique_ptr<ASN1_IA5STRING, ossl_deleter<ASN1_IA5STRING_free>>;
 
 // -- file names ---------------------------------------------------------------
 

@@ -316,10 +316,14 @@ struct reference_proxy::impl {
     std::unique_lock<std::mutex> lock{mtx};
     while (!stopping) {
       expire(clock_type::now());
-      if (leases.empty())
+      if (leases.empty()) {
         reaper_cv.wait(lock);
-      else
-        reaper_cv.wait_until(lock, leases.begin()->first);
+      } else {
+        // A copy: wait_until reads its deadline again after waking, when
+        // the lease may be gone from the set.
+        auto next = leases.begin()->first;
+        reaper_cv.wait_until(lock, next);
+      }
     }
   }
 
@@ -652,7 +656,9 @@ reference_proxy::start(const reference_proxy_config& cfg) {
   if (auto err = d.load_tls())
     return err;
   auto threads = std::max<size_t>(cfg.worker_threads, 2);
-  d.tls->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  d.tls->new_task_queue = [threads] {
+    return new httplib::ThreadPool(threads);
+  };
   d.common_setup(*d.tls);
   d.common_setup(d.admin);
   d.routes();

@@ -17,6 +17,8 @@
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
+#include "tests/support/fault_table.hpp"
+#include "tests/support/process.hpp"
 
 namespace hsm::test {
 
@@ -40,14 +42,6 @@ std::filesystem::path fresh_dir(std::string_view prefix);
 /// A label no other test of this run uses (<= 32 characters).
 std::string unique_label(std::string_view prefix);
 
-/// Counts calls per C_* function; injects a failure into `login` on demand.
-struct call_counts {
-  std::atomic<int> login{0};
-  std::atomic<int> generate_key_pair{0};
-  std::atomic<int> unwrap_key{0};
-  std::atomic<int> sign{0};
-};
-
 /// The counts of the shared module's function table.
 call_counts& counts();
 
@@ -65,17 +59,5 @@ struct test_token {
 /// master key `master_label`.
 test_token make_token(const std::string& label,
                       std::string_view master_label = "hsm-driver-master");
-
-/// Output of a finished child process.
-struct run_result {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-/// Runs the hsm-driver binary with `args`; the environment is this
-/// process's plus `env` (an empty value unsets the variable).
-run_result run_driver(const std::vector<std::string>& args,
-                      const std::map<std::string, std::string>& env);
 
 } // namespace hsm::test

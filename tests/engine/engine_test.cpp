@@ -1,0 +1,410 @@
+// The daemon end to end: a real SoftHSMv2 token, real SQLite, the reference
+// proxy and the driver talking mTLS on loopback. Each test runs in its own
+// process (gtest_discover_tests), so each loads the module once.
+
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "runtime/crypto/hex.hpp"
+#include "runtime/daemon.hpp"
+#include "runtime/logging.hpp"
+#include "runtime/net/pki.hpp"
+#include "runtime/net/reference_proxy.hpp"
+#include "store/sqlite_store.hpp"
+#include "tests/support/fault_table.hpp"
+#include "tests/support/openssl_verify.hpp"
+#include "tests/support/process.hpp"
+
+namespace hsm {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+constexpr const char* user_pin = "engine-user-pin-2718";
+constexpr const char* so_pin = "engine-so-pin-3141";
+constexpr const char* token_label = "engine";
+
+std::string softhsm_module() {
+  if (const char* m = std::getenv("SOFTHSM2_MODULE"))
+    return m;
+  return "/usr/lib/softhsm/libsofthsm2.so";
+}
+
+class EngineTest : public ::testing::Test {
+protected:
+  void SetUp() override {
+    std::random_device rd;
+    dir = std::filesystem::temp_directory_path()
+          / ("hsm-driver-engine-" + std::to_string(::getpid()) + "-"
+             + std::to_string(rd() % 100000));
+    std::filesystem::create_directories(dir / "tokens");
+    std::ofstream{dir / "softhsm2.conf"}
+      << "directories.tokendir = " << (dir / "tokens").string() << "\n"
+      << "objectstore.backend = file\nlog.level = ERROR\n"
+      << "slots.removable = false\n";
+    ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
+    env = {{"SOFTHSM2_CONF", (dir / "softhsm2.conf").string()},
+           {"PKCS11_MODULE", softhsm_module()},
+           {"PKCS11_THALES_MODULE", ""},
+           {"PKCS11_IBM_MODULE", ""},
+           {"USER_PIN_FILE", ""},
+           {"USER_PIN", user_pin},
+           {"SO_PIN", so_pin},
+           {"HSM_TOKEN_LABEL", token_label},
+           {"SQLITE_PATH", (dir / "keys.db").string()}};
+    auto init = test::run_driver({"token", "init"}, env);
+    ASSERT_EQ(init.exit_code, 0) << init.out << init.err;
+    auto mk = test::run_driver({"master-key", "init"}, env);
+    ASSERT_EQ(mk.exit_code, 0) << mk.out << mk.err;
+    auto made = net::make_dev_pki(dir / "pki");
+    ASSERT_TRUE(made) << describe(made.error());
+    pki = *made;
+    start_proxy(2000ms);
+    static_cast<void>(init_logging("warn"));
+  }
+
+  void TearDown() override {
+    drv.reset();
+    if (proxy)
+      proxy->stop();
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+
+  void start_proxy(std::chrono::milliseconds lease) {
+    net::reference_proxy_config pc;
+    pc.server_cert = pki.server_chain;
+    pc.server_key = pki.server_key;
+    pc.client_ca = pki.root_cert;
+    pc.lease_duration = lease;
+    auto started = net::reference_proxy::start(pc);
+    ASSERT_TRUE(started) << describe(started.error());
+    proxy = std::move(*started);
+  }
+
+  daemon_options options(size_t sessions = 2) {
+    daemon_options o;
+    o.cfg.pkcs11_module = softhsm_module();
+    o.cfg.token_label = token_label;
+    o.cfg.master_key_label = "hsm-driver-master";
+    o.cfg.sqlite_path = dir / "keys.db";
+    o.cfg.resident_schemes = {scheme::ed25519};
+    o.cfg.log_level = "warn";
+    o.proxy.proxy_addr = "127.0.0.1:" + std::to_string(proxy->port());
+    o.proxy.tls = {pki.root_cert, pki.driver_chain, pki.driver_key};
+    o.proxy.driver_id = "engine-driver";
+    o.sessions = sessions;
+    o.hsm_timeout = 5000ms;
+    o.drain_timeout = 10000ms;
+    o.poll_wait = 300ms;
+    o.decorate = test::fault_decorator(plan);
+    return o;
+  }
+
+  void start_daemon(daemon_options o) {
+    ::setenv("USER_PIN", user_pin, 1);
+    auto d = daemon::start(o);
+    ASSERT_TRUE(d) << describe(d.error());
+    drv = std::move(*d);
+  }
+
+  /// Waits until request `id` is done; returns its state.
+  json await_done(const std::string& id,
+                  std::chrono::milliseconds timeout = 30000ms) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto st = proxy->request_state(id);
+      if (st && (*st)["state"] == "done")
+        return *st;
+      std::this_thread::sleep_for(10ms);
+    }
+    ADD_FAILURE() << "request " << id << " not done: "
+                  << (proxy->request_state(id) ? proxy->request_state(id)->dump()
+                                               : "unknown");
+    return json{};
+  }
+
+  json generate(const std::string& key_id, const std::string& s) {
+    return await_done(proxy->enqueue("generate_key",
+                                     {{"key_id", key_id}, {"scheme", s}}));
+  }
+
+  std::string enqueue_sign(const std::string& key_id,
+                           const std::vector<uint8_t>& payload) {
+    return proxy->enqueue("sign", {{"key_id", key_id},
+                                   {"payload", crypto::to_hex(payload)}});
+  }
+
+  static std::vector<uint8_t> unhex(const json& j) {
+    auto v = crypto::from_hex(j.get<std::string>());
+    return v ? *v : std::vector<uint8_t>{};
+  }
+
+  std::filesystem::path dir;
+  std::map<std::string, std::string> env;
+  net::dev_pki pki;
+  std::unique_ptr<net::reference_proxy> proxy;
+  std::shared_ptr<test::fault_plan> plan = std::make_shared<test::fault_plan>();
+  std::unique_ptr<daemon> drv;
+};
+
+TEST_F(EngineTest, EveryServedSchemeGeneratesAndSignsThroughTheProxy) {
+  start_daemon(options());
+  for (auto s : all_schemes) {
+    auto name = std::string{to_string(s)};
+    auto gen = generate("e2e-" + name, name);
+    ASSERT_TRUE(gen["ok"].get<bool>()) << gen.dump();
+    auto pub = unhex(gen["result"]["public_key"]);
+    auto payload = is_ecdsa(s) ? test::sha256("e2e " + name)
+                               : std::vector<uint8_t>{'m', 's', 'g'};
+    auto sig = await_done(enqueue_sign("e2e-" + name, payload));
+    ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+    if (is_ecdsa(s)) {
+      EXPECT_TRUE(test::openssl_verify(s, pub, payload,
+                                       unhex(sig["result"]["der"])))
+        << name;
+      EXPECT_TRUE(sig["result"].contains("recovery_id"));
+      if (s == scheme::secp256k1) {
+        EXPECT_TRUE(test::is_low_s_secp256k1(
+          unhex(sig["result"]["signature"])));
+      }
+    } else {
+      EXPECT_TRUE(test::openssl_verify(s, pub, payload,
+                                       unhex(sig["result"]["signature"])));
+    }
+  }
+  EXPECT_EQ(proxy->stats().max_in_flight.count("engine-driver"), 1u);
+}
+
+TEST_F(EngineTest, SameGenerateDeliveredTwiceYieldsOneKey) {
+  start_daemon(options());
+  auto first = generate("dup", "secp256k1");
+  ASSERT_TRUE(first["ok"].get<bool>()) << first.dump();
+  auto generations = plan->counts.generate_key_pair.load();
+  // A second request for the same key id, as a redelivery would be.
+  auto second = generate("dup", "secp256k1");
+  ASSERT_TRUE(second["ok"].get<bool>()) << second.dump();
+  EXPECT_EQ(first["result"]["public_key"], second["result"]["public_key"]);
+  EXPECT_EQ(plan->counts.generate_key_pair.load(), generations);
+}
+
+TEST_F(EngineTest, GenerateRedeliveredAfterLeaseExpiryYieldsOneKey) {
+  start_proxy(400ms);
+  // The first generation stalls past the lease; the proxy hands the request
+  // out again and the other slot serves it.
+  int probe_calls = 0;
+  plan->before_generate_key_pair = [&probe_calls](int n) -> CK_RV {
+    if (n == probe_calls + 1)
+      std::this_thread::sleep_for(900ms);
+    return CKR_OK;
+  };
+  auto o = options();
+  start_daemon(o);
+  probe_calls = plan->counts.generate_key_pair.load();
+  auto id = proxy->enqueue("generate_key",
+                           {{"key_id", "slow"}, {"scheme", "p256"}});
+  auto done = await_done(id);
+  ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
+  EXPECT_GE(done["deliveries"].get<int>(), 2);
+  // Let the stalled first attempt finish and hit the store.
+  std::this_thread::sleep_for(1200ms);
+  drv.reset();
+  auto st = store::sqlite_store::open(dir / "keys.db");
+  ASSERT_TRUE(st);
+  auto rec = (*st)->get("slow");
+  ASSERT_TRUE(rec && *rec);
+  EXPECT_EQ(crypto::to_hex((*rec)->public_key),
+            done["result"]["public_key"].get<std::string>());
+  EXPECT_GE(proxy->stats().rejected_results, 1u);
+}
+
+TEST_F(EngineTest, LeasesInFlightNeverExceedHealthySlots) {
+  plan->before_sign = [](int) -> CK_RV {
+    std::this_thread::sleep_for(15ms);
+    return CKR_OK;
+  };
+  start_daemon(options(2));
+  ASSERT_TRUE(generate("bp", "p256")["ok"].get<bool>());
+  std::vector<std::string> ids;
+  for (int i = 0; i < 40; ++i)
+    ids.push_back(enqueue_sign("bp", test::sha256("bp " + std::to_string(i))));
+  for (auto& id : ids)
+    EXPECT_TRUE(await_done(id)["ok"].get<bool>()) << id;
+  auto stats = proxy->stats();
+  ASSERT_EQ(stats.max_in_flight.count("engine-driver"), 1u);
+  EXPECT_LE(stats.max_in_flight["engine-driver"], 2u);
+  EXPECT_EQ(stats.max_in_flight["engine-driver"], 2u); // both slots used
+}
+
+TEST_F(EngineTest, SessionFailingMidRequestIsRestartedAndTheRequestAnswered) {
+  std::atomic<int> fail_at{0};
+  plan->before_sign = [&fail_at](int n) -> CK_RV {
+    return n == fail_at.load() ? CKR_SESSION_CLOSED : CKR_OK;
+  };
+  start_daemon(options(2));
+  ASSERT_TRUE(generate("sup", "secp256k1")["ok"].get<bool>());
+  auto sessions_before = plan->counts.open_session.load();
+  fail_at = plan->counts.sign.load() + 1; // the very next sign
+  auto sig = await_done(enqueue_sign("sup", test::sha256("supervised")));
+  ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+  // The failed session was replaced by a new one; the daemon kept running.
+  auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (plan->counts.open_session.load() <= sessions_before
+         && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_GT(plan->counts.open_session.load(), sessions_before);
+  auto stats = drv->stats();
+  ASSERT_TRUE(stats);
+  EXPECT_GE(stats->slot_failures, 1u);
+  EXPECT_GE(stats->retried, 1u);
+  // Still serving afterwards, on both slots.
+  deadline = std::chrono::steady_clock::now() + 5s;
+  while (drv->stats()->healthy_slots < 2
+         && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(drv->stats()->healthy_slots, 2u);
+  EXPECT_TRUE(await_done(enqueue_sign("sup", test::sha256("after")))["ok"]
+                .get<bool>());
+}
+
+TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
+  std::atomic<int> hang_at{0};
+  plan->before_sign = [&hang_at](int n) -> CK_RV {
+    if (n == hang_at.load())
+      std::this_thread::sleep_for(1500ms);
+    return CKR_OK;
+  };
+  auto o = options(2);
+  o.hsm_timeout = 500ms;
+  start_daemon(o);
+  ASSERT_TRUE(generate("hang", "p256")["ok"].get<bool>());
+  hang_at = plan->counts.sign.load() + 1;
+  auto started = std::chrono::steady_clock::now();
+  auto sig = await_done(enqueue_sign("hang", test::sha256("hung")));
+  ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+  // Answered by another slot well before the hung call returned.
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 1400ms);
+  auto stats = drv->stats();
+  ASSERT_TRUE(stats);
+  EXPECT_GE(stats->slot_failures, 1u);
+  // The abandoned call returns later; the replacement slot serves on.
+  std::this_thread::sleep_for(1200ms);
+  EXPECT_TRUE(await_done(enqueue_sign("hang", test::sha256("after")))["ok"]
+                .get<bool>());
+}
+
+TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
+  start_daemon(options());
+  ASSERT_TRUE(generate("good", "secp256k1")["ok"].get<bool>());
+  struct bad_case {
+    std::string kind;
+    json params;
+    std::string code;
+  };
+  std::vector<bad_case> cases{
+    {"explode", {{"key_id", "good"}}, "invalid_request"},
+    {"sign", {{"payload", std::string(64, 'a')}}, "invalid_request"},
+    {"sign", json::array({1, 2}), "invalid_request"},
+    {"sign", {{"key_id", "good"}, {"payload", "not hex"}}, "invalid_request"},
+    {"sign", {{"key_id", "nobody"}, {"payload", std::string(64, 'a')}},
+     "unknown_key"},
+    {"sign", {{"key_id", "good"}, {"payload", std::string(62, 'a')}},
+     "invalid_payload"},
+    {"sign", {{"key_id", "good"}, {"payload", std::string(300000, 'a')}},
+     "invalid_payload"},
+    {"generate_key", {{"key_id", "s"}, {"scheme", "schnorr"}},
+     "scheme_unsupported"},
+    {"generate_key", {{"key_id", "bad id!"}, {"scheme", "p256"}},
+     "invalid_request"},
+  };
+  auto hsm_signs = plan->counts.sign.load();
+  for (auto& c : cases) {
+    auto done = await_done(proxy->enqueue(c.kind, c.params));
+    ASSERT_FALSE(done.empty());
+    EXPECT_FALSE(done["ok"].get<bool>()) << done.dump();
+    EXPECT_EQ(done["error"]["code"], c.code) << done.dump();
+    EXPECT_FALSE(done["error"]["retryable"].get<bool>()) << done.dump();
+  }
+  EXPECT_EQ(plan->counts.sign.load(), hsm_signs); // none reached the HSM
+  auto ok = await_done(enqueue_sign("good", test::sha256("still serving")));
+  EXPECT_TRUE(ok["ok"].get<bool>()) << ok.dump();
+}
+
+TEST_F(EngineTest, WrongPinRefusesToStartAndLogsInOnce) {
+  ::setenv("USER_PIN", "not-the-pin", 1);
+  auto d = daemon::start(options());
+  ASSERT_FALSE(d);
+  EXPECT_EQ(d.error(), hsm_errc::fatal);
+  EXPECT_NE(describe(d.error()).find("CKR_PIN_INCORRECT"), std::string::npos);
+  EXPECT_EQ(plan->counts.login.load(), 1);
+}
+
+TEST_F(EngineTest, NoSchemeServedMeansNoStartAndNoPolling) {
+  // A master key label the token does not hold: refused before any poll.
+  auto o = options();
+  o.cfg.master_key_label = "missing-master";
+  ::setenv("USER_PIN", user_pin, 1);
+  auto d = daemon::start(o);
+  ASSERT_FALSE(d);
+  EXPECT_EQ(d.error(), key_errc::master_key_missing);
+  EXPECT_TRUE(proxy->stats().max_in_flight.empty());
+}
+
+/// The real binary: SIGTERM while requests are in flight.
+TEST_F(EngineTest, SigtermDuringLoadAnswersOrHandsBackEveryRequest) {
+  // Keys first, with an in-process daemon.
+  start_daemon(options());
+  ASSERT_TRUE(generate("term", "p256")["ok"].get<bool>());
+  drv.reset();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 60; ++i)
+    ids.push_back(i % 4 == 0
+                    ? proxy->enqueue("generate_key",
+                                     {{"key_id", "term-" + std::to_string(i)},
+                                      {"scheme", "secp256k1"}})
+                    : enqueue_sign("term", test::sha256(std::to_string(i))));
+  auto run_env = env;
+  auto p = test::start_driver(
+    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
+     "--ca-cert", pki.root_cert.string(), "--client-cert",
+     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
+     "--driver-id", "term-driver", "--poll-wait", "300", "--sessions", "2",
+     "--log-level", "info"},
+    run_env, (dir / "run.log").string());
+  // Wait until some, not all, are done.
+  auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (proxy->stats().done < 5 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(5ms);
+  // The PIN is neither on the command line nor left in the environment.
+  for (auto file : {"cmdline", "environ"}) {
+    std::ifstream in{"/proc/" + std::to_string(p.pid) + "/" + file};
+    std::string content{std::istreambuf_iterator<char>{in}, {}};
+    EXPECT_EQ(content.find(user_pin), std::string::npos) << file;
+  }
+  ::kill(p.pid, SIGTERM);
+  EXPECT_EQ(test::wait_exit(p, 30000), 0);
+  std::ifstream log{dir / "run.log"};
+  std::string log_text{std::istreambuf_iterator<char>{log}, {}};
+  EXPECT_EQ(log_text.find(user_pin), std::string::npos);
+  EXPECT_NE(log_text.find("stopped"), std::string::npos) << log_text;
+  // Nothing is left leased to the stopped driver: each request is done or
+  // back in the queue.
+  auto stats = proxy->stats();
+  EXPECT_EQ(stats.leased, 0u) << "leases left after SIGTERM";
+  EXPECT_LT(stats.done, ids.size()); // the stop really came mid-load
+  // A new driver finishes the rest: nothing was lost.
+  start_daemon(options());
+  for (auto& id : ids)
+    EXPECT_TRUE(await_done(id)["ok"].get<bool>()) << id;
+}
+
+} // namespace
+} // namespace hsm

@@ -1,0 +1,112 @@
+#include "tests/support/process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+
+namespace hsm::test {
+
+namespace {
+
+[[noreturn]] void exec_driver(const std::vector<std::string>& args,
+                              const std::map<std::string, std::string>& env) {
+  for (auto& [k, v] : env) {
+    if (v.empty())
+      ::unsetenv(k.c_str());
+    else
+      ::setenv(k.c_str(), v.c_str(), 1);
+  }
+  std::vector<char*> argv;
+  std::string bin = HSM_DRIVER_BINARY;
+  argv.push_back(bin.data());
+  std::vector<std::string> copy = args;
+  for (auto& a : copy)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(bin.c_str(), argv.data());
+  ::_exit(127);
+}
+
+} // namespace
+
+background_process start_driver(const std::vector<std::string>& args,
+                                const std::map<std::string, std::string>& env,
+                                const std::string& log_path) {
+  pid_t pid = ::fork();
+  if (pid < 0)
+    throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(fd, STDOUT_FILENO);
+    ::dup2(fd, STDERR_FILENO);
+    exec_driver(args, env);
+  }
+  return background_process{pid, log_path};
+}
+
+int wait_exit(background_process& p, int timeout_ms) {
+  auto deadline = std::chrono::steady_clock::now()
+                  + std::chrono::milliseconds{timeout_ms};
+  int status = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto r = ::waitpid(p.pid, &status, WNOHANG);
+    if (r == p.pid) {
+      p.pid = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  }
+  ::kill(p.pid, SIGKILL);
+  ::waitpid(p.pid, &status, 0);
+  p.pid = -1;
+  return -1;
+}
+
+run_result run_driver(const std::vector<std::string>& args,
+                      const std::map<std::string, std::string>& env) {
+  int out_pipe[2];
+  int err_pipe[2];
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0)
+    throw std::runtime_error("pipe failed");
+  pid_t pid = ::fork();
+  if (pid < 0)
+    throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    ::dup2(out_pipe[1], STDOUT_FILENO);
+    ::dup2(err_pipe[1], STDERR_FILENO);
+    exec_driver(args, env);
+  }
+  ::close(out_pipe[1]);
+  ::close(err_pipe[1]);
+  run_result res;
+  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
+  int open_fds = 2;
+  char buf[4096];
+  while (open_fds > 0) {
+    if (::poll(fds, 2, -1) < 0)
+      break;
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || fds[i].revents == 0)
+        continue;
+      auto n = ::read(fds[i].fd, buf, sizeof(buf));
+      if (n <= 0) {
+        ::close(fds[i].fd);
+        fds[i].fd = -1;
+        --open_fds;
+        continue;
+      }
+      (i == 0 ? res.out : res.err).append(buf, static_cast<size_t>(n));
+    }
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  res.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return res;
+}
+} // namespace hsm::test

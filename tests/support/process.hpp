@@ -1,0 +1,42 @@
+#pragma once
+
+// Runs the real `hsm-driver` binary from a test: to completion with its
+// output captured, or in the background (for the daemon) with a handle to
+// signal and reap it.
+
+#include <sys/types.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace hsm::test {
+
+/// Output of a finished child process.
+struct run_result {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+/// Runs the hsm-driver binary with `args` to completion; the environment is
+/// this process's plus `env` (an empty value unsets the variable).
+run_result run_driver(const std::vector<std::string>& args,
+                      const std::map<std::string, std::string>& env);
+
+/// A background hsm-driver process; stdout and stderr go to `log_path`.
+struct background_process {
+  pid_t pid = -1;
+  std::string log_path;
+};
+
+/// Starts hsm-driver with `args` in the background.
+background_process start_driver(const std::vector<std::string>& args,
+                                const std::map<std::string, std::string>& env,
+                                const std::string& log_path);
+
+/// Waits up to `timeout_ms` for the process to exit; returns its exit code,
+/// or -1 if it did not exit in time (it is then killed).
+int wait_exit(background_process& p, int timeout_ms);
+
+} // namespace hsm::test

@@ -614,8 +614,7 @@ int cmd_dev(driver_config cfg, run_flags f, const std::string& data_dir_arg,
                "'{\"kind\":\"generate_key\",\"params\":{\"key_id\":\"k1\","
                "\"scheme\":\"secp256k1\"}}'\n"
             << "Ctrl-C (SIGINT) or SIGTERM stops it.\n";
-  if (std::getenv("HSM_DRIVER_DEV_EXIT") == nullptr)
-    wait_for_stop_signal();
+  wait_for_stop_signal();
   (*d)->stop();
   (*proxy)->stop();
   return all_ok ? exit_ok : exit_failed;
@@ -733,6 +732,23 @@ int run_cli(int argc, char** argv) {
     "run", "the daemon: pull requests from the proxy and serve them until "
            "SIGTERM/SIGINT");
   add_run_flags(run_cmd);
+  const std::string shared_help
+    = "\nAlso (before or after the subcommand):\n"
+      "  --pkcs11-module PATH     [env: PKCS11_MODULE, PKCS11_THALES_MODULE, "
+      "PKCS11_IBM_MODULE]\n"
+      "  --token-label LABEL      [env: HSM_TOKEN_LABEL; default: "
+      + std::string{default_token_label}
+      + "]\n"
+        "  --master-key-label LABEL [env: HSM_MASTER_KEY_LABEL; default: "
+      + std::string{default_master_key_label}
+      + "]\n"
+        "  --sqlite-path PATH       [env: SQLITE_PATH; default: "
+      + std::string{default_sqlite_path}
+      + "]\n"
+        "  --resident-schemes LIST  [env: HSM_RESIDENT_SCHEMES]\n"
+        "  --log-level LEVEL        [env: HSM_LOG_LEVEL; default: info]\n"
+        "PIN: USER_PIN or USER_PIN_FILE (never on the command line).\n";
+  run_cmd->footer(shared_help);
   std::string data_dir;
   auto* dev_cmd = app.add_subcommand(
     "dev", "the whole system on this machine: a SoftHSMv2 token, a local "
@@ -742,6 +758,7 @@ int run_cli(int argc, char** argv) {
                       "where the token, PKI and database live [default: "
                       "./hsm-driver-dev]");
   add_run_flags(dev_cmd);
+  dev_cmd->footer(shared_help);
   proxy_flags pf;
   auto* proxy_cmd = app.add_subcommand(
     "proxy", "the reference proxy (mTLS listener and admin API)");

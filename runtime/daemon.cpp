@@ -130,6 +130,11 @@ void daemon::stop() {
     return;
   auto& in = *impl_;
   in.stopped = true;
+  if (!in.sys) { // start-up failed before the actors existed
+    in.admin_session.reset();
+    in.mod.reset();
+    return;
+  }
   auto log = logger("runtime");
   log->info("stopping: no new polls; draining in-flight work");
   {

@@ -406,5 +406,54 @@ TEST_F(EngineTest, SigtermDuringLoadAnswersOrHandsBackEveryRequest) {
     EXPECT_TRUE(await_done(id)["ok"].get<bool>()) << id;
 }
 
+size_t count(const std::string& hay, const std::string& needle) {
+  size_t n = 0;
+  for (auto pos = hay.find(needle); pos != std::string::npos;
+       pos = hay.find(needle, pos + 1))
+    ++n;
+  return n;
+}
+
+/// `hsm-driver dev`: the whole system in one command, twice on one folder.
+TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
+  auto data = dir / "dev";
+  auto dev_env = env;
+  dev_env["HSM_TOKEN_LABEL"] = "";
+  dev_env["SQLITE_PATH"] = "";
+  dev_env["USER_PIN"] = "";
+  std::string first_keys;
+  for (int round = 0; round < 2; ++round) {
+    auto log_path = (dir / ("dev-" + std::to_string(round) + ".log")).string();
+    auto p = test::start_driver({"dev", "--data-dir", data.string()}, dev_env,
+                                log_path);
+    std::string text;
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (text.find("hsm-driver dev: serving") == std::string::npos
+           && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(50ms);
+      std::ifstream in{log_path};
+      text.assign(std::istreambuf_iterator<char>{in}, {});
+    }
+    ASSERT_NE(text.find("hsm-driver dev: serving"), std::string::npos) << text;
+    EXPECT_EQ(count(text, "\"verified\": true"), 3u) << text;
+    EXPECT_EQ(count(text, "\"verified\": false"), 0u) << text;
+    // Still serving: the process is alive until the signal.
+    std::this_thread::sleep_for(200ms);
+    EXPECT_EQ(::kill(p.pid, 0), 0);
+    ::kill(p.pid, SIGTERM);
+    EXPECT_EQ(test::wait_exit(p, 30000), 0);
+    // The same keys on the second run: the folder is reused.
+    auto keys_at = text.find("\"public_key\"");
+    ASSERT_NE(keys_at, std::string::npos);
+    auto keys = text.substr(keys_at, 150);
+    if (round == 0)
+      first_keys = keys;
+    else
+      EXPECT_EQ(keys, first_keys);
+  }
+  EXPECT_TRUE(std::filesystem::exists(data / "pki" / "root.pem"));
+  EXPECT_TRUE(std::filesystem::exists(data / "keys.db"));
+}
+
 } // namespace
 } // namespace hsm

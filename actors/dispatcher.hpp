@@ -4,22 +4,29 @@
 // and runs each job as a small state machine: fetch the key record (storage)
 // -> HSM operation (a session) -> persist (storage) -> report (the result
 // poster). A public key is reported only after the store committed it; a
-// signature only after it verified against the stored public key.
+// signature only after it verified against the stored public key. Requests
+// for schemes the token does not serve are answered before they take a slot.
 //
-// Credits (`credit_atom`) are the free healthy slots minus the queue: the
-// poller never asks the proxy for more. A job whose session died or timed
-// out is retried on another slot a bounded number of times, then answered
-// with a retryable error.
+// Credits (`credit_atom`) are the healthy slots minus every lease the driver
+// holds (queued, running, or waiting for the poster): the poller never asks
+// the proxy for more. A job whose session died or timed out is retried on
+// another slot a bounded number of times, then answered with a retryable
+// error. A slot is held by one job at a time, identified by a token, so
+// that late replies from a replaced session never free or fail the slot of
+// its successor.
 
 #include <chrono>
 
 #include "messages/interfaces.hpp"
+#include "runtime/key_service.hpp"
 
 namespace hsm {
 
 /// Options of the dispatcher.
 struct dispatcher_config {
   size_t sessions = 2;
+  /// What the capability probe found.
+  capabilities caps;
   /// Deadline of one HSM call.
   std::chrono::milliseconds hsm_timeout{10000};
   /// Deadline of one storage call.
@@ -30,8 +37,8 @@ struct dispatcher_config {
   size_t max_queue = 64;
 };
 
-/// Spawns the dispatcher. `poster` receives `(result_atom, job_result)`;
-/// `supervisor` is set later with `(caf::actor)` via `set_supervisor`.
+/// Spawns the dispatcher. `poster` receives `(result_atom, job_result)` and
+/// answers once the result is posted.
 caf::actor spawn_dispatcher(caf::actor_system& sys, dispatcher_config cfg,
                             store_actor store, caf::actor poster);
 

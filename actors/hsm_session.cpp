@@ -52,11 +52,17 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
   st.index = index;
   auto opened = pkcs11::session::open(*ctx->mod, ctx->slot);
   caf::error err;
-  if (!opened) {
+  if (ctx->pin_rejected->load()) {
+    err = caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
+                          std::string{"PIN rejected earlier; not tried "
+                                      "again"});
+  } else if (!opened) {
     err = opened.error();
   } else {
     st.sess.emplace(std::move(*opened));
     err = st.sess->login(*ctx->pin);
+    if (err && describe(err).find("CKR_PIN_") != std::string::npos)
+      ctx->pin_rejected->store(true);
     if (!err) {
       auto master = pkcs11::find_master_key(*st.sess, ctx->master_key_label);
       if (master)
@@ -114,6 +120,16 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
       if (!raw)
         return fail<raw_signature>(self, raw.error());
       return raw_signature{std::move(*raw)};
+    },
+    [=](destroy_atom, const store::key_record& rec) {
+      if (!rec.resident())
+        return;
+      std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
+      std::string label{rec.key_blob.begin(), rec.key_blob.end()};
+      if (auto derr = pkcs11::destroy_resident(*self->state.sess, id, label))
+        logger("hsm")->warn("[slot={}] could not remove an unstored resident "
+                            "key of {}: {}",
+                            self->state.index, rec.key_id, describe(derr));
     },
   };
 }

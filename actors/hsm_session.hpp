@@ -7,6 +7,7 @@
 // (reopen_session, reinit_module, retryable) is answered and then ends the
 // actor with that error, so the supervisor replaces it.
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -24,6 +25,10 @@ struct session_context {
   std::shared_ptr<const pkcs11::secret_pin> pin;
   std::string master_key_label;
   capabilities caps;
+  /// Set once the token rejected the PIN: no session tries again (each try
+  /// brings the token closer to locking the PIN).
+  std::shared_ptr<std::atomic<bool>> pin_rejected
+    = std::make_shared<std::atomic<bool>>(false);
 };
 
 /// How to run a session actor: detached in production (PKCS#11 blocks),

@@ -20,12 +20,15 @@ std::chrono::milliseconds jittered(std::chrono::milliseconds base) {
 
 struct poster_state {
   std::shared_ptr<net::proxy_client> client;
+  std::shared_ptr<std::atomic<bool>> stopping;
   uint64_t posted = 0;
 };
 
 caf::behavior poster_impl(caf::stateful_actor<poster_state>* self,
-                          std::shared_ptr<net::proxy_client> client) {
+                          std::shared_ptr<net::proxy_client> client,
+                          std::shared_ptr<std::atomic<bool>> stopping) {
   self->state.client = std::move(client);
+  self->state.stopping = std::move(stopping);
   return {
     [=](result_atom, const job_result& r) {
       auto& st = self->state;
@@ -45,10 +48,18 @@ caf::behavior poster_impl(caf::stateful_actor<poster_state>* self,
                     r.id);
           return;
         }
+        if (reply && reply->status >= 400 && reply->status < 500) {
+          log->error("[req={}] result refused with HTTP {}: {}; dropped "
+                     "(the request will be redelivered)",
+                     r.id, reply->status, reply->body.substr(0, 200));
+          return;
+        }
         log->warn("[req={}] posting the result failed (attempt {}): {}",
                   r.id, attempt,
                   reply ? "HTTP " + std::to_string(reply->status)
                         : describe(reply.error()));
+        if (st.stopping && st.stopping->load())
+          break;
         std::this_thread::sleep_for(jittered(wait));
         wait = std::min(wait * 2, std::chrono::milliseconds{5000});
       }
@@ -155,8 +166,10 @@ caf::behavior poller_impl(poller_ptr self, poller_config cfg,
 } // namespace
 
 caf::actor spawn_result_poster(caf::actor_system& sys,
-                               std::shared_ptr<net::proxy_client> client) {
-  return sys.spawn<caf::detached>(poster_impl, std::move(client));
+                               std::shared_ptr<net::proxy_client> client,
+                               std::shared_ptr<std::atomic<bool>> stopping) {
+  return sys.spawn<caf::detached>(poster_impl, std::move(client),
+                                  std::move(stopping));
 }
 
 caf::actor spawn_poller(caf::actor_system& sys, poller_config cfg,

@@ -14,6 +14,7 @@
 // cannot deliver is left for redelivery: the lease expires and the proxy
 // hands the request out again; generate_key is idempotent by key id.
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 
@@ -35,8 +36,12 @@ struct poller_config {
 
 /// Spawns the poster; it owns `client`. `(result_atom, job_result)` is
 /// answered (with an empty reply) once the result is posted or given up on.
+/// Once `stopping` is set, a result that fails to post is not retried
+/// (shutdown must not wait on an unreachable proxy; the lease expires and
+/// the request is redelivered).
 caf::actor spawn_result_poster(caf::actor_system& sys,
-                               std::shared_ptr<net::proxy_client> client);
+                               std::shared_ptr<net::proxy_client> client,
+                               std::shared_ptr<std::atomic<bool>> stopping);
 
 /// Spawns the poller; it owns `client` and starts polling at once. Jobs and
 /// the answers to invalid requests go to the dispatcher (which counts every

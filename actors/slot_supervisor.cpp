@@ -1,6 +1,7 @@
 #include "actors/slot_supervisor.hpp"
 
 #include <algorithm>
+#include <map>
 #include <vector>
 
 #include "runtime/logging.hpp"
@@ -13,7 +14,6 @@ struct slot {
   hsm_session_actor handle;
   uint64_t generation = 0;
   uint32_t failures = 0;
-  bool ready = false;
   bool dead = false;
 };
 
@@ -22,7 +22,11 @@ struct supervisor_state {
   supervisor_config cfg;
   caf::actor dispatcher;
   std::vector<slot> slots;
+  /// Sessions abandoned in a hung call, by address, with their slot.
+  std::map<caf::actor_addr, size_t> abandoned;
+  uint32_t reinit_failures = 0;
   bool stopping = false;
+  bool fatal_reported = false;
 };
 
 using supervisor_ptr = caf::stateful_actor<supervisor_state>*;
@@ -31,7 +35,6 @@ void start_slot(supervisor_ptr self, size_t index) {
   auto& st = self->state;
   auto& s = st.slots[index];
   ++s.generation;
-  s.ready = false;
   s.handle = spawn_hsm_session(self->system(), st.ctx, index, s.generation,
                                caf::actor_cast<caf::actor>(self), st.cfg.mode);
   self->monitor(s.handle);
@@ -44,88 +47,124 @@ std::chrono::milliseconds backoff(const supervisor_config& cfg,
     ms, static_cast<long long>(cfg.backoff_max.count()))};
 }
 
+void schedule_respawn(supervisor_ptr self, size_t index) {
+  auto& s = self->state.slots[index];
+  auto wait = backoff(self->state.cfg, s.failures++);
+  self->delayed_send(self, wait, respawn_atom::value, index, s.generation);
+}
+
+size_t abandoned_in(const supervisor_state& st, size_t index) {
+  return static_cast<size_t>(
+    std::count_if(st.abandoned.begin(), st.abandoned.end(),
+                  [index](const auto& kv) { return kv.second == index; }));
+}
+
 /// Slot-fatal: retrying cannot help and may lock the PIN.
 bool slot_fatal(const caf::error& reason) {
   return reason == hsm_errc::fatal || reason == key_errc::master_key_missing
          || reason.category() == caf::atom("config");
 }
 
+void on_down(supervisor_ptr self, const caf::down_msg& dm) {
+  auto& st = self->state;
+  if (st.abandoned.erase(dm.source) > 0)
+    return; // an abandoned session finally returned and exited
+  auto i = std::find_if(st.slots.begin(), st.slots.end(), [&](slot& s) {
+    return s.handle && s.handle.address() == dm.source;
+  });
+  if (i == st.slots.end())
+    return;
+  auto index = static_cast<size_t>(i - st.slots.begin());
+  i->handle = nullptr;
+  self->send(st.dispatcher, slot_down_atom::value, index);
+  if (st.stopping)
+    return;
+  auto log = logger("hsm");
+  if (slot_fatal(dm.reason)) {
+    i->dead = true;
+    log->error("[slot={}] stopped for good: {}", index, describe(dm.reason));
+    if (std::all_of(st.slots.begin(), st.slots.end(),
+                    [](const slot& s) { return s.dead; }))
+      log->critical("no healthy HSM session left: polling for nothing");
+    return;
+  }
+  if (dm.reason == hsm_errc::reinit_module) {
+    if (++st.reinit_failures >= st.cfg.reinit_limit && !st.fatal_reported
+        && st.cfg.on_fatal) {
+      st.fatal_reported = true;
+      st.cfg.on_fatal("the PKCS#11 module lost the token "
+                      + std::to_string(st.reinit_failures)
+                      + " times in a row (" + describe(dm.reason)
+                      + "); it needs a fresh C_Initialize");
+    }
+  } else {
+    st.reinit_failures = 0;
+  }
+  log->warn("[slot={}] session ended ({}); restarting in {} ms", index,
+            describe(dm.reason), backoff(st.cfg, i->failures).count());
+  schedule_respawn(self, index);
+}
+
 caf::behavior supervisor_impl(supervisor_ptr self,
                               std::shared_ptr<const session_context> ctx,
                               supervisor_config cfg, caf::actor dispatcher) {
-  auto& st = self->state;
-  st.ctx = std::move(ctx);
-  st.cfg = cfg;
-  st.dispatcher = std::move(dispatcher);
-  st.slots.resize(cfg.sessions);
-  for (size_t i = 0; i < cfg.sessions; ++i)
+  auto& init = self->state;
+  init.ctx = std::move(ctx);
+  init.cfg = std::move(cfg);
+  init.dispatcher = std::move(dispatcher);
+  init.slots.resize(init.cfg.sessions);
+  for (size_t i = 0; i < init.cfg.sessions; ++i)
     start_slot(self, i);
-  self->set_down_handler([=](const caf::down_msg& dm) {
-    auto& sst = self->state;
-    auto i = std::find_if(sst.slots.begin(), sst.slots.end(), [&](slot& s) {
-      return s.handle && s.handle.address() == dm.source;
-    });
-    if (i == sst.slots.end())
-      return; // an abandoned actor ending late
-    auto index = static_cast<size_t>(i - sst.slots.begin());
-    i->handle = nullptr;
-    self->send(sst.dispatcher, slot_down_atom::value, index);
-    if (sst.stopping)
-      return;
-    auto log = logger("hsm");
-    if (slot_fatal(dm.reason)) {
-      i->dead = true;
-      log->error("[slot={}] stopped for good: {}", index, describe(dm.reason));
-      if (std::all_of(sst.slots.begin(), sst.slots.end(),
-                      [](const slot& s) { return s.dead; }))
-        log->critical("no healthy HSM session left: polling for nothing");
-      return;
-    }
-    auto wait = backoff(sst.cfg, i->failures++);
-    log->warn("[slot={}] session ended ({}); restarting in {} ms", index,
-              describe(dm.reason), wait.count());
-    self->delayed_send(self, wait, respawn_atom::value, index, i->generation);
-  });
+  self->set_down_handler([=](caf::down_msg& dm) { on_down(self, dm); });
   return {
     [=](ready_atom, size_t index, uint64_t generation) {
       auto& s = self->state.slots[index];
       if (!s.handle || s.generation != generation)
         return;
-      s.ready = true;
-      s.failures = 0;
       logger("hsm")->info("[slot={}] session up", index);
       self->send(self->state.dispatcher, slot_up_atom::value, index,
                  s.handle);
     },
+    [=](slot_ok_atom, size_t index) {
+      self->state.slots[index].failures = 0;
+      self->state.reinit_failures = 0;
+    },
     [=](respawn_atom, size_t index, uint64_t generation) {
-      auto& s = self->state.slots[index];
-      if (self->state.stopping || s.dead || s.generation != generation
-          || s.handle)
+      auto& st = self->state;
+      auto& s = st.slots[index];
+      if (st.stopping || s.dead || s.generation != generation || s.handle)
         return;
+      // Each stuck predecessor holds an HSM session; do not pile them up.
+      if (abandoned_in(st, index) > 1) {
+        schedule_respawn(self, index);
+        return;
+      }
       start_slot(self, index);
     },
-    [=](replace_atom, size_t index) {
-      auto& rst = self->state;
-      auto& s = rst.slots[index];
-      if (!s.handle || rst.stopping)
-        return;
+    [=](replace_atom, size_t index, caf::actor session) {
+      auto& st = self->state;
+      auto& s = st.slots[index];
+      if (!s.handle || st.stopping
+          || s.handle.address() != session.address())
+        return; // a late report about a session already replaced
       logger("hsm")->warn("[slot={}] call exceeded the HSM timeout: "
-                          "abandoning the session, starting a new one",
+                          "abandoning the session (it exits when the call "
+                          "returns), starting a new one",
                           index);
-      self->demonitor(s.handle.address());
+      st.abandoned.emplace(s.handle.address(), index);
       self->send_exit(s.handle, caf::exit_reason::kill);
       s.handle = nullptr;
-      ++s.failures;
-      self->send(rst.dispatcher, slot_down_atom::value, index);
-      start_slot(self, index);
+      self->send(st.dispatcher, slot_down_atom::value, index);
+      schedule_respawn(self, index);
     },
+    [=](stats_atom) { return self->state.abandoned.size(); },
     [=](stop_atom) {
-      auto& rst = self->state;
-      rst.stopping = true;
-      for (auto& s : rst.slots)
+      auto& st = self->state;
+      st.stopping = true;
+      for (auto& s : st.slots)
         if (s.handle)
           self->send_exit(s.handle, caf::exit_reason::user_shutdown);
-      self->quit();
+      return st.abandoned.size();
     },
   };
 }
@@ -136,7 +175,7 @@ caf::actor spawn_slot_supervisor(caf::actor_system& sys,
                                  std::shared_ptr<const session_context> ctx,
                                  supervisor_config cfg,
                                  caf::actor dispatcher) {
-  return sys.spawn(supervisor_impl, std::move(ctx), cfg,
+  return sys.spawn(supervisor_impl, std::move(ctx), std::move(cfg),
                    std::move(dispatcher));
 }
 

@@ -7,9 +7,15 @@
 // never retried in a loop. On `(replace_atom, index)` (a call that exceeded
 // the HSM timeout) the busy actor is abandoned, not closed from here: it
 // exits, and closes its session in its own thread, when its call returns.
+// Abandoned sessions stay monitored and counted (`stats_atom` answers their
+// number), and a slot is not given a new session while more than one of its
+// abandoned predecessors is still stuck. The backoff of a slot is reset only
+// after a request succeeds on it (`slot_ok_atom` from the dispatcher).
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "actors/hsm_session.hpp"
 
@@ -21,6 +27,12 @@ struct supervisor_config {
   std::chrono::milliseconds backoff_min{100};
   std::chrono::milliseconds backoff_max{10000};
   spawn_mode mode = spawn_mode::detached;
+  /// Consecutive `reinit_module` failures after which the module itself is
+  /// considered lost: `on_fatal` is called (the daemon exits non-zero, so
+  /// that the service manager restarts it with a fresh C_Initialize).
+  uint32_t reinit_limit = 5;
+  /// Called once when the driver cannot go on (see `reinit_limit`).
+  std::function<void(const std::string&)> on_fatal;
 };
 
 /// Spawns the supervisor; it starts the sessions at once.

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 machine: installs every package,
-# builds with warnings as errors, runs unit and integration tests (a real
-# SoftHSMv2 token and real SQLite files, created per test under /tmp), then
-# the key-path demo end to end in a temporary data folder.
+# builds with warnings as errors, starts a private PostgreSQL cluster (a
+# temporary folder, a loopback port, a non-root user), runs unit, integration,
+# network, engine, PostgreSQL and redundancy tests (real SoftHSMv2 tokens and
+# real SQLite files are created per test under /tmp), then the key-path demo
+# end to end, and stops the cluster.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/deploy/install-deps.sh"
 export BUILD_DIR=${BUILD_DIR:-$root/build}
 "$root/deploy/build.sh" -DHSM_DRIVER_WERROR=ON -DHSM_DRIVER_BUILD_TESTS=ON
+
+work=$(mktemp -d)
+chmod 755 "$work"
+cleanup() {
+  "$root/deploy/pg-test-cluster.sh" stop "$work/pg" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+HSM_TEST_POSTGRES_URL=$("$root/deploy/pg-test-cluster.sh" start "$work/pg")
+export HSM_TEST_POSTGRES_URL HSM_TEST_PG_DIR=$work/pg
+echo "PostgreSQL for the tests: $HSM_TEST_POSTGRES_URL"
+
 (cd "$BUILD_DIR" && ctest --output-on-failure --no-tests=error -j "$(nproc)")
-demo=$(mktemp -d)
-trap 'rm -rf "$demo"' EXIT
-HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/demo-keypath.sh" "$demo/data"
+HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/demo-keypath.sh" "$work/demo"

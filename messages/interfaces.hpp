@@ -32,6 +32,8 @@ using poll_atom = caf::atom_constant<caf::atom("poll")>;
 using stop_atom = caf::atom_constant<caf::atom("stop")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
 using stats_atom = caf::atom_constant<caf::atom("stats")>;
+using destroy_atom = caf::atom_constant<caf::atom("destroy")>;
+using slot_ok_atom = caf::atom_constant<caf::atom("slotok")>;
 
 /// A key lookup's answer: `found` false means no key under the id.
 struct key_lookup {
@@ -56,12 +58,14 @@ struct dispatcher_stats {
 };
 
 /// One PKCS#11 session. Replies with a key record ready to store, or the raw
-/// signature; fails with an `hsm_errc`/`key_errc`. Runs detached: its
-/// handlers block inside PKCS#11.
+/// signature; fails with an `hsm_errc`/`key_errc`. `destroy_atom` removes the
+/// token object of a token-resident record that never made it into the store.
+/// Runs detached: its handlers block inside PKCS#11.
 using hsm_session_actor = caf::typed_actor<
   caf::replies_to<generate_atom, std::string, scheme>::with<store::key_record>,
   caf::replies_to<sign_atom, store::key_record,
-                  std::vector<uint8_t>>::with<raw_signature>>;
+                  std::vector<uint8_t>>::with<raw_signature>,
+  caf::reacts_to<destroy_atom, store::key_record>>;
 
 /// The key store. Writes are acknowledged after commit.
 using store_actor = caf::typed_actor<

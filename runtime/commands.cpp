@@ -3,6 +3,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +19,7 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <openssl/crypto.h>
 #include <openssl/sha.h>
 
 #include "runtime/config.hpp"
@@ -30,7 +34,7 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
-#include "store/sqlite_store.hpp"
+#include "runtime/store_open.hpp"
 
 namespace hsm {
 
@@ -147,7 +151,7 @@ caf::expected<key_context> open_keys(const driver_config& cfg) {
   auto master = pkcs11::find_master_key(tok->sess, cfg.master_key_label);
   if (!master)
     return master.error();
-  auto st = store::sqlite_store::open(cfg.sqlite_path);
+  auto st = open_store(cfg);
   if (!st)
     return st.error();
   auto guard = check_master_key(tok->sess, *master, cfg.master_key_label,
@@ -156,7 +160,7 @@ caf::expected<key_context> open_keys(const driver_config& cfg) {
     return guard.error();
   if (*guard == canary_state::created)
     logger("runtime")->info("recorded the master-key canary in {}",
-                            cfg.sqlite_path.string());
+                            store_name(cfg));
   auto caps = probe(tok->sess, *master, cfg.resident_schemes);
   if (!caps)
     return caps.error();
@@ -216,13 +220,42 @@ int cmd_token_init(const driver_config& cfg) {
   return exit_ok;
 }
 
-int cmd_master_key_init(const driver_config& cfg) {
+/// Reads a test master-key value: 64 hex characters in a 0600 file.
+caf::expected<std::vector<uint8_t>> read_test_value(const std::string& path) {
+  // The same checks as a PIN file: private, regular, not empty.
+  auto text = pkcs11::secret_pin::from_file(path);
+  if (!text)
+    return caf::make_error(config_errc::bad_file,
+                           std::string{"--test-value-file"},
+                           describe(text.error()));
+  auto value = crypto::from_hex(std::string_view{text->data(), text->size()});
+  if (!value || value->size() != 32)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--test-value-file"},
+                           std::string{"the file must hold 64 hex "
+                                       "characters (32 bytes)"});
+  return std::move(*value);
+}
+
+int cmd_master_key_init(const driver_config& cfg,
+                        const std::string& test_value_file) {
+  std::vector<uint8_t> value;
+  if (!test_value_file.empty()) {
+    auto v = read_test_value(test_value_file);
+    if (!v)
+      return fail(v.error());
+    value = std::move(*v);
+  }
   auto tok = open_token_session(cfg);
   if (!tok)
     return fail(tok.error());
   bool created = false;
-  auto key = pkcs11::create_master_key(tok->sess, cfg.master_key_label,
-                                       &created);
+  auto key = value.empty()
+               ? pkcs11::create_master_key(tok->sess, cfg.master_key_label,
+                                           &created)
+               : pkcs11::import_master_key(tok->sess, cfg.master_key_label,
+                                           value, &created);
+  OPENSSL_cleanse(value.data(), value.size());
   if (!key)
     return fail(key.error());
   logger("hsm")->info("master key '{}' {}", cfg.master_key_label,
@@ -240,7 +273,7 @@ int cmd_master_key_check(const driver_config& cfg) {
   auto master = pkcs11::find_master_key(tok->sess, cfg.master_key_label);
   if (!master)
     return fail(master.error());
-  auto st = store::sqlite_store::open(cfg.sqlite_path);
+  auto st = open_store(cfg);
   if (!st)
     return fail(st.error());
   auto guard = check_master_key(tok->sess, *master, cfg.master_key_label,
@@ -385,17 +418,26 @@ caf::expected<daemon_options> daemon_opts(const driver_config& cfg,
   return o;
 }
 
+/// Set when the daemon cannot go on; `run` then exits non-zero.
+std::atomic<bool> fatal_stop{false};
+
 int cmd_run(const driver_config& cfg, const run_flags& f) {
   auto opts = daemon_opts(cfg, f);
   if (!opts)
     return fail(opts.error());
+  opts->on_fatal = [](const std::string& why) {
+    logger("runtime")->critical("{}; stopping", why);
+    fatal_stop = true;
+    ::kill(::getpid(), SIGTERM); // wakes the signal wait below
+  };
   auto d = daemon::start(*opts);
   if (!d)
     return fail(d.error());
   auto sig = wait_for_stop_signal();
-  logger("runtime")->info("signal {} received", sig);
+  if (!fatal_stop)
+    logger("runtime")->info("signal {} received", sig);
   (*d)->stop();
-  return exit_ok;
+  return fatal_stop ? 3 : exit_ok;
 }
 
 struct proxy_flags {
@@ -659,6 +701,10 @@ int run_cli(int argc, char** argv) {
   app.add_option("--sqlite-path", raw.sqlite_path,
                  "SQLite key store [env: SQLITE_PATH; default: "
                    + std::string{default_sqlite_path} + "]");
+  app.add_option("--postgres-url", raw.postgres_url,
+                 "PostgreSQL key store (libpq URI or connection string; "
+                 "multi-host with target_session_attrs=read-write works) "
+                 "[env: POSTGRES_URL]");
   app.add_option("--resident-schemes", raw.resident_schemes,
                  "comma-separated schemes whose keys stay on the token "
                  "(for tokens that cannot wrap them, e.g. ed25519 on "
@@ -683,6 +729,12 @@ int run_cli(int argc, char** argv) {
   auto* mk_init = mk->add_subcommand(
     "init", "create the master key on a test or dev token (AES-256, "
             "sensitive, not extractable, wrap/unwrap)");
+  std::string test_value_file;
+  mk_init->add_option(
+    "--test-value-file", test_value_file,
+    "test and dev tokens only: create the key from the 32-byte value (64 "
+    "hex characters) in this 0600 file, so that two test tokens share one "
+    "master key; production HSMs use the vendor's cloning procedure");
   auto* mk_check = mk->add_subcommand(
     "check", "check that the token's master key matches the database");
 
@@ -745,6 +797,7 @@ int run_cli(int argc, char** argv) {
         "  --sqlite-path PATH       [env: SQLITE_PATH; default: "
       + std::string{default_sqlite_path}
       + "]\n"
+        "  --postgres-url URL       [env: POSTGRES_URL]\n"
         "  --resident-schemes LIST  [env: HSM_RESIDENT_SCHEMES]\n"
         "  --log-level LEVEL        [env: HSM_LOG_LEVEL; default: info]\n"
         "PIN: USER_PIN or USER_PIN_FILE (never on the command line).\n";
@@ -822,7 +875,7 @@ int run_cli(int argc, char** argv) {
   if (token_init->parsed())
     return cmd_token_init(*cfg);
   if (mk_init->parsed())
-    return cmd_master_key_init(*cfg);
+    return cmd_master_key_init(*cfg, test_value_file);
   if (mk_check->parsed())
     return cmd_master_key_check(*cfg);
   if (gen->parsed())

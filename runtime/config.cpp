@@ -13,6 +13,27 @@ env_lookup process_env() {
   };
 }
 
+std::string redact_url(std::string_view url) {
+  std::string out{url};
+  // URI form: scheme://user:password@host...
+  if (auto scheme = out.find("://"); scheme != std::string::npos) {
+    auto at = out.find('@', scheme + 3);
+    auto colon = out.find(':', scheme + 3);
+    if (at != std::string::npos && colon != std::string::npos && colon < at)
+      out.replace(colon + 1, at - colon - 1, "***");
+  }
+  // Keyword form, and `?password=` in a URI.
+  for (size_t pos = out.find("password="); pos != std::string::npos;
+       pos = out.find("password=", pos + 1)) {
+    auto start = pos + 9;
+    auto end = out.find_first_of(" &", start);
+    if (end == std::string::npos)
+      end = out.size();
+    out.replace(start, end - start, "***");
+  }
+  return out;
+}
+
 std::vector<std::string> split_list(std::string_view text) {
   std::vector<std::string> out;
   size_t pos = 0;
@@ -104,6 +125,14 @@ caf::expected<driver_config> resolve(const raw_options& raw,
   auto [db, db_src] = pick(raw.sqlite_path, "--sqlite-path", {"SQLITE_PATH"},
                            env);
   cfg.sqlite_path = db.empty() ? std::string{default_sqlite_path} : db;
+  auto [pg, pg_src] = pick(raw.postgres_url, "--postgres-url",
+                           {"POSTGRES_URL"}, env);
+  cfg.postgres_url = pg;
+  if (!pg.empty() && !db.empty())
+    return caf::make_error(config_errc::invalid_option, pg_src,
+                           pg_src + " and " + db_src
+                             + " are both set; the driver uses one key "
+                               "store: set one");
   auto [res, res_src] = pick(raw.resident_schemes, "--resident-schemes",
                              {"HSM_RESIDENT_SCHEMES"}, env);
   for (auto& name : split_list(res)) {

@@ -43,6 +43,7 @@ struct raw_options {
   std::string token_label;
   std::string master_key_label;
   std::string sqlite_path;
+  std::string postgres_url;
   std::string resident_schemes;
   std::string log_level;
 };
@@ -58,8 +59,11 @@ struct driver_config {
   std::string token_label;
   /// Label of the master key on that token.
   std::string master_key_label;
-  /// The SQLite key store.
+  /// The SQLite key store (when `postgres_url` is empty).
   std::filesystem::path sqlite_path;
+  /// The PostgreSQL key store; empty for SQLite. May hold a password: log
+  /// it only through `redact_url`.
+  std::string postgres_url;
   /// Schemes whose keys are token-resident (opt-in).
   std::set<scheme> resident_schemes;
   /// spdlog level name.
@@ -73,6 +77,11 @@ struct driver_config {
 /// per process). Unknown scheme names are errors naming the option.
 [[nodiscard]] caf::expected<driver_config> resolve(const raw_options& raw,
                                                    const env_lookup& env);
+
+/// A connection string fit for logs: the password of a URI
+/// (`postgresql://user:secret@host/db`) or of a `password=...` keyword
+/// becomes `***`.
+std::string redact_url(std::string_view url);
 
 /// Splits `a,b , c` into trimmed, non-empty parts.
 std::vector<std::string> split_list(std::string_view text);

@@ -3,7 +3,11 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <cstdlib>
 #include <optional>
+#include <thread>
+
+#include <spdlog/spdlog.h>
 
 #include "actors/dispatcher.hpp"
 #include "actors/hsm_session.hpp"
@@ -13,7 +17,7 @@
 #include "runtime/key_service.hpp"
 #include "runtime/logging.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
-#include "store/sqlite_store.hpp"
+#include "runtime/store_open.hpp"
 
 namespace hsm {
 
@@ -30,6 +34,8 @@ struct daemon::impl {
   caf::actor poller;
   caf::actor poster;
   store_actor store;
+  std::shared_ptr<std::atomic<bool>> stopping
+    = std::make_shared<std::atomic<bool>>(false);
   daemon_options opts;
   bool stopped = false;
 };
@@ -62,7 +68,7 @@ daemon::start(const daemon_options& opts) {
                                         opts.cfg.master_key_label);
   if (!master)
     return master.error();
-  auto st = store::sqlite_store::open(opts.cfg.sqlite_path);
+  auto st = open_store(opts.cfg);
   if (!st)
     return st.error();
   auto guard = check_master_key(*in.admin_session, *master,
@@ -106,13 +112,16 @@ daemon::start(const daemon_options& opts) {
   in.store = spawn_store_actor(
     sys, std::shared_ptr<store::key_store>(std::move(*st)));
   in.poster = spawn_result_poster(
-    sys, std::shared_ptr<net::proxy_client>(std::move(*post_client)));
+    sys, std::shared_ptr<net::proxy_client>(std::move(*post_client)),
+    in.stopping);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
+  dcfg.caps = *caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
   in.dispatcher = spawn_dispatcher(sys, dcfg, in.store, in.poster);
   supervisor_config scfg;
   scfg.sessions = opts.sessions;
+  scfg.on_fatal = opts.on_fatal;
   in.supervisor = spawn_slot_supervisor(sys, ctx, scfg, in.dispatcher);
   set_supervisor(in.dispatcher, in.supervisor);
   poller_config pcfg;
@@ -158,7 +167,28 @@ void daemon::stop() {
     self->send(in.dispatcher, stop_atom::value);
     self->request(in.dispatcher, std::chrono::seconds{15}, drain_atom::value)
       .receive([] {}, [](caf::error&) {});
-    self->send(in.supervisor, stop_atom::value);
+    in.stopping->store(true);
+    // Sessions end in their own actors. Abandoned (hung) calls must return
+    // before the module may be finalised.
+    size_t stuck = 0;
+    self->request(in.supervisor, std::chrono::seconds{5}, stop_atom::value)
+      .receive([&](size_t n) { stuck = n; }, [](caf::error&) {});
+    auto deadline = std::chrono::steady_clock::now() + in.opts.abandon_grace;
+    while (stuck > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds{50});
+      self->request(in.supervisor, std::chrono::seconds{5}, stats_atom::value)
+        .receive([&](size_t n) { stuck = n; }, [](caf::error&) {});
+    }
+    if (stuck > 0) {
+      log->critical("{} HSM call(s) still hung after {} ms; exiting without "
+                    "C_Finalize",
+                    stuck, in.opts.abandon_grace.count());
+      spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& l) {
+        l->flush();
+      });
+      std::_Exit(1);
+    }
+    self->send_exit(in.supervisor, caf::exit_reason::user_shutdown);
     self->send_exit(in.poller, caf::exit_reason::user_shutdown);
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
     self->send_exit(in.dispatcher, caf::exit_reason::user_shutdown);

@@ -8,7 +8,9 @@
 // finalise the module last.
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "messages/errors.hpp"
 #include "runtime/config.hpp"
@@ -26,6 +28,14 @@ struct daemon_options {
   std::chrono::milliseconds hsm_timeout{10000};
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds poll_wait{20000};
+  /// How long `stop` waits for HSM calls abandoned after a timeout to
+  /// return. If one is still stuck then, the process exits at once with
+  /// status 1 and without C_Finalize (finalising under a busy session can
+  /// crash the module).
+  std::chrono::milliseconds abandon_grace{5000};
+  /// Called once when the driver cannot go on (the module lost the token for
+  /// good); `run` logs it and stops with a non-zero status.
+  std::function<void(const std::string&)> on_fatal;
   /// Wraps the module's function table (fault-injection tests only).
   pkcs11::table_decorator decorate;
 };

@@ -34,11 +34,25 @@ caf::error validate_key_id(std::string_view key_id) {
   return caf::none;
 }
 
+namespace {
+
+/// Request text fit for an error message and a log line: at most 40
+/// characters, anything unprintable as '?'.
+std::string printable(std::string_view text) {
+  std::string out{text.substr(0, 40)};
+  for (auto& c : out)
+    if (c < 0x20 || c > 0x7E)
+      c = '?';
+  return out;
+}
+
+} // namespace
+
 caf::expected<scheme> parse_scheme_name(std::string_view name) {
   if (auto s = parse_scheme(name))
     return *s;
   return caf::make_error(key_errc::scheme_unsupported,
-                         "unknown scheme '" + std::string{name}
+                         "unknown scheme '" + printable(name)
                            + "' (schemes: secp256k1, p256, ed25519; Schnorr "
                              "and Stark have no PKCS#11 mechanism)");
 }
@@ -236,13 +250,13 @@ caf::expected<key_view> make_key_view(const store::key_record& r,
   return v;
 }
 
-namespace {
-
-caf::error not_served(const capability& c) {
+caf::error scheme_not_served(const capability& c) {
   return caf::make_error(key_errc::scheme_unsupported,
                          std::string{to_string(c.scheme)}
                            + " is not served by this token: " + c.detail);
 }
+
+namespace {
 
 /// A label unique to one generation of a resident key.
 std::string resident_label(std::string_view key_id) {
@@ -291,7 +305,7 @@ caf::expected<key_view> key_service::generate(std::string_view key_id,
   }
   const auto& cap = caps_.of(*s);
   if (!cap.served)
-    return not_served(cap);
+    return scheme_not_served(cap);
   store::key_record rec;
   rec.key_id = std::string{key_id};
   rec.scheme = *s;
@@ -336,7 +350,7 @@ key_service::sign(std::string_view key_id, std::span<const uint8_t> payload) {
     return err;
   const auto& cap = caps_.of(rec->scheme);
   if (!cap.served)
-    return not_served(cap);
+    return scheme_not_served(cap);
   caf::expected<std::vector<uint8_t>> raw{std::vector<uint8_t>{}};
   if (rec->resident()) {
     std::vector<uint8_t> id{rec->key_id.begin(), rec->key_id.end()};

@@ -116,6 +116,10 @@ struct signature_view {
   crypto::signature sig;
 };
 
+/// The `scheme_unsupported` error for a scheme the token does not serve,
+/// with the probe's reason.
+[[nodiscard]] caf::error scheme_not_served(const capability& c);
+
 /// Builds the public view of a stored record.
 [[nodiscard]] caf::expected<key_view> make_key_view(const store::key_record& r,
                                                     bool created);

@@ -66,7 +66,11 @@ caf::error parse_request(const json& req, job& out) {
     out.payload = std::move(*bytes);
     return caf::none;
   }
-  return bad("unknown kind '" + kind + "' (generate_key, sign)");
+  // Quoted and cut short: the kind comes from the network and ends up in
+  // logs.
+  return bad("unknown kind " + json(kind.substr(0, 40)).dump(-1, ' ', true,
+                                                             json::error_handler_t::replace)
+             + " (generate_key, sign)");
 }
 
 } // namespace

@@ -113,6 +113,9 @@ public:
 /// Migrations for SQLite, from store/migrations/sqlite/ (generated).
 std::vector<migration> sqlite_migrations();
 
+/// Migrations for PostgreSQL, from store/migrations/postgres/ (generated).
+std::vector<migration> postgres_migrations();
+
 /// Milliseconds since the Unix epoch, now.
 int64_t now_ms();
 

@@ -101,9 +101,9 @@ sign_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
   return sess.sign(sign_mechanism(s), obj.get(), payload);
 }
 
-caf::error destroy_resident(session& sess, std::span<const uint8_t> id) {
-  attributes tmpl;
-  tmpl.add_bytes(CKA_ID, id).add_bool(CKA_TOKEN, true);
+namespace {
+
+caf::error destroy_matching(session& sess, attributes& tmpl) {
   auto found = sess.find(tmpl, 64);
   if (!found)
     return found.error();
@@ -111,6 +111,22 @@ caf::error destroy_resident(session& sess, std::span<const uint8_t> id) {
     if (auto err = sess.destroy(h))
       return err;
   return caf::none;
+}
+
+} // namespace
+
+caf::error destroy_resident(session& sess, std::span<const uint8_t> id) {
+  attributes tmpl;
+  tmpl.add_bytes(CKA_ID, id).add_bool(CKA_TOKEN, true);
+  return destroy_matching(sess, tmpl);
+}
+
+caf::error destroy_resident(session& sess, std::span<const uint8_t> id,
+                            std::string_view label) {
+  attributes tmpl;
+  tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label).add_bool(CKA_TOKEN,
+                                                                  true);
+  return destroy_matching(sess, tmpl);
 }
 
 caf::expected<resident_key> generate_resident(session& sess, scheme s,

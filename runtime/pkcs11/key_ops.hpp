@@ -66,6 +66,12 @@ generate_resident(session& sess, scheme s, std::span<const uint8_t> id,
 sign_resident(session& sess, scheme s, std::span<const uint8_t> id,
               std::string_view label, std::span<const uint8_t> payload);
 
+/// Destroys the token-resident key with CKA_ID = `id` and CKA_LABEL =
+/// `label` (one generation's key; others with the same id stay).
+[[nodiscard]] caf::error destroy_resident(session& sess,
+                                          std::span<const uint8_t> id,
+                                          std::string_view label);
+
 /// Destroys every token object whose CKA_ID is `id`.
 [[nodiscard]] caf::error destroy_resident(session& sess,
                                           std::span<const uint8_t> id);

@@ -24,6 +24,13 @@ namespace hsm::pkcs11 {
 /// Builds a CK_ATTRIBUTE array that owns its values.
 class attributes {
 public:
+  attributes() = default;
+  attributes(attributes&&) noexcept = default;
+  attributes& operator=(attributes&&) noexcept = default;
+  /// Not copyable: the array points into this object's own value storage.
+  attributes(const attributes&) = delete;
+  attributes& operator=(const attributes&) = delete;
+
   /// Adds a CK_BBOOL attribute.
   attributes& add_bool(CK_ATTRIBUTE_TYPE type, bool value);
   /// Adds a CK_ULONG attribute (class, key type, value length, ...).

@@ -77,18 +77,13 @@ caf::expected<CK_OBJECT_HANDLE> find_master_key(session& s,
   return found->front();
 }
 
-caf::expected<CK_OBJECT_HANDLE>
-create_master_key(session& s, std::string_view label, bool* created) {
-  if (auto existing = find_master_key(s, label)) {
-    *created = false;
-    return *existing;
-  } else if (existing.error() != key_errc::master_key_missing) {
-    return existing.error();
-  }
+namespace {
+
+/// The attributes every master key carries, generated or imported.
+attributes master_key_template(std::string_view label) {
   attributes tmpl;
   tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
     .add_ulong(CKA_KEY_TYPE, CKK_AES)
-    .add_ulong(CKA_VALUE_LEN, 32)
     .add_text(CKA_LABEL, label)
     .add_bool(CKA_TOKEN, true)
     .add_bool(CKA_PRIVATE, true)
@@ -98,7 +93,56 @@ create_master_key(session& s, std::string_view label, bool* created) {
     .add_bool(CKA_UNWRAP, true)
     .add_bool(CKA_ENCRYPT, false)
     .add_bool(CKA_DECRYPT, false);
+  return tmpl;
+}
+
+/// The existing master key (`*created` false), or nullopt if there is none.
+caf::expected<std::optional<CK_OBJECT_HANDLE>>
+existing_master_key(session& s, std::string_view label, bool* created) {
+  auto existing = find_master_key(s, label);
+  if (existing) {
+    *created = false;
+    return std::optional<CK_OBJECT_HANDLE>{*existing};
+  }
+  if (existing.error() != key_errc::master_key_missing)
+    return existing.error();
+  return std::optional<CK_OBJECT_HANDLE>{};
+}
+
+} // namespace
+
+caf::expected<CK_OBJECT_HANDLE>
+create_master_key(session& s, std::string_view label, bool* created) {
+  auto existing = existing_master_key(s, label, created);
+  if (!existing)
+    return existing.error();
+  if (*existing)
+    return **existing;
+  auto tmpl = master_key_template(label);
+  tmpl.add_ulong(CKA_VALUE_LEN, 32);
   auto key = s.generate_key(CKM_AES_KEY_GEN, tmpl);
+  if (!key)
+    return key.error();
+  *created = true;
+  return *key;
+}
+
+caf::expected<CK_OBJECT_HANDLE>
+import_master_key(session& s, std::string_view label,
+                  std::span<const uint8_t> value, bool* created) {
+  if (value.size() != 32)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--test-value-file"},
+                           "a master key value is 32 bytes (64 hex "
+                           "characters)");
+  auto existing = existing_master_key(s, label, created);
+  if (!existing)
+    return existing.error();
+  if (*existing)
+    return **existing;
+  auto tmpl = master_key_template(label);
+  tmpl.add_bytes(CKA_VALUE, value);
+  auto key = s.create(tmpl);
   if (!key)
     return key.error();
   *created = true;

@@ -5,6 +5,7 @@
 // the tests; production tokens are set up with the vendor's tools.
 
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -32,5 +33,15 @@ find_master_key(session& s, std::string_view label);
 /// with that label exists, returns it and sets `*created` to false.
 [[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
 create_master_key(session& s, std::string_view label, bool* created);
+
+/// Test and dev tokens only: creates the master key from a known 32-byte
+/// value (C_CreateObject; SoftHSMv2 accepts it), so that two test tokens
+/// hold the same master key, as two production HSMs would after the
+/// vendor's cloning procedure. The object gets the same attributes as a
+/// generated one. An existing key with that label is returned unchanged
+/// (`*created` false).
+[[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
+import_master_key(session& s, std::string_view label,
+                  std::span<const uint8_t> value, bool* created);
 
 } // namespace hsm::pkcs11

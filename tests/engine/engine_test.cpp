@@ -275,6 +275,37 @@ TEST_F(EngineTest, SessionFailingMidRequestIsRestartedAndTheRequestAnswered) {
                 .get<bool>());
 }
 
+TEST_F(EngineTest, OneSessionFailureCostsOneRetryEvenWithOneSlot) {
+  std::atomic<int> fail_at{0};
+  plan->before_sign = [&fail_at](int n) -> CK_RV {
+    return n == fail_at.load() ? CKR_DEVICE_ERROR : CKR_OK;
+  };
+  start_daemon(options(1));
+  ASSERT_TRUE(generate("one", "p256")["ok"].get<bool>());
+  fail_at = plan->counts.sign.load() + 1;
+  auto sig = await_done(enqueue_sign("one", test::sha256("one slot")));
+  ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+  auto stats = drv->stats();
+  ASSERT_TRUE(stats);
+  // The job waited for the new session instead of bouncing off the dead one.
+  EXPECT_EQ(stats->slot_failures, 1u);
+  EXPECT_EQ(stats->retried, 1u);
+  EXPECT_EQ(proxy->stats().max_in_flight["engine-driver"], 1u);
+}
+
+TEST_F(EngineTest, UnservedSchemeIsRefusedBeforeTheHsm) {
+  auto o = options();
+  o.cfg.resident_schemes.clear(); // SoftHSMv2 cannot wrap Ed25519 keys
+  start_daemon(o);
+  auto generations = plan->counts.generate_key_pair.load();
+  auto done = generate("ed", "ed25519");
+  EXPECT_FALSE(done["ok"].get<bool>());
+  EXPECT_EQ(done["error"]["code"], "scheme_unsupported") << done.dump();
+  EXPECT_NE(done["error"]["message"].get<std::string>().find("resident"),
+            std::string::npos);
+  EXPECT_EQ(plan->counts.generate_key_pair.load(), generations);
+}
+
 TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
   std::atomic<int> hang_at{0};
   plan->before_sign = [&hang_at](int n) -> CK_RV {

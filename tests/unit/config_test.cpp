@@ -102,6 +102,33 @@ TEST(ConfigTest, OverlongTokenLabelIsRefused) {
   EXPECT_NE(describe(cfg.error()).find("--token-label"), std::string::npos);
 }
 
+TEST(ConfigTest, OneKeyStoreAtATime) {
+  raw_options raw;
+  raw.pkcs11_module = "/p.so";
+  auto pg = resolve(raw, fake_env({{"POSTGRES_URL", "postgresql://h/db"}}));
+  ASSERT_TRUE(pg);
+  EXPECT_EQ(pg->postgres_url, "postgresql://h/db");
+  raw.sqlite_path = "/k.db";
+  auto both = resolve(raw, fake_env({{"POSTGRES_URL", "postgresql://h/db"}}));
+  ASSERT_FALSE(both);
+  EXPECT_EQ(both.error(), config_errc::invalid_option);
+  EXPECT_NE(describe(both.error()).find("--sqlite-path"), std::string::npos);
+}
+
+TEST(ConfigTest, RedactUrlHidesPasswords) {
+  EXPECT_EQ(redact_url("postgresql://app:s3cret@db1:5432,db2/keys"
+                       "?target_session_attrs=read-write"),
+            "postgresql://app:***@db1:5432,db2/keys"
+            "?target_session_attrs=read-write");
+  EXPECT_EQ(redact_url("host=db user=app password=s3cret dbname=keys"),
+            "host=db user=app password=*** dbname=keys");
+  EXPECT_EQ(redact_url("postgresql://db/keys?user=a&password=s3cret&x=1"),
+            "postgresql://db/keys?user=a&password=***&x=1");
+  EXPECT_EQ(redact_url("postgresql://app@db/keys"), "postgresql://app@db/keys");
+  EXPECT_EQ(redact_url("postgresql://db:5432/keys"),
+            "postgresql://db:5432/keys");
+}
+
 TEST(ConfigTest, SplitListTrimsAndDropsEmptyParts) {
   EXPECT_EQ(split_list(" a, b ,,c "),
             (std::vector<std::string>{"a", "b", "c"}));

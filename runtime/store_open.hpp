@@ -1,0 +1,20 @@
+#pragma once
+
+// Opens the configured key store: PostgreSQL when `--postgres-url` is set,
+// else SQLite at `--sqlite-path`.
+
+#include <memory>
+
+#include "runtime/config.hpp"
+#include "store/key_store.hpp"
+
+namespace hsm {
+
+/// The configured key store, opened and migrated.
+[[nodiscard]] caf::expected<std::unique_ptr<store::key_store>>
+open_store(const driver_config& cfg);
+
+/// The store for messages: the SQLite path or the redacted URL.
+std::string store_name(const driver_config& cfg);
+
+} // namespace hsm

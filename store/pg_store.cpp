@@ -1,0 +1,805 @@
+#include "store/pg_store.hpp"
+
+#include "runtime/logging.hpp"
+
+#include <pqxx/pqxx>
+
+#include <poll.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+
+namespace hsm::store {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+// -- constants ----------------------------------------------------------------
+
+/// Key of the transaction-scoped advisory lock that serializes migrations
+/// across every driver sharing the database ("hsm-migr" in ASCII).
+constexpr int64_t migration_lock_key = 0x68736d2d6d696772;
+
+/// Bounds of the `connect_timeout` (seconds) added to a connection string
+/// that has none: without it, a host that drops packets holds one connection
+/// attempt for minutes (the kernel's SYN retries), far past the retry budget.
+/// libpq treats values below 2 as 2.
+constexpr int64_t min_connect_timeout_s = 2;
+constexpr int64_t max_connect_timeout_s = 10;
+
+constexpr const char* create_migrations_table
+  = "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, "
+    "name TEXT NOT NULL, "
+    "applied_at_ms BIGINT NOT NULL)";
+
+constexpr const char* select_version_sql
+  = "SELECT COALESCE(MAX(version), 0) FROM schema_migrations";
+
+constexpr const char* insert_migration_sql
+  = "INSERT INTO schema_migrations (version, name, applied_at_ms) "
+    "VALUES ($1, $2, $3)";
+
+constexpr const char* insert_key_sql
+  = "INSERT INTO keys (key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) "
+    "ON CONFLICT (key_id) DO NOTHING";
+
+constexpr const char* select_key_sql
+  = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms FROM keys WHERE key_id = $1";
+
+constexpr const char* insert_canary_sql
+  = "INSERT INTO master_key_canary (id, public_key, wrapped_key, "
+    "wrap_mechanism, master_key_label, created_at_ms) "
+    "VALUES (1, $1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING";
+
+constexpr const char* select_canary_sql
+  = "SELECT public_key, wrapped_key, wrap_mechanism, master_key_label, "
+    "created_at_ms FROM master_key_canary WHERE id = 1";
+
+/// A statement prepared on every new connection (libpqxx sends the PREPARE
+/// on first use, so preparing before the migrations ran is fine).
+struct statement {
+  const char* name;
+  const char* sql;
+};
+
+constexpr statement insert_key{"hsm_insert_key", insert_key_sql};
+constexpr statement select_key{"hsm_select_key", select_key_sql};
+constexpr statement insert_canary{"hsm_insert_canary", insert_canary_sql};
+constexpr statement select_canary{"hsm_select_canary", select_canary_sql};
+constexpr statement select_version{"hsm_select_version", select_version_sql};
+
+constexpr statement prepared_statements[] = {
+  insert_key, select_key, insert_canary, select_canary, select_version,
+};
+
+// -- errors -------------------------------------------------------------------
+
+caf::error make_unavailable(std::string msg) {
+  return caf::make_error(store_errc::unavailable, std::move(msg));
+}
+
+caf::error make_query_failed(std::string msg) {
+  return caf::make_error(store_errc::query_failed, std::move(msg));
+}
+
+caf::error make_corrupt_row(std::string msg) {
+  return caf::make_error(store_errc::corrupt_row, std::move(msg));
+}
+
+bool is_unavailable(const caf::error& err) {
+  return err.category() == caf::atom("store")
+         && err.code() == static_cast<uint8_t>(store_errc::unavailable);
+}
+
+/// The context message of `err` (as made by the helpers above).
+std::string message_of(const caf::error& err) {
+  const auto& ctx = err.context();
+  if (ctx.size() == 1 && ctx.match_element<std::string>(0))
+    return ctx.get_as<std::string>(0);
+  return describe(err);
+}
+
+/// True for the SQLSTATEs after which a new connection may succeed: class 08
+/// (connection exception), 57P01 admin_shutdown, 57P02 crash_shutdown,
+/// 57P03 cannot_connect_now, and 25006 read_only_sql_transaction (the server
+/// is, or has become, a standby).
+bool is_retryable_state(std::string_view state) {
+  return state.substr(0, 2) == "08" || state == "57P01" || state == "57P02"
+         || state == "57P03" || state == "25006";
+}
+
+/// The first line of a libpq or server message. The lines after it (DETAIL,
+/// CONTEXT) may quote row values, e.g. "Failing row contains (...)" with the
+/// key blob, so they never reach an error.
+std::string first_line(std::string_view msg) {
+  auto end = msg.find('\n');
+  auto line = msg.substr(0, end);
+  while (!line.empty()
+         && std::isspace(static_cast<unsigned char>(line.back())) != 0)
+    line.remove_suffix(1);
+  return std::string{line};
+}
+
+// -- connection strings -------------------------------------------------------
+
+/// What the store knows about a connection string, parsed without libpq
+/// (libpqxx does not expose PQconninfoParse): where it points, for error
+/// messages, and the password, which no message may contain.
+struct conn_target {
+  /// The string handed to libpq (the caller's, maybe with connect_timeout).
+  std::string conninfo;
+  /// `host:port[, host:port...]`, for messages.
+  std::string where;
+  /// The password given in the string, or empty.
+  std::string password;
+};
+
+int hex_value(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  return -1;
+}
+
+/// Decodes %XX escapes of a URI component; leaves malformed ones alone.
+std::string percent_decode(std::string_view x) {
+  std::string out;
+  out.reserve(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (x[i] == '%' && i + 2 < x.size()) {
+      auto hi = hex_value(x[i + 1]);
+      auto lo = hex_value(x[i + 2]);
+      if (hi >= 0 && lo >= 0) {
+        out.push_back(static_cast<char>(hi * 16 + lo));
+        i += 2;
+        continue;
+      }
+    }
+    out.push_back(x[i]);
+  }
+  return out;
+}
+
+/// Splits `x` at every `sep`.
+std::vector<std::string> split(std::string_view x, char sep) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  for (;;) {
+    auto pos = x.find(sep, start);
+    out.emplace_back(x.substr(start, pos - start));
+    if (pos == std::string_view::npos)
+      return out;
+    start = pos + 1;
+  }
+}
+
+/// The connection parameters that matter here.
+struct conn_params {
+  std::string host;
+  std::string hostaddr;
+  std::string port;
+  std::string password;
+  bool has_connect_timeout = false;
+  bool has_target_session_attrs = false;
+
+  void set(std::string_view key, std::string value) {
+    if (key == "host")
+      host = std::move(value);
+    else if (key == "hostaddr")
+      hostaddr = std::move(value);
+    else if (key == "port")
+      port = std::move(value);
+    else if (key == "password")
+      password = std::move(value);
+    else if (key == "connect_timeout")
+      has_connect_timeout = true;
+    else if (key == "target_session_attrs")
+      has_target_session_attrs = true;
+  }
+};
+
+bool is_uri(std::string_view url) {
+  return url.starts_with("postgresql://") || url.starts_with("postgres://");
+}
+
+/// Parses `postgresql://[user[:password]@][host][:port][,...][/db][?k=v&...]`.
+conn_params parse_uri(std::string_view url) {
+  conn_params out;
+  auto rest = url.substr(url.find("://") + 3);
+  auto query_pos = rest.find('?');
+  auto query = query_pos == std::string_view::npos ? std::string_view{}
+                                                   : rest.substr(query_pos + 1);
+  rest = rest.substr(0, query_pos);
+  auto authority = rest.substr(0, rest.find('/'));
+  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
+    auto userinfo = authority.substr(0, at);
+    if (auto colon = userinfo.find(':'); colon != std::string_view::npos)
+      out.password = percent_decode(userinfo.substr(colon + 1));
+    authority = authority.substr(at + 1);
+  }
+  std::vector<std::string> hosts;
+  std::vector<std::string> ports;
+  for (const auto& spec : split(authority, ',')) {
+    std::string_view s{spec};
+    std::string_view host = s;
+    std::string_view port;
+    if (s.starts_with('[')) {
+      // An IPv6 address: [::1]:5432.
+      auto close = s.find(']');
+      host = s.substr(1, close == std::string_view::npos ? s.npos : close - 1);
+      if (close != std::string_view::npos && close + 1 < s.size()
+          && s[close + 1] == ':')
+        port = s.substr(close + 2);
+    } else if (auto colon = s.find(':'); colon != std::string_view::npos) {
+      host = s.substr(0, colon);
+      port = s.substr(colon + 1);
+    }
+    hosts.push_back(percent_decode(host));
+    ports.emplace_back(port);
+  }
+  auto join = [](const std::vector<std::string>& xs) {
+    std::string joined;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      if (i > 0)
+        joined += ',';
+      joined += xs[i];
+    }
+    return joined;
+  };
+  if (!authority.empty()) {
+    out.host = join(hosts);
+    // Ports all empty ("h1,h2") means the default port everywhere.
+    if (std::any_of(ports.begin(), ports.end(),
+                    [](const std::string& x) { return !x.empty(); }))
+      out.port = join(ports);
+  }
+  for (const auto& kv : split(query, '&')) {
+    auto eq = kv.find('=');
+    if (eq == std::string::npos)
+      continue;
+    out.set(kv.substr(0, eq), percent_decode(kv.substr(eq + 1)));
+  }
+  return out;
+}
+
+/// Parses `key=value key='quoted \' value' ...`.
+conn_params parse_keywords(std::string_view s) {
+  conn_params out;
+  size_t i = 0;
+  auto skip_space = [&] {
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i])) != 0)
+      ++i;
+  };
+  for (;;) {
+    skip_space();
+    if (i >= s.size())
+      return out;
+    auto key_start = i;
+    while (i < s.size() && s[i] != '='
+           && std::isspace(static_cast<unsigned char>(s[i])) == 0)
+      ++i;
+    auto key = s.substr(key_start, i - key_start);
+    skip_space();
+    if (i >= s.size() || s[i] != '=')
+      return out; // malformed: libpq reports it when connecting
+    ++i;
+    skip_space();
+    std::string value;
+    if (i < s.size() && s[i] == '\'') {
+      ++i;
+      while (i < s.size() && s[i] != '\'') {
+        if (s[i] == '\\' && i + 1 < s.size())
+          ++i;
+        value.push_back(s[i++]);
+      }
+      ++i;
+    } else {
+      while (i < s.size()
+             && std::isspace(static_cast<unsigned char>(s[i])) == 0) {
+        if (s[i] == '\\' && i + 1 < s.size())
+          ++i;
+        value.push_back(s[i++]);
+      }
+    }
+    out.set(key, std::move(value));
+  }
+}
+
+std::string env_or(const char* name, std::string fallback) {
+  if (const char* x = std::getenv(name); x != nullptr && *x != '\0')
+    return x;
+  return fallback;
+}
+
+/// `host:port, ...` for messages, with libpq's defaults filled in.
+std::string describe_hosts(const conn_params& p) {
+  auto host_list = !p.host.empty() ? p.host : p.hostaddr;
+  if (host_list.empty())
+    host_list = env_or("PGHOST", env_or("PGHOSTADDR", "local socket"));
+  auto port_list = !p.port.empty() ? p.port : env_or("PGPORT", "5432");
+  auto hosts = split(host_list, ',');
+  auto ports = split(port_list, ',');
+  std::string out;
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    auto port = ports.size() == hosts.size() ? ports[i] : ports.front();
+    if (port.empty())
+      port = env_or("PGPORT", "5432");
+    auto host = hosts[i].empty() ? std::string{"local socket"} : hosts[i];
+    if (!out.empty())
+      out += ", ";
+    if (host.find(':') != std::string::npos)
+      out += "[" + host + "]:" + port;
+    else
+      out += host + ":" + port;
+  }
+  return out;
+}
+
+conn_target make_target(const std::string& url, milliseconds budget) {
+  conn_target out;
+  auto uri = is_uri(url);
+  auto params = uri ? parse_uri(url) : parse_keywords(url);
+  out.where = describe_hosts(params);
+  out.password = params.password;
+  out.conninfo = url;
+  auto add = [&](const std::string& option) {
+    if (uri)
+      out.conninfo += (out.conninfo.find('?') == std::string::npos ? "?"
+                                                                   : "&")
+                      + option;
+    else
+      out.conninfo += " " + option;
+  };
+  if (!params.has_connect_timeout
+      && std::getenv("PGCONNECT_TIMEOUT") == nullptr) {
+    auto seconds = std::clamp<int64_t>((budget.count() + 999) / 1000,
+                                       min_connect_timeout_s,
+                                       max_connect_timeout_s);
+    add("connect_timeout=" + std::to_string(seconds));
+  }
+  // With several hosts, let libpq skip read-only ones (standbys, an old
+  // primary after failover) itself; reconnecting alone would land on the
+  // same first reachable host again. One host needs no choice: the check
+  // after connecting drops a read-only server.
+  auto hosts = !params.host.empty() ? params.host : params.hostaddr;
+  if (!params.has_target_session_attrs
+      && std::getenv("PGTARGETSESSIONATTRS") == nullptr
+      && hosts.find(',') != std::string::npos)
+    add("target_session_attrs=read-write");
+  return out;
+}
+
+// -- reading rows -------------------------------------------------------------
+
+/// A binary parameter for a BYTEA column (sent in binary format).
+pqxx::binarystring bytea(const std::vector<uint8_t>& x) {
+  // binarystring copies with memcpy, which wants a valid pointer even for
+  // zero bytes.
+  static constexpr uint8_t none = 0;
+  return pqxx::binarystring{x.empty() ? &none : x.data(), x.size()};
+}
+
+std::vector<uint8_t> column_bytes(const pqxx::field& f) {
+  pqxx::binarystring bs{f};
+  return std::vector<uint8_t>(bs.data(), bs.data() + bs.size());
+}
+
+/// The name of the first NULL column of `row`, or nullopt.
+std::optional<std::string> null_column(const pqxx::row& row) {
+  for (const auto& f : row)
+    if (f.is_null())
+      return std::string{f.name()};
+  return std::nullopt;
+}
+
+/// Reads a row of `select_key_sql`.
+caf::expected<key_record> read_key_row(const pqxx::row& row,
+                                       std::string_view key_id) {
+  if (auto col = null_column(row))
+    return make_corrupt_row("key '" + std::string{key_id} + "': column "
+                            + *col + " is NULL");
+  auto scheme_name = row[1].as<std::string>();
+  auto parsed = parse_scheme(scheme_name);
+  if (!parsed)
+    return make_corrupt_row("key '" + std::string{key_id}
+                            + "': unknown scheme '" + scheme_name + "'");
+  key_record rec;
+  rec.key_id = row[0].as<std::string>();
+  rec.scheme = *parsed;
+  rec.public_key = column_bytes(row[2]);
+  rec.key_blob = column_bytes(row[3]);
+  rec.wrap_mechanism = row[4].as<std::string>();
+  rec.created_at_ms = row[5].as<int64_t>();
+  return rec;
+}
+
+/// Reads a row of `select_canary_sql`.
+caf::expected<canary_record> read_canary_row(const pqxx::row& row) {
+  if (auto col = null_column(row))
+    return make_corrupt_row("canary: column " + *col + " is NULL");
+  canary_record c;
+  c.public_key = column_bytes(row[0]);
+  c.wrapped_key = column_bytes(row[1]);
+  c.wrap_mechanism = row[2].as<std::string>();
+  c.master_key_label = row[3].as<std::string>();
+  c.created_at_ms = row[4].as<int64_t>();
+  return c;
+}
+
+/// True if the server has sent something on the idle connection `c`, or
+/// closed it. An idle backend sends nothing until it is terminated (the
+/// FATAL message, then EOF): a restart, pg_terminate_backend, a failover.
+/// Checking first spares a failed attempt, and libpqxx 6.4 leaks the
+/// PGresult of a statement that meets a closed connection (it asks for the
+/// client encoding before wrapping the result, which throws).
+bool ended_by_server(const pqxx::connection& c) {
+  auto fd = c.sock();
+  if (fd < 0)
+    return true;
+  pollfd p{};
+  p.fd = fd;
+  p.events = POLLIN;
+  return ::poll(&p, 1, 0) != 0;
+}
+
+bool same_key(const key_record& x, const key_record& y) {
+  return x.key_id == y.key_id && x.scheme == y.scheme
+         && x.public_key == y.public_key && x.key_blob == y.key_blob
+         && x.wrap_mechanism == y.wrap_mechanism
+         && x.created_at_ms == y.created_at_ms;
+}
+
+// -- migrations ---------------------------------------------------------------
+
+/// Checks that versions are positive and distinct, and sorts by version.
+caf::error sort_migrations(std::vector<migration>& ms) {
+  std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {
+    return x.version < y.version;
+  });
+  for (size_t i = 0; i < ms.size(); ++i) {
+    if (ms[i].version <= 0 || ms[i].sql == nullptr || ms[i].name == nullptr)
+      return make_query_failed("invalid migration list: bad entry at version "
+                               + std::to_string(ms[i].version));
+    if (i > 0 && ms[i - 1].version == ms[i].version)
+      return make_query_failed("invalid migration list: version "
+                               + std::to_string(ms[i].version)
+                               + " appears twice");
+  }
+  return {};
+}
+
+} // namespace
+
+// -- impl ---------------------------------------------------------------------
+
+struct pg_store::impl {
+  /// Where the store connects; see `conn_target`.
+  conn_target target;
+  /// Retry timing.
+  pg_options opts;
+  /// Sorted by version.
+  std::vector<migration> migrations;
+  /// The open connection, or null between a failure and the next attempt.
+  std::unique_ptr<pqxx::connection> conn;
+  /// Successful (re-)connections.
+  uint64_t connects = 0;
+
+  /// `msg` without the password (libpq's messages never carry it, but a
+  /// host name or an option echoed back might).
+  std::string scrub(std::string msg) const {
+    const auto& pw = target.password;
+    if (pw.size() < 3)
+      return msg;
+    for (auto pos = msg.find(pw); pos != std::string::npos;
+         pos = msg.find(pw, pos))
+      msg.replace(pos, pw.size(), "***");
+    return msg;
+  }
+
+  /// Drops the connection and answers with a retryable error; `connected`
+  /// says whether the failure came after a connection was up.
+  caf::error lost(std::string_view reason, bool connected) {
+    conn.reset();
+    // libpqxx 6.4 words some losses obscurely ("Could not obtain client
+    // encoding"); say what happened first.
+    return make_unavailable((connected ? "connection lost: "
+                                       : "cannot connect: ")
+                            + scrub(first_line(reason)));
+  }
+
+  /// Opens a connection unless one is open. Throws what libpqxx throws.
+  caf::error ensure_connected() {
+    // A connection that libpq knows is broken would be re-activated
+    // silently by libpqxx on the next transaction, skipping the checks
+    // below: replace it instead. So is one the server ended while idle.
+    if (conn != nullptr && (!conn->is_open() || ended_by_server(*conn)))
+      conn.reset();
+    if (conn != nullptr)
+      return {};
+    auto c = std::make_unique<pqxx::connection>(target.conninfo);
+    std::string server = target.where;
+    if (auto host = c->hostname(), port = c->port();
+        host != nullptr && port != nullptr)
+      server = std::string{host} + ":" + port;
+    {
+      // A server in recovery, or a database set read-only, cannot take the
+      // writes: drop it like a lost connection, so a multi-host URL can land
+      // on the primary next time.
+      pqxx::nontransaction q{*c};
+      auto ro = q.exec1("SHOW transaction_read_only")[0].as<std::string>();
+      if (ro == "on")
+        return make_unavailable("server " + server
+                                + " is read-only (SQLSTATE 25006, "
+                                  "transaction_read_only = on)");
+    }
+    for (const auto& s : prepared_statements)
+      c->prepare(s.name, s.sql);
+    conn = std::move(c);
+    ++connects;
+    return {};
+  }
+
+  /// One attempt of `body`: connects if needed, runs it, and maps libpqxx's
+  /// exceptions. A retryable failure comes back as `unavailable` with the
+  /// connection dropped; anything else as `query_failed`.
+  template <class T, class F>
+  caf::expected<T> attempt(const std::string& what, F& body) {
+    bool connected = false;
+    try {
+      if (auto err = ensure_connected())
+        return err;
+      connected = true;
+      auto res = body(*conn);
+      // The body reports a retryable failure it caught itself (after its
+      // transaction is gone) as `unavailable`: drop the connection too.
+      if (!res && is_unavailable(res.error()))
+        conn.reset();
+      return res;
+    } catch (const pqxx::broken_connection& e) {
+      return lost(e.what(), connected);
+    } catch (const pqxx::in_doubt_error& e) {
+      return lost(e.what(), connected);
+    } catch (const pqxx::sql_error& e) {
+      if (is_retryable_state(e.sqlstate()) || conn == nullptr
+          || !conn->is_open())
+        return lost(e.what(), connected);
+      return make_query_failed(what + ": " + scrub(first_line(e.what())));
+    } catch (const std::exception& e) {
+      if (conn == nullptr || !conn->is_open())
+        return lost(e.what(), connected);
+      return make_query_failed(what + ": " + scrub(first_line(e.what())));
+    }
+  }
+
+  /// Runs `body` (a callable `caf::expected<T>(pqxx::connection&)`) until it
+  /// succeeds, fails for a reason other than the connection, or the retry
+  /// budget runs out. The whole call is retried, so `body` must be a
+  /// complete transaction.
+  template <class T, class F>
+  caf::expected<T> run(const std::string& what, F body) {
+    auto start = clock_type::now();
+    auto deadline = start + opts.retry_budget;
+    auto pause = std::max(opts.retry_min, milliseconds{1});
+    auto max_pause = std::max(opts.retry_max, pause);
+    int attempts = 0;
+    for (;;) {
+      ++attempts;
+      auto res = attempt<T>(what, body);
+      if (res || !is_unavailable(res.error())) {
+        if (attempts > 1)
+          logger("store")->info("{}: PostgreSQL at {} reachable again after "
+                                "{} attempts",
+                                what, target.where, attempts);
+        return res;
+      }
+      auto reason = message_of(res.error());
+      auto now = clock_type::now();
+      if (now >= deadline) {
+        auto elapsed = std::chrono::duration_cast<milliseconds>(now - start);
+        return make_unavailable(what + ": PostgreSQL at " + target.where
+                                + " unavailable for "
+                                + std::to_string(elapsed.count()) + " ms ("
+                                + std::to_string(attempts)
+                                + " attempts); last error: " + reason);
+      }
+      if (attempts == 1)
+        logger("store")->warn("{}: PostgreSQL at {}: {}; retrying for up to "
+                              "{} ms",
+                              what, target.where, reason,
+                              opts.retry_budget.count());
+      auto left = std::chrono::duration_cast<milliseconds>(deadline - now);
+      std::this_thread::sleep_for(std::min(pause, left + milliseconds{1}));
+      pause = std::min(pause * 2, max_pause);
+    }
+  }
+
+  /// Applies pending migrations in one transaction under the advisory lock.
+  caf::expected<int> migrate(pqxx::connection& c) {
+    auto newest = migrations.empty() ? 0 : migrations.back().version;
+    pqxx::work tx{c};
+    tx.exec_params("SELECT pg_advisory_xact_lock($1)", migration_lock_key);
+    tx.exec0(create_migrations_table);
+    auto current = tx.exec1(select_version_sql)[0].as<int>();
+    if (current > newest)
+      return caf::make_error(store_errc::schema_too_new,
+                             "PostgreSQL at " + target.where
+                               + ": database schema version "
+                               + std::to_string(current)
+                               + " is newer than this build's newest "
+                                 "migration "
+                               + std::to_string(newest));
+    for (const auto& m : migrations) {
+      if (m.version <= current)
+        continue;
+      auto what = "migration " + std::to_string(m.version) + " (" + m.name
+                  + ")";
+      // A failing statement aborts the whole transaction, so either every
+      // pending migration lands or none. Caught here to name the migration;
+      // connection failures still go to `attempt`, as `unavailable`.
+      try {
+        tx.exec(m.sql);
+        tx.exec_params0(insert_migration_sql, m.version, std::string{m.name},
+                        now_ms());
+      } catch (const pqxx::sql_error& e) {
+        if (is_retryable_state(e.sqlstate()) || !c.is_open())
+          return make_unavailable(scrub(first_line(e.what())));
+        return make_query_failed("open: " + what + ": "
+                                 + scrub(first_line(e.what())));
+      }
+    }
+    tx.commit();
+    return newest > current ? newest : current;
+  }
+};
+
+// -- construction -------------------------------------------------------------
+
+caf::expected<std::unique_ptr<pg_store>>
+pg_store::open(const std::string& url, pg_options opts,
+               std::vector<migration> migrations) {
+  if (auto err = sort_migrations(migrations))
+    return err;
+  std::unique_ptr<pg_store> store{new pg_store};
+  store->impl_ = std::make_unique<impl>();
+  auto& st = *store->impl_;
+  st.target = make_target(url, opts.retry_budget);
+  st.opts = opts;
+  st.migrations = std::move(migrations);
+  auto version = st.run<int>("open", [&st](pqxx::connection& c) {
+    return st.migrate(c);
+  });
+  if (!version)
+    return std::move(version.error());
+  return store;
+}
+
+pg_store::~pg_store() = default;
+
+// -- key_store ----------------------------------------------------------------
+
+caf::expected<put_result> pg_store::put(const key_record& rec) {
+  auto what = "put key '" + rec.key_id + "'";
+  // Set once a COMMIT went out whose outcome is unknown (the connection
+  // broke during it). If the retry then finds exactly this record, it was
+  // this call's commit that landed.
+  bool in_doubt = false;
+  auto& st = *impl_;
+  return st.run<put_result>(what, [&](pqxx::connection& c)
+                                    -> caf::expected<put_result> {
+    pqxx::work tx{c};
+    auto scheme_name = std::string{to_string(rec.scheme)};
+    auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
+                                bytea(rec.public_key), bytea(rec.key_blob),
+                                rec.wrap_mechanism, rec.created_at_ms);
+    put_result out;
+    out.inserted = res.affected_rows() != 0;
+    if (out.inserted) {
+      out.record = rec;
+    } else {
+      // The key id is taken, by a committed row (ON CONFLICT waits for a
+      // concurrent inserter), which this statement's snapshot sees.
+      auto rows = tx.exec_prepared(select_key.name, rec.key_id);
+      if (rows.empty())
+        return make_query_failed(what + ": conflicting row not found");
+      auto stored = read_key_row(rows[0], rec.key_id);
+      if (!stored)
+        return std::move(stored.error());
+      out.record = std::move(*stored);
+      out.inserted = in_doubt && same_key(out.record, rec);
+    }
+    in_doubt = true;
+    tx.commit();
+    in_doubt = false;
+    return out;
+  });
+}
+
+caf::expected<std::optional<key_record>>
+pg_store::get(std::string_view key_id) {
+  auto what = "get key '" + std::string{key_id} + "'";
+  auto id = std::string{key_id};
+  return impl_->run<std::optional<key_record>>(
+    what,
+    [&](pqxx::connection& c) -> caf::expected<std::optional<key_record>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(select_key.name, id);
+      if (rows.empty())
+        return std::optional<key_record>{};
+      auto rec = read_key_row(rows[0], key_id);
+      if (!rec)
+        return std::move(rec.error());
+      return std::optional<key_record>{std::move(*rec)};
+    });
+}
+
+caf::expected<std::optional<canary_record>> pg_store::get_canary() {
+  return impl_->run<std::optional<canary_record>>(
+    "get canary",
+    [](pqxx::connection& c) -> caf::expected<std::optional<canary_record>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(select_canary.name);
+      if (rows.empty())
+        return std::optional<canary_record>{};
+      auto stored = read_canary_row(rows[0]);
+      if (!stored)
+        return std::move(stored.error());
+      return std::optional<canary_record>{std::move(*stored)};
+    });
+}
+
+caf::expected<canary_record> pg_store::put_canary(const canary_record& c) {
+  return impl_->run<canary_record>(
+    "put canary",
+    [&c](pqxx::connection& conn) -> caf::expected<canary_record> {
+      pqxx::work tx{conn};
+      auto res = tx.exec_prepared(insert_canary.name, bytea(c.public_key),
+                                  bytea(c.wrapped_key), c.wrap_mechanism,
+                                  c.master_key_label, c.created_at_ms);
+      canary_record out;
+      if (res.affected_rows() != 0) {
+        out = c;
+      } else {
+        // First writer wins: answer with the stored canary.
+        auto rows = tx.exec_prepared(select_canary.name);
+        if (rows.empty())
+          return make_query_failed("put canary: conflicting row not found");
+        auto stored = read_canary_row(rows[0]);
+        if (!stored)
+          return std::move(stored.error());
+        out = std::move(*stored);
+      }
+      tx.commit();
+      return out;
+    });
+}
+
+caf::expected<int> pg_store::schema_version() {
+  return impl_->run<int>("schema version",
+                         [](pqxx::connection& c) -> caf::expected<int> {
+                           pqxx::nontransaction q{c};
+                           return q.exec_prepared1(select_version.name)[0]
+                             .as<int>();
+                         });
+}
+
+// -- properties ---------------------------------------------------------------
+
+uint64_t pg_store::connects() const noexcept {
+  return impl_->connects;
+}
+
+} // namespace hsm::store

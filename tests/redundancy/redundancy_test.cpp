@@ -263,9 +263,14 @@ TEST_F(RedundancyTest, KillNineUnderLoadLosesNothing) {
   auto seed = await_done(enqueue_generate("seed", "secp256k1"));
   ASSERT_TRUE(seed["ok"].get<bool>()) << seed.dump();
   auto load = mixed_load(120, {"seed"}, "kill");
+  // Kill `a` while it holds leases, part-way through the load.
   auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (proxy->stats().done < 30 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(5ms);
+  auto holding = [&] {
+    auto st = proxy->stats();
+    return st.done >= 30 && st.in_flight["a"] > 0;
+  };
+  while (!holding() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
   ::kill(drivers["a"].pid, SIGKILL);
   test::wait_exit(drivers["a"], 5000);
   std::map<std::string, std::string> reported;

@@ -697,35 +697,35 @@ caf::expected<put_result> pg_store::put(const key_record& rec) {
   // broke during it). If the retry then finds exactly this record, it was
   // this call's commit that landed.
   bool in_doubt = false;
-  auto& st = *impl_;
-  return st.run<put_result>(what, [&](pqxx::connection& c)
-                                    -> caf::expected<put_result> {
-    pqxx::work tx{c};
-    auto scheme_name = std::string{to_string(rec.scheme)};
-    auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
-                                bytea(rec.public_key), bytea(rec.key_blob),
-                                rec.wrap_mechanism, rec.created_at_ms);
-    put_result out;
-    out.inserted = res.affected_rows() != 0;
-    if (out.inserted) {
-      out.record = rec;
-    } else {
-      // The key id is taken, by a committed row (ON CONFLICT waits for a
-      // concurrent inserter), which this statement's snapshot sees.
-      auto rows = tx.exec_prepared(select_key.name, rec.key_id);
-      if (rows.empty())
-        return make_query_failed(what + ": conflicting row not found");
-      auto stored = read_key_row(rows[0], rec.key_id);
-      if (!stored)
-        return std::move(stored.error());
-      out.record = std::move(*stored);
-      out.inserted = in_doubt && same_key(out.record, rec);
-    }
-    in_doubt = true;
-    tx.commit();
-    in_doubt = false;
-    return out;
-  });
+  return impl_->run<put_result>(
+    what, [&](pqxx::connection& c) -> caf::expected<put_result> {
+      pqxx::work tx{c};
+      auto scheme_name = std::string{to_string(rec.scheme)};
+      auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
+                                  bytea(rec.public_key), bytea(rec.key_blob),
+                                  rec.wrap_mechanism, rec.created_at_ms);
+      put_result out;
+      out.inserted = res.affected_rows() != 0;
+      if (out.inserted) {
+        out.record = rec;
+      } else {
+        // The key id is taken by a committed row (ON CONFLICT waits for a
+        // concurrent inserter to finish), which the next statement sees:
+        // READ COMMITTED takes a new snapshot per statement.
+        auto rows = tx.exec_prepared(select_key.name, rec.key_id);
+        if (rows.empty())
+          return make_query_failed(what + ": conflicting row not found");
+        auto stored = read_key_row(rows[0], rec.key_id);
+        if (!stored)
+          return std::move(stored.error());
+        out.record = std::move(*stored);
+        out.inserted = in_doubt && same_key(out.record, rec);
+      }
+      in_doubt = true;
+      tx.commit();
+      in_doubt = false;
+      return out;
+    });
 }
 
 caf::expected<std::optional<key_record>>
@@ -788,12 +788,11 @@ caf::expected<canary_record> pg_store::put_canary(const canary_record& c) {
 }
 
 caf::expected<int> pg_store::schema_version() {
-  return impl_->run<int>("schema version",
-                         [](pqxx::connection& c) -> caf::expected<int> {
-                           pqxx::nontransaction q{c};
-                           return q.exec_prepared1(select_version.name)[0]
-                             .as<int>();
-                         });
+  return impl_->run<int>(
+    "schema version", [](pqxx::connection& c) -> caf::expected<int> {
+      pqxx::nontransaction q{c};
+      return q.exec_prepared1(select_version.name)[0].as<int>();
+    });
 }
 
 // -- properties ---------------------------------------------------------------

@@ -27,8 +27,8 @@ namespace hsm::test {
 namespace {
 
 /// How long `fresh_database` and `drop_database` wait for a server that is
-/// restarting (another test of a shared cluster may be restarting it).
-constexpr auto reconnect_window = std::chrono::seconds{15};
+/// restarting (a test may just have restarted or killed it).
+constexpr auto reconnect_window = std::chrono::seconds{10};
 
 std::string script() {
   return std::string{HSM_DRIVER_SOURCE_DIR} + "/deploy/pg-test-cluster.sh";
@@ -256,16 +256,29 @@ std::string postgres_url() {
 }
 
 std::string fresh_database() {
+  // A server that never answered in this process will not answer the next
+  // test either: fail at once instead of waiting again for every test.
+  static std::atomic<bool> reached{false};
+  static std::atomic<bool> never_reached{false};
   auto url = postgres_url();
   if (url.empty())
     return {};
+  if (never_reached) {
+    ADD_FAILURE() << "the PostgreSQL test cluster at " << url
+                  << " did not answer before (see the first failure)";
+    return {};
+  }
   auto name = unique_name();
   auto err = exec_autocommit(url, "CREATE DATABASE " + name);
   if (!err.empty()) {
+    if (!reached)
+      never_reached = true;
     ADD_FAILURE() << "cannot create test database " << name
-                  << " on the PostgreSQL test cluster: " << err;
+                  << " on the PostgreSQL test cluster at " << url << ": "
+                  << err;
     return {};
   }
+  reached = true;
   return with_database(url, name);
 }
 

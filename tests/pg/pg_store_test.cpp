@@ -29,15 +29,6 @@
 #include <thread>
 #include <vector>
 
-// libpqxx 6.4 leaks the PGresult of a statement that meets a connection the
-// server closed (connection_base::make_result asks for the client encoding
-// before it owns the result, and that throws broken_connection). The store
-// checks idle connections first, but a server going away mid-statement (the
-// restart tests) still hits it. LeakSanitizer reads this hook; other builds
-// ignore it.
-extern "C" const char* __lsan_default_suppressions() {
-  return "leak:libpqxx-6.4.so\n";
-}
 
 namespace {
 

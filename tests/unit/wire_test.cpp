@@ -1,0 +1,141 @@
+#include "runtime/wire.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+namespace hsm {
+namespace {
+
+using json = nlohmann::json;
+
+std::string poll_body(json requests) {
+  return json{{"requests", std::move(requests)}}.dump();
+}
+
+TEST(WireTest, MalformedPollBodiesAreErrors) {
+  for (auto body : {"", "{", "[]", "{\"requests\":5}", "{\"other\":[]}",
+                    "null", "{\"requests\":[1,2"}) {
+    auto parsed = parse_poll(body);
+    ASSERT_FALSE(parsed) << body;
+    EXPECT_EQ(parsed.error(), net_errc::bad_response) << body;
+  }
+  auto empty = parse_poll("{\"requests\":[]}");
+  ASSERT_TRUE(empty);
+  EXPECT_TRUE(empty->jobs.empty());
+}
+
+TEST(WireTest, ValidRequestsBecomeJobs) {
+  auto parsed = parse_poll(poll_body(
+    {{{"id", "r1"},
+      {"lease", "l1"},
+      {"kind", "generate_key"},
+      {"params", {{"key_id", "k1"}, {"scheme", "p256"}}}},
+     {{"id", "r2"},
+      {"lease", "l2"},
+      {"kind", "sign"},
+      {"params", {{"key_id", "k1"}, {"payload", "0x00ff"}}}}}));
+  ASSERT_TRUE(parsed) << describe(parsed.error());
+  ASSERT_EQ(parsed->jobs.size(), 2u);
+  EXPECT_TRUE(parsed->rejected.empty());
+  EXPECT_EQ(parsed->jobs[0].kind, job_kind::generate_key);
+  EXPECT_EQ(parsed->jobs[0].scheme, scheme::p256);
+  EXPECT_EQ(parsed->jobs[0].lease, "l1");
+  EXPECT_EQ(parsed->jobs[1].kind, job_kind::sign);
+  EXPECT_EQ(parsed->jobs[1].payload, (std::vector<uint8_t>{0x00, 0xff}));
+}
+
+TEST(WireTest, EachBadRequestIsAnsweredOnItsOwn) {
+  struct row {
+    json request;
+    const char* code;
+  };
+  auto req = [](json kind, json params) {
+    return json{{"id", "x"}, {"lease", "l"}, {"kind", kind},
+                {"params", params}};
+  };
+  const row rows[] = {
+    {req("explode", {{"key_id", "k"}}), "invalid_request"},
+    {req(7, {{"key_id", "k"}}), "invalid_request"},
+    {req("sign", "params as a string"), "invalid_request"},
+    {req("sign", {{"payload", "00"}}), "invalid_request"},
+    {req("sign", {{"key_id", "k"}, {"payload", "zz"}}), "invalid_request"},
+    {req("sign", {{"key_id", "k"}, {"payload", 12}}), "invalid_request"},
+    {req("sign", {{"key_id", "k"}, {"payload", std::string(200000, 'a')}}),
+     "invalid_payload"},
+    {req("generate_key", {{"key_id", "k"}, {"scheme", "schnorr"}}),
+     "scheme_unsupported"},
+    {req("generate_key", {{"key_id", "k"}}), "invalid_request"},
+    {req("generate_key", {{"key_id", "a b"}, {"scheme", "p256"}}),
+     "invalid_request"},
+  };
+  for (auto& r : rows) {
+    auto parsed = parse_poll(poll_body({r.request}));
+    ASSERT_TRUE(parsed);
+    EXPECT_TRUE(parsed->jobs.empty()) << r.request.dump().substr(0, 80);
+    ASSERT_EQ(parsed->rejected.size(), 1u);
+    auto& res = parsed->rejected.front();
+    EXPECT_EQ(res.error_code, r.code) << r.request.dump().substr(0, 80);
+    EXPECT_EQ(res.id, "x");
+    EXPECT_EQ(res.lease, "l");
+    EXPECT_FALSE(res.ok);
+    EXPECT_FALSE(res.retryable);
+  }
+}
+
+TEST(WireTest, RequestsWithoutIdOrLeaseAreLeftForRedelivery) {
+  auto parsed = parse_poll(poll_body(
+    {{{"lease", "l"}, {"kind", "sign"}},
+     {{"id", "x"}, {"kind", "sign"}},
+     {{"id", ""}, {"lease", "l"}},
+     "not an object"}));
+  ASSERT_TRUE(parsed);
+  EXPECT_TRUE(parsed->jobs.empty());
+  EXPECT_TRUE(parsed->rejected.empty());
+  EXPECT_EQ(parsed->unanswerable, 4u);
+}
+
+TEST(WireTest, UnknownKindIsQuotedAndCutShortInTheMessage) {
+  auto parsed = parse_poll(poll_body(
+    {{{"id", "x"},
+      {"lease", "l"},
+      {"kind", "evil\nline " + std::string(100, 'z')},
+      {"params", {{"key_id", "k"}}}}}));
+  ASSERT_TRUE(parsed);
+  ASSERT_EQ(parsed->rejected.size(), 1u);
+  auto& msg = parsed->rejected.front().error_message;
+  EXPECT_EQ(msg.find('\n'), std::string::npos);
+  EXPECT_EQ(msg.find(std::string(50, 'z')), std::string::npos);
+}
+
+TEST(WireTest, ResultsEncodeAsTheProtocolSays) {
+  job j;
+  j.id = "r1";
+  j.lease = "l1";
+  auto err = error_result(j, caf::make_error(key_errc::unknown_key,
+                                             std::string{"no such key"}));
+  auto body = json::parse(encode_result(err, "d1"));
+  EXPECT_EQ(body["id"], "r1");
+  EXPECT_EQ(body["lease"], "l1");
+  EXPECT_EQ(body["driver_id"], "d1");
+  EXPECT_EQ(body["ok"], false);
+  EXPECT_EQ(body["error"]["code"], "unknown_key");
+  EXPECT_EQ(body["error"]["retryable"], false);
+  auto busy = error_result(j, caf::make_error(hsm_errc::retryable));
+  EXPECT_EQ(json::parse(encode_result(busy, "d1"))["error"]["retryable"],
+            true);
+  key_view v;
+  v.key_id = "k";
+  v.scheme = scheme::ed25519;
+  v.public_key = std::vector<uint8_t>(32, 0xAB);
+  v.storage = "token-resident";
+  auto ok = json::parse(encode_result(key_result(j, v), "d1"));
+  EXPECT_EQ(ok["ok"], true);
+  std::string hex;
+  for (int i = 0; i < 32; ++i)
+    hex += "ab";
+  EXPECT_EQ(ok["result"]["public_key"], hex);
+  EXPECT_FALSE(ok["result"].contains("public_key_compressed"));
+}
+
+} // namespace
+} // namespace hsm

@@ -10,8 +10,6 @@ namespace hsm {
 
 namespace {
 
-using supervisor_atom = caf::atom_constant<caf::atom("superv")>;
-
 struct slot_entry {
   hsm_session_actor handle;
   bool up = false;

@@ -1,9 +1,10 @@
 #pragma once
 
-// What the actors agree on: atoms, the local message types, and the typed
-// interfaces of the session and storage actors. All actors live in one
-// process; the message types are local-only (never serialised), so they are
-// allowed as unsafe message types instead of getting inspect() overloads.
+// What the actors agree on: the local message types and the typed interfaces
+// of the session and storage actors; atoms and type IDs are in type_ids.hpp.
+// All actors live in one process; the message types are local-only (never
+// serialised), so they are allowed as unsafe message types instead of
+// getting inspect() overloads.
 
 #include <cstdint>
 #include <optional>
@@ -11,29 +12,11 @@
 
 #include "caf/all.hpp"
 
+#include "messages/type_ids.hpp"
 #include "runtime/wire.hpp"
 #include "store/key_store.hpp"
 
 namespace hsm {
-
-// -- atoms (<= 10 characters) ---------------------------------------------------
-
-using generate_atom = caf::atom_constant<caf::atom("generate")>;
-using sign_atom = caf::atom_constant<caf::atom("sign")>;
-using job_atom = caf::atom_constant<caf::atom("job")>;
-using credit_atom = caf::atom_constant<caf::atom("credit")>;
-using result_atom = caf::atom_constant<caf::atom("result")>;
-using slot_up_atom = caf::atom_constant<caf::atom("slotup")>;
-using slot_down_atom = caf::atom_constant<caf::atom("slotdown")>;
-using replace_atom = caf::atom_constant<caf::atom("replace")>;
-using ready_atom = caf::atom_constant<caf::atom("ready")>;
-using respawn_atom = caf::atom_constant<caf::atom("respawn")>;
-using poll_atom = caf::atom_constant<caf::atom("poll")>;
-using stop_atom = caf::atom_constant<caf::atom("stop")>;
-using drain_atom = caf::atom_constant<caf::atom("drain")>;
-using stats_atom = caf::atom_constant<caf::atom("stats")>;
-using destroy_atom = caf::atom_constant<caf::atom("destroy")>;
-using slot_ok_atom = caf::atom_constant<caf::atom("slotok")>;
 
 /// A key lookup's answer: `found` false means no key under the id.
 struct key_lookup {

@@ -1,0 +1,53 @@
+#pragma once
+
+// The project's one CAF type-ID block: every atom and every message type the
+// actors exchange. All actors live in one process and these types are never
+// serialised, so they are registered as local-only (unsafe) message types in
+// interfaces.hpp instead of getting inspect() overloads; the block gives
+// them stable IDs and names. Atom texts are at most 10 characters.
+
+#include <string>
+#include <vector>
+
+#include "caf/all.hpp"
+
+#include "runtime/schemes.hpp"
+#include "runtime/wire.hpp"
+#include "store/key_store.hpp"
+
+namespace hsm {
+struct key_lookup;
+struct raw_signature;
+struct dispatcher_stats;
+} // namespace hsm
+
+CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
+
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::scheme))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::job))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::job_result))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_lookup))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::raw_signature))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::dispatcher_stats))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::store::key_record))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::store::put_result))
+
+  CAF_ADD_ATOM(hsm_driver, hsm, generate_atom, "generate")
+  CAF_ADD_ATOM(hsm_driver, hsm, sign_atom, "sign")
+  CAF_ADD_ATOM(hsm_driver, hsm, destroy_atom, "destroy")
+  CAF_ADD_ATOM(hsm_driver, hsm, job_atom, "job")
+  CAF_ADD_ATOM(hsm_driver, hsm, credit_atom, "credit")
+  CAF_ADD_ATOM(hsm_driver, hsm, result_atom, "result")
+  CAF_ADD_ATOM(hsm_driver, hsm, slot_up_atom, "slotup")
+  CAF_ADD_ATOM(hsm_driver, hsm, slot_down_atom, "slotdown")
+  CAF_ADD_ATOM(hsm_driver, hsm, slot_ok_atom, "slotok")
+  CAF_ADD_ATOM(hsm_driver, hsm, replace_atom, "replace")
+  CAF_ADD_ATOM(hsm_driver, hsm, ready_atom, "ready")
+  CAF_ADD_ATOM(hsm_driver, hsm, respawn_atom, "respawn")
+  CAF_ADD_ATOM(hsm_driver, hsm, poll_atom, "poll")
+  CAF_ADD_ATOM(hsm_driver, hsm, stop_atom, "stop")
+  CAF_ADD_ATOM(hsm_driver, hsm, drain_atom, "drain")
+  CAF_ADD_ATOM(hsm_driver, hsm, stats_atom, "stats")
+  CAF_ADD_ATOM(hsm_driver, hsm, supervisor_atom, "superv")
+
+CAF_END_TYPE_ID_BLOCK(hsm_driver)

@@ -116,6 +116,10 @@ std::vector<migration> sqlite_migrations();
 /// Migrations for PostgreSQL, from store/migrations/postgres/ (generated).
 std::vector<migration> postgres_migrations();
 
+/// Checks that versions are positive and distinct, and sorts `ms` by
+/// version; a bad list is `store_errc::query_failed`.
+[[nodiscard]] caf::error sort_migrations(std::vector<migration>& ms);
+
 /// Milliseconds since the Unix epoch, now.
 int64_t now_ms();
 

@@ -478,22 +478,6 @@ caf::error configure(sqlite3* db, const std::string& where) {
   return {};
 }
 
-/// Checks that versions are positive and distinct, and sorts by version.
-caf::error sort_migrations(std::vector<migration>& ms) {
-  std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {
-    return x.version < y.version;
-  });
-  for (size_t i = 0; i < ms.size(); ++i) {
-    if (ms[i].version <= 0 || ms[i].sql == nullptr || ms[i].name == nullptr)
-      return make_query_failed("invalid migration list: bad entry at version "
-                               + std::to_string(ms[i].version));
-    if (i > 0 && ms[i - 1].version == ms[i].version)
-      return make_query_failed("invalid migration list: version "
-                               + std::to_string(ms[i].version)
-                               + " appears twice");
-  }
-  return {};
-}
 
 /// Applies the migrations above the database's version, all in one
 /// transaction; the version is read after taking the write lock, so two

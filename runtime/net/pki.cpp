@@ -1,5 +1,7 @@
 #include "runtime/net/pki.hpp"
 
+#include "runtime/net/openssl_error.hpp"
+
 #include <fcntl.h>
 #include <openssl/asn1.h>
 #include <openssl/bio.h>
@@ -73,26 +75,7 @@ constexpr long backdate_seconds = 300;
 
 // -- helpers ------------------------------------------------------------------
 
-/// The innermost OpenSSL error of this thread, and clears the queue so that
-/// it does not leak into the next OpenSSL user.
-std::string openssl_reason() {
-  auto code = ERR_get_error();
-  std::string out;
-  if (code != 0) {
-    char buf[256];
-    ERR_error_string_n(code, buf, sizeof(buf));
-    out = buf;
-  }
-  ERR_clear_error();
-  return out;
-}
 
-caf::error tls_error(std::string what) {
-  auto reason = openssl_reason();
-  if (!reason.empty())
-    what += " (" + reason + ")";
-  return caf::make_error(net_errc::bad_tls_material, std::move(what));
-}
 
 bool is_file(const std::filesystem::path& p) {
   std::error_code ec;
@@ -166,7 +149,7 @@ caf::expected<std::string> read_file(const std::filesystem::path& path) {
 caf::expected<pkey_ptr> make_key() {
   pkey_ptr key{EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256")};
   if (!key)
-    return tls_error("cannot generate a P-256 key");
+    return bad_tls_material("cannot generate a P-256 key");
   return key;
 }
 
@@ -176,7 +159,7 @@ caf::expected<std::string> key_pem(EVP_PKEY* key) {
       || PEM_write_bio_PrivateKey(bio.get(), key, nullptr, nullptr, 0, nullptr,
                                   nullptr)
            != 1)
-    return tls_error("cannot encode a private key");
+    return bad_tls_material("cannot encode a private key");
   char* data = nullptr;
   auto len = BIO_get_mem_data(bio.get(), &data);
   return std::string(data, static_cast<size_t>(len));
@@ -185,7 +168,7 @@ caf::expected<std::string> key_pem(EVP_PKEY* key) {
 caf::expected<std::string> cert_pem(X509* cert) {
   bio_ptr bio{BIO_new(BIO_s_mem())};
   if (!bio || PEM_write_bio_X509(bio.get(), cert) != 1)
-    return tls_error("cannot encode a certificate");
+    return bad_tls_material("cannot encode a certificate");
   char* data = nullptr;
   auto len = BIO_get_mem_data(bio.get(), &data);
   return std::string(data, static_cast<size_t>(len));
@@ -197,10 +180,10 @@ caf::expected<x509_ptr> load_cert(const std::filesystem::path& path) {
     return std::move(text.error());
   bio_ptr bio{BIO_new_mem_buf(text->data(), static_cast<int>(text->size()))};
   if (!bio)
-    return tls_error("cannot read " + path.string());
+    return bad_tls_material("cannot read " + path.string());
   x509_ptr cert{PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)};
   if (!cert)
-    return tls_error(path.string() + ": no PEM certificate");
+    return bad_tls_material(path.string() + ": no PEM certificate");
   return cert;
 }
 
@@ -210,10 +193,10 @@ caf::expected<pkey_ptr> load_key(const std::filesystem::path& path) {
     return std::move(text.error());
   bio_ptr bio{BIO_new_mem_buf(text->data(), static_cast<int>(text->size()))};
   if (!bio)
-    return tls_error("cannot read " + path.string());
+    return bad_tls_material("cannot read " + path.string());
   pkey_ptr key{PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr)};
   if (!key)
-    return tls_error(path.string() + ": no PEM private key");
+    return bad_tls_material(path.string() + ": no PEM private key");
   return key;
 }
 
@@ -225,7 +208,7 @@ caf::error add_ext(X509* cert, X509* issuer, int nid, const char* value) {
   X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
   ext_ptr ext{X509V3_EXT_nconf_nid(nullptr, &ctx, nid, value)};
   if (!ext || X509_add_ext(cert, ext.get(), -1) != 1)
-    return tls_error(std::string{"cannot add extension "} + OBJ_nid2sn(nid)
+    return bad_tls_material(std::string{"cannot add extension "} + OBJ_nid2sn(nid)
                      + " = " + value);
   return caf::none;
 }
@@ -235,11 +218,11 @@ caf::error add_ext(X509* cert, X509* issuer, int nid, const char* value) {
 caf::error add_san(X509* cert, const std::vector<std::string>& names) {
   names_ptr gens{GENERAL_NAMES_new()};
   if (!gens)
-    return tls_error("cannot allocate subjectAltName");
+    return bad_tls_material("cannot allocate subjectAltName");
   for (const auto& name : names) {
     gen_name_ptr gen{GENERAL_NAME_new()};
     if (!gen)
-      return tls_error("cannot allocate subjectAltName");
+      return bad_tls_material("cannot allocate subjectAltName");
     if (octets_ptr ip{a2i_IPADDRESS(name.c_str())}) {
       GENERAL_NAME_set0_value(gen.get(), GEN_IPADD, ip.release());
     } else {
@@ -249,17 +232,17 @@ caf::error add_san(X509* cert, const std::vector<std::string>& names) {
           || ASN1_STRING_set(dns.get(), name.data(),
                              static_cast<int>(name.size()))
                != 1)
-        return tls_error("cannot encode DNS name " + name);
+        return bad_tls_material("cannot encode DNS name " + name);
       GENERAL_NAME_set0_value(gen.get(), GEN_DNS, dns.release());
     }
     if (sk_GENERAL_NAME_push(gens.get(), gen.get()) == 0)
-      return tls_error("cannot add " + name + " to subjectAltName");
+      return bad_tls_material("cannot add " + name + " to subjectAltName");
     gen.release();
   }
   if (X509_add1_ext_i2d(cert, NID_subject_alt_name, gens.get(), 0,
                     X509V3_ADD_DEFAULT)
       != 1)
-    return tls_error("cannot add subjectAltName");
+    return bad_tls_material("cannot add subjectAltName");
   return caf::none;
 }
 
@@ -279,24 +262,24 @@ struct cert_request {
 caf::expected<x509_ptr> make_cert(const cert_request& req) {
   x509_ptr cert{X509_new()};
   if (!cert)
-    return tls_error("cannot allocate a certificate");
+    return bad_tls_material("cannot allocate a certificate");
   if (X509_set_version(cert.get(), X509_VERSION_3) != 1)
-    return tls_error("cannot set the version");
+    return bad_tls_material("cannot set the version");
   // -- serial ---------------------------------------------------------------
   bn_ptr bn{BN_new()};
   if (!bn
       || BN_rand(bn.get(), serial_bits, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY)
            != 1)
-    return tls_error("cannot draw a serial number");
+    return bad_tls_material("cannot draw a serial number");
   asn1_int_ptr serial{BN_to_ASN1_INTEGER(bn.get(), nullptr)};
   if (!serial || X509_set_serialNumber(cert.get(), serial.get()) != 1)
-    return tls_error("cannot set the serial number");
+    return bad_tls_material("cannot set the serial number");
   // -- validity -------------------------------------------------------------
   if (X509_gmtime_adj(X509_getm_notBefore(cert.get()), -backdate_seconds)
         == nullptr
       || X509_time_adj_ex(X509_getm_notAfter(cert.get()), req.days, 0, nullptr)
            == nullptr)
-    return tls_error("cannot set the validity");
+    return bad_tls_material("cannot set the validity");
   // -- names and key --------------------------------------------------------
   auto* name = X509_get_subject_name(cert.get());
   auto add_entry = [name](const char* field, const std::string& value) {
@@ -307,11 +290,11 @@ caf::expected<x509_ptr> make_cert(const cert_request& req) {
   };
   if (!add_entry("O", "hsm-driver dev PKI")
       || !add_entry("CN", req.common_name))
-    return tls_error("cannot set the subject name");
+    return bad_tls_material("cannot set the subject name");
   auto* issuer = req.issuer != nullptr ? req.issuer : cert.get();
   if (X509_set_issuer_name(cert.get(), X509_get_subject_name(issuer)) != 1
       || X509_set_pubkey(cert.get(), req.key) != 1)
-    return tls_error("cannot set the issuer or the public key");
+    return bad_tls_material("cannot set the issuer or the public key");
   // -- extensions -----------------------------------------------------------
   // The subject key identifier goes first: the authority key identifier of a
   // self-signed root is computed from it.
@@ -357,7 +340,7 @@ caf::expected<x509_ptr> make_cert(const cert_request& req) {
     }
   }
   if (X509_sign(cert.get(), req.issuer_key, EVP_sha256()) <= 0)
-    return tls_error("cannot sign the certificate for " + req.common_name);
+    return bad_tls_material("cannot sign the certificate for " + req.common_name);
   return cert;
 }
 
@@ -446,7 +429,7 @@ caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
     if (!key)
       return std::move(key.error());
     if (X509_check_private_key(cert->get(), key->get()) != 1)
-      return tls_error(intermediate_key.string() + " does not match "
+      return bad_tls_material(intermediate_key.string() + " does not match "
                        + pki.intermediate_cert.string());
     ca = std::move(*cert);
     ca_key = std::move(*key);
@@ -526,7 +509,7 @@ issue_client_cert(const dev_pki& pki, const std::filesystem::path& dir,
   if (!ca_key)
     return std::move(ca_key.error());
   if (X509_check_private_key(ca->get(), ca_key->get()) != 1)
-    return tls_error(intermediate_key.string() + " does not match "
+    return bad_tls_material(intermediate_key.string() + " does not match "
                      + pki.intermediate_cert.string());
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);

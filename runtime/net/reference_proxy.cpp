@@ -1,5 +1,7 @@
 #include "runtime/net/reference_proxy.hpp"
 
+#include "runtime/net/openssl_error.hpp"
+
 #include <httplib.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -101,24 +103,6 @@ void block_sigpipe() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-std::string openssl_reason() {
-  auto code = ERR_get_error();
-  std::string out;
-  if (code != 0) {
-    char buf[256];
-    ERR_error_string_n(code, buf, sizeof(buf));
-    out = buf;
-  }
-  ERR_clear_error();
-  return out;
-}
-
-caf::error bad_tls(std::string what) {
-  auto reason = openssl_reason();
-  if (!reason.empty())
-    what += " (" + reason + ")";
-  return caf::make_error(net_errc::bad_tls_material, std::move(what));
-}
 
 // -- queue state --------------------------------------------------------------
 
@@ -575,18 +559,18 @@ struct reference_proxy::impl {
     tls = std::make_unique<httplib::SSLServer>(cert.c_str(), key.c_str(),
                                                ca.c_str());
     if (!tls->is_valid())
-      return bad_tls("cannot load the server certificate " + cert
+      return bad_tls_material("cannot load the server certificate " + cert
                      + " with key " + key);
     auto* ctx = tls->ssl_context();
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
-      return bad_tls("cannot require TLS 1.2");
+      return bad_tls_material("cannot require TLS 1.2");
     if (SSL_CTX_check_private_key(ctx) != 1)
-      return bad_tls("the server key does not match its certificate");
+      return bad_tls_material("the server key does not match its certificate");
     // httplib ignores whether the CA file loads; check it, and name the
     // acceptable CAs in the handshake.
     auto* names = SSL_load_client_CA_file(ca.c_str());
     if (names == nullptr)
-      return bad_tls("no CA certificate in the client CA file " + ca);
+      return bad_tls_material("no CA certificate in the client CA file " + ca);
     SSL_CTX_set_client_CA_list(ctx, names);
     ERR_clear_error();
     return caf::none;

@@ -21,6 +21,7 @@
 #include "tests/support/fault_table.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/process.hpp"
+#include "tests/support/proxy_helpers.hpp"
 
 namespace hsm {
 namespace {
@@ -32,11 +33,6 @@ constexpr const char* user_pin = "engine-user-pin-2718";
 constexpr const char* so_pin = "engine-so-pin-3141";
 constexpr const char* token_label = "engine";
 
-std::string softhsm_module() {
-  if (const char* m = std::getenv("SOFTHSM2_MODULE"))
-    return m;
-  return "/usr/lib/softhsm/libsofthsm2.so";
-}
 
 class EngineTest : public ::testing::Test {
 protected:
@@ -45,14 +41,10 @@ protected:
     dir = std::filesystem::temp_directory_path()
           / ("hsm-driver-engine-" + std::to_string(::getpid()) + "-"
              + std::to_string(rd() % 100000));
-    std::filesystem::create_directories(dir / "tokens");
-    std::ofstream{dir / "softhsm2.conf"}
-      << "directories.tokendir = " << (dir / "tokens").string() << "\n"
-      << "objectstore.backend = file\nlog.level = ERROR\n"
-      << "slots.removable = false\n";
+    test::write_softhsm_conf(dir);
     ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
     env = {{"SOFTHSM2_CONF", (dir / "softhsm2.conf").string()},
-           {"PKCS11_MODULE", softhsm_module()},
+           {"PKCS11_MODULE", test::softhsm_module()},
            {"PKCS11_THALES_MODULE", ""},
            {"PKCS11_IBM_MODULE", ""},
            {"USER_PIN_FILE", ""},
@@ -92,7 +84,7 @@ protected:
 
   daemon_options options(size_t sessions = 2) {
     daemon_options o;
-    o.cfg.pkcs11_module = softhsm_module();
+    o.cfg.pkcs11_module = test::softhsm_module();
     o.cfg.token_label = token_label;
     o.cfg.master_key_label = "hsm-driver-master";
     o.cfg.sqlite_path = dir / "keys.db";
@@ -116,20 +108,9 @@ protected:
     drv = std::move(*d);
   }
 
-  /// Waits until request `id` is done; returns its state.
   json await_done(const std::string& id,
                   std::chrono::milliseconds timeout = 30000ms) {
-    auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      auto st = proxy->request_state(id);
-      if (st && (*st)["state"] == "done")
-        return *st;
-      std::this_thread::sleep_for(10ms);
-    }
-    ADD_FAILURE() << "request " << id << " not done: "
-                  << (proxy->request_state(id) ? proxy->request_state(id)->dump()
-                                               : "unknown");
-    return json{};
+    return test::await_done(*proxy, id, timeout);
   }
 
   json generate(const std::string& key_id, const std::string& s) {
@@ -143,10 +124,6 @@ protected:
                                    {"payload", crypto::to_hex(payload)}});
   }
 
-  static std::vector<uint8_t> unhex(const json& j) {
-    auto v = crypto::from_hex(j.get<std::string>());
-    return v ? *v : std::vector<uint8_t>{};
-  }
 
   std::filesystem::path dir;
   std::map<std::string, std::string> env;
@@ -162,23 +139,23 @@ TEST_F(EngineTest, EveryServedSchemeGeneratesAndSignsThroughTheProxy) {
     auto name = std::string{to_string(s)};
     auto gen = generate("e2e-" + name, name);
     ASSERT_TRUE(gen["ok"].get<bool>()) << gen.dump();
-    auto pub = unhex(gen["result"]["public_key"]);
+    auto pub = test::unhex(gen["result"]["public_key"]);
     auto payload = is_ecdsa(s) ? test::sha256("e2e " + name)
                                : std::vector<uint8_t>{'m', 's', 'g'};
     auto sig = await_done(enqueue_sign("e2e-" + name, payload));
     ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
     if (is_ecdsa(s)) {
       EXPECT_TRUE(test::openssl_verify(s, pub, payload,
-                                       unhex(sig["result"]["der"])))
+                                       test::unhex(sig["result"]["der"])))
         << name;
       EXPECT_TRUE(sig["result"].contains("recovery_id"));
       if (s == scheme::secp256k1) {
         EXPECT_TRUE(test::is_low_s_secp256k1(
-          unhex(sig["result"]["signature"])));
+          test::unhex(sig["result"]["signature"])));
       }
     } else {
       EXPECT_TRUE(test::openssl_verify(s, pub, payload,
-                                       unhex(sig["result"]["signature"])));
+                                       test::unhex(sig["result"]["signature"])));
     }
   }
   EXPECT_EQ(proxy->stats().max_in_flight.count("engine-driver"), 1u);

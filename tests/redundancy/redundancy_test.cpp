@@ -19,6 +19,7 @@
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/pg_cluster.hpp"
 #include "tests/support/process.hpp"
+#include "tests/support/proxy_helpers.hpp"
 
 namespace hsm {
 namespace {
@@ -29,11 +30,6 @@ using namespace std::chrono_literals;
 constexpr const char* user_pin = "redundancy-pin-1618";
 constexpr const char* so_pin = "redundancy-so-1414";
 
-std::string softhsm_module() {
-  if (const char* m = std::getenv("SOFTHSM2_MODULE"))
-    return m;
-  return "/usr/lib/softhsm/libsofthsm2.so";
-}
 
 /// Writes a 0600 file with 64 random hex characters: a test master key.
 void write_master_value(const std::filesystem::path& path) {
@@ -87,7 +83,7 @@ protected:
   std::map<std::string, std::string> driver_env(const std::string& name) {
     auto conf = dir / name / "softhsm2.conf";
     return {{"SOFTHSM2_CONF", conf.string()},
-            {"PKCS11_MODULE", softhsm_module()},
+            {"PKCS11_MODULE", test::softhsm_module()},
             {"PKCS11_THALES_MODULE", ""},
             {"PKCS11_IBM_MODULE", ""},
             {"USER_PIN_FILE", ""},
@@ -101,11 +97,7 @@ protected:
 
   /// A token of its own for `name`, its master key made from `value_file`.
   void make_hsm(const std::string& name, const std::string& value_file) {
-    std::filesystem::create_directories(dir / name / "tokens");
-    std::ofstream{dir / name / "softhsm2.conf"}
-      << "directories.tokendir = " << (dir / name / "tokens").string()
-      << "\nobjectstore.backend = file\nlog.level = ERROR\n"
-      << "slots.removable = false\n";
+    test::write_softhsm_conf(dir / name);
     auto env = driver_env(name);
     auto init = test::run_driver({"token", "init"}, env);
     ASSERT_EQ(init.exit_code, 0) << init.out << init.err;
@@ -142,16 +134,8 @@ protected:
     return {std::istreambuf_iterator<char>{in}, {}};
   }
 
-  json await_done(const std::string& id, std::chrono::seconds timeout = 60s) {
-    auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      auto st = proxy->request_state(id);
-      if (st && (*st)["state"] == "done")
-        return *st;
-      std::this_thread::sleep_for(10ms);
-    }
-    ADD_FAILURE() << "request " << id << " not done";
-    return json{{"ok", false}};
+  json await_done(const std::string& id) {
+    return test::await_done(*proxy, id);
   }
 
   std::string enqueue_generate(const std::string& key_id,
@@ -165,10 +149,6 @@ protected:
                                    {"payload", crypto::to_hex(payload)}});
   }
 
-  static std::vector<uint8_t> unhex(const json& j) {
-    auto v = crypto::from_hex(j.get<std::string>());
-    return v ? *v : std::vector<uint8_t>{};
-  }
 
   /// A mixed load: `n` requests, every third a generate, the rest signs
   /// with `keys`. Returns the request ids with what they are.
@@ -211,7 +191,7 @@ protected:
       auto rec = (*st)->get(key_id);
       EXPECT_TRUE(test::openssl_verify((*rec)->scheme, (*rec)->public_key,
                                        test::sha256("check " + key_id),
-                                       unhex(done["result"]["der"])))
+                                       test::unhex(done["result"]["der"])))
         << key_id;
     }
   }

@@ -38,15 +38,8 @@ public:
     std::random_device rd;
     auto dir = base / ("hsm-driver-it-" + std::to_string(::getpid()) + "-"
                        + std::to_string(rd() % 100000));
-    std::filesystem::create_directories(dir / "tokens");
     work_dir_storage() = dir;
-    std::ofstream conf{dir / "softhsm2.conf"};
-    conf << "directories.tokendir = " << (dir / "tokens").string() << "\n"
-         << "objectstore.backend = file\n"
-         << "log.level = ERROR\n"
-         << "slots.removable = false\n";
-    conf.close();
-    ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
+    ::setenv("SOFTHSM2_CONF", write_softhsm_conf(dir).c_str(), 1);
   }
 
   void TearDown() override {
@@ -59,11 +52,6 @@ public:
 
 } // namespace
 
-std::string softhsm_module() {
-  if (const char* m = std::getenv("SOFTHSM2_MODULE"))
-    return m;
-  return "/usr/lib/softhsm/libsofthsm2.so";
-}
 
 const std::filesystem::path& work_dir() {
   return work_dir_storage();

@@ -19,6 +19,7 @@
 #include "runtime/pkcs11/session.hpp"
 #include "tests/support/fault_table.hpp"
 #include "tests/support/process.hpp"
+#include "tests/support/proxy_helpers.hpp"
 
 namespace hsm::test {
 
@@ -26,9 +27,6 @@ namespace hsm::test {
 inline constexpr std::string_view user_pin = "test-user-pin-4711";
 /// The SO PIN of every test token. Test-only.
 inline constexpr std::string_view so_pin = "test-so-pin-0815";
-
-/// The SoftHSMv2 module path.
-std::string softhsm_module();
 
 /// This run's temporary folder (removed at exit).
 const std::filesystem::path& work_dir();

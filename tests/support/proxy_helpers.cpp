@@ -1,0 +1,50 @@
+#include "tests/support/proxy_helpers.hpp"
+
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "runtime/crypto/hex.hpp"
+
+namespace hsm::test {
+
+std::string softhsm_module() {
+  if (const char* m = std::getenv("SOFTHSM2_MODULE"))
+    return m;
+  return "/usr/lib/softhsm/libsofthsm2.so";
+}
+
+std::filesystem::path write_softhsm_conf(const std::filesystem::path& dir) {
+  std::filesystem::create_directories(dir / "tokens");
+  auto conf = dir / "softhsm2.conf";
+  std::ofstream{conf} << "directories.tokendir = " << (dir / "tokens").string()
+                      << "\nobjectstore.backend = file\nlog.level = ERROR\n"
+                      << "slots.removable = false\n";
+  return conf;
+}
+
+nlohmann::json await_done(net::reference_proxy& proxy, const std::string& id,
+                          std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto st = proxy.request_state(id);
+    if (st && (*st)["state"] == "done")
+      return *st;
+    std::this_thread::sleep_for(std::chrono::milliseconds{10});
+  }
+  auto st = proxy.request_state(id);
+  ADD_FAILURE() << "request " << id << " not done: "
+                << (st ? st->dump() : "unknown");
+  return nlohmann::json{{"ok", false}};
+}
+
+std::vector<uint8_t> unhex(const nlohmann::json& j) {
+  if (!j.is_string())
+    return {};
+  auto v = crypto::from_hex(j.get<std::string>());
+  return v ? *v : std::vector<uint8_t>{};
+}
+
+} // namespace hsm::test

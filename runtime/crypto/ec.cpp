@@ -1,5 +1,7 @@
 #include "runtime/crypto/ec.hpp"
 
+#include "runtime/crypto/ossl.hpp"
+
 #include <openssl/bn.h>
 #include <openssl/ec.h>
 #include <openssl/err.h>
@@ -12,19 +14,6 @@ namespace hsm::crypto {
 
 namespace {
 
-// -- OpenSSL ownership --------------------------------------------------------
-
-template <auto Free>
-struct ossl_deleter {
-  template <class T>
-  void operator()(T* ptr) const {
-    Free(ptr);
-  }
-};
-
-using group_ptr = std::unique_ptr<EC_GROUP, ossl_deleter<EC_GROUP_free>>;
-using point_ptr = std::unique_ptr<EC_POINT, ossl_deleter<EC_POINT_free>>;
-using bn_ctx_ptr = std::unique_ptr<BN_CTX, ossl_deleter<BN_CTX_free>>;
 
 // -- helpers ------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 #include "runtime/crypto/signature.hpp"
 
+#include "runtime/crypto/ossl.hpp"
+
 #include "caf/sec.hpp"
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -19,30 +21,11 @@ namespace hsm::crypto {
 
 namespace {
 
-// -- OpenSSL and libsecp256k1 ownership ---------------------------------------
+// -- OpenSSL and libsecp256k1 ownership (common ones: ossl.hpp) --------------
 
-template <auto Free>
-struct c_deleter {
-  template <class T>
-  void operator()(T* ptr) const {
-    Free(ptr);
-  }
-};
-
-using bn_ptr = std::unique_ptr<BIGNUM, c_deleter<BN_free>>;
-using bn_ctx_ptr = std::unique_ptr<BN_CTX, c_deleter<BN_CTX_free>>;
-using group_ptr = std::unique_ptr<EC_GROUP, c_deleter<EC_GROUP_free>>;
-using point_ptr = std::unique_ptr<EC_POINT, c_deleter<EC_POINT_free>>;
-using ecdsa_sig_ptr = std::unique_ptr<ECDSA_SIG, c_deleter<ECDSA_SIG_free>>;
-using pkey_ptr = std::unique_ptr<EVP_PKEY, c_deleter<EVP_PKEY_free>>;
-using pkey_ctx_ptr
-  = std::unique_ptr<EVP_PKEY_CTX, c_deleter<EVP_PKEY_CTX_free>>;
-using md_ctx_ptr = std::unique_ptr<EVP_MD_CTX, c_deleter<EVP_MD_CTX_free>>;
-using param_bld_ptr
-  = std::unique_ptr<OSSL_PARAM_BLD, c_deleter<OSSL_PARAM_BLD_free>>;
-using params_ptr = std::unique_ptr<OSSL_PARAM, c_deleter<OSSL_PARAM_free>>;
+using params_ptr = std::unique_ptr<OSSL_PARAM, ossl_deleter<OSSL_PARAM_free>>;
 using secp_ctx_ptr
-  = std::unique_ptr<secp256k1_context, c_deleter<secp256k1_context_destroy>>;
+  = std::unique_ptr<secp256k1_context, ossl_deleter<secp256k1_context_destroy>>;
 
 // -- constants ----------------------------------------------------------------
 

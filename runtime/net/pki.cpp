@@ -1,5 +1,6 @@
 #include "runtime/net/pki.hpp"
 
+#include "runtime/crypto/ossl.hpp"
 #include "runtime/net/openssl_error.hpp"
 
 #include <fcntl.h>
@@ -28,32 +29,19 @@ namespace hsm::net {
 
 namespace {
 
-// -- OpenSSL ownership --------------------------------------------------------
-
-template <auto Free>
-struct ossl_deleter {
-  template <class T>
-  void operator()(T* ptr) const {
-    Free(ptr);
-  }
-};
-
-using pkey_ptr = std::unique_ptr<EVP_PKEY, ossl_deleter<EVP_PKEY_free>>;
-using x509_ptr = std::unique_ptr<X509, ossl_deleter<X509_free>>;
-using bio_ptr = std::unique_ptr<BIO, ossl_deleter<BIO_free_all>>;
-using bn_ptr = std::unique_ptr<BIGNUM, ossl_deleter<BN_free>>;
-using asn1_int_ptr
-  = std::unique_ptr<ASN1_INTEGER, ossl_deleter<ASN1_INTEGER_free>>;
-using ext_ptr
-  = std::unique_ptr<X509_EXTENSION, ossl_deleter<X509_EXTENSION_free>>;
-using names_ptr
-  = std::unique_ptr<GENERAL_NAMES, ossl_deleter<GENERAL_NAMES_free>>;
+using crypto::asn1_int_ptr;
+using crypto::bio_ptr;
+using crypto::bn_ptr;
+using crypto::ext_ptr;
+using crypto::names_ptr;
+using crypto::pkey_ptr;
+using crypto::x509_ptr;
 using gen_name_ptr
-  = std::unique_ptr<GENERAL_NAME, ossl_deleter<GENERAL_NAME_free>>;
+  = std::unique_ptr<GENERAL_NAME, crypto::ossl_deleter<GENERAL_NAME_free>>;
 using octets_ptr
-  = std::unique_ptr<ASN1_OCTET_STRING, ossl_deleter<ASN1_OCTET_STRING_free>>;
+  = std::unique_ptr<ASN1_OCTET_STRING, crypto::ossl_deleter<ASN1_OCTET_STRING_free>>;
 using ia5_ptr
-  = std::unique_ptr<ASN1_IA5STRING, ossl_deleter<ASN1_IA5STRING_free>>;
+  = std::unique_ptr<ASN1_IA5STRING, crypto::ossl_deleter<ASN1_IA5STRING_free>>;
 
 // -- file names ---------------------------------------------------------------
 

@@ -1,13 +1,14 @@
-// The PostgreSQL key store against a real server: the same contract as the
-// SQLite store (tests/integration/sqlite_store_test.cpp), plus what only a
-// server brings: drivers racing on one database, lost connections, restarts,
-// crashes, unreachable and read-only servers. Each test runs on a database
-// of its own (tests/support/pg_cluster.hpp).
+// The PostgreSQL key store against a real server: the key-store contract
+// (tests/support/key_store_contract.hpp), plus what only a server brings:
+// drivers racing on one database, lost connections, restarts, crashes,
+// unreachable and read-only servers, server-side SQL errors. Each test runs
+// on a database of its own (tests/support/pg_cluster.hpp).
 
 #include "store/pg_store.hpp"
 
 #include "messages/errors.hpp"
 #include "runtime/schemes.hpp"
+#include "tests/support/key_store_contract.hpp"
 #include "tests/support/pg_cluster.hpp"
 
 #include <gtest/gtest.h>
@@ -21,24 +22,23 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <latch>
 #include <memory>
-#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
-
 namespace {
 
 using namespace std::chrono_literals;
-using hsm::store::canary_record;
-using hsm::store::key_record;
+using hsm::store::key_store;
 using hsm::store::migration;
 using hsm::store::pg_options;
 using hsm::store::pg_store;
-using hsm::store::put_result;
+using hsm::test::contains;
+using hsm::test::expect_same_key;
+using hsm::test::is_store_error;
+using hsm::test::sample_key;
 
 // -- helpers ------------------------------------------------------------------
 
@@ -67,73 +67,6 @@ std::string scalar(const std::string& url, const std::string& sql) {
     }
     std::this_thread::sleep_for(100ms);
   }
-}
-
-/// Passes if `err` is the store error `code`.
-::testing::AssertionResult is_store_error(const caf::error& err,
-                                          hsm::store_errc code) {
-  if (err.category() == caf::atom("store")
-      && err.code() == static_cast<uint8_t>(code))
-    return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << "expected store: " << hsm::to_string(code) << ", got "
-         << hsm::describe(err);
-}
-
-/// True if `text` contains `part`.
-::testing::AssertionResult contains(const std::string& text,
-                                    const std::string& part) {
-  if (text.find(part) != std::string::npos)
-    return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << "'" << text << "' does not contain '" << part << "'";
-}
-
-/// A plausible wrapped key of `s` (the blob holds zero bytes on purpose).
-key_record sample_key(std::string key_id, hsm::scheme s, uint8_t seed) {
-  key_record rec;
-  rec.key_id = std::move(key_id);
-  rec.scheme = s;
-  if (s == hsm::scheme::ed25519) {
-    rec.public_key.assign(32, seed);
-  } else {
-    rec.public_key.assign(65, seed);
-    rec.public_key[0] = 0x04;
-  }
-  for (uint8_t i = 0; i < 40; ++i)
-    rec.key_blob.push_back(static_cast<uint8_t>(i * seed));
-  rec.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
-  rec.created_at_ms = 1'700'000'000'000 + seed;
-  return rec;
-}
-
-/// A canary whose bytes depend on `seed`.
-canary_record sample_canary(uint8_t seed) {
-  canary_record c;
-  c.public_key.assign(65, seed);
-  c.public_key[0] = 0x04;
-  c.wrapped_key.assign(40, static_cast<uint8_t>(seed + 1));
-  c.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
-  c.master_key_label = "master-" + std::to_string(seed);
-  c.created_at_ms = 1'700'000'000'000 + seed;
-  return c;
-}
-
-void expect_same_key(const key_record& x, const key_record& y) {
-  EXPECT_EQ(x.key_id, y.key_id);
-  EXPECT_EQ(hsm::to_string(x.scheme), hsm::to_string(y.scheme));
-  EXPECT_EQ(x.public_key, y.public_key);
-  EXPECT_EQ(x.key_blob, y.key_blob);
-  EXPECT_EQ(x.wrap_mechanism, y.wrap_mechanism);
-  EXPECT_EQ(x.created_at_ms, y.created_at_ms);
-}
-
-void expect_same_canary(const canary_record& x, const canary_record& y) {
-  EXPECT_EQ(x.public_key, y.public_key);
-  EXPECT_EQ(x.wrapped_key, y.wrapped_key);
-  EXPECT_EQ(x.wrap_mechanism, y.wrap_mechanism);
-  EXPECT_EQ(x.master_key_label, y.master_key_label);
-  EXPECT_EQ(x.created_at_ms, y.created_at_ms);
 }
 
 /// A loopback TCP port that nothing listens on (bound, then released).
@@ -173,19 +106,77 @@ pg_options restart_budget() {
   return opts;
 }
 
+
+// -- the contract -------------------------------------------------------------
+
+/// The PostgreSQL back end of the key-store contract: a database of its own
+/// on the test cluster.
+struct pg_traits {
+  /// The database's URL.
+  using location = std::string;
+
+  /// A new database, or "" after a test failure.
+  static location fresh_location() {
+    return hsm::test::fresh_database();
+  }
+
+  /// Drops the database.
+  static void remove_location(const location& url) {
+    hsm::test::drop_database(url);
+  }
+
+  static std::vector<migration> migrations() {
+    return hsm::store::postgres_migrations();
+  }
+
+  static caf::expected<std::unique_ptr<key_store>>
+  open(const location& url, std::vector<migration> ms) {
+    auto store = pg_store::open(url, {}, std::move(ms));
+    if (!store)
+      return std::move(store.error());
+    return std::unique_ptr<key_store>{std::move(*store)};
+  }
+
+  static std::string exec(const location& url, const std::string& sql) {
+    auto out = ::scalar(url, sql);
+    return out.starts_with("<error") ? out : std::string{};
+  }
+
+  static std::string scalar(const location& url, const std::string& sql) {
+    return ::scalar(url, sql);
+  }
+
+  static std::string table_count(const location& url,
+                                 const std::string& table) {
+    return ::scalar(url, "SELECT COUNT(*) FROM information_schema.tables "
+                         "WHERE table_name = '"
+                           + table + "'");
+  }
+
+  /// The CHECK constraint guards the column; drop it to damage the row.
+  static std::string corrupt_scheme(const location& url,
+                                    const std::string& key_id) {
+    auto out = exec(url, "ALTER TABLE keys DROP CONSTRAINT keys_scheme_check");
+    if (!out.empty())
+      return out;
+    return exec(url, "UPDATE keys SET scheme = 'schnorr' WHERE key_id = '"
+                       + key_id + "'");
+  }
+};
+
 // -- fixture ------------------------------------------------------------------
 
 /// A fresh database per test, dropped afterwards.
 class PgStoreTest : public ::testing::Test {
 protected:
   void SetUp() override {
-    url = hsm::test::fresh_database();
+    url = pg_traits::fresh_location();
     ASSERT_FALSE(url.empty()) << "no PostgreSQL test database (see above)";
     db_name = scalar(url, "SELECT current_database()");
   }
 
   void TearDown() override {
-    hsm::test::drop_database(url);
+    pg_traits::remove_location(url);
   }
 
   /// Opens `url` (or `other`), failing the test on error.
@@ -244,26 +235,6 @@ TEST_F(PgStoreTest, OpenAppliesSchemaVersionOne) {
             "2");
 }
 
-TEST_F(PgStoreTest, ReopenKeepsVersionAndData) {
-  auto rec = sample_key("k1", hsm::scheme::secp256k1, 7);
-  {
-    auto store = open_store();
-    ASSERT_NE(store, nullptr);
-    ASSERT_TRUE(store->put(rec));
-  }
-  for (int i = 0; i < 2; ++i) {
-    auto store = open_store();
-    ASSERT_NE(store, nullptr);
-    auto version = store->schema_version();
-    ASSERT_TRUE(version) << hsm::describe(version.error());
-    EXPECT_EQ(*version, 1);
-    auto got = store->get("k1");
-    ASSERT_TRUE(got) << hsm::describe(got.error());
-    ASSERT_TRUE(got->has_value());
-    expect_same_key(**got, rec);
-  }
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "1");
-}
 
 TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
   constexpr size_t openers = 4;
@@ -293,176 +264,8 @@ TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
   }
 }
 
-TEST_F(PgStoreTest, AppliesNewMigrationsOnReopen) {
-  ASSERT_NE(open_store(), nullptr);
-  auto migrations = hsm::store::postgres_migrations();
-  migrations.push_back(
-    migration{2, "0002_extra.sql", "CREATE TABLE extra (x INTEGER);"});
-  auto store = pg_store::open(url, {}, migrations);
-  ASSERT_TRUE(store) << hsm::describe(store.error());
-  auto version = (*store)->schema_version();
-  ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 2);
-  store->reset();
-  // An older build now refuses the database.
-  auto old = pg_store::open(url);
-  ASSERT_FALSE(old);
-  EXPECT_TRUE(is_store_error(old.error(), hsm::store_errc::schema_too_new));
-}
 
-TEST_F(PgStoreTest, FailedMigrationAppliesNothing) {
-  ASSERT_NE(open_store(), nullptr);
-  auto migrations = hsm::store::postgres_migrations();
-  migrations.push_back(migration{2, "0002_broken.sql",
-                                 "CREATE TABLE extra (x INTEGER);"
-                                 "SELECT nonsense FROM nowhere;"});
-  auto store = pg_store::open(url, {}, migrations);
-  ASSERT_FALSE(store);
-  EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::query_failed));
-  EXPECT_TRUE(contains(hsm::describe(store.error()), "0002_broken.sql"));
-  EXPECT_EQ(sql("SELECT MAX(version) FROM schema_migrations"), "1");
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM information_schema.tables "
-                "WHERE table_name = 'extra'"),
-            "0");
-}
-
-TEST_F(PgStoreTest, NewerSchemaIsRefused) {
-  ASSERT_EQ(sql("CREATE TABLE schema_migrations ("
-                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-                "applied_at_ms BIGINT NOT NULL)"),
-            "<none>");
-  ASSERT_EQ(sql("INSERT INTO schema_migrations VALUES "
-                "(1, '0001_init.sql', 0), (99, '0099_future.sql', 0)"),
-            "<none>");
-  auto start = std::chrono::steady_clock::now();
-  auto store = pg_store::open(url);
-  ASSERT_FALSE(store);
-  EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::schema_too_new));
-  auto text = hsm::describe(store.error());
-  EXPECT_TRUE(contains(text, "99"));
-  EXPECT_TRUE(contains(text, "migration 1"));
-  // Not retried: the answer will not change.
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
-  // Nothing was written.
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM information_schema.tables "
-                "WHERE table_name = 'keys'"),
-            "0");
-}
-
-// -- keys ---------------------------------------------------------------------
-
-TEST_F(PgStoreTest, PutThenGetRoundTripsEveryField) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  uint8_t seed = 1;
-  for (auto s : hsm::all_schemes) {
-    SCOPED_TRACE(std::string{hsm::to_string(s)});
-    auto rec = sample_key("key-" + std::string{hsm::to_string(s)}, s, seed++);
-    auto put = store->put(rec);
-    ASSERT_TRUE(put) << hsm::describe(put.error());
-    EXPECT_TRUE(put->inserted);
-    expect_same_key(put->record, rec);
-    auto got = store->get(rec.key_id);
-    ASSERT_TRUE(got) << hsm::describe(got.error());
-    ASSERT_TRUE(got->has_value());
-    expect_same_key(**got, rec);
-    EXPECT_FALSE((*got)->resident());
-  }
-  // Bytes that text encodings mangle survive too.
-  auto rec = sample_key("all-bytes", hsm::scheme::p256, 0);
-  rec.key_blob.clear();
-  for (int i = 0; i < 256; ++i)
-    rec.key_blob.push_back(static_cast<uint8_t>(i));
-  ASSERT_TRUE(store->put(rec));
-  auto got = store->get("all-bytes");
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  ASSERT_TRUE(got->has_value());
-  expect_same_key(**got, rec);
-  EXPECT_EQ(sql("SELECT length(key_blob) FROM keys "
-                "WHERE key_id = 'all-bytes'"),
-            "256");
-}
-
-TEST_F(PgStoreTest, ResidentKeyRoundTrips) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  auto rec = sample_key("resident-1", hsm::scheme::p256, 9);
-  rec.key_blob = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08};
-  rec.wrap_mechanism = std::string{hsm::store::resident_mechanism};
-  auto put = store->put(rec);
-  ASSERT_TRUE(put) << hsm::describe(put.error());
-  EXPECT_TRUE(put->inserted);
-  auto got = store->get("resident-1");
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  ASSERT_TRUE(got->has_value());
-  expect_same_key(**got, rec);
-  EXPECT_TRUE((*got)->resident());
-  EXPECT_EQ((*got)->wrap_mechanism, "token-resident");
-}
-
-TEST_F(PgStoreTest, EmptyBlobRoundTrips) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  auto rec = sample_key("empty-blob", hsm::scheme::ed25519, 5);
-  rec.key_blob.clear();
-  ASSERT_TRUE(store->put(rec));
-  auto got = store->get("empty-blob");
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  ASSERT_TRUE(got->has_value());
-  expect_same_key(**got, rec);
-  EXPECT_EQ(sql("SELECT key_blob IS NULL FROM keys"), "f");
-}
-
-TEST_F(PgStoreTest, SecondPutWithSameKeyIdReturnsFirstRecord) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  auto first = sample_key("dup", hsm::scheme::secp256k1, 1);
-  auto second = sample_key("dup", hsm::scheme::secp256k1, 2);
-  ASSERT_NE(first.public_key, second.public_key);
-  auto put1 = store->put(first);
-  ASSERT_TRUE(put1) << hsm::describe(put1.error());
-  EXPECT_TRUE(put1->inserted);
-  auto put2 = store->put(second);
-  ASSERT_TRUE(put2) << hsm::describe(put2.error());
-  EXPECT_FALSE(put2->inserted);
-  expect_same_key(put2->record, first);
-  auto got = store->get("dup");
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  ASSERT_TRUE(got->has_value());
-  expect_same_key(**got, first);
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM keys"), "1");
-}
-
-TEST_F(PgStoreTest, GetOfUnknownKeyIdIsNullopt) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  auto got = store->get("nobody");
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  EXPECT_FALSE(got->has_value());
-  auto empty = store->get("");
-  ASSERT_TRUE(empty) << hsm::describe(empty.error());
-  EXPECT_FALSE(empty->has_value());
-}
-
-TEST_F(PgStoreTest, CorruptSchemeIsCorruptRow) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  ASSERT_TRUE(store->put(sample_key("bad-scheme", hsm::scheme::p256, 3)));
-  // The CHECK constraint guards the column; drop it to damage the row.
-  ASSERT_EQ(sql("ALTER TABLE keys DROP CONSTRAINT keys_scheme_check"),
-            "<none>");
-  ASSERT_EQ(sql("UPDATE keys SET scheme = 'schnorr' "
-                "WHERE key_id = 'bad-scheme'"),
-            "<none>");
-  auto got = store->get("bad-scheme");
-  ASSERT_FALSE(got);
-  EXPECT_TRUE(is_store_error(got.error(), hsm::store_errc::corrupt_row));
-  EXPECT_TRUE(contains(hsm::describe(got.error()), "bad-scheme"));
-  // A put that hits the damaged row reports it too.
-  auto put = store->put(sample_key("bad-scheme", hsm::scheme::p256, 4));
-  ASSERT_FALSE(put);
-  EXPECT_TRUE(is_store_error(put.error(), hsm::store_errc::corrupt_row));
-}
+// -- server-side errors -------------------------------------------------------
 
 TEST_F(PgStoreTest, SqlErrorIsQueryFailedWithoutKeyMaterial) {
   auto store = open_store();
@@ -482,80 +285,6 @@ TEST_F(PgStoreTest, SqlErrorIsQueryFailedWithoutKeyMaterial) {
   // The blob's bytes 0x00 0x5a 0xb4 ... as PostgreSQL prints them.
   EXPECT_FALSE(contains(text, "\\x005ab4"));
   EXPECT_FALSE(contains(text, "Failing row"));
-}
-
-TEST_F(PgStoreTest, RacingStoresKeepOneRecordPerKeyId) {
-  constexpr int n = 200;
-  auto store_a = open_store();
-  auto store_b = open_store();
-  ASSERT_NE(store_a, nullptr);
-  ASSERT_NE(store_b, nullptr);
-  struct outcome {
-    std::vector<put_result> results;
-    std::vector<std::string> errors;
-  };
-  outcome out_a;
-  outcome out_b;
-  std::latch start{2};
-  auto run = [&](pg_store& store, uint8_t tag, outcome& out) {
-    start.arrive_and_wait();
-    for (int i = 0; i < n; ++i) {
-      auto s = hsm::all_schemes[static_cast<size_t>(i) % 3];
-      auto rec = sample_key("race-" + std::to_string(i), s, tag);
-      rec.public_key[1] = static_cast<uint8_t>(i);
-      auto res = store.put(rec);
-      if (res)
-        out.results.push_back(std::move(*res));
-      else
-        out.errors.push_back(hsm::describe(res.error()));
-    }
-  };
-  std::thread a{run, std::ref(*store_a), uint8_t{0xA1}, std::ref(out_a)};
-  std::thread b{run, std::ref(*store_b), uint8_t{0xB2}, std::ref(out_b)};
-  a.join();
-  b.join();
-  ASSERT_TRUE(out_a.errors.empty()) << out_a.errors.front();
-  ASSERT_TRUE(out_b.errors.empty()) << out_b.errors.front();
-  ASSERT_EQ(out_a.results.size(), size_t{n});
-  ASSERT_EQ(out_b.results.size(), size_t{n});
-  for (size_t i = 0; i < size_t{n}; ++i) {
-    const auto& ra = out_a.results[i];
-    const auto& rb = out_b.results[i];
-    SCOPED_TRACE(ra.record.key_id);
-    EXPECT_EQ(ra.record.public_key, rb.record.public_key);
-    EXPECT_NE(ra.inserted, rb.inserted);
-    auto got = store_a->get(ra.record.key_id);
-    ASSERT_TRUE(got) << hsm::describe(got.error());
-    ASSERT_TRUE(got->has_value());
-    EXPECT_EQ((*got)->public_key, ra.record.public_key);
-  }
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM keys"), std::to_string(n));
-  EXPECT_EQ(sql("SELECT COUNT(DISTINCT key_id) FROM keys"), std::to_string(n));
-}
-
-// -- canary -------------------------------------------------------------------
-
-TEST_F(PgStoreTest, CanaryIsAbsentThenFirstPutWins) {
-  auto store = open_store();
-  ASSERT_NE(store, nullptr);
-  auto none = store->get_canary();
-  ASSERT_TRUE(none) << hsm::describe(none.error());
-  EXPECT_FALSE(none->has_value());
-  auto first = sample_canary(1);
-  auto put1 = store->put_canary(first);
-  ASSERT_TRUE(put1) << hsm::describe(put1.error());
-  expect_same_canary(*put1, first);
-  // Another driver's store loses too.
-  auto other = open_store();
-  ASSERT_NE(other, nullptr);
-  auto put2 = other->put_canary(sample_canary(2));
-  ASSERT_TRUE(put2) << hsm::describe(put2.error());
-  expect_same_canary(*put2, first);
-  auto got = store->get_canary();
-  ASSERT_TRUE(got) << hsm::describe(got.error());
-  ASSERT_TRUE(got->has_value());
-  expect_same_canary(**got, first);
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM master_key_canary"), "1");
 }
 
 // -- connections --------------------------------------------------------------
@@ -716,3 +445,11 @@ TEST_F(PgStoreTest, StoreLeavesAServerThatTurnedReadOnly) {
 }
 
 } // namespace
+
+// The contract, on this back end (in the suite's namespace, where the
+// instantiation macro looks for it).
+namespace hsm::test {
+
+INSTANTIATE_TYPED_TEST_SUITE_P(Postgres, KeyStoreContractTest, pg_traits);
+
+} // namespace hsm::test

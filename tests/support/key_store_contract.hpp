@@ -1,0 +1,454 @@
+#pragma once
+
+// Test support: the key-store contract (store/key_store.hpp) as one typed
+// GoogleTest suite that every back end runs. A back end's test file defines
+// a traits struct and instantiates the suite with it:
+//
+//   INSTANTIATE_TYPED_TEST_SUITE_P(Sqlite, KeyStoreContractTest,
+//                                  sqlite_traits);
+//
+// The traits struct has these static members (see sqlite_store_test.cpp and
+// pg_store_test.cpp):
+//
+//   using location = ...;  // where one test's database lives; empty = none
+//   location fresh_location();  // a new, empty database, or empty after
+//                               // adding a test failure
+//   void remove_location(const location&);
+//   std::vector<migration> migrations();  // the back end's own list
+//   caf::expected<std::unique_ptr<key_store>>
+//   open(const location&, std::vector<migration>);
+//   std::string exec(const location&, const std::string& sql);  // "" or
+//                                                               // error
+//   std::string scalar(const location&, const std::string& sql);  // first
+//                    // column of the first row as text, "<none>" if none
+//   std::string table_count(const location&, const std::string& table);
+//   std::string corrupt_scheme(const location&, const std::string& key_id);
+//                    // sets the key's scheme to 'schnorr'; "" or error
+//
+// SQL given to `exec` and `scalar` is the dialect both back ends accept.
+
+#include "messages/errors.hpp"
+#include "runtime/schemes.hpp"
+#include "store/key_store.hpp"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <latch>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace hsm::test {
+
+// -- helpers ------------------------------------------------------------------
+
+/// Passes if `err` is the store error `code`.
+inline ::testing::AssertionResult is_store_error(const caf::error& err,
+                                                 hsm::store_errc code) {
+  if (err.category() == caf::atom("store")
+      && err.code() == static_cast<uint8_t>(code))
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "expected store: " << hsm::to_string(code) << ", got "
+         << hsm::describe(err);
+}
+
+/// Passes if `text` contains `part`.
+inline ::testing::AssertionResult contains(const std::string& text,
+                                           const std::string& part) {
+  if (text.find(part) != std::string::npos)
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "'" << text << "' does not contain '" << part << "'";
+}
+
+/// A plausible wrapped key of `s` (the blob holds zero bytes on purpose).
+inline hsm::store::key_record sample_key(std::string key_id, hsm::scheme s,
+                                         uint8_t seed) {
+  hsm::store::key_record rec;
+  rec.key_id = std::move(key_id);
+  rec.scheme = s;
+  if (s == hsm::scheme::ed25519) {
+    rec.public_key.assign(32, seed);
+  } else {
+    rec.public_key.assign(65, seed);
+    rec.public_key[0] = 0x04;
+  }
+  for (uint8_t i = 0; i < 40; ++i)
+    rec.key_blob.push_back(static_cast<uint8_t>(i * seed));
+  rec.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
+  rec.created_at_ms = 1'700'000'000'000 + seed;
+  return rec;
+}
+
+/// A canary whose bytes depend on `seed`.
+inline hsm::store::canary_record sample_canary(uint8_t seed) {
+  hsm::store::canary_record c;
+  c.public_key.assign(65, seed);
+  c.public_key[0] = 0x04;
+  c.wrapped_key.assign(40, static_cast<uint8_t>(seed + 1));
+  c.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
+  c.master_key_label = "master-" + std::to_string(seed);
+  c.created_at_ms = 1'700'000'000'000 + seed;
+  return c;
+}
+
+/// Expects every field of `x` and `y` to be equal.
+inline void expect_same_key(const hsm::store::key_record& x,
+                            const hsm::store::key_record& y) {
+  EXPECT_EQ(x.key_id, y.key_id);
+  EXPECT_EQ(hsm::to_string(x.scheme), hsm::to_string(y.scheme));
+  EXPECT_EQ(x.public_key, y.public_key);
+  EXPECT_EQ(x.key_blob, y.key_blob);
+  EXPECT_EQ(x.wrap_mechanism, y.wrap_mechanism);
+  EXPECT_EQ(x.created_at_ms, y.created_at_ms);
+}
+
+/// Expects every field of `x` and `y` to be equal.
+inline void expect_same_canary(const hsm::store::canary_record& x,
+                               const hsm::store::canary_record& y) {
+  EXPECT_EQ(x.public_key, y.public_key);
+  EXPECT_EQ(x.wrapped_key, y.wrapped_key);
+  EXPECT_EQ(x.wrap_mechanism, y.wrap_mechanism);
+  EXPECT_EQ(x.master_key_label, y.master_key_label);
+  EXPECT_EQ(x.created_at_ms, y.created_at_ms);
+}
+
+// -- fixture ------------------------------------------------------------------
+
+/// A fresh database per test (from `Traits`), removed afterwards.
+template <class Traits>
+class KeyStoreContractTest : public ::testing::Test {
+protected:
+  void SetUp() override {
+    where = Traits::fresh_location();
+    ASSERT_FALSE(where.empty()) << "no database for the test (see above)";
+  }
+
+  void TearDown() override {
+    if (!where.empty())
+      Traits::remove_location(where);
+  }
+
+  /// Opens this test's database with `ms`.
+  caf::expected<std::unique_ptr<hsm::store::key_store>>
+  open(std::vector<hsm::store::migration> ms = Traits::migrations()) {
+    return Traits::open(where, std::move(ms));
+  }
+
+  /// Opens this test's database, failing the test on error.
+  std::unique_ptr<hsm::store::key_store> open_store() {
+    auto store = open();
+    EXPECT_TRUE(store) << hsm::describe(store.error());
+    if (!store)
+      return nullptr;
+    return std::move(*store);
+  }
+
+  /// Runs statements on this test's database; "" or the error.
+  std::string exec(const std::string& statements) {
+    return Traits::exec(where, statements);
+  }
+
+  /// The first column of the first row of `query` on this test's database.
+  std::string sql(const std::string& query) {
+    return Traits::scalar(where, query);
+  }
+
+  /// How many tables named `table` this test's database has, as text.
+  std::string table_count(const std::string& table) {
+    return Traits::table_count(where, table);
+  }
+
+  typename Traits::location where;
+};
+
+TYPED_TEST_SUITE_P(KeyStoreContractTest);
+
+// -- opening and migrations ---------------------------------------------------
+
+TYPED_TEST_P(KeyStoreContractTest, ReopenKeepsVersionAndData) {
+  auto rec = sample_key("k1", hsm::scheme::secp256k1, 7);
+  {
+    auto store = this->open_store();
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->put(rec));
+  }
+  for (int i = 0; i < 2; ++i) {
+    auto store = this->open_store();
+    ASSERT_NE(store, nullptr);
+    auto version = store->schema_version();
+    ASSERT_TRUE(version) << hsm::describe(version.error());
+    EXPECT_EQ(*version, 1);
+    auto got = store->get("k1");
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    ASSERT_TRUE(got->has_value());
+    expect_same_key(**got, rec);
+  }
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM schema_migrations"), "1");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, AppliesNewMigrationsOnReopen) {
+  ASSERT_NE(this->open_store(), nullptr);
+  auto migrations = TypeParam::migrations();
+  migrations.push_back(hsm::store::migration{
+    2, "0002_extra.sql", "CREATE TABLE extra (x INTEGER);"});
+  auto store = this->open(migrations);
+  ASSERT_TRUE(store) << hsm::describe(store.error());
+  auto version = (*store)->schema_version();
+  ASSERT_TRUE(version) << hsm::describe(version.error());
+  EXPECT_EQ(*version, 2);
+  EXPECT_EQ(this->table_count("extra"), "1");
+  store->reset();
+  // An older build now refuses the database.
+  auto old = this->open();
+  ASSERT_FALSE(old);
+  EXPECT_TRUE(is_store_error(old.error(), hsm::store_errc::schema_too_new));
+}
+
+TYPED_TEST_P(KeyStoreContractTest, FailedMigrationAppliesNothing) {
+  ASSERT_NE(this->open_store(), nullptr);
+  auto migrations = TypeParam::migrations();
+  migrations.push_back(hsm::store::migration{2, "0002_broken.sql",
+                                             "CREATE TABLE extra (x INTEGER);"
+                                             "SELECT nonsense FROM nowhere;"});
+  auto store = this->open(migrations);
+  ASSERT_FALSE(store);
+  EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::query_failed));
+  EXPECT_TRUE(contains(hsm::describe(store.error()), "0002_broken.sql"));
+  EXPECT_EQ(this->sql("SELECT MAX(version) FROM schema_migrations"), "1");
+  EXPECT_EQ(this->table_count("extra"), "0");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, NewerSchemaIsRefused) {
+  ASSERT_EQ(this->exec("CREATE TABLE schema_migrations ("
+                       "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                       "applied_at_ms BIGINT NOT NULL)"),
+            "");
+  ASSERT_EQ(this->exec("INSERT INTO schema_migrations VALUES "
+                       "(1, '0001_init.sql', 0), (99, '0099_future.sql', 0)"),
+            "");
+  auto start = std::chrono::steady_clock::now();
+  auto store = this->open();
+  ASSERT_FALSE(store);
+  EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::schema_too_new));
+  auto text = hsm::describe(store.error());
+  EXPECT_TRUE(contains(text, "99"));
+  EXPECT_TRUE(contains(text, "migration 1"));
+  // Not retried: the answer will not change.
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::seconds{5});
+  // Nothing was written.
+  EXPECT_EQ(this->table_count("keys"), "0");
+}
+
+// -- keys ---------------------------------------------------------------------
+
+TYPED_TEST_P(KeyStoreContractTest, PutThenGetRoundTripsEveryField) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  uint8_t seed = 1;
+  for (auto s : hsm::all_schemes) {
+    SCOPED_TRACE(std::string{hsm::to_string(s)});
+    auto rec = sample_key("key-" + std::string{hsm::to_string(s)}, s, seed++);
+    auto put = store->put(rec);
+    ASSERT_TRUE(put) << hsm::describe(put.error());
+    EXPECT_TRUE(put->inserted);
+    expect_same_key(put->record, rec);
+    auto got = store->get(rec.key_id);
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    ASSERT_TRUE(got->has_value());
+    expect_same_key(**got, rec);
+    EXPECT_FALSE((*got)->resident());
+  }
+  // Bytes that text encodings mangle survive too.
+  auto rec = sample_key("all-bytes", hsm::scheme::p256, 0);
+  rec.key_blob.clear();
+  for (int i = 0; i < 256; ++i)
+    rec.key_blob.push_back(static_cast<uint8_t>(i));
+  ASSERT_TRUE(store->put(rec));
+  auto got = store->get("all-bytes");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_key(**got, rec);
+  EXPECT_EQ(this->sql("SELECT length(key_blob) FROM keys "
+                      "WHERE key_id = 'all-bytes'"),
+            "256");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ResidentKeyRoundTrips) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto rec = sample_key("resident-1", hsm::scheme::p256, 9);
+  rec.key_blob = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08};
+  rec.wrap_mechanism = std::string{hsm::store::resident_mechanism};
+  auto put = store->put(rec);
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  EXPECT_TRUE(put->inserted);
+  auto got = store->get("resident-1");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_key(**got, rec);
+  EXPECT_TRUE((*got)->resident());
+  EXPECT_EQ((*got)->wrap_mechanism, "token-resident");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, EmptyBlobRoundTrips) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto rec = sample_key("empty-blob", hsm::scheme::ed25519, 5);
+  rec.key_blob.clear();
+  ASSERT_TRUE(store->put(rec));
+  auto got = store->get("empty-blob");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_key(**got, rec);
+  // Stored as an empty blob, not as NULL.
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys WHERE key_blob IS NULL"),
+            "0");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, SecondPutWithSameKeyIdReturnsFirstRecord) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto first = sample_key("dup", hsm::scheme::secp256k1, 1);
+  auto second = sample_key("dup", hsm::scheme::secp256k1, 2);
+  ASSERT_NE(first.public_key, second.public_key);
+  auto put1 = store->put(first);
+  ASSERT_TRUE(put1) << hsm::describe(put1.error());
+  EXPECT_TRUE(put1->inserted);
+  auto put2 = store->put(second);
+  ASSERT_TRUE(put2) << hsm::describe(put2.error());
+  EXPECT_FALSE(put2->inserted);
+  expect_same_key(put2->record, first);
+  auto got = store->get("dup");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_key(**got, first);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, GetOfUnknownKeyIdIsNullopt) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto got = store->get("nobody");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  EXPECT_FALSE(got->has_value());
+  auto empty = store->get("");
+  ASSERT_TRUE(empty) << hsm::describe(empty.error());
+  EXPECT_FALSE(empty->has_value());
+}
+
+TYPED_TEST_P(KeyStoreContractTest, CorruptSchemeIsCorruptRow) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->put(sample_key("bad-scheme", hsm::scheme::p256, 3)));
+  ASSERT_EQ(TypeParam::corrupt_scheme(this->where, "bad-scheme"), "");
+  auto got = store->get("bad-scheme");
+  ASSERT_FALSE(got);
+  EXPECT_TRUE(is_store_error(got.error(), hsm::store_errc::corrupt_row));
+  EXPECT_TRUE(contains(hsm::describe(got.error()), "bad-scheme"));
+  // A put that hits the damaged row reports it too.
+  auto put = store->put(sample_key("bad-scheme", hsm::scheme::p256, 4));
+  ASSERT_FALSE(put);
+  EXPECT_TRUE(is_store_error(put.error(), hsm::store_errc::corrupt_row));
+}
+
+TYPED_TEST_P(KeyStoreContractTest, RacingStoresKeepOneRecordPerKeyId) {
+  constexpr int n = 200;
+  auto store_a = this->open_store();
+  auto store_b = this->open_store();
+  ASSERT_NE(store_a, nullptr);
+  ASSERT_NE(store_b, nullptr);
+  struct outcome {
+    std::vector<hsm::store::put_result> results;
+    std::vector<std::string> errors;
+  };
+  outcome out_a;
+  outcome out_b;
+  std::latch start{2};
+  auto run = [&](hsm::store::key_store& store, uint8_t tag, outcome& out) {
+    start.arrive_and_wait();
+    for (int i = 0; i < n; ++i) {
+      auto s = hsm::all_schemes[static_cast<size_t>(i) % 3];
+      auto rec = sample_key("race-" + std::to_string(i), s, tag);
+      rec.public_key[1] = static_cast<uint8_t>(i);
+      auto res = store.put(rec);
+      if (res)
+        out.results.push_back(std::move(*res));
+      else
+        out.errors.push_back(hsm::describe(res.error()));
+    }
+  };
+  std::thread a{run, std::ref(*store_a), uint8_t{0xA1}, std::ref(out_a)};
+  std::thread b{run, std::ref(*store_b), uint8_t{0xB2}, std::ref(out_b)};
+  a.join();
+  b.join();
+  ASSERT_TRUE(out_a.errors.empty()) << out_a.errors.front();
+  ASSERT_TRUE(out_b.errors.empty()) << out_b.errors.front();
+  ASSERT_EQ(out_a.results.size(), size_t{n});
+  ASSERT_EQ(out_b.results.size(), size_t{n});
+  for (size_t i = 0; i < size_t{n}; ++i) {
+    const auto& ra = out_a.results[i];
+    const auto& rb = out_b.results[i];
+    SCOPED_TRACE(ra.record.key_id);
+    EXPECT_EQ(ra.record.public_key, rb.record.public_key);
+    EXPECT_NE(ra.inserted, rb.inserted);
+    auto got = store_a->get(ra.record.key_id);
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    ASSERT_TRUE(got->has_value());
+    EXPECT_EQ((*got)->public_key, ra.record.public_key);
+  }
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), std::to_string(n));
+  EXPECT_EQ(this->sql("SELECT COUNT(DISTINCT key_id) FROM keys"),
+            std::to_string(n));
+}
+
+// -- canary -------------------------------------------------------------------
+
+TYPED_TEST_P(KeyStoreContractTest, CanaryIsAbsentThenFirstPutWins) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto none = store->get_canary();
+  ASSERT_TRUE(none) << hsm::describe(none.error());
+  EXPECT_FALSE(none->has_value());
+  auto first = sample_canary(1);
+  auto put1 = store->put_canary(first);
+  ASSERT_TRUE(put1) << hsm::describe(put1.error());
+  expect_same_canary(*put1, first);
+  auto put2 = store->put_canary(sample_canary(2));
+  ASSERT_TRUE(put2) << hsm::describe(put2.error());
+  expect_same_canary(*put2, first);
+  // Another driver's store loses too.
+  auto other = this->open_store();
+  ASSERT_NE(other, nullptr);
+  auto put3 = other->put_canary(sample_canary(3));
+  ASSERT_TRUE(put3) << hsm::describe(put3.error());
+  expect_same_canary(*put3, first);
+  auto got = store->get_canary();
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_canary(**got, first);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "1");
+}
+
+REGISTER_TYPED_TEST_SUITE_P(KeyStoreContractTest, ReopenKeepsVersionAndData,
+                            AppliesNewMigrationsOnReopen,
+                            FailedMigrationAppliesNothing,
+                            NewerSchemaIsRefused,
+                            PutThenGetRoundTripsEveryField,
+                            ResidentKeyRoundTrips, EmptyBlobRoundTrips,
+                            SecondPutWithSameKeyIdReturnsFirstRecord,
+                            GetOfUnknownKeyIdIsNullopt,
+                            CorruptSchemeIsCorruptRow,
+                            RacingStoresKeepOneRecordPerKeyId,
+                            CanaryIsAbsentThenFirstPutWins);
+
+} // namespace hsm::test

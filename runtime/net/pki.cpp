@@ -162,30 +162,29 @@ caf::expected<std::string> cert_pem(X509* cert) {
   return std::string(data, static_cast<size_t>(len));
 }
 
-caf::expected<x509_ptr> load_cert(const std::filesystem::path& path) {
+/// Reads one PEM object of `path` with `read` (PEM_read_bio_X509,
+/// PEM_read_bio_PrivateKey, ...); `what` names it in errors.
+template <class Ptr, class Reader>
+caf::expected<Ptr> load_pem(const std::filesystem::path& path, Reader read,
+                            const char* what) {
   auto text = read_file(path);
   if (!text)
     return std::move(text.error());
   bio_ptr bio{BIO_new_mem_buf(text->data(), static_cast<int>(text->size()))};
   if (!bio)
     return bad_tls_material("cannot read " + path.string());
-  x509_ptr cert{PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr)};
-  if (!cert)
-    return bad_tls_material(path.string() + ": no PEM certificate");
-  return cert;
+  Ptr obj{read(bio.get(), nullptr, nullptr, nullptr)};
+  if (!obj)
+    return bad_tls_material(path.string() + ": no PEM " + what);
+  return obj;
+}
+
+caf::expected<x509_ptr> load_cert(const std::filesystem::path& path) {
+  return load_pem<x509_ptr>(path, PEM_read_bio_X509, "certificate");
 }
 
 caf::expected<pkey_ptr> load_key(const std::filesystem::path& path) {
-  auto text = read_file(path);
-  if (!text)
-    return std::move(text.error());
-  bio_ptr bio{BIO_new_mem_buf(text->data(), static_cast<int>(text->size()))};
-  if (!bio)
-    return bad_tls_material("cannot read " + path.string());
-  pkey_ptr key{PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr)};
-  if (!key)
-    return bad_tls_material(path.string() + ": no PEM private key");
-  return key;
+  return load_pem<pkey_ptr>(path, PEM_read_bio_PrivateKey, "private key");
 }
 
 /// Adds one extension in OpenSSL's configuration syntax (e.g.

@@ -1,6 +1,7 @@
 #include "runtime/crypto/ec.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/crypto/signature.hpp"
+#include "runtime/crypto/ossl.hpp"
 
 #include <gtest/gtest.h>
 #include <openssl/bn.h>
@@ -28,27 +29,19 @@ using hsm::key_errc;
 using hsm::scheme;
 using hsm::crypto::raw_ecdsa;
 
-// -- OpenSSL ownership --------------------------------------------------------
+// -- ownership (OpenSSL's in runtime/crypto/ossl.hpp) ------------------------
 
-template <auto Free>
-struct c_deleter {
-  template <class T>
-  void operator()(T* ptr) const {
-    Free(ptr);
-  }
-};
-
-using bn_ptr = std::unique_ptr<BIGNUM, c_deleter<BN_free>>;
-using bn_ctx_ptr = std::unique_ptr<BN_CTX, c_deleter<BN_CTX_free>>;
-using group_ptr = std::unique_ptr<EC_GROUP, c_deleter<EC_GROUP_free>>;
-using point_ptr = std::unique_ptr<EC_POINT, c_deleter<EC_POINT_free>>;
-using ecdsa_sig_ptr = std::unique_ptr<ECDSA_SIG, c_deleter<ECDSA_SIG_free>>;
-using pkey_ptr = std::unique_ptr<EVP_PKEY, c_deleter<EVP_PKEY_free>>;
-using pkey_ctx_ptr
-  = std::unique_ptr<EVP_PKEY_CTX, c_deleter<EVP_PKEY_CTX_free>>;
-using md_ctx_ptr = std::unique_ptr<EVP_MD_CTX, c_deleter<EVP_MD_CTX_free>>;
+using hsm::crypto::bn_ctx_ptr;
+using hsm::crypto::bn_ptr;
+using hsm::crypto::ecdsa_sig_ptr;
+using hsm::crypto::group_ptr;
+using hsm::crypto::md_ctx_ptr;
+using hsm::crypto::pkey_ctx_ptr;
+using hsm::crypto::pkey_ptr;
+using hsm::crypto::point_ptr;
 using secp_ctx_ptr
-  = std::unique_ptr<secp256k1_context, c_deleter<secp256k1_context_destroy>>;
+  = std::unique_ptr<secp256k1_context,
+                    hsm::crypto::ossl_deleter<secp256k1_context_destroy>>;
 
 using bytes = std::vector<uint8_t>;
 

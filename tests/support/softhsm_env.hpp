@@ -40,6 +40,10 @@ std::filesystem::path fresh_dir(std::string_view prefix);
 /// A label no other test of this run uses (<= 32 characters).
 std::string unique_label(std::string_view prefix);
 
+/// The fault plan of the shared module's function table (set hooks, read
+/// counts; reset the hooks at the end of a test).
+std::shared_ptr<fault_plan> shared_plan();
+
 /// The counts of the shared module's function table.
 call_counts& counts();
 

@@ -1,0 +1,129 @@
+// The hsm_session actor on CAF's deterministic scheduler (spawn_mode
+// scheduled) against a real SoftHSMv2 token: generate, sign, and the end of
+// the actor after a session-level failure.
+
+#include "actors/hsm_session.hpp"
+
+#include <gtest/gtest.h>
+
+#include "caf/all.hpp"
+#include "caf/scheduler/test_coordinator.hpp"
+
+#include "runtime/crypto/signature.hpp"
+#include "runtime/key_service.hpp"
+#include "tests/support/openssl_verify.hpp"
+#include "tests/support/softhsm_env.hpp"
+
+namespace hsm {
+namespace {
+
+class HsmSessionTest : public ::testing::Test {
+protected:
+  static caf::actor_system_config& configure(caf::actor_system_config& c) {
+    c.set("scheduler.policy", caf::atom("testing"));
+    return c;
+  }
+
+  void SetUp() override {
+    token = std::make_unique<test::test_token>(
+      test::make_token(test::unique_label("sess")));
+    auto caps = probe(token->sess, token->master, {scheme::ed25519});
+    ASSERT_TRUE(caps) << describe(caps.error());
+    auto ctx = std::make_shared<session_context>();
+    ctx->mod = &test::shared_module();
+    auto slot = test::shared_module().find_token(token->label);
+    ASSERT_TRUE(slot);
+    ctx->slot = *slot;
+    ctx->pin = std::make_shared<const pkcs11::secret_pin>(test::user_pin);
+    ctx->master_key_label = "hsm-driver-master";
+    ctx->caps = *caps;
+    session = spawn_hsm_session(sys, ctx, 0, 7,
+                                caf::actor_cast<caf::actor>(self),
+                                spawn_mode::scheduled);
+    sched.run();
+    bool ready = false;
+    self->receive([&](ready_atom, size_t index, uint64_t generation) {
+      ready = index == 0 && generation == 7;
+    });
+    ASSERT_TRUE(ready);
+  }
+
+  void TearDown() override {
+    test::shared_plan()->before_sign = nullptr;
+    self->send_exit(session, caf::exit_reason::user_shutdown);
+    sched.run();
+  }
+
+  template <class T>
+  caf::expected<T> call(caf::message msg) {
+    caf::expected<T> out{caf::sec::request_timeout};
+    auto h = self->request(caf::actor_cast<caf::actor>(session),
+                           caf::infinite, std::move(msg));
+    sched.run();
+    h.receive([&](T& x) { out = std::move(x); },
+              [&](caf::error& err) { out = std::move(err); });
+    return out;
+  }
+
+  caf::actor_system_config cfg;
+  caf::actor_system sys{configure(cfg)};
+  caf::scoped_actor self{sys, true};
+  caf::scheduler::test_coordinator& sched
+    = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  std::unique_ptr<test::test_token> token;
+  hsm_session_actor session;
+};
+
+TEST_F(HsmSessionTest, GeneratesAndSignsWithWrappedAndResidentKeys) {
+  for (auto s : {scheme::secp256k1, scheme::ed25519}) {
+    auto rec = call<store::key_record>(
+      caf::make_message(generate_atom::value, std::string{"sess-key"}, s));
+    ASSERT_TRUE(rec) << describe(rec.error());
+    EXPECT_EQ(rec->resident(), s == scheme::ed25519);
+    auto payload = is_ecdsa(s) ? test::sha256("session actor")
+                               : std::vector<uint8_t>{'h', 'i'};
+    auto raw = call<raw_signature>(
+      caf::make_message(sign_atom::value, *rec, payload));
+    ASSERT_TRUE(raw) << describe(raw.error());
+    EXPECT_TRUE(crypto::finish_signature(s, rec->public_key, payload,
+                                         raw->bytes))
+      << to_string(s);
+  }
+}
+
+TEST_F(HsmSessionTest, SessionLevelFailureIsAnsweredThenEndsTheActor) {
+  auto rec = call<store::key_record>(caf::make_message(
+    generate_atom::value, std::string{"fail-key"}, scheme::p256));
+  ASSERT_TRUE(rec) << describe(rec.error());
+  test::shared_plan()->before_sign = [](int) -> CK_RV {
+    return CKR_SESSION_CLOSED;
+  };
+  auto first = call<raw_signature>(
+    caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  ASSERT_FALSE(first);
+  EXPECT_EQ(first.error(), hsm_errc::reopen_session);
+  test::shared_plan()->before_sign = nullptr;
+  // The actor ended: the next request finds no receiver.
+  auto second = call<raw_signature>(
+    caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error(), caf::sec::request_receiver_down);
+}
+
+TEST_F(HsmSessionTest, KeyErrorsAreAnsweredAndTheSessionStays) {
+  auto rec = call<store::key_record>(caf::make_message(
+    generate_atom::value, std::string{"bad-blob"}, scheme::p256));
+  ASSERT_TRUE(rec);
+  rec->key_blob[5] ^= 0xFF;
+  auto bad = call<raw_signature>(
+    caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error(), key_errc::key_corrupted);
+  rec->key_blob[5] ^= 0xFF;
+  auto good = call<raw_signature>(
+    caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  EXPECT_TRUE(good) << describe(good.error());
+}
+
+} // namespace
+} // namespace hsm

@@ -1,5 +1,6 @@
 #include "store/pg_store.hpp"
 
+#include "runtime/crypto/hex.hpp"
 #include "runtime/logging.hpp"
 
 #include <pqxx/pqxx>
@@ -145,24 +146,14 @@ struct conn_target {
   std::string password;
 };
 
-int hex_value(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 /// Decodes %XX escapes of a URI component; leaves malformed ones alone.
 std::string percent_decode(std::string_view x) {
   std::string out;
   out.reserve(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
     if (x[i] == '%' && i + 2 < x.size()) {
-      auto hi = hex_value(x[i + 1]);
-      auto lo = hex_value(x[i + 2]);
+      auto hi = crypto::hex_digit_value(x[i + 1]);
+      auto lo = crypto::hex_digit_value(x[i + 2]);
       if (hi >= 0 && lo >= 0) {
         out.push_back(static_cast<char>(hi * 16 + lo));
         i += 2;

@@ -4,10 +4,7 @@
 
 namespace hsm::crypto {
 
-namespace {
-
-/// The value of one hex digit, or -1.
-int nibble(char c) {
+int hex_digit_value(char c) {
   if (c >= '0' && c <= '9')
     return c - '0';
   if (c >= 'a' && c <= 'f')
@@ -16,8 +13,6 @@ int nibble(char c) {
     return c - 'A' + 10;
   return -1;
 }
-
-} // namespace
 
 std::string to_hex(std::span<const uint8_t> bytes) {
   static constexpr char digits[] = "0123456789abcdef";
@@ -44,8 +39,8 @@ caf::expected<std::vector<uint8_t>> from_hex(std::string_view text) {
   std::vector<uint8_t> out;
   out.reserve(digits.size() / 2);
   for (size_t i = 0; i < digits.size(); i += 2) {
-    auto hi = nibble(digits[i]);
-    auto lo = nibble(digits[i + 1]);
+    auto hi = hex_digit_value(digits[i]);
+    auto lo = hex_digit_value(digits[i + 1]);
     if (hi < 0 || lo < 0) {
       auto pos = offset + i + (hi < 0 ? 0 : 1);
       return caf::make_error(key_errc::invalid_request,

@@ -12,6 +12,9 @@
 
 namespace hsm::crypto {
 
+/// The value of one hex digit (either case), or -1.
+int hex_digit_value(char c);
+
 /// Lower-case hex, no prefix.
 std::string to_hex(std::span<const uint8_t> bytes);
 

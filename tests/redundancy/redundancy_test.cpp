@@ -173,6 +173,39 @@ protected:
     return out;
   }
 
+  /// Two drivers `a` and `b` sharing one master key, serving, and one key
+  /// `seed` generated through them.
+  void start_pair_with_seed(const std::string& seed, const std::string& s) {
+    make_hsm("a", "master.hex");
+    make_hsm("b", "master.hex");
+    start("a");
+    start("b");
+    auto done = await_done(enqueue_generate(seed, s));
+    ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
+  }
+
+  /// Waits until `pred(stats)` holds (at most 30 s).
+  template <class Pred>
+  void wait_for_stats(Pred pred) {
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+    while (!pred(proxy->stats()) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(1ms);
+  }
+
+  /// Waits for every request of `load`; each must succeed. Returns the
+  /// reported public key per generated key id.
+  std::map<std::string, std::string>
+  answers(const std::vector<std::pair<std::string, std::string>>& load) {
+    std::map<std::string, std::string> reported;
+    for (auto& [id, key_id] : load) {
+      auto done = await_done(id);
+      EXPECT_TRUE(done["ok"].get<bool>()) << done.dump();
+      if (!key_id.empty() && done["ok"].get<bool>())
+        reported[key_id] = done["result"]["public_key"].get<std::string>();
+    }
+    return reported;
+  }
+
   /// Every reported public key is stored, and its blob signs on `name`'s
   /// HSM with a signature that verifies against the reported key.
   void check_reported_keys(const std::map<std::string, std::string>& reported) {
@@ -222,49 +255,31 @@ TEST_F(RedundancyTest, KeyGeneratedByOneDriverSignsOnTheOther) {
   check_reported_keys(reported); // signed by b alone
   // Both under a mixed load: every request answered, both drivers served.
   start("a");
-  auto load = mixed_load(90, keys, "mixed");
-  for (auto& [id, key_id] : load) {
-    auto done = await_done(id);
-    EXPECT_TRUE(done["ok"].get<bool>()) << done.dump();
-  }
+  auto generated = answers(mixed_load(90, keys, "mixed"));
   auto stats = proxy->stats();
   EXPECT_EQ(stats.max_in_flight.count("a"), 1u);
   EXPECT_EQ(stats.max_in_flight.count("b"), 1u);
   EXPECT_LE(stats.max_in_flight["a"], 2u);
   EXPECT_LE(stats.max_in_flight["b"], 2u);
+  check_reported_keys(generated);
   stop("a");
   stop("b");
 }
 
 TEST_F(RedundancyTest, KillNineUnderLoadLosesNothing) {
-  make_hsm("a", "master.hex");
-  make_hsm("b", "master.hex");
-  start("a");
-  start("b");
-  auto seed = await_done(enqueue_generate("seed", "secp256k1"));
-  ASSERT_TRUE(seed["ok"].get<bool>()) << seed.dump();
+  start_pair_with_seed("seed", "secp256k1");
   auto load = mixed_load(120, {"seed"}, "kill");
   // Kill `a` while it holds leases, part-way through the load.
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  auto holding = [&] {
-    auto st = proxy->stats();
+  wait_for_stats([](net::proxy_stats st) {
     return st.done >= 30 && st.in_flight["a"] > 0;
-  };
-  while (!holding() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(1ms);
+  });
   ::kill(drivers["a"].pid, SIGKILL);
   test::wait_exit(drivers["a"], 5000);
   // Results already on their way are in by now; what `a` still holds is
   // lost with it (the lease, 1.5 s, has not expired yet).
   std::this_thread::sleep_for(200ms);
   auto lost = proxy->stats().in_flight["a"];
-  std::map<std::string, std::string> reported;
-  for (auto& [id, key_id] : load) {
-    auto done = await_done(id);
-    ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
-    if (!key_id.empty())
-      reported[key_id] = done["result"]["public_key"].get<std::string>();
-  }
+  auto reported = answers(load);
   // Every lease `a` died with went out again after it expired.
   EXPECT_GE(proxy->stats().redelivered, lost);
   EXPECT_EQ(proxy->stats().in_flight["a"], 0u);
@@ -276,24 +291,11 @@ TEST_F(RedundancyTest, KillNineUnderLoadLosesNothing) {
 }
 
 TEST_F(RedundancyTest, PostgresRestartUnderLoadLosesNothing) {
-  make_hsm("a", "master.hex");
-  make_hsm("b", "master.hex");
-  start("a");
-  start("b");
-  auto seed = await_done(enqueue_generate("pg-seed", "p256"));
-  ASSERT_TRUE(seed["ok"].get<bool>()) << seed.dump();
+  start_pair_with_seed("pg-seed", "p256");
   auto load = mixed_load(90, {"pg-seed"}, "pgr");
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (proxy->stats().done < 10 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(5ms);
+  wait_for_stats([](const net::proxy_stats& st) { return st.done >= 10; });
   test::restart_postgres();
-  std::map<std::string, std::string> reported;
-  for (auto& [id, key_id] : load) {
-    auto done = await_done(id);
-    ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
-    if (!key_id.empty())
-      reported[key_id] = done["result"]["public_key"].get<std::string>();
-  }
+  auto reported = answers(load);
   // The drivers recovered without a restart.
   EXPECT_EQ(::kill(drivers["a"].pid, 0), 0);
   EXPECT_EQ(::kill(drivers["b"].pid, 0), 0);

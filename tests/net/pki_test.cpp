@@ -1,4 +1,5 @@
 #include "runtime/net/pki.hpp"
+#include "tests/net/pki_suite.hpp"
 
 #include <gtest/gtest.h>
 #include <openssl/bio.h>
@@ -101,37 +102,18 @@ bool same_octets(const ASN1_OCTET_STRING* a, const ASN1_OCTET_STRING* b) {
 
 // -- fixture ------------------------------------------------------------------
 
-class PkiTest : public ::testing::Test {
+class PkiTest : public pki_suite<PkiTest> {
+public:
+  static constexpr const char* suite_dir = "hsm_net_pki";
+
 protected:
-  static void SetUpTestSuite() {
-    dir_ = new std::filesystem::path{
-      std::filesystem::path{::testing::TempDir()}
-      / ("hsm_net_pki_" + std::to_string(::getpid()))};
-    std::filesystem::remove_all(*dir_);
-    auto pki = make_dev_pki(*dir_ / "main");
-    ASSERT_TRUE(pki) << describe(pki.error());
-    pki_ = new dev_pki{*pki};
-  }
 
-  static void TearDownTestSuite() {
-    std::error_code ec;
-    std::filesystem::remove_all(*dir_, ec);
-    delete dir_;
-    delete pki_;
-  }
-
-  void SetUp() override {
-    ASSERT_NE(pki_, nullptr);
-  }
-
-  static inline std::filesystem::path* dir_ = nullptr;
-  static inline dev_pki* pki_ = nullptr;
 };
 
 // -- files --------------------------------------------------------------------
 
 TEST_F(PkiTest, WritesAllFilesWithPrivateKeys) {
-  auto dir = *dir_ / "main";
+  auto dir = *dir_ / "pki";
   for (const auto& p :
        {pki_->root_cert, pki_->intermediate_cert, pki_->server_chain,
         pki_->server_key, pki_->driver_chain, pki_->driver_key,

@@ -1,4 +1,5 @@
 #include "runtime/net/proxy_client.hpp"
+#include "tests/net/pki_suite.hpp"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
@@ -115,28 +116,11 @@ private:
 
 // -- fixture ------------------------------------------------------------------
 
-class ProxyClientTest : public ::testing::Test {
+class ProxyClientTest : public pki_suite<ProxyClientTest> {
+public:
+  static constexpr const char* suite_dir = "hsm_net_proxy_client";
+
 protected:
-  static void SetUpTestSuite() {
-    dir_ = new std::filesystem::path{
-      std::filesystem::path{::testing::TempDir()}
-      / ("hsm_net_proxy_client_" + std::to_string(::getpid()))};
-    std::filesystem::remove_all(*dir_);
-    auto pki = make_dev_pki(*dir_ / "pki");
-    ASSERT_TRUE(pki) << describe(pki.error());
-    pki_ = new dev_pki{*pki};
-  }
-
-  static void TearDownTestSuite() {
-    std::error_code ec;
-    std::filesystem::remove_all(*dir_, ec);
-    delete dir_;
-    delete pki_;
-  }
-
-  void SetUp() override {
-    ASSERT_NE(pki_, nullptr);
-  }
 
   static proxy_client_config config(uint16_t port) {
     proxy_client_config cfg;
@@ -149,8 +133,6 @@ protected:
     return cfg;
   }
 
-  static inline std::filesystem::path* dir_ = nullptr;
-  static inline dev_pki* pki_ = nullptr;
 };
 
 // -- create -------------------------------------------------------------------

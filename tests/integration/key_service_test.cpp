@@ -1,5 +1,6 @@
 // The key path on a real SoftHSMv2 token and a real SQLite file.
 
+#include <openssl/x509.h>
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -171,7 +172,11 @@ TEST_F(KeyServiceTest, StoredBlobIsNotThePrivateKey) {
     ASSERT_FALSE(blob.empty());
     // AES-KWP output: a multiple of 8 bytes, no PKCS#8 structure in clear.
     EXPECT_EQ(blob.size() % 8, 0u);
-    EXPECT_NE(blob[0], 0x30) << "starts like a DER SEQUENCE";
+    const unsigned char* der = blob.data();
+    auto* p8 = d2i_PKCS8_PRIV_KEY_INFO(nullptr, &der,
+                                       static_cast<long>(blob.size()));
+    EXPECT_EQ(p8, nullptr) << "the blob parses as PKCS#8 PrivateKeyInfo";
+    PKCS8_PRIV_KEY_INFO_free(p8);
     // id-ecPublicKey OID body; every PKCS#8 EC key carries it.
     EXPECT_FALSE(contains(blob, {0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01}));
   }

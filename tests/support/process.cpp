@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+extern char** environ;
+
 #include <chrono>
 #include <stdexcept>
 #include <thread>
@@ -14,30 +16,55 @@ namespace hsm::test {
 
 namespace {
 
-[[noreturn]] void exec_driver(const std::vector<std::string>& args,
-                              const std::map<std::string, std::string>& env) {
-  for (auto& [k, v] : env) {
-    if (v.empty())
-      ::unsetenv(k.c_str());
-    else
-      ::setenv(k.c_str(), v.c_str(), 1);
+/// argv and envp for execve, built before fork: between fork and exec the
+/// child of a multithreaded process may only make async-signal-safe calls
+/// (no malloc, no setenv), or it can deadlock on a lock another thread held.
+class exec_image {
+public:
+  exec_image(const std::vector<std::string>& args,
+             const std::map<std::string, std::string>& env)
+    : bin_(HSM_DRIVER_BINARY) {
+    strings_.push_back(bin_);
+    for (auto& a : args)
+      strings_.push_back(a);
+    auto argc = strings_.size();
+    for (char** e = environ; *e != nullptr; ++e) {
+      std::string entry{*e};
+      auto name = entry.substr(0, entry.find('='));
+      if (env.count(name) == 0)
+        strings_.push_back(std::move(entry));
+    }
+    for (auto& [k, v] : env)
+      if (!v.empty())
+        strings_.push_back(k + "=" + v);
+    for (size_t i = 0; i < strings_.size(); ++i) {
+      if (i == argc)
+        argv_.push_back(nullptr);
+      argv_.push_back(strings_[i].data());
+    }
+    argv_.push_back(nullptr);
+    envp_ = argv_.data() + argc + 1;
   }
-  std::vector<char*> argv;
-  std::string bin = HSM_DRIVER_BINARY;
-  argv.push_back(bin.data());
-  std::vector<std::string> copy = args;
-  for (auto& a : copy)
-    argv.push_back(a.data());
-  argv.push_back(nullptr);
-  ::execv(bin.c_str(), argv.data());
-  ::_exit(127);
-}
+
+  /// Replaces the process image; only async-signal-safe calls.
+  [[noreturn]] void exec() const {
+    ::execve(bin_.c_str(), argv_.data(), envp_);
+    ::_exit(127);
+  }
+
+private:
+  std::string bin_;
+  std::vector<std::string> strings_;
+  std::vector<char*> argv_; // argv, nullptr, envp, nullptr
+  char* const* envp_ = nullptr;
+};
 
 } // namespace
 
 background_process start_driver(const std::vector<std::string>& args,
                                 const std::map<std::string, std::string>& env,
                                 const std::string& log_path) {
+  exec_image image{args, env};
   pid_t pid = ::fork();
   if (pid < 0)
     throw std::runtime_error("fork failed");
@@ -45,7 +72,7 @@ background_process start_driver(const std::vector<std::string>& args,
     int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     ::dup2(fd, STDOUT_FILENO);
     ::dup2(fd, STDERR_FILENO);
-    exec_driver(args, env);
+    image.exec();
   }
   return background_process{pid, log_path};
 }
@@ -70,6 +97,7 @@ int wait_exit(background_process& p, int timeout_ms) {
 
 run_result run_driver(const std::vector<std::string>& args,
                       const std::map<std::string, std::string>& env) {
+  exec_image image{args, env};
   int out_pipe[2];
   int err_pipe[2];
   if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0)
@@ -80,7 +108,7 @@ run_result run_driver(const std::vector<std::string>& args,
   if (pid == 0) {
     ::dup2(out_pipe[1], STDOUT_FILENO);
     ::dup2(err_pipe[1], STDERR_FILENO);
-    exec_driver(args, env);
+    image.exec();
   }
   ::close(out_pipe[1]);
   ::close(err_pipe[1]);

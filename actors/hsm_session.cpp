@@ -1,8 +1,5 @@
 #include "actors/hsm_session.hpp"
 
-#include <random>
-
-#include "runtime/crypto/hex.hpp"
 #include "runtime/logging.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
@@ -34,14 +31,6 @@ caf::result<T> fail(session_ptr self, caf::error err) {
     self->quit(err);
   }
   return err;
-}
-
-std::string resident_label(const std::string& key_id) {
-  std::random_device rd;
-  std::array<uint8_t, 8> nonce{};
-  for (auto& b : nonce)
-    b = static_cast<uint8_t>(rd());
-  return key_id + "/" + crypto::to_hex(nonce);
 }
 
 hsm_session_actor::behavior_type
@@ -81,42 +70,16 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
     [=](generate_atom, const std::string& key_id,
         scheme s) -> caf::result<store::key_record> {
       auto& state = self->state;
-      store::key_record rec;
-      rec.key_id = key_id;
-      rec.scheme = s;
-      rec.created_at_ms = store::now_ms();
-      if (state.ctx->caps.of(s).resident) {
-        auto label = resident_label(key_id);
-        std::vector<uint8_t> id{key_id.begin(), key_id.end()};
-        auto key = pkcs11::generate_resident(*state.sess, s, id, label);
-        if (!key)
-          return fail<store::key_record>(self, key.error());
-        rec.public_key = std::move(key->public_key);
-        rec.key_blob.assign(label.begin(), label.end());
-        rec.wrap_mechanism = std::string{store::resident_mechanism};
-      } else {
-        auto key = pkcs11::generate_wrapped(*state.sess, state.master, s);
-        if (!key)
-          return fail<store::key_record>(self, key.error());
-        rec.public_key = std::move(key->public_key);
-        rec.key_blob = std::move(key->wrapped_key);
-        rec.wrap_mechanism = std::string{store::aes_key_wrap_pad};
-      }
-      return rec;
+      auto rec = make_key(*state.sess, state.master, s, key_id,
+                          state.ctx->caps.of(s).resident);
+      if (!rec)
+        return fail<store::key_record>(self, rec.error());
+      return std::move(*rec);
     },
     [=](sign_atom, const store::key_record& rec,
         const std::vector<uint8_t>& payload) -> caf::result<raw_signature> {
       auto& state = self->state;
-      caf::expected<std::vector<uint8_t>> raw{std::vector<uint8_t>{}};
-      if (rec.resident()) {
-        std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
-        std::string label{rec.key_blob.begin(), rec.key_blob.end()};
-        raw = pkcs11::sign_resident(*state.sess, rec.scheme, id, label,
-                                    payload);
-      } else {
-        raw = pkcs11::sign_wrapped(*state.sess, state.master, rec.scheme,
-                                   rec.key_blob, payload);
-      }
+      auto raw = sign_with(*state.sess, state.master, rec, payload);
       if (!raw)
         return fail<raw_signature>(self, raw.error());
       return raw_signature{std::move(*raw)};

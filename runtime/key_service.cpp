@@ -270,6 +270,50 @@ std::string resident_label(std::string_view key_id) {
 } // namespace
 
 caf::expected<store::key_record>
+make_key(pkcs11::session& sess, CK_OBJECT_HANDLE master, scheme s,
+         std::string_view key_id, bool resident,
+         CK_OBJECT_HANDLE* resident_handle) {
+  if (resident_handle != nullptr)
+    *resident_handle = CK_INVALID_HANDLE;
+  store::key_record rec;
+  rec.key_id = std::string{key_id};
+  rec.scheme = s;
+  rec.created_at_ms = store::now_ms();
+  if (resident) {
+    auto label = resident_label(key_id);
+    std::vector<uint8_t> id{key_id.begin(), key_id.end()};
+    auto key = pkcs11::generate_resident(sess, s, id, label);
+    if (!key)
+      return key.error();
+    rec.public_key = std::move(key->public_key);
+    rec.key_blob.assign(label.begin(), label.end());
+    rec.wrap_mechanism = std::string{store::resident_mechanism};
+    if (resident_handle != nullptr)
+      *resident_handle = key->handle;
+  } else {
+    auto key = pkcs11::generate_wrapped(sess, master, s);
+    if (!key)
+      return key.error();
+    rec.public_key = std::move(key->public_key);
+    rec.key_blob = std::move(key->wrapped_key);
+    rec.wrap_mechanism = std::string{store::aes_key_wrap_pad};
+  }
+  return rec;
+}
+
+caf::expected<std::vector<uint8_t>>
+sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master,
+          const store::key_record& rec, std::span<const uint8_t> payload) {
+  if (rec.resident()) {
+    std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
+    std::string label{rec.key_blob.begin(), rec.key_blob.end()};
+    return pkcs11::sign_resident(sess, rec.scheme, id, label, payload);
+  }
+  return pkcs11::sign_wrapped(sess, master, rec.scheme, rec.key_blob,
+                              payload);
+}
+
+caf::expected<store::key_record>
 key_service::lookup(std::string_view key_id) {
   if (auto err = validate_key_id(key_id))
     return err;
@@ -306,31 +350,13 @@ caf::expected<key_view> key_service::generate(std::string_view key_id,
   const auto& cap = caps_.of(*s);
   if (!cap.served)
     return scheme_not_served(cap);
-  store::key_record rec;
-  rec.key_id = std::string{key_id};
-  rec.scheme = *s;
-  rec.created_at_ms = store::now_ms();
   CK_OBJECT_HANDLE resident_handle = CK_INVALID_HANDLE;
-  if (cap.resident) {
-    auto label = resident_label(key_id);
-    std::vector<uint8_t> id{key_id.begin(), key_id.end()};
-    auto key = pkcs11::generate_resident(sess_, *s, id, label);
-    if (!key)
-      return key.error();
-    rec.public_key = std::move(key->public_key);
-    rec.key_blob.assign(label.begin(), label.end());
-    rec.wrap_mechanism = std::string{store::resident_mechanism};
-    resident_handle = key->handle;
-  } else {
-    auto key = pkcs11::generate_wrapped(sess_, master_, *s);
-    if (!key)
-      return key.error();
-    rec.public_key = std::move(key->public_key);
-    rec.key_blob = std::move(key->wrapped_key);
-    rec.wrap_mechanism = std::string{store::aes_key_wrap_pad};
-  }
+  auto rec = make_key(sess_, master_, *s, key_id, cap.resident,
+                      &resident_handle);
+  if (!rec)
+    return rec.error();
   // Durable before visible: the view is built from what the store committed.
-  auto put = store_.put(rec);
+  auto put = store_.put(*rec);
   if (!put || !put->inserted) {
     // The store failed, or another generation won: ours is never reported.
     if (resident_handle != CK_INVALID_HANDLE)
@@ -351,15 +377,7 @@ key_service::sign(std::string_view key_id, std::span<const uint8_t> payload) {
   const auto& cap = caps_.of(rec->scheme);
   if (!cap.served)
     return scheme_not_served(cap);
-  caf::expected<std::vector<uint8_t>> raw{std::vector<uint8_t>{}};
-  if (rec->resident()) {
-    std::vector<uint8_t> id{rec->key_id.begin(), rec->key_id.end()};
-    std::string label{rec->key_blob.begin(), rec->key_blob.end()};
-    raw = pkcs11::sign_resident(sess_, rec->scheme, id, label, payload);
-  } else {
-    raw = pkcs11::sign_wrapped(sess_, master_, rec->scheme, rec->key_blob,
-                               payload);
-  }
+  auto raw = sign_with(sess_, master_, *rec, payload);
   if (!raw)
     return raw.error();
   auto sig = crypto::finish_signature(rec->scheme, rec->public_key, payload,

@@ -120,6 +120,23 @@ struct signature_view {
 /// with the probe's reason.
 [[nodiscard]] caf::error scheme_not_served(const capability& c);
 
+// -- the HSM step, shared by key_service and the hsm_session actor -----------
+
+/// Makes a new key on the token, as the record the store will keep: wrapped
+/// by `master`, or (`resident`) a token object with CKA_ID = key id and a
+/// label unique to this generation. `resident_handle`, if given, receives
+/// the private object of a resident key (CK_INVALID_HANDLE otherwise), so
+/// that a key the store refuses can be removed.
+[[nodiscard]] caf::expected<store::key_record>
+make_key(pkcs11::session& sess, CK_OBJECT_HANDLE master, scheme s,
+         std::string_view key_id, bool resident,
+         CK_OBJECT_HANDLE* resident_handle = nullptr);
+
+/// The token's raw signature over `payload` with the key of `rec`.
+[[nodiscard]] caf::expected<std::vector<uint8_t>>
+sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master,
+          const store::key_record& rec, std::span<const uint8_t> payload);
+
 /// Builds the public view of a stored record.
 [[nodiscard]] caf::expected<key_view> make_key_view(const store::key_record& r,
                                                     bool created);

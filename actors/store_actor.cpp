@@ -2,7 +2,7 @@
 
 #include <unordered_map>
 
-#include "runtime/logging.hpp"
+#include "runtime/base/logging.hpp"
 
 namespace hsm {
 
@@ -10,10 +10,10 @@ namespace {
 
 struct store_state {
   std::shared_ptr<store::key_store> st;
-  std::unordered_map<std::string, store::key_record> cache;
+  std::unordered_map<std::string, key_record> cache;
   static constexpr size_t max_cache = 100000;
 
-  void remember(const store::key_record& rec) {
+  void remember(const key_record& rec) {
     if (cache.size() >= max_cache)
       cache.clear();
     cache.emplace(rec.key_id, rec);
@@ -38,7 +38,7 @@ store_impl(store_actor::stateful_pointer<store_state> self,
       return key_lookup{true, std::move(**rec)};
     },
     [=](caf::put_atom,
-        const store::key_record& rec) -> caf::result<store::put_result> {
+        const key_record& rec) -> caf::result<put_result> {
       auto put = self->state.st->put(rec);
       if (!put)
         return put.error();

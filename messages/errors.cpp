@@ -91,11 +91,15 @@ bool in_category(const caf::error& err) {
   return err.category() == caf::detail::error_factory<Enum>::category;
 }
 
-/// Joins the string elements of an error's context with ": ".
-std::string context_text(const caf::error& err) {
+/// Joins the elements of an error's context with ": ". With `hide_numbers`
+/// (project errors), `uint64_t` elements are left out: the CK_RV a PKCS#11
+/// failure carries is for code, and its CKR name is already in the text.
+std::string context_text(const caf::error& err, bool hide_numbers) {
   const auto& ctx = err.context();
   std::string out;
   for (size_t i = 0; i < ctx.size(); ++i) {
+    if (hide_numbers && ctx.match_element<uint64_t>(i))
+      continue;
     if (!out.empty())
       out += ": ";
     if (ctx.match_element<std::string>(i))
@@ -126,7 +130,7 @@ std::string describe(const caf::error& err) {
     head = "system: " + caf::to_string(static_cast<caf::sec>(err.code()));
   else
     return caf::to_string(err);
-  auto ctx = context_text(err);
+  auto ctx = context_text(err, err.category() != caf::atom("system"));
   return ctx.empty() ? head : head + " (" + ctx + ")";
 }
 
@@ -144,6 +148,13 @@ bool is_retryable(const caf::error& err) {
 
 bool is_fatal(const caf::error& err) {
   return err == hsm_errc::fatal;
+}
+
+bool is_session_failure(const caf::error& err) {
+  return err == hsm_errc::retryable || err == hsm_errc::reopen_session
+         || err == hsm_errc::reinit_module
+         || err == caf::sec::request_timeout
+         || err == caf::sec::request_receiver_down;
 }
 
 std::string wire_code(const caf::error& err) {

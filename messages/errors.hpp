@@ -3,8 +3,11 @@
 // Error codes of every subsystem, as CAF error-code enums.
 //
 // Code is for logic (retry or not, which wire code to answer with); the
-// context message is for humans. PKCS#11 failures carry the function and the
-// CKR name as context: `hsm: reopen_session (C_Sign: CKR_SESSION_CLOSED)`.
+// context message is for humans. PKCS#11 failures carry the function, the
+// CKR name and the numeric CK_RV (as `uint64_t`) as context; `describe` shows
+// the names, `hsm: reopen_session (C_Sign: CKR_SESSION_CLOSED)`, and code
+// that must know the return value reads the number
+// (runtime/pkcs11/rv.hpp: `rv_of`, `pin_rejected`), never the text.
 // Any thread may use these; they hold no state.
 
 #include <cstdint>
@@ -95,7 +98,9 @@ std::string to_string(config_errc x);
 std::string to_string(net_errc x);
 
 /// Renders any project error (or a CAF system error) as one line for humans:
-/// `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`.
+/// `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`. The strings of the context are
+/// joined with ": "; in a project error, a `uint64_t` element (the CK_RV of a
+/// PKCS#11 failure, next to its CKR name) is for code and is left out.
 std::string describe(const caf::error& err);
 
 /// True when the same request may succeed if tried again later.
@@ -103,6 +108,14 @@ bool is_retryable(const caf::error& err);
 
 /// True when a PKCS#11 error must never be retried (wrong PIN, ...).
 bool is_fatal(const caf::error& err);
+
+/// True when `err` is the failure of the HSM session that served the
+/// request rather than of the request: `hsm_errc::retryable`,
+/// `reopen_session` or `reinit_module`, or `caf::sec::request_timeout` /
+/// `caf::sec::request_receiver_down` (the session timed out or died). The
+/// caller drops or replaces that session and may retry the request on
+/// another one. False for `hsm_errc::fatal` and every other error.
+bool is_session_failure(const caf::error& err);
 
 /// The short code that a request's error result carries on the wire, e.g.
 /// `unknown_key`, `hsm_unavailable`, `internal`.

@@ -11,9 +11,10 @@
 
 #include "caf/all.hpp"
 
-#include "runtime/schemes.hpp"
-#include "runtime/wire.hpp"
-#include "store/key_store.hpp"
+#include "messages/job.hpp"
+#include "messages/key_record.hpp"
+#include "messages/results.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm {
 struct key_lookup;
@@ -29,8 +30,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_lookup))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::raw_signature))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::dispatcher_stats))
-  CAF_ADD_TYPE_ID(hsm_driver, (hsm::store::key_record))
-  CAF_ADD_TYPE_ID(hsm_driver, (hsm::store::put_result))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_record))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::put_result))
 
   CAF_ADD_ATOM(hsm_driver, hsm, generate_atom, "generate")
   CAF_ADD_ATOM(hsm_driver, hsm, sign_atom, "sign")
@@ -38,9 +39,9 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_ATOM(hsm_driver, hsm, job_atom, "job")
   CAF_ADD_ATOM(hsm_driver, hsm, credit_atom, "credit")
   CAF_ADD_ATOM(hsm_driver, hsm, result_atom, "result")
-  CAF_ADD_ATOM(hsm_driver, hsm, slot_up_atom, "slotup")
-  CAF_ADD_ATOM(hsm_driver, hsm, slot_down_atom, "slotdown")
-  CAF_ADD_ATOM(hsm_driver, hsm, slot_ok_atom, "slotok")
+  CAF_ADD_ATOM(hsm_driver, hsm, session_up_atom, "sessup")
+  CAF_ADD_ATOM(hsm_driver, hsm, session_down_atom, "sessdown")
+  CAF_ADD_ATOM(hsm_driver, hsm, session_ok_atom, "sessok")
   CAF_ADD_ATOM(hsm_driver, hsm, replace_atom, "replace")
   CAF_ADD_ATOM(hsm_driver, hsm, ready_atom, "ready")
   CAF_ADD_ATOM(hsm_driver, hsm, respawn_atom, "respawn")
@@ -48,6 +49,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_ATOM(hsm_driver, hsm, stop_atom, "stop")
   CAF_ADD_ATOM(hsm_driver, hsm, drain_atom, "drain")
   CAF_ADD_ATOM(hsm_driver, hsm, stats_atom, "stats")
-  CAF_ADD_ATOM(hsm_driver, hsm, supervisor_atom, "superv")
+  CAF_ADD_ATOM(hsm_driver, hsm, retry_atom, "retry")
+  CAF_ADD_ATOM(hsm_driver, hsm, close_atom, "close")
+  CAF_ADD_ATOM(hsm_driver, hsm, stuck_atom, "stuck")
 
 CAF_END_TYPE_ID_BLOCK(hsm_driver)

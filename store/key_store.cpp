@@ -1,15 +1,8 @@
 #include "store/key_store.hpp"
 
 #include <algorithm>
-#include <chrono>
 
 namespace hsm::store {
-
-int64_t now_ms() {
-  using namespace std::chrono;
-  return duration_cast<milliseconds>(system_clock::now().time_since_epoch())
-    .count();
-}
 
 caf::error sort_migrations(std::vector<migration>& ms) {
   std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {

@@ -15,46 +15,9 @@
 #include <vector>
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/key_record.hpp"
 
 namespace hsm::store {
-
-/// The `wrap_mechanism` of a token-resident key (no blob; `key_blob` holds
-/// the key's `CKA_ID`).
-inline constexpr std::string_view resident_mechanism = "token-resident";
-
-/// The mechanism the driver wraps with (RFC 5649).
-inline constexpr std::string_view aes_key_wrap_pad = "CKM_AES_KEY_WRAP_PAD";
-
-/// One key. Never holds plaintext private key material.
-struct key_record {
-  /// The proxy's name for the key; unique.
-  std::string key_id;
-  /// The key's scheme.
-  hsm::scheme scheme = hsm::scheme::secp256k1;
-  /// Canonical public key: SEC1 uncompressed (EC) or 32 raw bytes (Ed25519).
-  std::vector<uint8_t> public_key;
-  /// The wrapped private key, or the `CKA_ID` of a token-resident key.
-  std::vector<uint8_t> key_blob;
-  /// How `key_blob` was made: `aes_key_wrap_pad` or `resident_mechanism`.
-  std::string wrap_mechanism;
-  /// Creation time, milliseconds since the Unix epoch (UTC).
-  int64_t created_at_ms = 0;
-
-  /// True for a token-resident key.
-  bool resident() const {
-    return wrap_mechanism == resident_mechanism;
-  }
-};
-
-/// What `put` did.
-struct put_result {
-  /// The record now stored under the key id: the caller's, or the one that
-  /// was there before (then `inserted` is false and nothing changed).
-  key_record record;
-  /// True if this call wrote the record.
-  bool inserted = false;
-};
 
 /// The master-key check (invariant 5): a P-256 key wrapped by the master key
 /// at first start. A token that cannot unwrap it and sign with it holds
@@ -119,8 +82,5 @@ std::vector<migration> postgres_migrations();
 /// Checks that versions are positive and distinct, and sorts `ms` by
 /// version; a bad list is `store_errc::query_failed`.
 [[nodiscard]] caf::error sort_migrations(std::vector<migration>& ms);
-
-/// Milliseconds since the Unix epoch, now.
-int64_t now_ms();
 
 } // namespace hsm::store

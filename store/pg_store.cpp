@@ -1,7 +1,9 @@
 #include "store/pg_store.hpp"
 
-#include "runtime/crypto/hex.hpp"
-#include "runtime/logging.hpp"
+#include "runtime/base/clock.hpp"
+#include "store/pg_conninfo.hpp"
+
+#include "runtime/base/logging.hpp"
 
 #include <pqxx/pqxx>
 
@@ -134,181 +136,18 @@ std::string first_line(std::string_view msg) {
 
 // -- connection strings -------------------------------------------------------
 
-/// What the store knows about a connection string, parsed without libpq
-/// (libpqxx does not expose PQconninfoParse): where it points, for error
-/// messages, and the password, which no message may contain.
+/// Where the store connects, from the connection string (parsed by
+/// pg_conninfo.hpp, not by libpq: libpqxx does not expose PQconninfoParse).
 struct conn_target {
-  /// The string handed to libpq (the caller's, maybe with connect_timeout).
+  /// The string handed to libpq (the caller's, maybe with connect_timeout
+  /// and target_session_attrs added).
   std::string conninfo;
   /// `host:port[, host:port...]`, for messages.
   std::string where;
-  /// The password given in the string, or empty.
-  std::string password;
+  /// The passwords given in the string (`password`, `sslpassword`), which
+  /// no message may contain.
+  std::vector<std::string> secrets;
 };
-
-/// Decodes %XX escapes of a URI component; leaves malformed ones alone.
-std::string percent_decode(std::string_view x) {
-  std::string out;
-  out.reserve(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (x[i] == '%' && i + 2 < x.size()) {
-      auto hi = crypto::hex_digit_value(x[i + 1]);
-      auto lo = crypto::hex_digit_value(x[i + 2]);
-      if (hi >= 0 && lo >= 0) {
-        out.push_back(static_cast<char>(hi * 16 + lo));
-        i += 2;
-        continue;
-      }
-    }
-    out.push_back(x[i]);
-  }
-  return out;
-}
-
-/// Splits `x` at every `sep`.
-std::vector<std::string> split(std::string_view x, char sep) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  for (;;) {
-    auto pos = x.find(sep, start);
-    out.emplace_back(x.substr(start, pos - start));
-    if (pos == std::string_view::npos)
-      return out;
-    start = pos + 1;
-  }
-}
-
-/// The connection parameters that matter here.
-struct conn_params {
-  std::string host;
-  std::string hostaddr;
-  std::string port;
-  std::string password;
-  bool has_connect_timeout = false;
-  bool has_target_session_attrs = false;
-
-  void set(std::string_view key, std::string value) {
-    if (key == "host")
-      host = std::move(value);
-    else if (key == "hostaddr")
-      hostaddr = std::move(value);
-    else if (key == "port")
-      port = std::move(value);
-    else if (key == "password")
-      password = std::move(value);
-    else if (key == "connect_timeout")
-      has_connect_timeout = true;
-    else if (key == "target_session_attrs")
-      has_target_session_attrs = true;
-  }
-};
-
-bool is_uri(std::string_view url) {
-  return url.starts_with("postgresql://") || url.starts_with("postgres://");
-}
-
-/// Parses `postgresql://[user[:password]@][host][:port][,...][/db][?k=v&...]`.
-conn_params parse_uri(std::string_view url) {
-  conn_params out;
-  auto rest = url.substr(url.find("://") + 3);
-  auto query_pos = rest.find('?');
-  auto query = query_pos == std::string_view::npos ? std::string_view{}
-                                                   : rest.substr(query_pos + 1);
-  rest = rest.substr(0, query_pos);
-  auto authority = rest.substr(0, rest.find('/'));
-  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
-    auto userinfo = authority.substr(0, at);
-    if (auto colon = userinfo.find(':'); colon != std::string_view::npos)
-      out.password = percent_decode(userinfo.substr(colon + 1));
-    authority = authority.substr(at + 1);
-  }
-  std::vector<std::string> hosts;
-  std::vector<std::string> ports;
-  for (const auto& spec : split(authority, ',')) {
-    std::string_view s{spec};
-    std::string_view host = s;
-    std::string_view port;
-    if (s.starts_with('[')) {
-      // An IPv6 address: [::1]:5432.
-      auto close = s.find(']');
-      host = s.substr(1, close == std::string_view::npos ? s.npos : close - 1);
-      if (close != std::string_view::npos && close + 1 < s.size()
-          && s[close + 1] == ':')
-        port = s.substr(close + 2);
-    } else if (auto colon = s.find(':'); colon != std::string_view::npos) {
-      host = s.substr(0, colon);
-      port = s.substr(colon + 1);
-    }
-    hosts.push_back(percent_decode(host));
-    ports.emplace_back(port);
-  }
-  auto join = [](const std::vector<std::string>& xs) {
-    std::string joined;
-    for (size_t i = 0; i < xs.size(); ++i) {
-      if (i > 0)
-        joined += ',';
-      joined += xs[i];
-    }
-    return joined;
-  };
-  if (!authority.empty()) {
-    out.host = join(hosts);
-    // Ports all empty ("h1,h2") means the default port everywhere.
-    if (std::any_of(ports.begin(), ports.end(),
-                    [](const std::string& x) { return !x.empty(); }))
-      out.port = join(ports);
-  }
-  for (const auto& kv : split(query, '&')) {
-    auto eq = kv.find('=');
-    if (eq == std::string::npos)
-      continue;
-    out.set(kv.substr(0, eq), percent_decode(kv.substr(eq + 1)));
-  }
-  return out;
-}
-
-/// Parses `key=value key='quoted \' value' ...`.
-conn_params parse_keywords(std::string_view s) {
-  conn_params out;
-  size_t i = 0;
-  auto skip_space = [&] {
-    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i])) != 0)
-      ++i;
-  };
-  for (;;) {
-    skip_space();
-    if (i >= s.size())
-      return out;
-    auto key_start = i;
-    while (i < s.size() && s[i] != '='
-           && std::isspace(static_cast<unsigned char>(s[i])) == 0)
-      ++i;
-    auto key = s.substr(key_start, i - key_start);
-    skip_space();
-    if (i >= s.size() || s[i] != '=')
-      return out; // malformed: libpq reports it when connecting
-    ++i;
-    skip_space();
-    std::string value;
-    if (i < s.size() && s[i] == '\'') {
-      ++i;
-      while (i < s.size() && s[i] != '\'') {
-        if (s[i] == '\\' && i + 1 < s.size())
-          ++i;
-        value.push_back(s[i++]);
-      }
-      ++i;
-    } else {
-      while (i < s.size()
-             && std::isspace(static_cast<unsigned char>(s[i])) == 0) {
-        if (s[i] == '\\' && i + 1 < s.size())
-          ++i;
-        value.push_back(s[i++]);
-      }
-    }
-    out.set(key, std::move(value));
-  }
-}
 
 std::string env_or(const char* name, std::string fallback) {
   if (const char* x = std::getenv(name); x != nullptr && *x != '\0')
@@ -316,20 +155,26 @@ std::string env_or(const char* name, std::string fallback) {
   return fallback;
 }
 
+/// The value of `keyword` in `info`, or empty.
+std::string value_of(const pg_conninfo& info, std::string_view keyword) {
+  const auto* x = info.find(keyword);
+  return x != nullptr ? *x : std::string{};
+}
+
 /// `host:port, ...` for messages, with libpq's defaults filled in.
-std::string describe_hosts(const conn_params& p) {
-  auto host_list = !p.host.empty() ? p.host : p.hostaddr;
+std::string describe_hosts(const pg_conninfo& info) {
+  auto host_list = value_of(info, "host");
+  if (host_list.empty())
+    host_list = value_of(info, "hostaddr");
   if (host_list.empty())
     host_list = env_or("PGHOST", env_or("PGHOSTADDR", "local socket"));
-  auto port_list = !p.port.empty() ? p.port : env_or("PGPORT", "5432");
-  auto hosts = split(host_list, ',');
-  auto ports = split(port_list, ',');
+  auto port_list = value_of(info, "port");
+  if (port_list.empty())
+    port_list = env_or("PGPORT", "5432");
   std::string out;
-  for (size_t i = 0; i < hosts.size(); ++i) {
-    auto port = ports.size() == hosts.size() ? ports[i] : ports.front();
-    if (port.empty())
-      port = env_or("PGPORT", "5432");
-    auto host = hosts[i].empty() ? std::string{"local socket"} : hosts[i];
+  for (const auto& [host_name, port_name] : pair_hosts(host_list, port_list)) {
+    auto port = port_name.empty() ? env_or("PGPORT", "5432") : port_name;
+    auto host = host_name.empty() ? std::string{"local socket"} : host_name;
     if (!out.empty())
       out += ", ";
     if (host.find(':') != std::string::npos)
@@ -340,22 +185,35 @@ std::string describe_hosts(const conn_params& p) {
   return out;
 }
 
-conn_target make_target(const std::string& url, milliseconds budget) {
+/// Fails with `config_errc::invalid_option` if `url` does not parse
+/// (`parse_conninfo`): libpq would refuse or misread it, and its messages
+/// quote the string, password and all.
+caf::expected<conn_target> make_target(const std::string& url,
+                                       milliseconds budget) {
+  auto info = parse_conninfo(url);
+  if (!info)
+    return std::move(info.error());
   conn_target out;
-  auto uri = is_uri(url);
-  auto params = uri ? parse_uri(url) : parse_keywords(url);
-  out.where = describe_hosts(params);
-  out.password = params.password;
+  out.where = describe_hosts(*info);
+  for (auto keyword : {"password", "sslpassword"})
+    if (auto pw = value_of(*info, keyword); !pw.empty())
+      out.secrets.push_back(std::move(pw));
   out.conninfo = url;
   auto add = [&](const std::string& option) {
-    if (uri)
-      out.conninfo += (out.conninfo.find('?') == std::string::npos ? "?"
-                                                                   : "&")
-                      + option;
-    else
-      out.conninfo += " " + option;
+    if (info->uri) {
+      if (out.conninfo.find('?') == std::string::npos)
+        out.conninfo += '?';
+      else if (!out.conninfo.ends_with('?') && !out.conninfo.ends_with('&'))
+        out.conninfo += '&';
+      out.conninfo += option;
+    } else {
+      // In front: appended, it would join a value that ends in a lone
+      // backslash. libpq takes the last of a keyword given twice, but these
+      // are added only when absent.
+      out.conninfo = option + " " + out.conninfo;
+    }
   };
-  if (!params.has_connect_timeout
+  if (info->find("connect_timeout") == nullptr
       && std::getenv("PGCONNECT_TIMEOUT") == nullptr) {
     auto seconds = std::clamp<int64_t>((budget.count() + 999) / 1000,
                                        min_connect_timeout_s,
@@ -366,8 +224,10 @@ conn_target make_target(const std::string& url, milliseconds budget) {
   // primary after failover) itself; reconnecting alone would land on the
   // same first reachable host again. One host needs no choice: the check
   // after connecting drops a read-only server.
-  auto hosts = !params.host.empty() ? params.host : params.hostaddr;
-  if (!params.has_target_session_attrs
+  auto hosts = value_of(*info, "host");
+  if (hosts.empty())
+    hosts = value_of(*info, "hostaddr");
+  if (info->find("target_session_attrs") == nullptr
       && std::getenv("PGTARGETSESSIONATTRS") == nullptr
       && hosts.find(',') != std::string::npos)
     add("target_session_attrs=read-write");
@@ -473,15 +333,16 @@ struct pg_store::impl {
   /// Successful (re-)connections.
   uint64_t connects = 0;
 
-  /// `msg` without the password (libpq's messages never carry it, but a
+  /// `msg` without the passwords (libpq's messages never carry them, but a
   /// host name or an option echoed back might).
   std::string scrub(std::string msg) const {
-    const auto& pw = target.password;
-    if (pw.size() < 3)
-      return msg;
-    for (auto pos = msg.find(pw); pos != std::string::npos;
-         pos = msg.find(pw, pos))
-      msg.replace(pos, pw.size(), "***");
+    for (const auto& pw : target.secrets) {
+      if (pw.size() < 3)
+        continue;
+      for (auto pos = msg.find(pw); pos != std::string::npos;
+           pos = msg.find(pw, pos))
+        msg.replace(pos, pw.size(), "***");
+    }
     return msg;
   }
 
@@ -651,7 +512,10 @@ pg_store::open(const std::string& url, pg_options opts,
   std::unique_ptr<pg_store> store{new pg_store};
   store->impl_ = std::make_unique<impl>();
   auto& st = *store->impl_;
-  st.target = make_target(url, opts.retry_budget);
+  auto target = make_target(url, opts.retry_budget);
+  if (!target)
+    return std::move(target.error());
+  st.target = std::move(*target);
   st.opts = opts;
   st.migrations = std::move(migrations);
   auto version = st.run<int>("open", [&st](pqxx::connection& c) {

@@ -40,7 +40,9 @@ public:
   /// allowed) and applies pending migrations. Fails with
   /// `store_errc::unavailable` naming the host (never the password) if the
   /// server cannot be reached within the retry budget,
-  /// `store_errc::schema_too_new` if the database is newer than this build.
+  /// `store_errc::schema_too_new` if the database is newer than this build,
+  /// `config_errc::invalid_option` at once if `url` does not parse
+  /// (`parse_conninfo`).
   [[nodiscard]] static caf::expected<std::unique_ptr<pg_store>>
   open(const std::string& url, pg_options opts = {},
        std::vector<migration> migrations = postgres_migrations());

@@ -1,5 +1,7 @@
 #include "store/sqlite_store.hpp"
 
+#include "runtime/base/clock.hpp"
+
 #include <sqlite3.h>
 
 #include <fcntl.h>

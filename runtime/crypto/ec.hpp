@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm::crypto {
 

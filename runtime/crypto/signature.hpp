@@ -13,22 +13,13 @@
 #include <vector>
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/results.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm::crypto {
 
 /// ECDSA r||s, 32 bytes each, big-endian.
 using raw_ecdsa = std::array<uint8_t, 64>;
-
-/// A released signature.
-struct signature {
-  /// 64 bytes: r||s (ECDSA, low-s for secp256k1) or the Ed25519 signature.
-  std::vector<uint8_t> raw;
-  /// ECDSA only: 0..3, bit 0 = parity of R.y, bit 1 = R.x overflowed n.
-  std::optional<int> recovery_id;
-  /// ECDSA only: the DER `ECDSA-Sig-Value` of (r, s).
-  std::vector<uint8_t> der;
-};
 
 /// Reads an ECDSA signature as a token returns it: 64 raw bytes r||s or a DER
 /// `ECDSA-Sig-Value`. Anything else is `key_errc::signature_mismatch`.

@@ -317,4 +317,8 @@ const proxy_client_config& proxy_client::config() const noexcept {
   return impl_->cfg;
 }
 
+const std::string& proxy_client::driver_id() const {
+  return config().driver_id;
+}
+
 } // namespace hsm::net

@@ -50,28 +50,51 @@ struct http_reply {
   std::string body;
 };
 
+/// What the poller and the result poster need of a connection to the
+/// proxy. `proxy_client` is the real one; actor tests script their own.
+/// Blocking; one caller at a time.
+class proxy_link {
+public:
+  virtual ~proxy_link() = default;
+
+  /// `POST /v1/poll` for at most `max` requests, waiting up to `wait`.
+  [[nodiscard]] virtual caf::expected<http_reply>
+  poll(size_t max, std::chrono::milliseconds wait) = 0;
+
+  /// `POST /v1/results` with a JSON body.
+  [[nodiscard]] virtual caf::expected<http_reply>
+  post_result(const std::string& body) = 0;
+
+  /// This driver's id, sent with every poll and result.
+  [[nodiscard]] virtual const std::string& driver_id() const = 0;
+};
+
 /// One HTTPS connection to the proxy.
-class proxy_client {
+class proxy_client : public proxy_link {
 public:
   /// Checks the files exist and are readable (an error names the option),
   /// and prepares the handle. Does not connect yet.
   [[nodiscard]] static caf::expected<std::unique_ptr<proxy_client>>
   create(const proxy_client_config& cfg);
 
-  ~proxy_client();
+  ~proxy_client() override;
   proxy_client(const proxy_client&) = delete;
   proxy_client& operator=(const proxy_client&) = delete;
 
   /// `POST /v1/poll {"driver_id","max","wait_ms"}`. Returns the reply on any
   /// HTTP status; transport failures are `net_errc::unreachable` (retry with
   /// backoff) or `net_errc::tls_failed` (certificate problems).
-  [[nodiscard]] caf::expected<http_reply> poll(size_t max,
-                                               std::chrono::milliseconds wait);
+  [[nodiscard]] caf::expected<http_reply>
+  poll(size_t max, std::chrono::milliseconds wait) override;
 
-  /// `POST /v1/results` with a JSON body (see messages/wire.hpp). Returns
+  /// `POST /v1/results` with a JSON body (see wire_codec.hpp). Returns
   /// the reply on any HTTP status (200 accepted, 409 lease expired or already
   /// answered); transport failures as for `poll`.
-  [[nodiscard]] caf::expected<http_reply> post_result(const std::string& body);
+  [[nodiscard]] caf::expected<http_reply>
+  post_result(const std::string& body) override;
+
+  /// `config().driver_id`.
+  [[nodiscard]] const std::string& driver_id() const override;
 
   /// The configuration.
   const proxy_client_config& config() const noexcept;

@@ -13,13 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdio>
-#include <deque>
 #include <mutex>
-#include <random>
-#include <set>
 #include <thread>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -28,7 +23,6 @@ namespace hsm::net {
 namespace {
 
 using json = nlohmann::json;
-using clock_type = std::chrono::steady_clock;
 
 // -- wire helpers -------------------------------------------------------------
 
@@ -103,38 +97,59 @@ void block_sigpipe() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
+// -- the queue's values as JSON -----------------------------------------------
 
-// -- queue state --------------------------------------------------------------
-
-enum class req_state { queued, leased, done };
-
-const char* to_string(req_state x) {
-  switch (x) {
-    case req_state::queued:
-      return "queued";
-    case req_state::leased:
-      return "leased";
-    case req_state::done:
-      return "done";
-  }
-  return "unknown";
+/// The outcome as the admin API shows it (`ok`, `result` or `error`).
+void put_outcome(json& out, const request_outcome& o) {
+  out["ok"] = o.ok;
+  auto body = json::parse(o.body, nullptr, false);
+  out[o.ok ? "result" : "error"] = body.is_discarded() ? json{} : body;
 }
 
-struct entry {
-  std::string id;
-  std::string kind;
-  json params;
-  req_state state = req_state::queued;
-  size_t deliveries = 0;
-  // The current lease (state == leased only).
-  std::string lease;
-  std::string driver;
-  clock_type::time_point expiry;
-  // The outcome (state == done only).
-  bool ok = false;
-  json result;
-  json error;
-};
+/// A request's state as `GET /v1/admin/requests/{id}` shows it.
+json to_json(const request_info& x) {
+  json out{{"id", x.id},
+           {"state", to_string(x.status)},
+           {"deliveries", x.deliveries}};
+  if (x.outcome)
+    put_outcome(out, *x.outcome);
+  return out;
+}
+
+/// A leased request as `POST /v1/poll` hands it out.
+json to_json(const delivery& x) {
+  auto params = json::parse(x.params, nullptr, false);
+  return json{{"id", x.id},
+              {"lease", x.lease},
+              {"kind", x.kind},
+              {"params", params.is_discarded() ? json{} : std::move(params)}};
+}
+
+/// The counters as `GET /v1/admin/stats` shows them.
+json to_json(const proxy_stats& s) {
+  return json{{"queued", s.queued},
+              {"leased", s.leased},
+              {"done", s.done},
+              {"redelivered", s.redelivered},
+              {"rejected_results", s.rejected_results},
+              {"in_flight", s.in_flight},
+              {"max_in_flight", s.max_in_flight}};
+}
+
+/// Why a result is refused, for the 409's message.
+const char* refusal(completion x) {
+  switch (x) {
+    case completion::accepted:
+      break;
+    case completion::unknown_request:
+      return "unknown request";
+    case completion::already_answered:
+      return "already answered";
+    case completion::lease_not_current:
+      return "lease expired";
+  }
+  return "lease not current";
+}
 
 } // namespace
 
@@ -142,11 +157,14 @@ struct entry {
 
 struct reference_proxy::impl {
   explicit impl(const reference_proxy_config& c)
-    : cfg(c), rng(std::random_device{}()) {
+    : cfg(c),
+      clk(c.clock != nullptr ? *c.clock : real_clock()),
+      queue(clk, c.lease_duration) {
     // nop
   }
 
   reference_proxy_config cfg;
+  const hsm::clock& clk;
 
   // -- servers (their threads run `listen_after_bind`) -----------------------
 
@@ -154,161 +172,57 @@ struct reference_proxy::impl {
   httplib::Server admin;
   std::thread tls_thread;
   std::thread admin_thread;
-  std::thread reaper;
   uint16_t port = 0;
   uint16_t admin_port = 0;
   std::mutex stop_mtx;
   bool stopped = false;
 
-  // -- queue, guarded by mtx -------------------------------------------------
+  // -- the queue and the long-polls, guarded by mtx --------------------------
 
   std::mutex mtx;
-  /// Wakes long-polls: a request became visible, or the proxy stops.
+  /// Wakes long-polls: a request became visible, the clock was advanced by
+  /// hand, or the proxy stops. (A lease's expiry wakes them by timeout.)
   std::condition_variable visible_cv;
-  /// Wakes the reaper: an earlier lease exists, or the proxy stops.
-  std::condition_variable reaper_cv;
   bool stopping = false;
-  std::unordered_map<std::string, entry> requests;
-  /// Visible requests in delivery order (ids).
-  std::deque<std::string> queue;
-  /// Live leases by expiry (expiry, id).
-  std::set<std::pair<clock_type::time_point, std::string>> leases;
-  size_t done = 0;
-  size_t redelivered = 0;
-  size_t rejected_results = 0;
-  std::map<std::string, size_t> in_flight;
-  std::map<std::string, size_t> max_in_flight;
-  uint64_t seq = 0;
-  std::mt19937_64 rng;
+  /// Long-polls inside `on_poll`'s wait.
+  size_t waiting = 0;
+  lease_queue queue;
 
-  // -- queue operations (callers hold mtx) ------------------------------------
-
-  std::string token(const char* prefix) {
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "%s%llu-%016llx", prefix,
-                  static_cast<unsigned long long>(++seq),
-                  static_cast<unsigned long long>(rng()));
-    return buf;
-  }
-
-  /// Ends a lease (result or expiry): drops it from the index and from the
-  /// holder's in-flight count.
-  void end_lease(entry& e) {
-    leases.erase({e.expiry, e.id});
-    auto& n = in_flight[e.driver];
-    if (n > 0)
-      --n;
-    e.lease.clear();
-    e.driver.clear();
-  }
-
-  /// Makes every request whose lease expired by `now` visible again, at the
-  /// front of the queue (oldest expiry first).
-  void expire(clock_type::time_point now) {
-    std::vector<std::string> expired;
-    while (!leases.empty() && leases.begin()->first <= now) {
-      auto id = leases.begin()->second;
-      auto& e = requests.at(id);
-      end_lease(e);
-      e.state = req_state::queued;
-      expired.push_back(std::move(id));
-    }
-    if (expired.empty())
-      return;
-    queue.insert(queue.begin(), expired.begin(), expired.end());
-    visible_cv.notify_all();
-  }
-
-  std::string add(const std::string& kind, const json& params,
+  /// Enqueues under the lock and wakes the long-polls.
+  std::string add(std::string kind, std::string params,
                   std::optional<std::string> id) {
-    if (id && requests.count(*id) > 0)
-      return *id;
-    if (!id) {
-      do {
-        id = token("req-");
-      } while (requests.count(*id) > 0);
-    }
-    entry e;
-    e.id = *id;
-    e.kind = kind;
-    e.params = params;
-    requests.emplace(*id, std::move(e));
-    queue.push_back(*id);
-    visible_cv.notify_all();
-    return *id;
-  }
-
-  /// Leases up to `max` visible requests to `driver`.
-  json deliver(const std::string& driver, size_t max,
-               clock_type::time_point now) {
-    auto out = json::array();
-    while (!queue.empty() && out.size() < max) {
-      auto id = std::move(queue.front());
-      queue.pop_front();
-      auto& e = requests.at(id);
-      e.state = req_state::leased;
-      e.lease = token("lease-");
-      e.driver = driver;
-      e.expiry = now + cfg.lease_duration;
-      if (++e.deliveries > 1)
-        ++redelivered;
-      auto [it, added] = leases.emplace(e.expiry, e.id);
-      if (added && it == leases.begin())
-        reaper_cv.notify_all();
-      auto n = ++in_flight[driver];
-      auto& peak = max_in_flight[driver];
-      peak = std::max(peak, n);
-      out.push_back(json{{"id", e.id},
-                         {"lease", e.lease},
-                         {"kind", e.kind},
-                         {"params", e.params}});
-    }
-    return out;
-  }
-
-  json state_of(const entry& e) const {
-    json out{{"id", e.id},
-             {"state", to_string(e.state)},
-             {"deliveries", e.deliveries}};
-    if (e.state == req_state::done) {
-      out["ok"] = e.ok;
-      if (e.ok)
-        out["result"] = e.result;
-      else
-        out["error"] = e.error;
-    }
-    return out;
-  }
-
-  proxy_stats stats() {
     std::lock_guard<std::mutex> guard{mtx};
-    expire(clock_type::now());
-    proxy_stats out;
-    out.queued = queue.size();
-    out.leased = leases.size();
-    out.done = done;
-    out.redelivered = redelivered;
-    out.rejected_results = rejected_results;
-    out.in_flight = in_flight;
-    out.max_in_flight = max_in_flight;
+    auto out = queue.enqueue(std::move(kind), std::move(params), std::move(id));
+    visible_cv.notify_all();
     return out;
   }
 
-  // -- the reaper: expires leases even when nobody polls ---------------------
-
-  void run_reaper() {
+  /// Blocks until a request is visible, `wait` has passed on `clk`, or the
+  /// proxy stops; then leases up to `max` to `driver`. The wait is cut at
+  /// the next lease expiry so that a redelivery wakes it.
+  std::vector<delivery> take(const std::string& driver, size_t max,
+                             std::chrono::milliseconds wait) {
     std::unique_lock<std::mutex> lock{mtx};
-    while (!stopping) {
-      expire(clock_type::now());
-      if (leases.empty()) {
-        reaper_cv.wait(lock);
-      } else {
-        // A copy: wait_until reads its deadline again after waking, when
-        // the lease may be gone from the set.
-        auto next = leases.begin()->first;
-        reaper_cv.wait_until(lock, next);
-      }
+    auto deadline = clk.steady_now() + wait;
+    ++waiting;
+    for (;;) {
+      if (stopping || queue.has_work())
+        break;
+      auto now = clk.steady_now();
+      if (now >= deadline)
+        break;
+      auto until = deadline;
+      if (auto expiry = queue.next_expiry())
+        until = std::min(until, *expiry);
+      // Real time stands in for `clk`'s here: a manual clock that moves
+      // meanwhile comes with `clock_advanced`, which wakes this wait.
+      visible_cv.wait_for(lock, until - now);
     }
+    --waiting;
+    // A stopping proxy hands out no more leases: nobody would take results.
+    if (stopping)
+      return {};
+    return queue.lease(driver, max);
   }
 
   // -- driver-facing handlers -------------------------------------------------
@@ -327,19 +241,10 @@ struct reference_proxy::impl {
     auto wait = std::min(std::chrono::milliseconds{static_cast<int64_t>(
                            std::min<uint64_t>(*wait_ms, INT32_MAX))},
                          cfg.max_wait);
-    std::unique_lock<std::mutex> lock{mtx};
-    auto deadline = clock_type::now() + wait;
-    for (;;) {
-      expire(clock_type::now());
-      if (!queue.empty() || stopping || clock_type::now() >= deadline)
-        break;
-      visible_cv.wait_until(lock, deadline);
-    }
-    // A stopping proxy hands out no more leases: nobody would take results.
-    auto out = stopping ? json::array()
-                        : deliver(driver, static_cast<size_t>(*max),
-                                  clock_type::now());
-    lock.unlock();
+    auto got = take(driver, static_cast<size_t>(*max), wait);
+    auto out = json::array();
+    for (const auto& x : got)
+      out.push_back(to_json(x));
     reply(res, 200, json{{"requests", std::move(out)}});
   }
 
@@ -354,18 +259,16 @@ struct reference_proxy::impl {
       reply_error(res, 400, "bad_request", "\"ok\" must be a boolean");
       return;
     }
-    auto ok = ok_it->get<bool>();
-    json result;
-    json error;
-    auto retry = false;
-    if (ok) {
+    request_outcome outcome;
+    outcome.ok = ok_it->get<bool>();
+    if (outcome.ok) {
       auto it = body->find("result");
       if (it == body->end() || !it->is_object()) {
         reply_error(res, 400, "bad_request",
                     "\"result\" must be an object when \"ok\" is true");
         return;
       }
-      result = *it;
+      outcome.body = dump(*it);
     } else {
       auto it = body->find("error");
       auto valid = it != body->end() && it->is_object();
@@ -376,7 +279,7 @@ struct reference_proxy::impl {
         valid = code != it->end() && code->is_string() && msg != it->end()
                 && msg->is_string() && rt != it->end() && rt->is_boolean();
         if (valid)
-          retry = rt->get<bool>();
+          outcome.retryable = rt->get<bool>();
       }
       if (!valid) {
         reply_error(res, 400, "bad_request",
@@ -385,38 +288,20 @@ struct reference_proxy::impl {
                     "\"ok\" is false");
         return;
       }
-      error = *it;
+      outcome.body = dump(*it);
     }
     const auto& id = (*body)["id"].get_ref<const std::string&>();
     const auto& lease = (*body)["lease"].get_ref<const std::string&>();
     std::unique_lock<std::mutex> lock{mtx};
-    expire(clock_type::now());
-    auto it = requests.find(id);
-    if (it == requests.end() || it->second.state != req_state::leased
-        || it->second.lease != lease) {
-      ++rejected_results;
-      auto why = it == requests.end()               ? "unknown request"
-                 : it->second.state == req_state::done ? "already answered"
-                                                       : "lease expired";
-      lock.unlock();
-      reply_error(res, 409, "lease_not_current", why);
+    auto done = queue.complete(id, lease, std::move(outcome));
+    // A retryable error made the request visible again.
+    if (done == completion::accepted && queue.has_work())
+      visible_cv.notify_all();
+    lock.unlock();
+    if (done != completion::accepted) {
+      reply_error(res, 409, "lease_not_current", refusal(done));
       return;
     }
-    auto& e = it->second;
-    end_lease(e);
-    if (!ok && retry) {
-      // A retryable failure: visible again at once, to any driver.
-      e.state = req_state::queued;
-      queue.push_front(e.id);
-      visible_cv.notify_all();
-    } else {
-      e.state = req_state::done;
-      e.ok = ok;
-      e.result = std::move(result);
-      e.error = std::move(error);
-      ++done;
-    }
-    lock.unlock();
     reply(res, 200, json{{"accepted", true}});
   }
 
@@ -437,37 +322,33 @@ struct reference_proxy::impl {
         return;
       id = (*body)["id"].get<std::string>();
     }
-    std::unique_lock<std::mutex> lock{mtx};
-    auto out = add((*body)["kind"].get<std::string>(), *params, std::move(id));
-    lock.unlock();
+    auto out = add((*body)["kind"].get<std::string>(), dump(*params),
+                   std::move(id));
     reply(res, 200, json{{"id", out}});
+  }
+
+  std::optional<request_info> find(const std::string& id) {
+    std::lock_guard<std::mutex> guard{mtx};
+    return queue.find(id);
   }
 
   void on_state(const httplib::Request& req, httplib::Response& res) {
     std::string id = req.matches[1];
-    std::unique_lock<std::mutex> lock{mtx};
-    expire(clock_type::now());
-    auto it = requests.find(id);
-    if (it == requests.end()) {
-      lock.unlock();
+    auto info = find(id);
+    if (!info) {
       reply_error(res, 404, "not_found", "no request with id " + id);
       return;
     }
-    auto out = state_of(it->second);
-    lock.unlock();
-    reply(res, 200, out);
+    reply(res, 200, to_json(*info));
+  }
+
+  proxy_stats stats() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return queue.stats();
   }
 
   void on_stats(httplib::Response& res) {
-    auto s = stats();
-    reply(res, 200,
-          json{{"queued", s.queued},
-               {"leased", s.leased},
-               {"done", s.done},
-               {"redelivered", s.redelivered},
-               {"rejected_results", s.rejected_results},
-               {"in_flight", s.in_flight},
-               {"max_in_flight", s.max_in_flight}});
+    reply(res, 200, to_json(stats()));
   }
 
   // -- setup ------------------------------------------------------------------
@@ -619,12 +500,11 @@ struct reference_proxy::impl {
       std::lock_guard<std::mutex> lock{mtx};
       stopping = true;
       visible_cv.notify_all();
-      reaper_cv.notify_all();
     }
     if (tls)
       tls->stop();
     admin.stop();
-    for (auto* t : {&tls_thread, &admin_thread, &reaper})
+    for (auto* t : {&tls_thread, &admin_thread})
       if (t->joinable())
         t->join();
   }
@@ -646,7 +526,6 @@ reference_proxy::start(const reference_proxy_config& cfg) {
   d.common_setup(*d.tls);
   d.common_setup(d.admin);
   d.routes();
-  d.reaper = std::thread{[&d] { d.run_reaper(); }};
   // Each listener runs as soon as it is bound, so that a failure further on
   // leaves nothing behind: the destructor stops whatever runs.
   auto port = impl::bind(*d.tls, cfg.host, cfg.port, "driver");
@@ -678,22 +557,29 @@ uint16_t reference_proxy::admin_port() const noexcept {
 std::string reference_proxy::enqueue(const std::string& kind,
                                      const nlohmann::json& params,
                                      std::optional<std::string> id) {
-  std::lock_guard<std::mutex> guard{impl_->mtx};
-  return impl_->add(kind, params, std::move(id));
+  return impl_->add(kind, dump(params), std::move(id));
 }
 
 std::optional<nlohmann::json>
 reference_proxy::request_state(const std::string& id) const {
-  std::lock_guard<std::mutex> guard{impl_->mtx};
-  impl_->expire(clock_type::now());
-  auto it = impl_->requests.find(id);
-  if (it == impl_->requests.end())
+  auto info = impl_->find(id);
+  if (!info)
     return std::nullopt;
-  return impl_->state_of(it->second);
+  return to_json(*info);
 }
 
 proxy_stats reference_proxy::stats() const {
   return impl_->stats();
+}
+
+size_t reference_proxy::waiting_polls() const {
+  std::lock_guard<std::mutex> guard{impl_->mtx};
+  return impl_->waiting;
+}
+
+void reference_proxy::clock_advanced() {
+  std::lock_guard<std::mutex> guard{impl_->mtx};
+  impl_->visible_cv.notify_all();
 }
 
 void reference_proxy::stop() {

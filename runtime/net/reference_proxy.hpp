@@ -2,16 +2,16 @@
 
 // The reference proxy: the remote side of the protocol, for the dev mode,
 // the tests and the benchmarks. An mTLS server (cpp-httplib over OpenSSL)
-// with a request queue, leases, redelivery when a lease expires, and
-// at-most-once acceptance of a result per lease; plus an admin API on a
+// over a `lease_queue` (requests, leases, redelivery when a lease expires,
+// at-most-once acceptance of a result per lease); plus an admin API on a
 // listener of its own (plain HTTP on loopback) to enqueue requests and read
-// results and statistics. Thread-safe: the servers run on their own threads;
-// the in-process methods may be called from any thread.
+// results and statistics. This layer only speaks HTTP and JSON and blocks
+// long-polls. Thread-safe: the servers run on their own threads; the
+// in-process methods may be called from any thread.
 
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
-#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -19,6 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include "messages/errors.hpp"
+#include "runtime/base/clock.hpp"
+#include "runtime/net/lease_queue.hpp"
 
 namespace hsm::net {
 
@@ -50,22 +52,14 @@ struct reference_proxy_config {
   /// for shutdown only between requests, so `stop()` may wait this long
   /// for a connected but idle client.
   std::chrono::seconds idle_timeout{2};
+  /// The clock of leases and long-poll deadlines; null for `real_clock()`.
+  /// Must outlive the proxy. With a `manual_clock`, call
+  /// `reference_proxy::clock_advanced` after moving it.
+  const hsm::clock* clock = nullptr;
 };
 
 /// Queue counters (`GET /v1/admin/stats`).
-struct proxy_stats {
-  size_t queued = 0;
-  size_t leased = 0;
-  size_t done = 0;
-  /// Deliveries after the first (lease expiries).
-  size_t redelivered = 0;
-  /// Results refused with 409.
-  size_t rejected_results = 0;
-  /// Leases in flight now, per driver id.
-  std::map<std::string, size_t> in_flight;
-  /// Most leases ever in flight at once, per driver id.
-  std::map<std::string, size_t> max_in_flight;
-};
+using proxy_stats = queue_stats;
 
 /// The running proxy. Stops and joins its threads on destruction.
 class reference_proxy {
@@ -95,6 +89,15 @@ public:
 
   /// Counters.
   proxy_stats stats() const;
+
+  /// Long-polls waiting for work now (a test's way to know a poll arrived).
+  size_t waiting_polls() const;
+
+  /// Makes waiting long-polls read the clock again at once: with a
+  /// `manual_clock`, call it after `advance` so that leases that expired and
+  /// deadlines that passed take effect without waiting out real time. Not
+  /// needed with the real clock.
+  void clock_advanced();
 
   /// Stops both listeners (idempotent).
   void stop();

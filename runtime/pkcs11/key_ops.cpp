@@ -7,6 +7,25 @@ namespace hsm::pkcs11 {
 
 namespace {
 
+/// DER-encoded `CKA_EC_PARAMS` for key generation (the curve OID).
+const std::vector<uint8_t>& ec_params(scheme x) {
+  // OID 1.3.132.0.10 (secp256k1), 1.2.840.10045.3.1.7 (prime256v1),
+  // 1.3.101.112 (Ed25519, RFC 8410).
+  static const std::vector<uint8_t> k1{0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x0A};
+  static const std::vector<uint8_t> r1{0x06, 0x08, 0x2A, 0x86, 0x48,
+                                       0xCE, 0x3D, 0x03, 0x01, 0x07};
+  static const std::vector<uint8_t> ed{0x06, 0x03, 0x2B, 0x65, 0x70};
+  switch (x) {
+    case scheme::secp256k1:
+      return k1;
+    case scheme::p256:
+      return r1;
+    case scheme::ed25519:
+      break;
+  }
+  return ed;
+}
+
 CK_MECHANISM_TYPE keygen_mechanism(scheme s) {
   return s == scheme::ed25519 ? CKM_EC_EDWARDS_KEY_PAIR_GEN
                               : CKM_EC_KEY_PAIR_GEN;
@@ -53,11 +72,11 @@ caf::expected<std::vector<uint8_t>> read_public_key(session& sess,
 
 /// Maps an unwrap failure: session-level classes pass through (the caller
 /// retries on another session); anything else means the blob is unusable.
+/// The CK_RV stays in the error (`rv_of`).
 caf::error unwrap_failure(const caf::error& err) {
   if (err == hsm_errc::fatal)
-    return caf::make_error(key_errc::key_corrupted,
-                           "the token cannot unwrap the stored key ("
-                             + describe(err) + ")");
+    return rv_error_as(key_errc::key_corrupted,
+                       "the token cannot unwrap the stored key", err);
   return err;
 }
 

@@ -17,7 +17,7 @@
 
 #include "messages/errors.hpp"
 #include "runtime/pkcs11/session.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm::pkcs11 {
 

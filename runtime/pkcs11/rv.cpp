@@ -233,8 +233,68 @@ hsm_errc classify(CK_RV rv) {
   }
 }
 
+// The context of a PKCS#11 failure ends with (function, CKR name, CK_RV);
+// rv_error_as puts a sentence in front.
+
 caf::error rv_error(std::string_view function, CK_RV rv) {
-  return caf::make_error(classify(rv), std::string{function}, rv_name(rv));
+  return caf::make_error(classify(rv), std::string{function}, rv_name(rv),
+                         static_cast<uint64_t>(rv));
+}
+
+caf::error rv_error_as(key_errc code, std::string what,
+                       const caf::error& cause) {
+  auto rv = rv_of(cause);
+  if (!rv)
+    return caf::make_error(code, std::move(what) + " (" + describe(cause)
+                                   + ")");
+  return caf::make_error(code, std::move(what), *function_of(cause),
+                         rv_name(*rv), static_cast<uint64_t>(*rv));
+}
+
+namespace {
+
+/// Index of the function in `err`'s (function, CKR name, CK_RV) tail, if
+/// its context ends that way.
+std::optional<size_t> rv_tail(const caf::error& err) {
+  if (!err)
+    return std::nullopt;
+  const auto& ctx = err.context();
+  auto n = ctx.size();
+  if (n < 3 || !ctx.match_element<std::string>(n - 3)
+      || !ctx.match_element<std::string>(n - 2)
+      || !ctx.match_element<uint64_t>(n - 1))
+    return std::nullopt;
+  return n - 3;
+}
+
+} // namespace
+
+std::optional<CK_RV> rv_of(const caf::error& err) {
+  if (auto i = rv_tail(err))
+    return static_cast<CK_RV>(err.context().get_as<uint64_t>(*i + 2));
+  return std::nullopt;
+}
+
+std::optional<std::string> function_of(const caf::error& err) {
+  if (auto i = rv_tail(err))
+    return err.context().get_as<std::string>(*i);
+  return std::nullopt;
+}
+
+bool pin_rejected(const caf::error& err) {
+  auto rv = rv_of(err);
+  if (!rv)
+    return false;
+  switch (*rv) {
+    case CKR_PIN_INCORRECT:
+    case CKR_PIN_INVALID:
+    case CKR_PIN_LEN_RANGE:
+    case CKR_PIN_EXPIRED:
+    case CKR_PIN_LOCKED:
+      return true;
+    default:
+      return false;
+  }
 }
 
 } // namespace hsm::pkcs11

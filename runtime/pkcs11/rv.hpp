@@ -1,7 +1,10 @@
 #pragma once
 
 // CK_RV names and classes. Every PKCS#11 failure the driver reports carries
-// the function, the CKR name and a class (messages/errors.hpp, `hsm_errc`):
+// a class (messages/errors.hpp, `hsm_errc`) and, as context, the function,
+// the CKR name and the numeric CK_RV. The names are for humans (`describe`);
+// code decides from the class or from the number (`rv_of`, `pin_rejected`),
+// never from the text. The classes:
 //
 // - retryable: CKR_HOST_MEMORY, CKR_DEVICE_MEMORY, CKR_FUNCTION_CANCELED,
 //   CKR_SESSION_COUNT, CKR_CANT_LOCK;
@@ -14,6 +17,7 @@
 //
 // Pure functions; any thread.
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -28,7 +32,31 @@ std::string rv_name(CK_RV rv);
 /// The class of a failing return value (see the file comment).
 hsm_errc classify(CK_RV rv);
 
-/// `make_error(classify(rv), function, rv_name(rv))`.
+/// `make_error(classify(rv), function, rv_name(rv), uint64_t{rv})`: the
+/// context is (function, CKR name, CK_RV); `describe` shows the names only,
+/// e.g. `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`.
 caf::error rv_error(std::string_view function, CK_RV rv);
+
+/// `cause`'s PKCS#11 failure under another code: `code` with context
+/// (`what`, function, CKR name, CK_RV), so that `rv_of` and `function_of`
+/// still answer, e.g. `key: key_corrupted (the token cannot unwrap the stored
+/// key: C_UnwrapKey: CKR_WRAPPED_KEY_INVALID)`. If `cause` carries no CK_RV,
+/// the context is `what` followed by `describe(cause)` in parentheses.
+caf::error rv_error_as(key_errc code, std::string what,
+                       const caf::error& cause);
+
+/// The CK_RV that `err` carries: set by `rv_error` (or kept by
+/// `rv_error_as`); `std::nullopt` for every other error, including
+/// PKCS#11-class errors the driver made up without a return value.
+std::optional<CK_RV> rv_of(const caf::error& err);
+
+/// The PKCS#11 function that returned `rv_of(err)`, e.g. `C_UnwrapKey`;
+/// `std::nullopt` when `err` carries no CK_RV.
+std::optional<std::string> function_of(const caf::error& err);
+
+/// True if the token refused the PIN: `err` carries CKR_PIN_INCORRECT,
+/// CKR_PIN_INVALID, CKR_PIN_LEN_RANGE, CKR_PIN_EXPIRED or CKR_PIN_LOCKED.
+/// Another login with the same PIN can lock the token: never retry.
+bool pin_rejected(const caf::error& err);
 
 } // namespace hsm::pkcs11

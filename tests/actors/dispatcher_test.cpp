@@ -1,6 +1,7 @@
 // The dispatcher on CAF's deterministic scheduler, with scripted sessions,
-// store and poster: credits, bounded queue, retries after a session failure,
-// unserved schemes. No HSM, no database: pure actor logic.
+// store, poster and supervisor: credits, bounded queue, retries after a
+// session failure, unserved schemes, replacement of a hung session. No HSM,
+// no database: pure actor logic.
 
 #include "actors/dispatcher.hpp"
 
@@ -11,7 +12,8 @@
 #include <gtest/gtest.h>
 
 #include "caf/all.hpp"
-#include "caf/scheduler/test_coordinator.hpp"
+
+#include "tests/support/actor_fixture.hpp"
 
 namespace hsm {
 namespace {
@@ -20,6 +22,9 @@ namespace {
 struct fake_world {
   std::vector<job_result> posted;
   int session_calls = 0;
+  /// What the supervisor was told.
+  std::vector<size_t> replaced;
+  std::vector<size_t> ok_after_failure;
 };
 
 store_actor::behavior_type fake_store(store_actor::pointer) {
@@ -37,8 +42,8 @@ store_actor::behavior_type fake_store(store_actor::pointer) {
       return k;
     },
     [](caf::put_atom,
-       const store::key_record& r) -> caf::result<store::put_result> {
-      return store::put_result{r, true};
+       const key_record& r) -> caf::result<put_result> {
+      return put_result{r, true};
     },
   };
 }
@@ -51,10 +56,10 @@ fake_session(hsm_session_actor::pointer self, std::shared_ptr<fake_world> w,
              bool fail) {
   return {
     [=](generate_atom, const std::string&,
-        scheme) -> caf::result<store::key_record> {
+        scheme) -> caf::result<key_record> {
       return caf::make_error(hsm_errc::fatal);
     },
-    [=](sign_atom, const store::key_record&,
+    [=](sign_atom, const key_record&,
         const std::vector<uint8_t>&) -> caf::result<raw_signature> {
       ++w->session_calls;
       if (fail) {
@@ -66,33 +71,70 @@ fake_session(hsm_session_actor::pointer self, std::shared_ptr<fake_world> w,
       }
       return raw_signature{std::vector<uint8_t>(64, 7)};
     },
-    [=](destroy_atom, const store::key_record&) {},
+    [=](destroy_atom, const key_record&) {},
   };
 }
 
-caf::behavior fake_poster(caf::event_based_actor*,
-                          std::shared_ptr<fake_world> w) {
+/// A session whose calls never return in time (the request times out).
+hsm_session_actor::behavior_type hung_session(hsm_session_actor::pointer,
+                                              std::shared_ptr<fake_world> w) {
   return {
-    [=](result_atom, const job_result& r) { w->posted.push_back(r); },
+    [=](generate_atom, const std::string&,
+        scheme) -> caf::result<key_record> {
+      return caf::make_error(hsm_errc::fatal);
+    },
+    [=](sign_atom, const key_record&,
+        const std::vector<uint8_t>&) -> caf::result<raw_signature> {
+      ++w->session_calls;
+      return caf::delegated<raw_signature>{}; // never answered
+    },
+    [=](destroy_atom, const key_record&) {},
   };
 }
 
-class DispatcherTest : public ::testing::Test {
-protected:
-  static caf::actor_system_config& configure(caf::actor_system_config& c) {
-    c.set("scheduler.policy", caf::atom("testing"));
-    return c;
-  }
+result_poster_actor::behavior_type
+fake_poster(result_poster_actor::pointer, std::shared_ptr<fake_world> w) {
+  return {
+    [=](result_atom, const job_result& r) {
+      w->posted.push_back(r);
+      return true;
+    },
+    [=](retry_atom, uint64_t) {},
+  };
+}
 
+session_supervisor_actor::behavior_type
+fake_supervisor(session_supervisor_actor::pointer,
+                std::shared_ptr<fake_world> w) {
+  return {
+    [=](ready_atom, size_t, uint64_t) {},
+    [=](replace_atom, size_t index, const hsm_session_actor&) {
+      w->replaced.push_back(index);
+    },
+    [=](session_ok_atom, size_t index) {
+      w->ok_after_failure.push_back(index);
+    },
+    [=](respawn_atom, size_t, uint64_t) {},
+    [=](stuck_atom) { return size_t{0}; },
+    [=](close_atom) { return size_t{0}; },
+  };
+}
+
+const error_result& error_of(const job_result& r) {
+  return std::get<error_result>(r.outcome);
+}
+
+class DispatcherTest : public testing::actor_fixture {
+protected:
   void SetUp() override {
     store = sys.spawn(fake_store);
     poster = sys.spawn(fake_poster, world);
   }
 
   void TearDown() override {
-    for (auto& a : {dispatcher, poster})
-      if (a)
-        self->send_exit(a, caf::exit_reason::user_shutdown);
+    if (dispatcher)
+      self->send_exit(dispatcher, caf::exit_reason::user_shutdown);
+    self->send_exit(poster, caf::exit_reason::user_shutdown);
     self->send_exit(store, caf::exit_reason::user_shutdown);
     sched.run();
   }
@@ -106,7 +148,12 @@ protected:
       dcfg.caps.schemes[i].served = all_schemes[i] != scheme::ed25519;
       dcfg.caps.schemes[i].detail = "not wrappable";
     }
-    dispatcher = hsm::spawn_dispatcher(sys, dcfg, store, poster);
+    dcfg.hsm_timeout = std::chrono::seconds{1};
+    auto w = world;
+    dispatcher = hsm::spawn_dispatcher(
+      sys, dcfg, store, poster, [this, w](dispatcher_actor) {
+        return sys.spawn(fake_supervisor, w);
+      });
     sched.run();
   }
 
@@ -115,12 +162,12 @@ protected:
   }
 
   int64_t credits() {
-    int64_t out = -1;
-    auto h = self->request(dispatcher, caf::infinite, credit_atom::value);
-    sched.run();
-    h.receive([&](int64_t n) { out = n; },
-              [&](caf::error& err) { ADD_FAILURE() << describe(err); });
-    return out;
+    return ask<int64_t>(dispatcher, credit_atom::value).value_or(-1);
+  }
+
+  dispatcher_stats stats() {
+    return ask<dispatcher_stats>(dispatcher, stats_atom::value)
+      .value_or(dispatcher_stats{});
   }
 
   job sign_job(const std::string& id, const std::string& key = "k") {
@@ -133,36 +180,31 @@ protected:
     return j;
   }
 
-  caf::actor_system_config cfg;
-  caf::actor_system sys{configure(cfg)};
-  caf::scoped_actor self{sys, true};
-  caf::scheduler::test_coordinator& sched
-    = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
   std::shared_ptr<fake_world> world = std::make_shared<fake_world>();
   store_actor store;
-  caf::actor poster;
-  caf::actor dispatcher;
+  result_poster_actor poster;
+  dispatcher_actor dispatcher;
 };
 
-TEST_F(DispatcherTest, NoHealthySlotMeansNoCredit) {
+TEST_F(DispatcherTest, NoHealthySessionMeansNoCredit) {
   spawn_dispatcher_with(2);
   EXPECT_EQ(credits(), 0);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session());
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
   EXPECT_EQ(credits(), 1);
-  self->send(dispatcher, slot_down_atom::value, size_t{0});
+  self->send(dispatcher, session_down_atom::value, size_t{0});
   sched.run();
   EXPECT_EQ(credits(), 0);
 }
 
 TEST_F(DispatcherTest, EveryLeaseCountsUntilItsResultIsPosted) {
   spawn_dispatcher_with(2);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session());
-  self->send(dispatcher, slot_up_atom::value, size_t{1}, session());
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
+  self->send(dispatcher, session_up_atom::value, size_t{1}, session());
   sched.run();
   EXPECT_EQ(credits(), 2);
   self->send(dispatcher, job_atom::value, sign_job("a"));
-  // Only the dispatcher's handler runs: the job holds a slot.
+  // Only the dispatcher's handler runs: the job holds a session.
   sched.run_once();
   EXPECT_EQ(credits(), 1);
   sched.run();
@@ -176,18 +218,18 @@ TEST_F(DispatcherTest, QueueIsBounded) {
   for (auto id : {"q1", "q2", "q3"})
     self->send(dispatcher, job_atom::value, sign_job(id));
   sched.run();
-  // No slot is up: two wait, the third is answered as retryable at once.
+  // No session is up: two wait, the third is answered as retryable at once.
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_EQ(world->posted.front().id, "q3");
-  EXPECT_TRUE(world->posted.front().retryable);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session());
+  EXPECT_TRUE(error_of(world->posted.front()).retryable);
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
   EXPECT_EQ(world->posted.size(), 3u);
 }
 
 TEST_F(DispatcherTest, SessionFailureCostsOneAttemptAndWaitsForANewSession) {
   spawn_dispatcher_with(1);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session(true));
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session(true));
   sched.run();
   self->send(dispatcher, job_atom::value, sign_job("f"));
   sched.run();
@@ -195,22 +237,21 @@ TEST_F(DispatcherTest, SessionFailureCostsOneAttemptAndWaitsForANewSession) {
   EXPECT_TRUE(world->posted.empty());
   EXPECT_EQ(world->session_calls, 1);
   EXPECT_EQ(credits(), 0);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session());
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_EQ(world->session_calls, 2);
-  dispatcher_stats st;
-  auto h = self->request(dispatcher, caf::infinite, stats_atom::value);
-  sched.run();
-  h.receive([&](dispatcher_stats& s) { st = s; },
-            [&](caf::error& err) { ADD_FAILURE() << describe(err); });
-  EXPECT_EQ(st.slot_failures, 1u);
+  auto st = stats();
+  EXPECT_EQ(st.session_failures, 1u);
   EXPECT_EQ(st.retried, 1u);
+  // The first success after the failure resets the supervisor's backoff.
+  EXPECT_EQ(world->ok_after_failure, std::vector<size_t>{0});
+  EXPECT_TRUE(world->replaced.empty());
 }
 
 TEST_F(DispatcherTest, UnknownKeyAndUnservedSchemeNeverReachASession) {
   spawn_dispatcher_with(1);
-  self->send(dispatcher, slot_up_atom::value, size_t{0}, session());
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
   self->send(dispatcher, job_atom::value, sign_job("u", "missing"));
   job ed;
@@ -224,8 +265,8 @@ TEST_F(DispatcherTest, UnknownKeyAndUnservedSchemeNeverReachASession) {
   ASSERT_EQ(world->posted.size(), 2u);
   std::map<std::string, std::string> code_of;
   for (auto& r : world->posted) {
-    EXPECT_FALSE(r.ok);
-    code_of[r.id] = r.error_code;
+    ASSERT_FALSE(r.ok());
+    code_of[r.id] = error_of(r).code;
   }
   EXPECT_EQ(code_of["u"], "unknown_key");
   EXPECT_EQ(code_of["ed"], "scheme_unsupported");
@@ -241,10 +282,50 @@ TEST_F(DispatcherTest, StopHandsBackQueuedJobs) {
   sched.run();
   ASSERT_EQ(world->posted.size(), 2u);
   for (auto& r : world->posted) {
-    EXPECT_FALSE(r.ok);
-    EXPECT_TRUE(r.retryable) << r.error_message;
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(error_of(r).retryable) << error_of(r).message;
   }
   EXPECT_EQ(credits(), 0);
+}
+
+TEST_F(DispatcherTest, HungCallReplacesTheSessionAndRetriesElsewhere) {
+  spawn_dispatcher_with(2);
+  auto hung = sys.spawn(hung_session, world);
+  self->send(dispatcher, session_up_atom::value, size_t{0}, hung);
+  sched.run();
+  self->send(dispatcher, job_atom::value, sign_job("h"));
+  sched.run();
+  EXPECT_EQ(world->session_calls, 1);
+  EXPECT_TRUE(world->posted.empty());
+  // The HSM timeout fires: the supervisor is asked to replace session 0,
+  // and the job waits for a healthy session.
+  sched.trigger_timeouts();
+  sched.run();
+  EXPECT_EQ(world->replaced, std::vector<size_t>{0});
+  EXPECT_EQ(stats().healthy_sessions, 0u);
+  EXPECT_TRUE(world->posted.empty());
+  self->send(dispatcher, session_up_atom::value, size_t{1}, session());
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_EQ(world->posted.front().id, "h");
+  EXPECT_EQ(stats().retried, 1u);
+  self->send_exit(hung, caf::exit_reason::kill);
+}
+
+TEST_F(DispatcherTest, DrainAnswersOnceEveryLeaseIsPosted) {
+  spawn_dispatcher_with(1);
+  self->send(dispatcher, job_atom::value, sign_job("d"));
+  sched.run();
+  // A queued job holds a lease: no answer to the drain yet.
+  auto h = self->request(dispatcher, caf::infinite, drain_atom::value);
+  sched.run();
+  bool drained = false;
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
+  sched.run();
+  h.receive([&](bool) { drained = true; },
+            [&](caf::error& err) { ADD_FAILURE() << describe(err); });
+  EXPECT_TRUE(drained);
+  EXPECT_EQ(world->posted.size(), 1u);
 }
 
 } // namespace

@@ -13,8 +13,8 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/crypto/hex.hpp"
-#include "runtime/daemon.hpp"
-#include "runtime/logging.hpp"
+#include "runtime/app/daemon.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
 #include "store/sqlite_store.hpp"
@@ -240,14 +240,14 @@ TEST_F(EngineTest, SessionFailingMidRequestIsRestartedAndTheRequestAnswered) {
   EXPECT_GT(plan->counts.open_session.load(), sessions_before);
   auto stats = drv->stats();
   ASSERT_TRUE(stats);
-  EXPECT_GE(stats->slot_failures, 1u);
+  EXPECT_GE(stats->session_failures, 1u);
   EXPECT_GE(stats->retried, 1u);
   // Still serving afterwards, on both slots.
   deadline = std::chrono::steady_clock::now() + 5s;
-  while (drv->stats()->healthy_slots < 2
+  while (drv->stats()->healthy_sessions < 2
          && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(10ms);
-  EXPECT_EQ(drv->stats()->healthy_slots, 2u);
+  EXPECT_EQ(drv->stats()->healthy_sessions, 2u);
   EXPECT_TRUE(await_done(enqueue_sign("sup", test::sha256("after")))["ok"]
                 .get<bool>());
 }
@@ -265,7 +265,7 @@ TEST_F(EngineTest, OneSessionFailureCostsOneRetryEvenWithOneSlot) {
   auto stats = drv->stats();
   ASSERT_TRUE(stats);
   // The job waited for the new session instead of bouncing off the dead one.
-  EXPECT_EQ(stats->slot_failures, 1u);
+  EXPECT_EQ(stats->session_failures, 1u);
   EXPECT_EQ(stats->retried, 1u);
   EXPECT_EQ(proxy->stats().max_in_flight["engine-driver"], 1u);
 }
@@ -302,7 +302,7 @@ TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
   EXPECT_LT(std::chrono::steady_clock::now() - started, 1400ms);
   auto stats = drv->stats();
   ASSERT_TRUE(stats);
-  EXPECT_GE(stats->slot_failures, 1u);
+  EXPECT_GE(stats->session_failures, 1u);
   // The abandoned call returns later; the replacement slot serves on.
   std::this_thread::sleep_for(1200ms);
   EXPECT_TRUE(await_done(enqueue_sign("hang", test::sha256("after")))["ok"]

@@ -7,27 +7,22 @@
 #include <gtest/gtest.h>
 
 #include "caf/all.hpp"
-#include "caf/scheduler/test_coordinator.hpp"
 
 #include "runtime/crypto/signature.hpp"
-#include "runtime/key_service.hpp"
+#include "runtime/keys/key_service.hpp"
+#include "tests/support/actor_fixture.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
 
 namespace hsm {
 namespace {
 
-class HsmSessionTest : public ::testing::Test {
+class HsmSessionTest : public testing::actor_fixture {
 protected:
-  static caf::actor_system_config& configure(caf::actor_system_config& c) {
-    c.set("scheduler.policy", caf::atom("testing"));
-    return c;
-  }
-
   void SetUp() override {
     token = std::make_unique<test::test_token>(
       test::make_token(test::unique_label("sess")));
-    auto caps = probe(token->sess, token->master, {scheme::ed25519});
+    auto caps = keys::probe(token->sess, token->master, {scheme::ed25519});
     ASSERT_TRUE(caps) << describe(caps.error());
     auto ctx = std::make_shared<session_context>();
     ctx->mod = &test::shared_module();
@@ -38,7 +33,8 @@ protected:
     ctx->master_key_label = "hsm-driver-master";
     ctx->caps = *caps;
     session = spawn_hsm_session(sys, ctx, 0, 7,
-                                caf::actor_cast<caf::actor>(self),
+                                caf::actor_cast<session_supervisor_actor>(
+                                  caf::actor_cast<caf::actor>(self)),
                                 spawn_mode::scheduled);
     sched.run();
     bool ready = false;
@@ -65,18 +61,13 @@ protected:
     return out;
   }
 
-  caf::actor_system_config cfg;
-  caf::actor_system sys{configure(cfg)};
-  caf::scoped_actor self{sys, true};
-  caf::scheduler::test_coordinator& sched
-    = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
   std::unique_ptr<test::test_token> token;
   hsm_session_actor session;
 };
 
 TEST_F(HsmSessionTest, GeneratesAndSignsWithWrappedAndResidentKeys) {
   for (auto s : {scheme::secp256k1, scheme::ed25519}) {
-    auto rec = call<store::key_record>(
+    auto rec = call<key_record>(
       caf::make_message(generate_atom::value, std::string{"sess-key"}, s));
     ASSERT_TRUE(rec) << describe(rec.error());
     EXPECT_EQ(rec->resident(), s == scheme::ed25519);
@@ -92,7 +83,7 @@ TEST_F(HsmSessionTest, GeneratesAndSignsWithWrappedAndResidentKeys) {
 }
 
 TEST_F(HsmSessionTest, SessionLevelFailureIsAnsweredThenEndsTheActor) {
-  auto rec = call<store::key_record>(caf::make_message(
+  auto rec = call<key_record>(caf::make_message(
     generate_atom::value, std::string{"fail-key"}, scheme::p256));
   ASSERT_TRUE(rec) << describe(rec.error());
   test::shared_plan()->before_sign = [](int) -> CK_RV {
@@ -111,7 +102,7 @@ TEST_F(HsmSessionTest, SessionLevelFailureIsAnsweredThenEndsTheActor) {
 }
 
 TEST_F(HsmSessionTest, KeyErrorsAreAnsweredAndTheSessionStays) {
-  auto rec = call<store::key_record>(caf::make_message(
+  auto rec = call<key_record>(caf::make_message(
     generate_atom::value, std::string{"bad-blob"}, scheme::p256));
   ASSERT_TRUE(rec);
   rec->key_blob[5] ^= 0xFF;

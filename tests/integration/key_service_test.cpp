@@ -10,7 +10,8 @@
 #include <gtest/gtest.h>
 
 #include "runtime/crypto/signature.hpp"
-#include "runtime/key_service.hpp"
+#include "runtime/keys/key_service.hpp"
+#include "runtime/keys/master_key_guard.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 #include "store/sqlite_store.hpp"
@@ -62,16 +63,16 @@ protected:
     auto opened = store::sqlite_store::open(db);
     ASSERT_TRUE(opened) << describe(opened.error());
     st = std::move(*opened);
-    auto guard = check_master_key(token->sess, token->master,
+    auto guard = keys::check_master_key(token->sess, token->master,
                                   "hsm-driver-master", *st, true);
     ASSERT_TRUE(guard) << describe(guard.error());
-    ASSERT_EQ(*guard, canary_state::created);
+    ASSERT_EQ(*guard, keys::canary_state::created);
   }
 
-  key_service service(std::set<scheme> resident = {scheme::ed25519}) {
-    auto caps = probe(token->sess, token->master, resident);
+  keys::key_service service(std::set<scheme> resident = {scheme::ed25519}) {
+    auto caps = keys::probe(token->sess, token->master, resident);
     EXPECT_TRUE(caps) << describe(caps.error());
-    return key_service{token->sess, token->master, *st, *caps};
+    return keys::key_service{token->sess, token->master, *st, *caps};
   }
 
   std::unique_ptr<test::test_token> token;
@@ -80,7 +81,7 @@ protected:
 };
 
 TEST_F(KeyServiceTest, ProbeServesEcdsaWrappedAndRefusesWrappedEd25519) {
-  auto caps = probe(token->sess, token->master, {});
+  auto caps = keys::probe(token->sess, token->master, {});
   ASSERT_TRUE(caps) << describe(caps.error());
   EXPECT_TRUE(caps->of(scheme::secp256k1).served);
   EXPECT_TRUE(caps->of(scheme::p256).served);
@@ -90,7 +91,7 @@ TEST_F(KeyServiceTest, ProbeServesEcdsaWrappedAndRefusesWrappedEd25519) {
   EXPECT_NE(caps->of(scheme::ed25519).detail.find("CKR_KEY_NOT_WRAPPABLE"),
             std::string::npos)
     << caps->of(scheme::ed25519).detail;
-  key_service svc{token->sess, token->master, *st, *caps};
+  keys::key_service svc{token->sess, token->master, *st, *caps};
   auto res = svc.generate("ed-refused", "ed25519");
   ASSERT_FALSE(res);
   EXPECT_EQ(res.error(), key_errc::scheme_unsupported);
@@ -99,7 +100,7 @@ TEST_F(KeyServiceTest, ProbeServesEcdsaWrappedAndRefusesWrappedEd25519) {
 }
 
 TEST_F(KeyServiceTest, ProbeWithResidentOptInServesEd25519) {
-  auto caps = probe(token->sess, token->master, {scheme::ed25519});
+  auto caps = keys::probe(token->sess, token->master, {scheme::ed25519});
   ASSERT_TRUE(caps) << describe(caps.error());
   EXPECT_TRUE(caps->of(scheme::ed25519).served);
   EXPECT_TRUE(caps->of(scheme::ed25519).resident);
@@ -305,16 +306,16 @@ TEST_F(KeyServiceTest, OtherMasterKeyIsRefusedAndWritesNothing) {
   auto svc = service();
   ASSERT_TRUE(svc.generate("guarded", "p256"));
   auto other = test::make_token(test::unique_label("other"));
-  auto guard = check_master_key(other.sess, other.master, "hsm-driver-master",
+  auto guard = keys::check_master_key(other.sess, other.master, "hsm-driver-master",
                                 *st, true);
   ASSERT_FALSE(guard);
   EXPECT_EQ(guard.error(), key_errc::master_key_mismatch);
   EXPECT_NE(describe(guard.error()).find("master key"), std::string::npos);
   // The canary is the first one still.
-  auto again = check_master_key(token->sess, token->master,
+  auto again = keys::check_master_key(token->sess, token->master,
                                 "hsm-driver-master", *st, false);
   ASSERT_TRUE(again) << describe(again.error());
-  EXPECT_EQ(*again, canary_state::matches);
+  EXPECT_EQ(*again, keys::canary_state::matches);
 }
 
 TEST_F(KeyServiceTest, MissingMasterKeyIsAClearError) {

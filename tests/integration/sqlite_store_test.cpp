@@ -5,7 +5,7 @@
 #include "store/sqlite_store.hpp"
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 #include "tests/support/key_store_contract.hpp"
 
 #include <gtest/gtest.h>

@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "runtime/base/clock.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/proxy_client.hpp"
 
@@ -35,6 +36,19 @@ long elapsed_ms(steady::time_point since) {
   return static_cast<long>(
     std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - since)
       .count());
+}
+
+/// Checks `pred` until it holds (true) or `limit` has passed (false): for
+/// something another thread is about to do. The limit only catches a hang.
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit = 20s) {
+  auto deadline = steady::now() + limit;
+  while (!pred()) {
+    if (steady::now() >= deadline)
+      return false;
+    std::this_thread::sleep_for(1ms);
+  }
+  return true;
 }
 
 /// A POST over mTLS with libcurl directly, for bodies `proxy_client` never
@@ -161,6 +175,27 @@ protected:
     start(proxy_config());
   }
 
+  /// Starts a proxy on `clk_`, which moves only when the test says so.
+  void start_manual(reference_proxy_config cfg) {
+    cfg.clock = &clk_;
+    start(cfg);
+  }
+
+  void start_manual() {
+    start_manual(proxy_config());
+  }
+
+  /// Moves the proxy's manual clock on and lets waiting polls see it.
+  void advance(std::chrono::milliseconds d) {
+    clk_.advance(d);
+    proxy_->clock_advanced();
+  }
+
+  /// Waits until `n` long-polls wait in the proxy.
+  [[nodiscard]] bool polls_waiting(size_t n) {
+    return eventually([&] { return proxy_->waiting_polls() == n; });
+  }
+
   proxy_client_config client_config(const std::string& driver) const {
     proxy_client_config cfg;
     cfg.proxy_addr = "127.0.0.1:" + std::to_string(proxy_->port());
@@ -244,6 +279,7 @@ protected:
   static inline dev_pki* pki_ = nullptr;
   static inline dev_pki* other_ = nullptr;
 
+  manual_clock clk_;
   std::unique_ptr<reference_proxy> proxy_;
   std::unique_ptr<httplib::Client> admin_;
   std::vector<std::unique_ptr<proxy_client>> clients_;
@@ -342,39 +378,39 @@ TEST_F(ReferenceProxyTest, LongPollReturnsEmptyAfterWait) {
   auto* c = client();
   auto t0 = steady::now();
   auto reqs = poll(c, 5, 300ms);
-  auto took = elapsed_ms(t0);
   EXPECT_TRUE(reqs.empty());
-  EXPECT_GE(took, 280);
-  EXPECT_LT(took, 3000);
+  // The proxy's deadline starts after t0: it cannot answer sooner.
+  EXPECT_GE(elapsed_ms(t0), 300);
 }
 
 TEST_F(ReferenceProxyTest, LongPollWaitIsClampedToMaxWait) {
   auto cfg = proxy_config();
   cfg.max_wait = 200ms;
-  start(cfg);
-  auto t0 = steady::now();
-  auto reqs = poll(client(), 5, 2500ms);
-  auto took = elapsed_ms(t0);
-  EXPECT_TRUE(reqs.empty());
-  EXPECT_GE(took, 180);
-  EXPECT_LT(took, 2000);
+  start_manual(cfg);
+  auto* c = client();
+  auto pending = std::async(std::launch::async,
+                            [c] { return poll(c, 5, 20000ms); });
+  ASSERT_TRUE(polls_waiting(1));
+  // 200 ms on the proxy's clock end a poll that asked for 20 s.
+  advance(200ms);
+  ASSERT_EQ(pending.wait_for(20s), std::future_status::ready);
+  EXPECT_TRUE(pending.get().empty());
 }
 
 TEST_F(ReferenceProxyTest, LongPollReturnsEarlyWhenRequestArrives) {
-  start();
+  start_manual();
   auto* c = client();
-  auto t0 = steady::now();
   auto pending = std::async(std::launch::async,
-                            [c] { return poll(c, 5, 4000ms); });
-  std::this_thread::sleep_for(200ms);
+                            [c] { return poll(c, 5, 20000ms); });
+  ASSERT_TRUE(polls_waiting(1));
+  // The proxy's clock stands still: only the request can end this poll.
+  EXPECT_NE(pending.wait_for(0s), std::future_status::ready);
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
-  ASSERT_EQ(pending.wait_for(3s), std::future_status::ready);
+  ASSERT_EQ(pending.wait_for(20s), std::future_status::ready);
   auto reqs = pending.get();
-  auto took = elapsed_ms(t0);
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(reqs[0]["id"], id);
-  EXPECT_GE(took, 150);
-  EXPECT_LT(took, 2000);
+  EXPECT_EQ(proxy_->waiting_polls(), 0u);
 }
 
 TEST_F(ReferenceProxyTest, PollHonoursMaxInFifoOrder) {
@@ -399,28 +435,24 @@ TEST_F(ReferenceProxyTest, PollHonoursMaxInFifoOrder) {
 
 TEST_F(ReferenceProxyTest, ExpiredLeaseIsRedeliveredWithNewLease) {
   auto cfg = proxy_config();
-  cfg.lease_duration = 300ms;
-  start(cfg);
+  start_manual(cfg);
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
   auto other = enqueue("sign", {{"key_id", "k2"}, {"payload", "00"}});
   auto* c = client();
   auto first = poll(c, 1, 0ms);
   ASSERT_EQ(first.size(), 1u);
   ASSERT_EQ(first[0]["id"], id);
-  // Leave `other` queued: the redelivered request goes before it. The
-  // long-poll below only returns early if expiry wakes it.
-  auto second_client = client("driver-b");
-  auto t0 = steady::now();
-  auto none = poll(second_client, 5, 0ms); // takes `other`
+  // Leave `other` queued: the redelivered request goes before it.
+  auto* second_client = client("driver-b");
+  advance(cfg.lease_duration - 1ms);
+  auto none = poll(second_client, 5, 0ms); // takes `other` only
   ASSERT_EQ(none.size(), 1u);
   EXPECT_EQ(none[0]["id"], other);
-  auto again = poll(c, 1, 3000ms);
-  auto took = elapsed_ms(t0);
+  advance(1ms);
+  auto again = poll(c, 1, 0ms);
   ASSERT_EQ(again.size(), 1u);
   EXPECT_EQ(again[0]["id"], id);
   EXPECT_NE(again[0]["lease"], first[0]["lease"]);
-  EXPECT_GE(took, 200);
-  EXPECT_LT(took, 2500);
   EXPECT_EQ(state(id).second["deliveries"], 2);
   auto s = stats();
   EXPECT_EQ(s["redelivered"], 1);
@@ -431,33 +463,56 @@ TEST_F(ReferenceProxyTest, ExpiredLeaseIsRedeliveredWithNewLease) {
 
 TEST_F(ReferenceProxyTest, WaitingPollWakesWhenLeaseExpires) {
   auto cfg = proxy_config();
-  cfg.lease_duration = 300ms;
-  start(cfg);
+  cfg.max_wait = 60s; // beyond the lease: the deadline plays no part
+  start_manual(cfg);
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
-  auto t0 = steady::now();
   ASSERT_EQ(poll(client("driver-a"), 1, 0ms).size(), 1u);
-  // Nothing else happens: only the expiry can end this wait early.
-  auto reqs = poll(client("driver-b"), 1, 3000ms);
-  auto took = elapsed_ms(t0);
+  auto* b = client("driver-b");
+  auto pending = std::async(std::launch::async,
+                            [b] { return poll(b, 1, 20000ms); });
+  ASSERT_TRUE(polls_waiting(1));
+  EXPECT_NE(pending.wait_for(0s), std::future_status::ready);
+  // Nothing else happens: only the expiry can end this wait.
+  advance(cfg.lease_duration);
+  ASSERT_EQ(pending.wait_for(20s), std::future_status::ready);
+  auto reqs = pending.get();
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(reqs[0]["id"], id);
-  EXPECT_GE(took, 250);
-  EXPECT_LT(took, 2000);
   auto s = proxy_->stats();
   EXPECT_EQ(s.in_flight["driver-a"], 0u);
   EXPECT_EQ(s.in_flight["driver-b"], 1u);
   EXPECT_EQ(s.redelivered, 1u);
 }
 
+TEST_F(ReferenceProxyTest, WaitingPollWakesWhenLeaseExpiresOnRealClock) {
+  // The long-poll's own timer, not a notification, ends this wait: the
+  // poll asks for far longer than the lease lasts.
+  auto cfg = proxy_config();
+  cfg.lease_duration = 300ms;
+  cfg.max_wait = 30s;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto t0 = steady::now();
+  ASSERT_EQ(poll(client("driver-a"), 1, 0ms).size(), 1u);
+  auto* b = client("driver-b");
+  auto pending = std::async(std::launch::async,
+                            [b] { return poll(b, 1, 30000ms); });
+  ASSERT_EQ(pending.wait_for(20s), std::future_status::ready);
+  auto reqs = pending.get();
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  // The lease started after t0 and lasted 300 ms.
+  EXPECT_GE(elapsed_ms(t0), 300);
+}
+
 TEST_F(ReferenceProxyTest, ExpiredLeaseShowsAsQueued) {
   auto cfg = proxy_config();
-  cfg.lease_duration = 200ms;
-  start(cfg);
+  start_manual(cfg);
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
   auto reqs = poll(client(), 1, 0ms);
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(proxy_->stats().leased, 1u);
-  std::this_thread::sleep_for(400ms);
+  advance(cfg.lease_duration);
   auto s = proxy_->stats();
   EXPECT_EQ(s.queued, 1u);
   EXPECT_EQ(s.leased, 0u);
@@ -709,15 +764,26 @@ TEST_F(ReferenceProxyTest, StartFailsOnBusyPort) {
 }
 
 TEST_F(ReferenceProxyTest, StopEndsPendingLongPoll) {
-  start();
+  start_manual();
   auto* c = client();
   auto pending = std::async(std::launch::async,
-                            [c] { return c->poll(1, 4000ms); });
-  std::this_thread::sleep_for(200ms);
-  auto t0 = steady::now();
-  proxy_->stop();
-  EXPECT_LT(elapsed_ms(t0), 3000);
-  ASSERT_EQ(pending.wait_for(3s), std::future_status::ready);
+                            [c] { return c->poll(1, 20000ms); });
+  ASSERT_TRUE(polls_waiting(1));
+  // The proxy's clock stands still: only `stop` can end this poll (and
+  // `stop` joins the thread serving it).
+  auto stopping = std::async(std::launch::async, [this] { proxy_->stop(); });
+  auto stopped = stopping.wait_for(20s) == std::future_status::ready;
+  if (!stopped)
+    advance(60s); // release the poll, so that the test fails instead of hangs
+  ASSERT_TRUE(stopped) << "stop() left the long-poll waiting";
+  ASSERT_EQ(pending.wait_for(20s), std::future_status::ready);
+  auto reply = pending.get();
+  if (reply) {
+    // Answered before the listener closed: no lease handed out.
+    EXPECT_EQ(reply->status, 200);
+    EXPECT_EQ(json::parse(reply->body, nullptr, false)["requests"],
+              json::array());
+  }
   proxy_->stop(); // idempotent
 }
 

@@ -7,7 +7,7 @@
 #include "store/pg_store.hpp"
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 #include "tests/support/key_store_contract.hpp"
 #include "tests/support/pg_cluster.hpp"
 

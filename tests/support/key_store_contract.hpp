@@ -28,7 +28,7 @@
 // SQL given to `exec` and `scalar` is the dialect both back ends accept.
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 #include "store/key_store.hpp"
 
 #include <gtest/gtest.h>
@@ -69,9 +69,9 @@ inline ::testing::AssertionResult contains(const std::string& text,
 }
 
 /// A plausible wrapped key of `s` (the blob holds zero bytes on purpose).
-inline hsm::store::key_record sample_key(std::string key_id, hsm::scheme s,
+inline hsm::key_record sample_key(std::string key_id, hsm::scheme s,
                                          uint8_t seed) {
-  hsm::store::key_record rec;
+  hsm::key_record rec;
   rec.key_id = std::move(key_id);
   rec.scheme = s;
   if (s == hsm::scheme::ed25519) {
@@ -82,7 +82,7 @@ inline hsm::store::key_record sample_key(std::string key_id, hsm::scheme s,
   }
   for (uint8_t i = 0; i < 40; ++i)
     rec.key_blob.push_back(static_cast<uint8_t>(i * seed));
-  rec.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
+  rec.wrap_mechanism = std::string{hsm::aes_key_wrap_pad};
   rec.created_at_ms = 1'700'000'000'000 + seed;
   return rec;
 }
@@ -93,15 +93,15 @@ inline hsm::store::canary_record sample_canary(uint8_t seed) {
   c.public_key.assign(65, seed);
   c.public_key[0] = 0x04;
   c.wrapped_key.assign(40, static_cast<uint8_t>(seed + 1));
-  c.wrap_mechanism = std::string{hsm::store::aes_key_wrap_pad};
+  c.wrap_mechanism = std::string{hsm::aes_key_wrap_pad};
   c.master_key_label = "master-" + std::to_string(seed);
   c.created_at_ms = 1'700'000'000'000 + seed;
   return c;
 }
 
 /// Expects every field of `x` and `y` to be equal.
-inline void expect_same_key(const hsm::store::key_record& x,
-                            const hsm::store::key_record& y) {
+inline void expect_same_key(const hsm::key_record& x,
+                            const hsm::key_record& y) {
   EXPECT_EQ(x.key_id, y.key_id);
   EXPECT_EQ(hsm::to_string(x.scheme), hsm::to_string(y.scheme));
   EXPECT_EQ(x.public_key, y.public_key);
@@ -287,7 +287,7 @@ TYPED_TEST_P(KeyStoreContractTest, ResidentKeyRoundTrips) {
   ASSERT_NE(store, nullptr);
   auto rec = sample_key("resident-1", hsm::scheme::p256, 9);
   rec.key_blob = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08};
-  rec.wrap_mechanism = std::string{hsm::store::resident_mechanism};
+  rec.wrap_mechanism = std::string{hsm::resident_mechanism};
   auto put = store->put(rec);
   ASSERT_TRUE(put) << hsm::describe(put.error());
   EXPECT_TRUE(put->inserted);
@@ -368,7 +368,7 @@ TYPED_TEST_P(KeyStoreContractTest, RacingStoresKeepOneRecordPerKeyId) {
   ASSERT_NE(store_a, nullptr);
   ASSERT_NE(store_b, nullptr);
   struct outcome {
-    std::vector<hsm::store::put_result> results;
+    std::vector<hsm::put_result> results;
     std::vector<std::string> errors;
   };
   outcome out_a;

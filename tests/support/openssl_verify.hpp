@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm::test {
 

@@ -1,4 +1,5 @@
-#include "runtime/wire.hpp"
+#include "runtime/keys/requests.hpp"
+#include "runtime/net/wire_codec.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -15,17 +16,17 @@ std::string poll_body(json requests) {
 TEST(WireTest, MalformedPollBodiesAreErrors) {
   for (auto body : {"", "{", "[]", "{\"requests\":5}", "{\"other\":[]}",
                     "null", "{\"requests\":[1,2"}) {
-    auto parsed = parse_poll(body);
+    auto parsed = keys::read_poll(body);
     ASSERT_FALSE(parsed) << body;
     EXPECT_EQ(parsed.error(), net_errc::bad_response) << body;
   }
-  auto empty = parse_poll("{\"requests\":[]}");
+  auto empty = keys::read_poll("{\"requests\":[]}");
   ASSERT_TRUE(empty);
   EXPECT_TRUE(empty->jobs.empty());
 }
 
 TEST(WireTest, ValidRequestsBecomeJobs) {
-  auto parsed = parse_poll(poll_body(
+  auto parsed = keys::read_poll(poll_body(
     {{{"id", "r1"},
       {"lease", "l1"},
       {"kind", "generate_key"},
@@ -69,21 +70,22 @@ TEST(WireTest, EachBadRequestIsAnsweredOnItsOwn) {
      "invalid_request"},
   };
   for (auto& r : rows) {
-    auto parsed = parse_poll(poll_body({r.request}));
+    auto parsed = keys::read_poll(poll_body({r.request}));
     ASSERT_TRUE(parsed);
     EXPECT_TRUE(parsed->jobs.empty()) << r.request.dump().substr(0, 80);
     ASSERT_EQ(parsed->rejected.size(), 1u);
     auto& res = parsed->rejected.front();
-    EXPECT_EQ(res.error_code, r.code) << r.request.dump().substr(0, 80);
+    ASSERT_FALSE(res.ok());
+    auto& err = std::get<error_result>(res.outcome);
+    EXPECT_EQ(err.code, r.code) << r.request.dump().substr(0, 80);
     EXPECT_EQ(res.id, "x");
     EXPECT_EQ(res.lease, "l");
-    EXPECT_FALSE(res.ok);
-    EXPECT_FALSE(res.retryable);
+    EXPECT_FALSE(err.retryable);
   }
 }
 
 TEST(WireTest, RequestsWithoutIdOrLeaseAreLeftForRedelivery) {
-  auto parsed = parse_poll(poll_body(
+  auto parsed = keys::read_poll(poll_body(
     {{{"lease", "l"}, {"kind", "sign"}},
      {{"id", "x"}, {"kind", "sign"}},
      {{"id", ""}, {"lease", "l"}},
@@ -95,14 +97,14 @@ TEST(WireTest, RequestsWithoutIdOrLeaseAreLeftForRedelivery) {
 }
 
 TEST(WireTest, UnknownKindIsQuotedAndCutShortInTheMessage) {
-  auto parsed = parse_poll(poll_body(
+  auto parsed = keys::read_poll(poll_body(
     {{{"id", "x"},
       {"lease", "l"},
       {"kind", "evil\nline " + std::string(100, 'z')},
       {"params", {{"key_id", "k"}}}}}));
   ASSERT_TRUE(parsed);
   ASSERT_EQ(parsed->rejected.size(), 1u);
-  auto& msg = parsed->rejected.front().error_message;
+  auto& msg = std::get<error_result>(parsed->rejected.front().outcome).message;
   EXPECT_EQ(msg.find('\n'), std::string::npos);
   EXPECT_EQ(msg.find(std::string(50, 'z')), std::string::npos);
 }
@@ -111,24 +113,24 @@ TEST(WireTest, ResultsEncodeAsTheProtocolSays) {
   job j;
   j.id = "r1";
   j.lease = "l1";
-  auto err = error_result(j, caf::make_error(key_errc::unknown_key,
+  auto err = answer(j, caf::make_error(key_errc::unknown_key,
                                              std::string{"no such key"}));
-  auto body = json::parse(encode_result(err, "d1"));
+  auto body = json::parse(net::encode_result(err, "d1"));
   EXPECT_EQ(body["id"], "r1");
   EXPECT_EQ(body["lease"], "l1");
   EXPECT_EQ(body["driver_id"], "d1");
   EXPECT_EQ(body["ok"], false);
   EXPECT_EQ(body["error"]["code"], "unknown_key");
   EXPECT_EQ(body["error"]["retryable"], false);
-  auto busy = error_result(j, caf::make_error(hsm_errc::retryable));
-  EXPECT_EQ(json::parse(encode_result(busy, "d1"))["error"]["retryable"],
+  auto busy = answer(j, caf::make_error(hsm_errc::retryable));
+  EXPECT_EQ(json::parse(net::encode_result(busy, "d1"))["error"]["retryable"],
             true);
-  key_view v;
+  key_result v;
   v.key_id = "k";
   v.scheme = scheme::ed25519;
   v.public_key = std::vector<uint8_t>(32, 0xAB);
   v.storage = "token-resident";
-  auto ok = json::parse(encode_result(key_result(j, v), "d1"));
+  auto ok = json::parse(net::encode_result(answer(j, v), "d1"));
   EXPECT_EQ(ok["ok"], true);
   std::string hex;
   for (int i = 0; i < 32; ++i)

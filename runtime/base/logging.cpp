@@ -1,4 +1,4 @@
-#include "runtime/logging.hpp"
+#include "runtime/base/logging.hpp"
 
 #include <mutex>
 #include <string>

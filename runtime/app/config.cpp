@@ -1,4 +1,6 @@
-#include "runtime/config.hpp"
+#include "runtime/app/config.hpp"
+
+#include "store/pg_conninfo.hpp"
 
 #include <cstdlib>
 
@@ -14,24 +16,7 @@ env_lookup process_env() {
 }
 
 std::string redact_url(std::string_view url) {
-  std::string out{url};
-  // URI form: scheme://user:password@host...
-  if (auto scheme = out.find("://"); scheme != std::string::npos) {
-    auto at = out.find('@', scheme + 3);
-    auto colon = out.find(':', scheme + 3);
-    if (at != std::string::npos && colon != std::string::npos && colon < at)
-      out.replace(colon + 1, at - colon - 1, "***");
-  }
-  // Keyword form, and `?password=` in a URI.
-  for (size_t pos = out.find("password="); pos != std::string::npos;
-       pos = out.find("password=", pos + 1)) {
-    auto start = pos + 9;
-    auto end = out.find_first_of(" &", start);
-    if (end == std::string::npos)
-      end = out.size();
-    out.replace(start, end - start, "***");
-  }
-  return out;
+  return store::redact_conninfo(url);
 }
 
 std::vector<std::string> split_list(std::string_view text) {

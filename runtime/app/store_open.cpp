@@ -1,6 +1,6 @@
-#include "runtime/store_open.hpp"
+#include "runtime/app/store_open.hpp"
 
-#include "runtime/logging.hpp"
+#include "runtime/base/logging.hpp"
 #include "store/pg_store.hpp"
 #include "store/sqlite_store.hpp"
 

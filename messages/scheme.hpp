@@ -1,13 +1,12 @@
 #pragma once
 
-// The key schemes the driver knows, and their PKCS#11 parameters.
-// Pure data; any thread.
+// The key schemes the driver knows: part of the vocabulary every layer
+// shares. Pure data; any thread.
 
 #include <array>
 #include <cstdint>
 #include <optional>
 #include <string_view>
-#include <vector>
 
 namespace hsm {
 
@@ -33,9 +32,6 @@ std::optional<scheme> parse_scheme(std::string_view name);
 constexpr bool is_ecdsa(scheme x) {
   return x == scheme::secp256k1 || x == scheme::p256;
 }
-
-/// DER-encoded `CKA_EC_PARAMS` for key generation (the curve OID).
-const std::vector<uint8_t>& ec_params(scheme x);
 
 /// Largest message an ed25519 sign request may carry, in bytes.
 inline constexpr size_t max_ed25519_message = 64 * 1024;

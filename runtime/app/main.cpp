@@ -1,4 +1,4 @@
-#include "runtime/commands.hpp"
+#include "runtime/app/commands.hpp"
 
 int main(int argc, char** argv) {
   return hsm::run_cli(argc, argv);

@@ -5,7 +5,7 @@
 
 #include <memory>
 
-#include "runtime/config.hpp"
+#include "runtime/app/config.hpp"
 #include "store/key_store.hpp"
 
 namespace hsm {

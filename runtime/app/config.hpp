@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "messages/errors.hpp"
-#include "runtime/schemes.hpp"
+#include "messages/scheme.hpp"
 
 namespace hsm {
 
@@ -78,9 +78,10 @@ struct driver_config {
 [[nodiscard]] caf::expected<driver_config> resolve(const raw_options& raw,
                                                    const env_lookup& env);
 
-/// A connection string fit for logs: the password of a URI
-/// (`postgresql://user:secret@host/db`) or of a `password=...` keyword
-/// becomes `***`.
+/// A connection string fit for logs (`store::redact_conninfo`): passwords
+/// in every libpq form (`postgresql://user:secret@host/db`, `?password=`,
+/// `password = 'two words'`) become `***`; a string that does not parse
+/// becomes `<unparsable connection string>`.
 std::string redact_url(std::string_view url);
 
 /// Splits `a,b , c` into trimmed, non-empty parts.

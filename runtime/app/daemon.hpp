@@ -1,7 +1,7 @@
 #pragma once
 
 // The daemon: loads the module, checks the master key against the store,
-// runs the capability probe, then starts the actor tree (storage, poster,
+// runs the keys::capability probe, then starts the actor tree (storage, poster,
 // dispatcher, session supervisor, poller) and serves until stopped. `stop`
 // drains: stop polling, finish or hand back in-flight work within the drain
 // timeout, post the results, end the sessions in their own actors, and
@@ -13,7 +13,7 @@
 #include <string>
 
 #include "messages/errors.hpp"
-#include "runtime/config.hpp"
+#include "runtime/app/config.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/net/proxy_client.hpp"
 #include "runtime/pkcs11/module.hpp"

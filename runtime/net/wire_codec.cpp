@@ -1,33 +1,23 @@
-#include "runtime/wire.hpp"
+#include "runtime/net/wire_codec.hpp"
 
 #include <nlohmann/json.hpp>
 
 #include "runtime/crypto/hex.hpp"
 
-namespace hsm {
+namespace hsm::net {
 
 namespace {
 
 using json = nlohmann::json;
-
-job_result reject(const std::string& id, const std::string& lease,
-                  const caf::error& err) {
-  job_result r;
-  r.id = id;
-  r.lease = lease;
-  r.ok = false;
-  r.error_code = wire_code(err);
-  r.error_message = describe(err);
-  r.retryable = is_retryable(err);
-  return r;
-}
+using ordered_json = nlohmann::ordered_json;
 
 caf::error bad(std::string what) {
   return caf::make_error(key_errc::invalid_request, std::move(what));
 }
 
-/// Validates one request; fills `out` or returns the error to answer with.
-caf::error parse_request(const json& req, job& out) {
+/// Decodes one request's kind and params into `out`; returns the error to
+/// answer with.
+caf::error decode_request(const json& req, wire_request& out) {
   if (!req.contains("kind") || !req["kind"].is_string())
     return bad("missing kind");
   if (!req.contains("params") || !req["params"].is_object())
@@ -37,16 +27,11 @@ caf::error parse_request(const json& req, job& out) {
   if (!params.contains("key_id") || !params["key_id"].is_string())
     return bad("params.key_id missing or not a string");
   out.key_id = params["key_id"].get<std::string>();
-  if (auto err = validate_key_id(out.key_id))
-    return err;
   if (kind == "generate_key") {
     out.kind = job_kind::generate_key;
     if (!params.contains("scheme") || !params["scheme"].is_string())
       return bad("params.scheme missing or not a string");
-    auto s = parse_scheme_name(params["scheme"].get<std::string>());
-    if (!s)
-      return s.error();
-    out.scheme = *s;
+    out.scheme_name = params["scheme"].get<std::string>();
     return caf::none;
   }
   if (kind == "sign") {
@@ -68,21 +53,43 @@ caf::error parse_request(const json& req, job& out) {
   }
   // Quoted and cut short: the kind comes from the network and ends up in
   // logs.
-  return bad("unknown kind " + json(kind.substr(0, 40)).dump(-1, ' ', true,
-                                                             json::error_handler_t::replace)
+  return bad("unknown kind "
+             + json(kind.substr(0, 40))
+                 .dump(-1, ' ', true, json::error_handler_t::replace)
              + " (generate_key, sign)");
+}
+
+ordered_json result_entry(const job_result& r) {
+  ordered_json e;
+  e["id"] = r.id;
+  e["lease"] = r.lease;
+  e["ok"] = r.ok();
+  std::visit(
+    [&e](const auto& outcome) {
+      using type = std::decay_t<decltype(outcome)>;
+      if constexpr (std::is_same_v<type, error_result>)
+        e["error"] = to_json(outcome);
+      else
+        e["result"] = to_json(outcome);
+    },
+    r.outcome);
+  return e;
+}
+
+std::string dump(const ordered_json& j) {
+  return j.dump(-1, ' ', false, ordered_json::error_handler_t::replace);
 }
 
 } // namespace
 
-caf::expected<parsed_poll> parse_poll(std::string_view body) {
+caf::expected<decoded_poll> decode_poll(std::string_view body) {
   json doc = json::parse(body, nullptr, false);
   if (doc.is_discarded() || !doc.is_object() || !doc.contains("requests")
       || !doc["requests"].is_array())
     return caf::make_error(net_errc::bad_response,
                            std::string{"poll response is not "
                                        "{\"requests\":[...]}"});
-  parsed_poll out;
+  decoded_poll out;
   for (const auto& req : doc["requests"]) {
     if (!req.is_object() || !req.contains("id") || !req["id"].is_string()
         || !req.contains("lease") || !req["lease"].is_string()
@@ -90,67 +97,48 @@ caf::expected<parsed_poll> parse_poll(std::string_view body) {
       ++out.unanswerable;
       continue;
     }
-    job j;
-    j.id = req["id"].get<std::string>();
-    j.lease = req["lease"].get<std::string>();
-    if (auto err = parse_request(req, j))
-      out.rejected.push_back(reject(j.id, j.lease, err));
-    else
-      out.jobs.push_back(std::move(j));
+    wire_request w;
+    w.id = req["id"].get<std::string>();
+    w.lease = req["lease"].get<std::string>();
+    w.error = decode_request(req, w);
+    out.requests.push_back(std::move(w));
   }
   return out;
 }
 
-job_result error_result(const job& j, const caf::error& err) {
-  return reject(j.id, j.lease, err);
+ordered_json to_json(const key_result& r) {
+  ordered_json res;
+  res["key_id"] = r.key_id;
+  res["scheme"] = std::string{to_string(r.scheme)};
+  res["public_key"] = crypto::to_hex(r.public_key);
+  if (!r.public_key_compressed.empty())
+    res["public_key_compressed"] = crypto::to_hex(r.public_key_compressed);
+  res["storage"] = r.storage;
+  return res;
 }
 
-job_result key_result(const job& j, const key_view& v) {
-  json res;
-  res["key_id"] = v.key_id;
-  res["scheme"] = std::string{to_string(v.scheme)};
-  res["public_key"] = crypto::to_hex(v.public_key);
-  if (!v.public_key_compressed.empty())
-    res["public_key_compressed"] = crypto::to_hex(v.public_key_compressed);
-  res["storage"] = v.storage;
-  job_result r;
-  r.id = j.id;
-  r.lease = j.lease;
-  r.ok = true;
-  r.result_json = res.dump();
-  return r;
+ordered_json to_json(const signature_result& r) {
+  ordered_json res;
+  res["key_id"] = r.key_id;
+  res["scheme"] = std::string{to_string(r.scheme)};
+  res["signature"] = crypto::to_hex(r.sig.raw);
+  if (r.sig.recovery_id)
+    res["recovery_id"] = *r.sig.recovery_id;
+  if (!r.sig.der.empty())
+    res["der"] = crypto::to_hex(r.sig.der);
+  return res;
 }
 
-job_result signature_result(const job& j, const signature_view& v) {
-  json res;
-  res["key_id"] = v.key_id;
-  res["scheme"] = std::string{to_string(v.scheme)};
-  res["signature"] = crypto::to_hex(v.sig.raw);
-  if (v.sig.recovery_id)
-    res["recovery_id"] = *v.sig.recovery_id;
-  if (!v.sig.der.empty())
-    res["der"] = crypto::to_hex(v.sig.der);
-  job_result r;
-  r.id = j.id;
-  r.lease = j.lease;
-  r.ok = true;
-  r.result_json = res.dump();
-  return r;
+ordered_json to_json(const error_result& r) {
+  return ordered_json{{"code", r.code},
+                      {"message", r.message},
+                      {"retryable", r.retryable}};
 }
 
 std::string encode_result(const job_result& r, std::string_view driver_id) {
-  json body;
-  body["id"] = r.id;
-  body["lease"] = r.lease;
+  auto body = result_entry(r);
   body["driver_id"] = std::string{driver_id};
-  body["ok"] = r.ok;
-  if (r.ok)
-    body["result"] = json::parse(r.result_json, nullptr, false);
-  else
-    body["error"] = {{"code", r.error_code},
-                     {"message", r.error_message},
-                     {"retryable", r.retryable}};
-  return body.dump(-1, ' ', false, json::error_handler_t::replace);
+  return dump(body);
 }
 
-} // namespace hsm
+} // namespace hsm::net

@@ -1,4 +1,4 @@
-#include "runtime/daemon.hpp"
+#include "runtime/app/daemon.hpp"
 
 #include <pthread.h>
 #include <signal.h>
@@ -12,12 +12,14 @@
 #include "actors/dispatcher.hpp"
 #include "actors/hsm_session.hpp"
 #include "actors/poller.hpp"
-#include "actors/slot_supervisor.hpp"
+#include "actors/result_poster.hpp"
+#include "actors/session_supervisor.hpp"
 #include "actors/store_actor.hpp"
-#include "runtime/key_service.hpp"
-#include "runtime/logging.hpp"
+#include "runtime/base/logging.hpp"
+#include "runtime/keys/capabilities.hpp"
+#include "runtime/keys/master_key_guard.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
-#include "runtime/store_open.hpp"
+#include "runtime/app/store_open.hpp"
 
 namespace hsm {
 
@@ -29,10 +31,9 @@ struct daemon::impl {
   std::optional<pkcs11::session> admin_session;
   std::unique_ptr<caf::actor_system_config> sys_cfg;
   std::unique_ptr<caf::actor_system> sys;
-  caf::actor dispatcher;
-  caf::actor supervisor;
-  caf::actor poller;
-  caf::actor poster;
+  dispatcher_actor dispatcher;
+  poller_actor poller;
+  result_poster_actor poster;
   store_actor store;
   std::shared_ptr<std::atomic<bool>> stopping
     = std::make_shared<std::atomic<bool>>(false);
@@ -71,11 +72,11 @@ daemon::start(const daemon_options& opts) {
   auto st = open_store(opts.cfg);
   if (!st)
     return st.error();
-  auto guard = check_master_key(*in.admin_session, *master,
+  auto guard = keys::check_master_key(*in.admin_session, *master,
                                 opts.cfg.master_key_label, **st, true);
   if (!guard)
     return guard.error();
-  auto caps = probe(*in.admin_session, *master, opts.cfg.resident_schemes);
+  auto caps = keys::probe(*in.admin_session, *master, opts.cfg.resident_schemes);
   if (!caps)
     return caps.error();
   size_t served = 0;
@@ -112,22 +113,25 @@ daemon::start(const daemon_options& opts) {
   in.store = spawn_store_actor(
     sys, std::shared_ptr<store::key_store>(std::move(*st)));
   in.poster = spawn_result_poster(
-    sys, std::shared_ptr<net::proxy_client>(std::move(*post_client)),
-    in.stopping);
+    sys, result_poster_config{},
+    std::shared_ptr<net::proxy_link>(std::move(*post_client)), in.stopping);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
   dcfg.caps = *caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
-  in.dispatcher = spawn_dispatcher(sys, dcfg, in.store, in.poster);
   supervisor_config scfg;
   scfg.sessions = opts.sessions;
   scfg.on_fatal = opts.on_fatal;
-  in.supervisor = spawn_slot_supervisor(sys, ctx, scfg, in.dispatcher);
-  set_supervisor(in.dispatcher, in.supervisor);
+  scfg.spawn_session = hsm_sessions(ctx);
+  in.dispatcher = spawn_dispatcher(
+    sys, dcfg, in.store, in.poster,
+    [&sys, scfg](dispatcher_actor dispatcher) {
+      return spawn_session_supervisor(sys, scfg, std::move(dispatcher));
+    });
   poller_config pcfg;
   pcfg.poll_wait = opts.poll_wait;
   in.poller = spawn_poller(
-    sys, pcfg, std::shared_ptr<net::proxy_client>(std::move(*poll_client)),
+    sys, pcfg, std::shared_ptr<net::proxy_link>(std::move(*poll_client)),
     in.dispatcher);
   log->info("serving: driver {} polls {} with {} session(s)",
             opts.proxy.driver_id, opts.proxy.proxy_addr, opts.sessions);
@@ -151,12 +155,12 @@ void daemon::stop() {
     // A poll in progress finishes first (at most the poll wait).
     self->request(in.poller, in.opts.poll_wait + std::chrono::seconds{15},
                   stop_atom::value)
-      .receive([] {},
+      .receive([](bool) {},
                [&](caf::error& err) {
                  log->warn("poller did not stop cleanly: {}", describe(err));
                });
     self->request(in.dispatcher, in.opts.drain_timeout, drain_atom::value)
-      .receive([] {},
+      .receive([](bool) {},
                [&](caf::error& err) {
                  log->warn("drain timed out ({}); unfinished requests are "
                            "left for redelivery",
@@ -166,17 +170,17 @@ void daemon::stop() {
     // makes the proxy queue them again at once), and those answers posted.
     self->send(in.dispatcher, stop_atom::value);
     self->request(in.dispatcher, std::chrono::seconds{15}, drain_atom::value)
-      .receive([] {}, [](caf::error&) {});
+      .receive([](bool) {}, [](caf::error&) {});
     in.stopping->store(true);
     // Sessions end in their own actors. Abandoned (hung) calls must return
     // before the module may be finalised.
     size_t stuck = 0;
-    self->request(in.supervisor, std::chrono::seconds{5}, stop_atom::value)
+    self->request(in.dispatcher, std::chrono::seconds{5}, close_atom::value)
       .receive([&](size_t n) { stuck = n; }, [](caf::error&) {});
     auto deadline = std::chrono::steady_clock::now() + in.opts.abandon_grace;
     while (stuck > 0 && std::chrono::steady_clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds{50});
-      self->request(in.supervisor, std::chrono::seconds{5}, stats_atom::value)
+      self->request(in.dispatcher, std::chrono::seconds{5}, stuck_atom::value)
         .receive([&](size_t n) { stuck = n; }, [](caf::error&) {});
     }
     if (stuck > 0) {
@@ -188,7 +192,6 @@ void daemon::stop() {
       });
       std::_Exit(1);
     }
-    self->send_exit(in.supervisor, caf::exit_reason::user_shutdown);
     self->send_exit(in.poller, caf::exit_reason::user_shutdown);
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
     self->send_exit(in.dispatcher, caf::exit_reason::user_shutdown);
@@ -197,7 +200,6 @@ void daemon::stop() {
   in.poller = nullptr;
   in.poster = nullptr;
   in.dispatcher = nullptr;
-  in.supervisor = nullptr;
   in.store = nullptr;
   in.sys.reset(); // waits for every actor
   in.admin_session.reset();

@@ -1,4 +1,4 @@
-#include "runtime/commands.hpp"
+#include "runtime/app/commands.hpp"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -22,19 +22,20 @@
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
 
-#include "runtime/config.hpp"
+#include "runtime/app/config.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/crypto/signature.hpp"
-#include "runtime/daemon.hpp"
+#include "runtime/app/daemon.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
-#include "runtime/key_service.hpp"
-#include "runtime/logging.hpp"
+#include "runtime/keys/key_service.hpp"
+#include "runtime/keys/master_key_guard.hpp"
+#include "runtime/base/logging.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
-#include "runtime/store_open.hpp"
+#include "runtime/app/store_open.hpp"
 
 namespace hsm {
 
@@ -67,7 +68,7 @@ int fail(const caf::error& err) {
   return is_config_error(err) ? exit_usage : exit_failed;
 }
 
-json to_json(const key_view& v) {
+json to_json(const key_result& v) {
   json j;
   j["key_id"] = v.key_id;
   j["scheme"] = std::string{to_string(v.scheme)};
@@ -79,7 +80,7 @@ json to_json(const key_view& v) {
   return j;
 }
 
-json to_json(const signature_view& v) {
+json to_json(const signature_result& v) {
   json j;
   j["key_id"] = v.key_id;
   j["scheme"] = std::string{to_string(v.scheme)};
@@ -130,10 +131,10 @@ struct key_context {
   open_token token;
   CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
   std::unique_ptr<store::key_store> st;
-  capabilities caps;
+  keys::capabilities caps;
 };
 
-void log_capabilities(const capabilities& caps) {
+void log_capabilities(const keys::capabilities& caps) {
   auto log = logger("hsm");
   for (auto& c : caps.schemes) {
     if (c.served)
@@ -154,21 +155,21 @@ caf::expected<key_context> open_keys(const driver_config& cfg) {
   auto st = open_store(cfg);
   if (!st)
     return st.error();
-  auto guard = check_master_key(tok->sess, *master, cfg.master_key_label,
+  auto guard = keys::check_master_key(tok->sess, *master, cfg.master_key_label,
                                 **st, true);
   if (!guard)
     return guard.error();
-  if (*guard == canary_state::created)
+  if (*guard == keys::canary_state::created)
     logger("runtime")->info("recorded the master-key canary in {}",
                             store_name(cfg));
-  auto caps = probe(tok->sess, *master, cfg.resident_schemes);
+  auto caps = keys::probe(tok->sess, *master, cfg.resident_schemes);
   if (!caps)
     return caps.error();
   log_capabilities(*caps);
   return key_context{std::move(*tok), *master, std::move(*st), *caps};
 }
 
-json capabilities_json(const capabilities& caps) {
+json capabilities_json(const keys::capabilities& caps) {
   json arr = json::array();
   for (auto& c : caps.schemes)
     arr.push_back({{"scheme", std::string{to_string(c.scheme)}},
@@ -187,7 +188,7 @@ int cmd_probe(const driver_config& cfg) {
   auto master = pkcs11::find_master_key(tok->sess, cfg.master_key_label);
   if (!master)
     return fail(master.error());
-  auto caps = probe(tok->sess, *master, cfg.resident_schemes);
+  auto caps = keys::probe(tok->sess, *master, cfg.resident_schemes);
   if (!caps)
     return fail(caps.error());
   log_capabilities(*caps);
@@ -276,7 +277,7 @@ int cmd_master_key_check(const driver_config& cfg) {
   auto st = open_store(cfg);
   if (!st)
     return fail(st.error());
-  auto guard = check_master_key(tok->sess, *master, cfg.master_key_label,
+  auto guard = keys::check_master_key(tok->sess, *master, cfg.master_key_label,
                                 **st, false);
   if (!guard)
     return fail(guard.error());
@@ -291,7 +292,7 @@ int cmd_keys_generate(const driver_config& cfg, const std::string& key_id,
   auto ctx = open_keys(cfg);
   if (!ctx)
     return fail(ctx.error());
-  key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
+  keys::key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
   auto v = svc.generate(key_id, scheme_name);
   if (!v)
     return fail(v.error());
@@ -313,7 +314,7 @@ int cmd_keys_sign(const driver_config& cfg, const std::string& key_id,
   auto ctx = open_keys(cfg);
   if (!ctx)
     return fail(ctx.error());
-  key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
+  keys::key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
   auto sig = svc.sign(key_id, *payload);
   if (!sig)
     return fail(sig.error());
@@ -332,7 +333,7 @@ int cmd_keys_show(const driver_config& cfg, const std::string& key_id) {
   auto ctx = open_keys(cfg);
   if (!ctx)
     return fail(ctx.error());
-  key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
+  keys::key_service svc{ctx->token.sess, ctx->master, *ctx->st, ctx->caps};
   auto key = svc.show(key_id);
   if (!key)
     return fail(key.error());
@@ -714,7 +715,7 @@ int run_cli(int argc, char** argv) {
                  "HSM_LOG_LEVEL; default: info]");
 
   auto* probe_cmd = app.add_subcommand(
-    "probe", "run the capability probe and print which schemes are served");
+    "probe", "run the keys::capability probe and print which schemes are served");
 
   auto* token = app.add_subcommand("token", "test and dev tokens");
   token->require_subcommand(1);

@@ -1,0 +1,110 @@
+#include "runtime/keys/requests.hpp"
+
+#include <string>
+
+namespace hsm::keys {
+
+namespace {
+
+/// Request text fit for an error message and a log line: at most 40
+/// characters, anything unprintable as '?'.
+std::string printable(std::string_view text) {
+  std::string out{text.substr(0, 40)};
+  for (auto& c : out)
+    if (c < 0x20 || c > 0x7E)
+      c = '?';
+  return out;
+}
+
+} // namespace
+
+caf::error validate_key_id(std::string_view key_id) {
+  if (key_id.empty())
+    return caf::make_error(key_errc::invalid_request,
+                           std::string{"key_id is empty"});
+  if (key_id.size() > max_key_id_length)
+    return caf::make_error(key_errc::invalid_request,
+                           "key_id is longer than "
+                             + std::to_string(max_key_id_length)
+                             + " characters");
+  for (char c : key_id) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == ':'
+              || c == '-';
+    if (!ok)
+      return caf::make_error(key_errc::invalid_request,
+                             std::string{"key_id may only hold A-Z a-z 0-9 . "
+                                         "_ : -"});
+  }
+  return caf::none;
+}
+
+caf::expected<scheme> parse_scheme_name(std::string_view name) {
+  if (auto s = parse_scheme(name))
+    return *s;
+  return caf::make_error(key_errc::scheme_unsupported,
+                         "unknown scheme '" + printable(name)
+                           + "' (schemes: secp256k1, p256, ed25519; Schnorr "
+                             "and Stark have no PKCS#11 mechanism)");
+}
+
+caf::error validate_payload(scheme s, std::span<const uint8_t> payload) {
+  if (is_ecdsa(s)) {
+    if (payload.size() != 32)
+      return caf::make_error(key_errc::invalid_payload,
+                             std::string{to_string(s)}
+                               + " signs a 32-byte hash; got "
+                               + std::to_string(payload.size()) + " bytes");
+    return caf::none;
+  }
+  if (payload.empty() || payload.size() > max_ed25519_message)
+    return caf::make_error(key_errc::invalid_payload,
+                           "ed25519 signs a message of 1 to "
+                             + std::to_string(max_ed25519_message)
+                             + " bytes; got "
+                             + std::to_string(payload.size()));
+  return caf::none;
+}
+
+caf::expected<job> to_job(const net::wire_request& req) {
+  if (req.error)
+    return req.error;
+  if (auto err = validate_key_id(req.key_id))
+    return err;
+  job j;
+  j.id = req.id;
+  j.lease = req.lease;
+  j.kind = req.kind;
+  j.key_id = req.key_id;
+  if (req.kind == job_kind::generate_key) {
+    auto s = parse_scheme_name(req.scheme_name);
+    if (!s)
+      return s.error();
+    j.scheme = *s;
+  } else {
+    j.payload = req.payload;
+  }
+  return j;
+}
+
+caf::expected<polled> read_poll(std::string_view body) {
+  auto decoded = net::decode_poll(body);
+  if (!decoded)
+    return decoded.error();
+  polled out;
+  out.unanswerable = decoded->unanswerable;
+  for (auto& req : decoded->requests) {
+    auto j = to_job(req);
+    if (j) {
+      out.jobs.push_back(std::move(*j));
+      continue;
+    }
+    job ref;
+    ref.id = req.id;
+    ref.lease = req.lease;
+    out.rejected.push_back(answer(ref, j.error()));
+  }
+  return out;
+}
+
+} // namespace hsm::keys

@@ -1,0 +1,180 @@
+#include "runtime/net/lease_queue.hpp"
+
+#include <algorithm>
+#include <cstdio>
+
+namespace hsm::net {
+
+const char* to_string(request_status x) {
+  switch (x) {
+    case request_status::queued:
+      return "queued";
+    case request_status::leased:
+      return "leased";
+    case request_status::done:
+      return "done";
+  }
+  return "unknown";
+}
+
+lease_queue::lease_queue(const hsm::clock& clk,
+                         std::chrono::milliseconds lease_duration)
+  : clock_(clk), lease_duration_(lease_duration), rng_(std::random_device{}()) {
+  // nop
+}
+
+// -- requests and answers -----------------------------------------------------
+
+std::string lease_queue::enqueue(std::string kind, std::string params,
+                                 std::optional<std::string> id) {
+  expire();
+  if (id && requests_.count(*id) > 0)
+    return *id;
+  if (!id) {
+    do {
+      id = token("req-");
+    } while (requests_.count(*id) > 0);
+  }
+  entry e;
+  e.kind = std::move(kind);
+  e.params = std::move(params);
+  requests_.emplace(*id, std::move(e));
+  queue_.push_back(*id);
+  return *id;
+}
+
+std::vector<delivery> lease_queue::lease(const std::string& driver,
+                                         size_t max) {
+  expire();
+  std::vector<delivery> out;
+  auto now = clock_.steady_now();
+  while (!queue_.empty() && out.size() < max) {
+    auto id = std::move(queue_.front());
+    queue_.pop_front();
+    auto& e = requests_.at(id);
+    e.status = request_status::leased;
+    e.lease = token("lease-");
+    e.driver = driver;
+    e.expiry = now + lease_duration_;
+    if (++e.deliveries > 1)
+      ++redelivered_;
+    leases_.emplace(e.expiry, id);
+    auto n = ++in_flight_[driver];
+    auto& peak = max_in_flight_[driver];
+    peak = std::max(peak, n);
+    out.push_back(delivery{std::move(id), e.lease, e.kind, e.params});
+  }
+  return out;
+}
+
+completion lease_queue::complete(const std::string& id,
+                                 const std::string& lease,
+                                 request_outcome outcome) {
+  expire();
+  auto it = requests_.find(id);
+  if (it == requests_.end()) {
+    ++rejected_results_;
+    return completion::unknown_request;
+  }
+  auto& e = it->second;
+  if (e.status == request_status::done) {
+    ++rejected_results_;
+    return completion::already_answered;
+  }
+  if (e.status != request_status::leased || e.lease != lease) {
+    ++rejected_results_;
+    return completion::lease_not_current;
+  }
+  end_lease(id, e);
+  if (!outcome.ok && outcome.retryable) {
+    // A retryable failure: visible again at once, to any driver.
+    e.status = request_status::queued;
+    queue_.push_front(id);
+  } else {
+    e.status = request_status::done;
+    e.outcome = std::move(outcome);
+    ++done_;
+  }
+  return completion::accepted;
+}
+
+// -- time ---------------------------------------------------------------------
+
+size_t lease_queue::expire() {
+  auto now = clock_.steady_now();
+  std::vector<std::string> expired;
+  while (!leases_.empty() && leases_.begin()->first <= now) {
+    auto id = leases_.begin()->second;
+    auto& e = requests_.at(id);
+    end_lease(id, e);
+    e.status = request_status::queued;
+    expired.push_back(std::move(id));
+  }
+  queue_.insert(queue_.begin(), expired.begin(), expired.end());
+  return expired.size();
+}
+
+bool lease_queue::has_work() {
+  expire();
+  return !queue_.empty();
+}
+
+std::optional<lease_queue::time_point> lease_queue::next_expiry() {
+  expire();
+  if (leases_.empty())
+    return std::nullopt;
+  return leases_.begin()->first;
+}
+
+// -- admin --------------------------------------------------------------------
+
+std::optional<request_info> lease_queue::find(const std::string& id) {
+  expire();
+  auto it = requests_.find(id);
+  if (it == requests_.end())
+    return std::nullopt;
+  const auto& e = it->second;
+  request_info out;
+  out.id = id;
+  out.kind = e.kind;
+  out.status = e.status;
+  out.deliveries = e.deliveries;
+  out.driver = e.driver;
+  if (e.status == request_status::done)
+    out.outcome = e.outcome;
+  return out;
+}
+
+queue_stats lease_queue::stats() {
+  expire();
+  queue_stats out;
+  out.queued = queue_.size();
+  out.leased = leases_.size();
+  out.done = done_;
+  out.redelivered = redelivered_;
+  out.rejected_results = rejected_results_;
+  out.in_flight = in_flight_;
+  out.max_in_flight = max_in_flight_;
+  return out;
+}
+
+// -- internals ----------------------------------------------------------------
+
+std::string lease_queue::token(const char* prefix) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%s%llu-%016llx", prefix,
+                static_cast<unsigned long long>(++seq_),
+                static_cast<unsigned long long>(rng_()));
+  return buf;
+}
+
+void lease_queue::end_lease(const std::string& id, entry& e) {
+  leases_.erase({e.expiry, id});
+  auto& n = in_flight_[e.driver];
+  if (n > 0)
+    --n;
+  e.lease.clear();
+  e.driver.clear();
+}
+
+} // namespace hsm::net

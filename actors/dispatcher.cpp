@@ -149,6 +149,16 @@ void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
   pump(self);
 }
 
+/// The HSM call of `j` on `session` failed: a session failure is retried
+/// elsewhere, any other error is the answer.
+void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
+                job j, const caf::error& err) {
+  if (is_session_failure(err))
+    return session_failed(self, h, std::move(session), std::move(j), err);
+  release(self, h);
+  report(self, answer(j, err));
+}
+
 /// A successful HSM call on `h`'s session.
 void session_ok(dispatcher_ptr self, hold h) {
   auto& s = self->state.sessions[h.index];
@@ -205,12 +215,7 @@ void run_sign(dispatcher_ptr self, hold h, job j, key_record rec) {
           report(self, answer(j, signature_result{rec.key_id, rec.scheme,
                                                   std::move(*sig)}));
       },
-      [=](caf::error& err) {
-        if (is_session_failure(err))
-          return session_failed(self, h, session, j, err);
-        release(self, h);
-        report(self, answer(j, err));
-      });
+      [=](caf::error& err) { hsm_failed(self, h, session, j, err); });
 }
 
 void run_generate(dispatcher_ptr self, hold h, job j) {
@@ -240,12 +245,7 @@ void run_generate(dispatcher_ptr self, hold h, job j) {
               report(self, answer(j, store_failure(err)));
             });
       },
-      [=](caf::error& err) {
-        if (is_session_failure(err))
-          return session_failed(self, h, session, j, err);
-        release(self, h);
-        report(self, answer(j, err));
-      });
+      [=](caf::error& err) { hsm_failed(self, h, session, j, err); });
 }
 
 /// Starts `j` on session `index`: look the key up, then the HSM step.

@@ -4,6 +4,18 @@
 
 namespace hsm::store {
 
+caf::error make_unavailable(std::string msg) {
+  return caf::make_error(store_errc::unavailable, std::move(msg));
+}
+
+caf::error make_query_failed(std::string msg) {
+  return caf::make_error(store_errc::query_failed, std::move(msg));
+}
+
+caf::error make_corrupt_row(std::string msg) {
+  return caf::make_error(store_errc::corrupt_row, std::move(msg));
+}
+
 caf::error sort_migrations(std::vector<migration>& ms) {
   std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {
     return x.version < y.version;

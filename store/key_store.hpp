@@ -79,6 +79,15 @@ std::vector<migration> sqlite_migrations();
 /// Migrations for PostgreSQL, from store/migrations/postgres/ (generated).
 std::vector<migration> postgres_migrations();
 
+/// `store_errc::unavailable` with `msg`: the database cannot be reached.
+caf::error make_unavailable(std::string msg);
+
+/// `store_errc::query_failed` with `msg`.
+caf::error make_query_failed(std::string msg);
+
+/// `store_errc::corrupt_row` with `msg`.
+caf::error make_corrupt_row(std::string msg);
+
 /// Checks that versions are positive and distinct, and sorts `ms` by
 /// version; a bad list is `store_errc::query_failed`.
 [[nodiscard]] caf::error sort_migrations(std::vector<migration>& ms);

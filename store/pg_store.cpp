@@ -88,18 +88,6 @@ constexpr statement prepared_statements[] = {
 
 // -- errors -------------------------------------------------------------------
 
-caf::error make_unavailable(std::string msg) {
-  return caf::make_error(store_errc::unavailable, std::move(msg));
-}
-
-caf::error make_query_failed(std::string msg) {
-  return caf::make_error(store_errc::query_failed, std::move(msg));
-}
-
-caf::error make_corrupt_row(std::string msg) {
-  return caf::make_error(store_errc::corrupt_row, std::move(msg));
-}
-
 bool is_unavailable(const caf::error& err) {
   return err.category() == caf::atom("store")
          && err.code() == static_cast<uint8_t>(store_errc::unavailable);

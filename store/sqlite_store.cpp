@@ -119,17 +119,6 @@ bool is_busy(int rc) {
   return primary == SQLITE_BUSY || primary == SQLITE_LOCKED;
 }
 
-caf::error make_unavailable(std::string msg) {
-  return caf::make_error(store_errc::unavailable, std::move(msg));
-}
-
-caf::error make_query_failed(std::string msg) {
-  return caf::make_error(store_errc::query_failed, std::move(msg));
-}
-
-caf::error make_corrupt_row(std::string msg) {
-  return caf::make_error(store_errc::corrupt_row, std::move(msg));
-}
 
 /// Maps the failed call with result `rc` on `db`: busy or locked (after the
 /// busy timeout) is `unavailable`, anything else `query_failed`. `what` names

@@ -96,35 +96,35 @@ attributes master_key_template(std::string_view label) {
   return tmpl;
 }
 
-/// The existing master key (`*created` false), or nullopt if there is none.
-caf::expected<std::optional<CK_OBJECT_HANDLE>>
-existing_master_key(session& s, std::string_view label, bool* created) {
+/// The master key under `label` if the token holds one (`*created` false),
+/// else the key `make(template)` creates (`*created` true).
+template <class Make>
+caf::expected<CK_OBJECT_HANDLE> find_or_make_master_key(session& s,
+                                                        std::string_view label,
+                                                        bool* created,
+                                                        Make make) {
   auto existing = find_master_key(s, label);
   if (existing) {
     *created = false;
-    return std::optional<CK_OBJECT_HANDLE>{*existing};
+    return *existing;
   }
   if (existing.error() != key_errc::master_key_missing)
     return existing.error();
-  return std::optional<CK_OBJECT_HANDLE>{};
+  auto key = make(master_key_template(label));
+  if (!key)
+    return key.error();
+  *created = true;
+  return *key;
 }
 
 } // namespace
 
 caf::expected<CK_OBJECT_HANDLE>
 create_master_key(session& s, std::string_view label, bool* created) {
-  auto existing = existing_master_key(s, label, created);
-  if (!existing)
-    return existing.error();
-  if (*existing)
-    return **existing;
-  auto tmpl = master_key_template(label);
-  tmpl.add_ulong(CKA_VALUE_LEN, 32);
-  auto key = s.generate_key(CKM_AES_KEY_GEN, tmpl);
-  if (!key)
-    return key.error();
-  *created = true;
-  return *key;
+  return find_or_make_master_key(s, label, created, [&](attributes tmpl) {
+    tmpl.add_ulong(CKA_VALUE_LEN, 32);
+    return s.generate_key(CKM_AES_KEY_GEN, tmpl);
+  });
 }
 
 caf::expected<CK_OBJECT_HANDLE>
@@ -135,18 +135,10 @@ import_master_key(session& s, std::string_view label,
                            std::string{"--test-value-file"},
                            "a master key value is 32 bytes (64 hex "
                            "characters)");
-  auto existing = existing_master_key(s, label, created);
-  if (!existing)
-    return existing.error();
-  if (*existing)
-    return **existing;
-  auto tmpl = master_key_template(label);
-  tmpl.add_bytes(CKA_VALUE, value);
-  auto key = s.create(tmpl);
-  if (!key)
-    return key.error();
-  *created = true;
-  return *key;
+  return find_or_make_master_key(s, label, created, [&](attributes tmpl) {
+    tmpl.add_bytes(CKA_VALUE, value);
+    return s.create(tmpl);
+  });
 }
 
 } // namespace hsm::pkcs11

@@ -2,11 +2,18 @@
 // proxy and the driver talking mTLS on loopback. Each test runs in its own
 // process (gtest_discover_tests), so each loads the module once.
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <fstream>
+#include <optional>
 #include <random>
+#include <regex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -22,6 +29,7 @@
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/process.hpp"
 #include "tests/support/proxy_helpers.hpp"
+#include "tests/support/wait.hpp"
 
 namespace hsm {
 namespace {
@@ -32,6 +40,46 @@ using namespace std::chrono_literals;
 constexpr const char* user_pin = "engine-user-pin-2718";
 constexpr const char* so_pin = "engine-so-pin-3141";
 constexpr const char* token_label = "engine";
+
+/// One plain HTTP/1.1 exchange with a reference proxy's admin listener on
+/// 127.0.0.1:`port` (plain HTTP, one connection per call); the response
+/// body, or nullopt if the exchange failed.
+std::optional<std::string> admin_http(uint16_t port, const std::string& method,
+                                      const std::string& path,
+                                      const std::string& body = "") {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return std::nullopt;
+  timeval limit{30, 0}; // a hung listener fails the call, not the suite
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(port);
+  std::string response;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    auto request = method + " " + path
+                   + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     "Content-Type: application/json\r\nContent-Length: "
+                   + std::to_string(body.size()) + "\r\n\r\n" + body;
+    size_t sent = 0;
+    while (sent < request.size()) {
+      auto n = ::send(fd, request.data() + sent, request.size() - sent,
+                      MSG_NOSIGNAL);
+      if (n <= 0)
+        break;
+      sent += static_cast<size_t>(n);
+    }
+    char buf[4096];
+    for (ssize_t n; (n = ::recv(fd, buf, sizeof(buf), 0)) > 0;)
+      response.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  auto at = response.find("\r\n\r\n");
+  if (at == std::string::npos)
+    return std::nullopt;
+  return response.substr(at + 4);
+}
 
 
 class EngineTest : public ::testing::Test {
@@ -64,6 +112,9 @@ protected:
   }
 
   void TearDown() override {
+    // Let a call still held at the gate return before the daemon stops,
+    // which would otherwise wait for it (or give up on the module).
+    gate_open = true;
     drv.reset();
     if (proxy)
       proxy->stop();
@@ -124,6 +175,28 @@ protected:
                                    {"payload", crypto::to_hex(payload)}});
   }
 
+  /// A fault hook that holds call number `held_call` until the test opens
+  /// the gate: a call that is slow, or hangs, exactly as long as the test
+  /// needs, instead of for a fixed time. `released` counts the held calls
+  /// that went on. Captures only `this`: the fixture outlives the daemon.
+  test::fault_hook hold_at_gate() {
+    return [this](int n) -> CK_RV {
+      if (n == held_call.load()) {
+        // Opened by the test, at the latest in TearDown; the limit only
+        // keeps a broken test from hanging a thread for ever.
+        static_cast<void>(test::wait_until([this] { return gate_open.load(); },
+                                           60s, "the test to open the gate"));
+        ++released;
+      }
+      return CKR_OK;
+    };
+  }
+
+  /// The number of the call `hold_at_gate` holds (0: none; numbers start
+  /// at 1). Set it after the daemon started: start-up makes calls too.
+  std::atomic<int> held_call{0};
+  std::atomic<bool> gate_open{false};
+  std::atomic<int> released{0};
 
   std::filesystem::path dir;
   std::map<std::string, std::string> env;
@@ -175,24 +248,28 @@ TEST_F(EngineTest, SameGenerateDeliveredTwiceYieldsOneKey) {
 
 TEST_F(EngineTest, GenerateRedeliveredAfterLeaseExpiryYieldsOneKey) {
   start_proxy(400ms);
-  // The first generation stalls past the lease; the proxy hands the request
-  // out again and the other slot serves it.
-  int probe_calls = 0;
-  plan->before_generate_key_pair = [&probe_calls](int n) -> CK_RV {
-    if (n == probe_calls + 1)
-      std::this_thread::sleep_for(900ms);
-    return CKR_OK;
-  };
+  // The first generation is held past the lease, until the request is
+  // answered; meanwhile the proxy hands the request out again and the other
+  // slot serves it.
+  plan->before_generate_key_pair = hold_at_gate();
   auto o = options();
+  o.hsm_timeout = 60s; // the held call is slow, not hung: never abandoned
   start_daemon(o);
-  probe_calls = plan->counts.generate_key_pair.load();
+  held_call = plan->counts.generate_key_pair.load() + 1; // the next one
   auto id = proxy->enqueue("generate_key",
                            {{"key_id", "slow"}, {"scheme", "p256"}});
   auto done = await_done(id);
   ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
   EXPECT_GE(done["deliveries"].get<int>(), 2);
-  // Let the stalled first attempt finish and hit the store.
-  std::this_thread::sleep_for(1200ms);
+  EXPECT_EQ(released.load(), 0); // answered by the redelivery, not the first
+  // Now the first attempt finishes: it reaches the store (which has the
+  // key already) and then posts under its expired lease, which the proxy
+  // refuses. The refusal is the sign that it is through.
+  gate_open = true;
+  ASSERT_TRUE(test::wait_until(
+    [&] { return proxy->stats().rejected_results >= 1; }, 30s,
+    "the first attempt's late result, refused by the proxy"));
+  EXPECT_EQ(released.load(), 1);
   drv.reset();
   auto st = store::sqlite_store::open(dir / "keys.db");
   ASSERT_TRUE(st);
@@ -200,16 +277,32 @@ TEST_F(EngineTest, GenerateRedeliveredAfterLeaseExpiryYieldsOneKey) {
   ASSERT_TRUE(rec && *rec);
   EXPECT_EQ(crypto::to_hex((*rec)->public_key),
             done["result"]["public_key"].get<std::string>());
-  EXPECT_GE(proxy->stats().rejected_results, 1u);
 }
 
 TEST_F(EngineTest, LeasesInFlightNeverExceedHealthySlots) {
-  plan->before_sign = [](int) -> CK_RV {
+  // From the first sign of the load on, each sign waits until a second one
+  // has started (so both slots are busy at once for certain), then takes
+  // 15 ms, an HSM's latency, so that leases keep overlapping.
+  struct overlap {
+    std::atomic<int> from{0};
+    std::atomic<int> started{0};
+  };
+  auto ov = std::make_shared<overlap>();
+  plan->before_sign = [ov](int n) -> CK_RV {
+    auto from = ov->from.load();
+    if (from == 0 || n < from)
+      return CKR_OK;
+    ++ov->started;
+    static_cast<void>(test::wait_until(
+      [&ov] { return ov->started.load() >= 2; }, 30s, "a second sign"));
     std::this_thread::sleep_for(15ms);
     return CKR_OK;
   };
-  start_daemon(options(2));
+  auto o = options(2);
+  o.hsm_timeout = 60s; // a sign waiting for its partner is not hung
+  start_daemon(o);
   ASSERT_TRUE(generate("bp", "p256")["ok"].get<bool>());
+  ov->from = plan->counts.sign.load() + 1;
   std::vector<std::string> ids;
   for (int i = 0; i < 40; ++i)
     ids.push_back(enqueue_sign("bp", test::sha256("bp " + std::to_string(i))));
@@ -233,21 +326,20 @@ TEST_F(EngineTest, SessionFailingMidRequestIsRestartedAndTheRequestAnswered) {
   auto sig = await_done(enqueue_sign("sup", test::sha256("supervised")));
   ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
   // The failed session was replaced by a new one; the daemon kept running.
-  auto deadline = std::chrono::steady_clock::now() + 5s;
-  while (plan->counts.open_session.load() <= sessions_before
-         && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(10ms);
-  EXPECT_GT(plan->counts.open_session.load(), sessions_before);
+  ASSERT_TRUE(test::wait_until(
+    [&] { return plan->counts.open_session.load() > sessions_before; }, 30s,
+    "a new session replacing the failed one"));
   auto stats = drv->stats();
   ASSERT_TRUE(stats);
   EXPECT_GE(stats->session_failures, 1u);
   EXPECT_GE(stats->retried, 1u);
   // Still serving afterwards, on both slots.
-  deadline = std::chrono::steady_clock::now() + 5s;
-  while (drv->stats()->healthy_sessions < 2
-         && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(10ms);
-  EXPECT_EQ(drv->stats()->healthy_sessions, 2u);
+  ASSERT_TRUE(test::wait_until(
+    [&] {
+      auto now = drv->stats();
+      return now && now->healthy_sessions == 2;
+    },
+    30s, "both sessions healthy again"));
   EXPECT_TRUE(await_done(enqueue_sign("sup", test::sha256("after")))["ok"]
                 .get<bool>());
 }
@@ -284,27 +376,31 @@ TEST_F(EngineTest, UnservedSchemeIsRefusedBeforeTheHsm) {
 }
 
 TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
-  std::atomic<int> hang_at{0};
-  plan->before_sign = [&hang_at](int n) -> CK_RV {
-    if (n == hang_at.load())
-      std::this_thread::sleep_for(1500ms);
-    return CKR_OK;
-  };
+  // The sign hangs until the test releases it.
+  plan->before_sign = hold_at_gate();
   auto o = options(2);
   o.hsm_timeout = 500ms;
   start_daemon(o);
   ASSERT_TRUE(generate("hang", "p256")["ok"].get<bool>());
-  hang_at = plan->counts.sign.load() + 1;
+  held_call = plan->counts.sign.load() + 1; // the next sign
   auto started = std::chrono::steady_clock::now();
   auto sig = await_done(enqueue_sign("hang", test::sha256("hung")));
+  auto took = std::chrono::steady_clock::now() - started;
   ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
-  // Answered by another slot well before the hung call returned.
-  EXPECT_LT(std::chrono::steady_clock::now() - started, 1400ms);
+  // Answered by another session while the hung call was still held: the
+  // job did not wait for it...
+  EXPECT_EQ(released.load(), 0);
+  // ... but it did give it the HSM timeout first (the timer starts after
+  // `started` and does not fire early).
+  EXPECT_GE(took, o.hsm_timeout);
   auto stats = drv->stats();
   ASSERT_TRUE(stats);
   EXPECT_GE(stats->session_failures, 1u);
-  // The abandoned call returns later; the replacement slot serves on.
-  std::this_thread::sleep_for(1200ms);
+  EXPECT_GE(stats->retried, 1u);
+  // The abandoned call returns; the driver serves on.
+  gate_open = true;
+  ASSERT_TRUE(test::wait_until([&] { return released.load() == 1; }, 30s,
+                               "the abandoned call to return"));
   EXPECT_TRUE(await_done(enqueue_sign("hang", test::sha256("after")))["ok"]
                 .get<bool>());
 }
@@ -357,13 +453,23 @@ TEST_F(EngineTest, WrongPinRefusesToStartAndLogsInOnce) {
 
 TEST_F(EngineTest, NoSchemeServedMeansNoStartAndNoPolling) {
   // A master key label the token does not hold: refused before any poll.
+  // A request waits, so that a poll would show: it would lease it.
+  auto waiting = proxy->enqueue("generate_key",
+                                {{"key_id", "unserved"}, {"scheme", "p256"}});
   auto o = options();
   o.cfg.master_key_label = "missing-master";
   ::setenv("USER_PIN", user_pin, 1);
   auto d = daemon::start(o);
   ASSERT_FALSE(d);
   EXPECT_EQ(d.error(), key_errc::master_key_missing);
+  // Nothing of the refused daemon runs after `start` returned, so what the
+  // proxy shows now is final: no lease, no poll.
   EXPECT_TRUE(proxy->stats().max_in_flight.empty());
+  auto state = proxy->request_state(waiting);
+  ASSERT_TRUE(state);
+  EXPECT_EQ((*state)["state"], "queued") << state->dump();
+  EXPECT_EQ((*state)["deliveries"], 0) << state->dump();
+  EXPECT_EQ(proxy->waiting_polls(), 0u);
 }
 
 /// The real binary: SIGTERM while requests are in flight.
@@ -387,10 +493,10 @@ TEST_F(EngineTest, SigtermDuringLoadAnswersOrHandsBackEveryRequest) {
      "--driver-id", "term-driver", "--poll-wait", "300", "--sessions", "2",
      "--log-level", "info"},
     run_env, (dir / "run.log").string());
+  test::kill_on_exit guard{p};
   // Wait until some, not all, are done.
-  auto deadline = std::chrono::steady_clock::now() + 20s;
-  while (proxy->stats().done < 5 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(5ms);
+  EXPECT_TRUE(test::wait_until([&] { return proxy->stats().done >= 5; }, 60s,
+                               "5 requests answered by the driver process"));
   // The PIN is neither on the command line nor left in the environment.
   for (auto file : {"cmdline", "environ"}) {
     std::ifstream in{"/proc/" + std::to_string(p.pid) + "/" + file};
@@ -422,6 +528,16 @@ size_t count(const std::string& hay, const std::string& needle) {
   return n;
 }
 
+/// The admin port a `hsm-driver dev` log names (0 if none).
+uint16_t admin_port_in(const std::string& log) {
+  static const std::regex admin{
+    R"re("admin_api": "http://127\.0\.0\.1:([0-9]+)")re"};
+  std::smatch m;
+  if (!std::regex_search(log, m, admin))
+    return 0;
+  return static_cast<uint16_t>(std::stoul(m[1].str()));
+}
+
 /// `hsm-driver dev`: the whole system in one command, twice on one folder.
 TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
   auto data = dir / "dev";
@@ -434,20 +550,41 @@ TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
     auto log_path = (dir / ("dev-" + std::to_string(round) + ".log")).string();
     auto p = test::start_driver({"dev", "--data-dir", data.string()}, dev_env,
                                 log_path);
+    test::kill_on_exit guard{p};
     std::string text;
-    auto deadline = std::chrono::steady_clock::now() + 60s;
-    while (text.find("hsm-driver dev: serving") == std::string::npos
-           && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(50ms);
-      std::ifstream in{log_path};
-      text.assign(std::istreambuf_iterator<char>{in}, {});
-    }
-    ASSERT_NE(text.find("hsm-driver dev: serving"), std::string::npos) << text;
+    ASSERT_TRUE(test::wait_until(
+      [&] {
+        std::ifstream in{log_path};
+        text.assign(std::istreambuf_iterator<char>{in}, {});
+        return text.find("hsm-driver dev: serving") != std::string::npos;
+      },
+      60s, "the dev mode to log that it serves", 50ms))
+      << text;
     EXPECT_EQ(count(text, "\"verified\": true"), 3u) << text;
     EXPECT_EQ(count(text, "\"verified\": false"), 0u) << text;
-    // Still serving: the process is alive until the signal.
-    std::this_thread::sleep_for(200ms);
-    EXPECT_EQ(::kill(p.pid, 0), 0);
+    // Still serving after the demo: a request enqueued now is answered.
+    auto admin = admin_port_in(text);
+    ASSERT_NE(admin, 0) << text;
+    auto key_id = "alive-" + std::to_string(round);
+    auto posted = admin_http(
+      admin, "POST", "/v1/admin/requests",
+      json{{"kind", "generate_key"},
+           {"params", {{"key_id", key_id}, {"scheme", "secp256k1"}}}}
+        .dump());
+    ASSERT_TRUE(posted);
+    auto reply = json::parse(*posted, nullptr, false);
+    ASSERT_TRUE(reply.is_object() && reply.contains("id")) << *posted;
+    auto id = reply["id"].get<std::string>();
+    json state;
+    EXPECT_TRUE(test::wait_until(
+      [&] {
+        auto got = admin_http(admin, "GET", "/v1/admin/requests/" + id);
+        state = json::parse(got.value_or(""), nullptr, false);
+        return state.is_object() && state.value("state", "") == "done";
+      },
+      30s, "the dev mode to answer " + key_id, 20ms))
+      << state.dump();
+    EXPECT_TRUE(state.is_object() && state.value("ok", false)) << state.dump();
     ::kill(p.pid, SIGTERM);
     EXPECT_EQ(test::wait_exit(p, 30000), 0);
     // The same keys on the second run: the folder is reused.

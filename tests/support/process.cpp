@@ -1,5 +1,7 @@
 #include "tests/support/process.hpp"
 
+#include "tests/support/wait.hpp"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -10,7 +12,6 @@ extern char** environ;
 
 #include <chrono>
 #include <stdexcept>
-#include <thread>
 
 namespace hsm::test {
 
@@ -78,21 +79,26 @@ background_process start_driver(const std::vector<std::string>& args,
 }
 
 int wait_exit(background_process& p, int timeout_ms) {
-  auto deadline = std::chrono::steady_clock::now()
-                  + std::chrono::milliseconds{timeout_ms};
   int status = 0;
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto r = ::waitpid(p.pid, &status, WNOHANG);
-    if (r == p.pid) {
-      p.pid = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  auto exited = wait_until(
+    [&] { return ::waitpid(p.pid, &status, WNOHANG) == p.pid; },
+    std::chrono::milliseconds{timeout_ms}, "the process to exit",
+    std::chrono::milliseconds{20});
+  if (!exited) {
+    ::kill(p.pid, SIGKILL);
+    ::waitpid(p.pid, &status, 0);
+    p.pid = -1;
+    return -1;
   }
-  ::kill(p.pid, SIGKILL);
-  ::waitpid(p.pid, &status, 0);
   p.pid = -1;
-  return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+kill_on_exit::~kill_on_exit() {
+  if (p_.pid > 0) {
+    ::kill(p_.pid, SIGKILL);
+    wait_exit(p_, 5000);
+  }
 }
 
 run_result run_driver(const std::vector<std::string>& args,

@@ -39,4 +39,20 @@ background_process start_driver(const std::vector<std::string>& args,
 /// or -1 if it did not exit in time (it is then killed).
 int wait_exit(background_process& p, int timeout_ms);
 
+/// Kills (SIGKILL) and reaps a background process when it goes out of
+/// scope, unless it was reaped already: a test that fails half-way (a
+/// failed ASSERT returns at once) leaves no driver running.
+class kill_on_exit {
+public:
+  explicit kill_on_exit(background_process& p) : p_(p) {
+    // nop
+  }
+  ~kill_on_exit();
+  kill_on_exit(const kill_on_exit&) = delete;
+  kill_on_exit& operator=(const kill_on_exit&) = delete;
+
+private:
+  background_process& p_;
+};
+
 } // namespace hsm::test

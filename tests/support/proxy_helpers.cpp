@@ -2,11 +2,12 @@
 
 #include <cstdlib>
 #include <fstream>
-#include <thread>
+#include <optional>
 
 #include <gtest/gtest.h>
 
 #include "runtime/crypto/hex.hpp"
+#include "tests/support/wait.hpp"
 
 namespace hsm::test {
 
@@ -27,15 +28,16 @@ std::filesystem::path write_softhsm_conf(const std::filesystem::path& dir) {
 
 nlohmann::json await_done(net::reference_proxy& proxy, const std::string& id,
                           std::chrono::milliseconds timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto st = proxy.request_state(id);
-    if (st && (*st)["state"] == "done")
-      return *st;
-    std::this_thread::sleep_for(std::chrono::milliseconds{10});
-  }
-  auto st = proxy.request_state(id);
-  ADD_FAILURE() << "request " << id << " not done: "
+  std::optional<nlohmann::json> st;
+  auto done = wait_until(
+    [&] {
+      st = proxy.request_state(id);
+      return st && (*st)["state"] == "done";
+    },
+    timeout, "request " + id + " to be done", std::chrono::milliseconds{10});
+  if (done)
+    return *st;
+  ADD_FAILURE() << done.message() << "; its state: "
                 << (st ? st->dump() : "unknown");
   return nlohmann::json{{"ok", false}};
 }

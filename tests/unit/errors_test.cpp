@@ -16,6 +16,54 @@ TEST(ErrorsTest, DescribeNamesClassFunctionAndCkr) {
             "key: unknown_key");
 }
 
+TEST(ErrorsTest, DescribeLeavesOutTheNumericCkr) {
+  // The context rv_error makes: (function, CKR name, CK_RV as uint64_t).
+  auto err = caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
+                             std::string{"CKR_PIN_INCORRECT"},
+                             uint64_t{0xA0});
+  EXPECT_EQ(describe(err), "hsm: fatal (C_Login: CKR_PIN_INCORRECT)");
+  auto wrapped = caf::make_error(
+    key_errc::key_corrupted, std::string{"the token cannot unwrap the key"},
+    std::string{"C_UnwrapKey"}, std::string{"CKR_WRAPPED_KEY_INVALID"},
+    uint64_t{0x110});
+  EXPECT_EQ(describe(wrapped),
+            "key: key_corrupted (the token cannot unwrap the key: "
+            "C_UnwrapKey: CKR_WRAPPED_KEY_INVALID)");
+}
+
+TEST(ErrorsTest, SessionFailurePerValue) {
+  struct row {
+    caf::error err;
+    bool session_failure;
+  };
+  const row rows[] = {
+    {caf::make_error(hsm_errc::retryable), true},
+    {caf::make_error(hsm_errc::reopen_session), true},
+    {caf::make_error(hsm_errc::reinit_module), true},
+    {caf::make_error(hsm_errc::fatal), false},
+    {caf::make_error(hsm_errc::reopen_session, std::string{"C_Sign"},
+                     std::string{"CKR_SESSION_CLOSED"}, uint64_t{0xB0}),
+     true},
+    {caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
+                     std::string{"CKR_PIN_INCORRECT"}, uint64_t{0xA0}),
+     false},
+    {caf::make_error(caf::sec::request_timeout), true},
+    {caf::make_error(caf::sec::request_receiver_down), true},
+    {caf::make_error(caf::sec::runtime_error), false},
+    {caf::make_error(caf::sec::unexpected_message), false},
+    {caf::make_error(key_errc::unknown_key), false},
+    {caf::make_error(key_errc::key_corrupted), false},
+    {caf::make_error(store_errc::unavailable), false},
+    {caf::make_error(store_errc::query_failed), false},
+    {caf::make_error(config_errc::invalid_option), false},
+    {caf::make_error(net_errc::unreachable), false},
+    {caf::error{}, false},
+  };
+  for (auto& r : rows)
+    EXPECT_EQ(is_session_failure(r.err), r.session_failure)
+      << describe(r.err);
+}
+
 TEST(ErrorsTest, RetryableAndFatalPerClass) {
   struct row {
     caf::error err;

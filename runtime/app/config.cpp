@@ -61,19 +61,18 @@ caf::error resolve_module(const raw_options& raw, const env_lookup& env,
   }
   std::string found_var;
   std::string found_path;
-  for (auto var :
-       {"PKCS11_MODULE", "PKCS11_THALES_MODULE", "PKCS11_IBM_MODULE"}) {
+  for (auto var : pkcs11_module_vars) {
     auto v = env(var);
     if (!v)
       continue;
     if (!found_var.empty() && *v != found_path)
       return caf::make_error(config_errc::invalid_option, found_var,
-                             found_var + " and " + var
+                             found_var + " and " + std::string{var}
                                + " name different modules; the driver loads "
                                  "one module per process: set one, or pass "
                                  "--pkcs11-module");
     if (found_var.empty()) {
-      found_var = var;
+      found_var = std::string{var};
       found_path = *v;
     }
   }

@@ -6,6 +6,7 @@
 // PINs are not configuration: they come from USER_PIN / USER_PIN_FILE
 // (secret_pin.hpp) and are refused on the command line.
 
+#include <array>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -29,6 +30,11 @@ inline constexpr std::string_view default_sqlite_path
   = "/var/lib/hsm-driver/keys.db";
 /// Default `--log-level`.
 inline constexpr std::string_view default_log_level = "info";
+
+/// The environment variables that may name the PKCS#11 module, in the order
+/// they are read (`--pkcs11-module` wins over all of them).
+inline constexpr std::array<std::string_view, 3> pkcs11_module_vars{
+  "PKCS11_MODULE", "PKCS11_THALES_MODULE", "PKCS11_IBM_MODULE"};
 
 /// Reads an environment variable; injectable so that tests need no setenv.
 using env_lookup

@@ -1,44 +1,63 @@
 #include "runtime/app/daemon.hpp"
 
-#include <pthread.h>
-#include <signal.h>
-
-#include <cstdlib>
-#include <optional>
-#include <thread>
-
-#include <spdlog/spdlog.h>
-
 #include "actors/dispatcher.hpp"
 #include "actors/hsm_session.hpp"
 #include "actors/poller.hpp"
 #include "actors/result_poster.hpp"
 #include "actors/session_supervisor.hpp"
 #include "actors/store_actor.hpp"
+#include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/capabilities.hpp"
-#include "runtime/keys/master_key_guard.hpp"
-#include "runtime/pkcs11/token_admin.hpp"
-#include "runtime/app/store_open.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
 
 namespace hsm {
 
+namespace {
+
+/// Keeps `parts` alive until the process exits, on purpose: they stay
+/// reachable from a static that is never destroyed, so no destructor runs
+/// on them (and leak checkers do not count them).
+template <class... Ts>
+void keep_until_exit(std::unique_ptr<Ts>... parts) {
+  static std::mutex mtx;
+  static auto* kept = new std::vector<std::shared_ptr<void>>;
+  std::lock_guard<std::mutex> guard{mtx};
+  (kept->emplace_back(std::move(parts)), ...);
+}
+
+} // namespace
+
 struct daemon::impl {
   // Declaration order is destruction order reversed: the actor system goes
-  // first (its actors close their sessions), then the start-up session,
-  // then the module (C_Finalize last).
-  std::optional<pkcs11::module> mod;
-  std::optional<pkcs11::session> admin_session;
+  // first (its actors close their sessions), then the token (the start-up
+  // session, then the module: C_Finalize last). Held by pointer so that
+  // `stop` can keep them alive past the daemon when a call is stuck.
+  std::unique_ptr<token_session> token;
   std::unique_ptr<caf::actor_system_config> sys_cfg;
   std::unique_ptr<caf::actor_system> sys;
   dispatcher_actor dispatcher;
   poller_actor poller;
   result_poster_actor poster;
   store_actor store;
+  /// Set first on stop: the poller hands back what a poll in progress
+  /// leases.
+  std::shared_ptr<std::atomic<bool>> poll_stopping
+    = std::make_shared<std::atomic<bool>>(false);
   std::shared_ptr<std::atomic<bool>> stopping
     = std::make_shared<std::atomic<bool>>(false);
   daemon_options opts;
-  bool stopped = false;
+  /// Set by the first `stop`.
+  std::optional<stop_status> stopped;
 };
 
 caf::expected<std::unique_ptr<daemon>>
@@ -48,48 +67,21 @@ daemon::start(const daemon_options& opts) {
   if (!pin)
     return pin.error();
   auto shared_pin = std::make_shared<const pkcs11::secret_pin>(std::move(*pin));
+  auto tok = open_token(opts.cfg, *shared_pin, opts.decorate);
+  if (!tok)
+    return tok.error();
   std::unique_ptr<daemon> d{new daemon};
   d->impl_ = std::make_unique<impl>();
   auto& in = *d->impl_;
   in.opts = opts;
-  auto mod = pkcs11::module::load(opts.cfg.pkcs11_module, opts.decorate);
-  if (!mod)
-    return mod.error();
-  in.mod.emplace(std::move(*mod));
-  auto slot = in.mod->find_token(opts.cfg.token_label);
-  if (!slot)
-    return slot.error();
-  auto sess = pkcs11::session::open(*in.mod, *slot);
-  if (!sess)
-    return sess.error();
-  in.admin_session.emplace(std::move(*sess));
-  if (auto err = in.admin_session->login(*shared_pin))
-    return err;
-  auto master = pkcs11::find_master_key(*in.admin_session,
-                                        opts.cfg.master_key_label);
-  if (!master)
-    return master.error();
-  auto st = open_store(opts.cfg);
-  if (!st)
-    return st.error();
-  auto guard = keys::check_master_key(*in.admin_session, *master,
-                                opts.cfg.master_key_label, **st, true);
-  if (!guard)
-    return guard.error();
-  auto caps = keys::probe(*in.admin_session, *master, opts.cfg.resident_schemes);
-  if (!caps)
-    return caps.error();
-  size_t served = 0;
-  for (auto& c : caps->schemes) {
-    if (c.served) {
-      ++served;
-      log->info("scheme {}: served ({})", to_string(c.scheme),
-                c.resident ? "token-resident keys" : "wrapped keys");
-    } else {
-      log->warn("scheme {}: not served: {}", to_string(c.scheme), c.detail);
-    }
-  }
-  if (served == 0)
+  // From here on the module stays where it is: the sessions point to it.
+  in.token = std::make_unique<token_session>(std::move(*tok));
+  auto setup = set_up_keys(in.token->sess, opts.cfg);
+  if (!setup)
+    return setup.error();
+  auto& caps = setup->caps;
+  if (std::none_of(caps.schemes.begin(), caps.schemes.end(),
+                   [](const keys::capability& c) { return c.served; }))
     return caf::make_error(key_errc::scheme_unsupported,
                            std::string{"the token serves no scheme"});
   auto poll_client = net::proxy_client::create(opts.proxy);
@@ -100,24 +92,24 @@ daemon::start(const daemon_options& opts) {
     return post_client.error();
 
   auto ctx = std::make_shared<session_context>();
-  ctx->mod = &*in.mod;
-  ctx->slot = *slot;
+  ctx->mod = &in.token->mod;
+  ctx->slot = in.token->slot;
   ctx->pin = shared_pin;
   ctx->master_key_label = opts.cfg.master_key_label;
-  ctx->caps = *caps;
+  ctx->caps = caps;
 
   in.sys_cfg = std::make_unique<caf::actor_system_config>();
   in.sys_cfg->set("scheduler.max-threads", 2);
   in.sys = std::make_unique<caf::actor_system>(*in.sys_cfg);
   auto& sys = *in.sys;
   in.store = spawn_store_actor(
-    sys, std::shared_ptr<store::key_store>(std::move(*st)));
+    sys, std::shared_ptr<store::key_store>(std::move(setup->store)));
   in.poster = spawn_result_poster(
     sys, result_poster_config{},
     std::shared_ptr<net::proxy_link>(std::move(*post_client)), in.stopping);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
-  dcfg.caps = *caps;
+  dcfg.caps = caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
   supervisor_config scfg;
   scfg.sessions = opts.sessions;
@@ -130,6 +122,7 @@ daemon::start(const daemon_options& opts) {
     });
   poller_config pcfg;
   pcfg.poll_wait = opts.poll_wait;
+  pcfg.stopping = in.poll_stopping;
   in.poller = spawn_poller(
     sys, pcfg, std::shared_ptr<net::proxy_link>(std::move(*poll_client)),
     in.dispatcher);
@@ -138,21 +131,24 @@ daemon::start(const daemon_options& opts) {
   return d;
 }
 
-void daemon::stop() {
-  if (!impl_ || impl_->stopped)
-    return;
+stop_status daemon::stop() {
+  if (!impl_)
+    return stop_status::clean;
   auto& in = *impl_;
-  in.stopped = true;
+  if (in.stopped)
+    return *in.stopped;
+  in.stopped = stop_status::clean;
   if (!in.sys) { // start-up failed before the actors existed
-    in.admin_session.reset();
-    in.mod.reset();
-    return;
+    in.token.reset();
+    return *in.stopped;
   }
   auto log = logger("runtime");
   log->info("stopping: no new polls; draining in-flight work");
   {
     caf::scoped_actor self{*in.sys};
-    // A poll in progress finishes first (at most the poll wait).
+    // A poll in progress finishes first (at most the poll wait); what it
+    // leased is handed back at once.
+    in.poll_stopping->store(true);
     self->request(in.poller, in.opts.poll_wait + std::chrono::seconds{15},
                   stop_atom::value)
       .receive([](bool) {},
@@ -184,13 +180,20 @@ void daemon::stop() {
         .receive([&](size_t n) { stuck = n; }, [](caf::error&) {});
     }
     if (stuck > 0) {
-      log->critical("{} HSM call(s) still hung after {} ms; exiting without "
-                    "C_Finalize",
+      log->critical("{} HSM call(s) still hung after {} ms; leaving the "
+                    "PKCS#11 module loaded, without C_Finalize",
                     stuck, in.opts.abandon_grace.count());
-      spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& l) {
-        l->flush();
-      });
-      std::_Exit(1);
+      // Deliberately not torn down. A thread is still inside the module:
+      // C_Finalize (or C_CloseSession) under a busy session can crash the
+      // module, and destroying the actor system would wait for that thread
+      // forever. So the actor system (with every session actor, the stuck
+      // one included), the start-up session and the module stay alive, as
+      // they are, until the process exits. Every request was answered or
+      // handed back above, and the poller has stopped.
+      keep_until_exit(std::move(in.sys_cfg), std::move(in.sys),
+                      std::move(in.token));
+      in.stopped = stop_status::hsm_call_stuck;
+      return *in.stopped;
     }
     self->send_exit(in.poller, caf::exit_reason::user_shutdown);
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
@@ -201,10 +204,10 @@ void daemon::stop() {
   in.poster = nullptr;
   in.dispatcher = nullptr;
   in.store = nullptr;
-  in.sys.reset(); // waits for every actor
-  in.admin_session.reset();
-  in.mod.reset(); // C_Finalize last
+  in.sys.reset();   // waits for every actor
+  in.token.reset(); // the start-up session, then C_Finalize last
   log->info("stopped");
+  return *in.stopped;
 }
 
 caf::expected<dispatcher_stats> daemon::stats() {
@@ -219,7 +222,7 @@ caf::expected<dispatcher_stats> daemon::stats() {
 }
 
 daemon::~daemon() {
-  stop();
+  static_cast<void>(stop());
 }
 
 void block_stop_signals() {

@@ -1,11 +1,12 @@
 #pragma once
 
-// The daemon: loads the module, checks the master key against the store,
-// runs the keys::capability probe, then starts the actor tree (storage, poster,
-// dispatcher, session supervisor, poller) and serves until stopped. `stop`
-// drains: stop polling, finish or hand back in-flight work within the drain
-// timeout, post the results, end the sessions in their own actors, and
-// finalise the module last.
+// The daemon: sets up the token (token_setup.hpp: module, login, master
+// key, store, guard, capability probe), then starts the actor tree
+// (storage, poster, dispatcher, session supervisor, poller) and serves until
+// stopped. `stop` drains: stop polling, finish or hand back in-flight work
+// within the drain timeout, post the results, end the sessions in their own
+// actors, and finalise the module last -- unless an HSM call is stuck, see
+// `stop_status`.
 
 #include <chrono>
 #include <functional>
@@ -29,15 +30,26 @@ struct daemon_options {
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds poll_wait{20000};
   /// How long `stop` waits for HSM calls abandoned after a timeout to
-  /// return. If one is still stuck then, the process exits at once with
-  /// status 1 and without C_Finalize (finalising under a busy session can
-  /// crash the module).
+  /// return. If one is still stuck then, `stop` leaves the module loaded
+  /// and reports `stop_status::hsm_call_stuck`.
   std::chrono::milliseconds abandon_grace{5000};
   /// Called once when the driver cannot go on (the module lost the token for
-  /// good); `run` logs it and stops with a non-zero status.
+  /// good); `run` logs it, stops and exits with status 1.
   std::function<void(const std::string&)> on_fatal;
   /// Wraps the module's function table (fault-injection tests only).
   pkcs11::table_decorator decorate;
+};
+
+/// How `daemon::stop` ended.
+enum class stop_status {
+  /// Every actor finished, every session closed, the module was finalised.
+  clean,
+  /// An HSM call abandoned after a timeout was still running inside the
+  /// module after `abandon_grace`. Finalising the module (or closing
+  /// sessions) under a busy session can crash it, so the module, its
+  /// sessions and the actor system were deliberately left alive until the
+  /// process exits; no C_Finalize. `run` exits with status 1.
+  hsm_call_stuck,
 };
 
 /// A running daemon.
@@ -48,8 +60,9 @@ public:
   [[nodiscard]] static caf::expected<std::unique_ptr<daemon>>
   start(const daemon_options& opts);
 
-  /// Drains and stops (idempotent).
-  void stop();
+  /// Drains and stops. Idempotent: a second call returns the first
+  /// outcome.
+  [[nodiscard]] stop_status stop();
 
   /// The dispatcher's counters.
   [[nodiscard]] caf::expected<dispatcher_stats> stats();

@@ -1,4 +1,4 @@
-#include "runtime/app/commands.hpp"
+#include "runtime/app/cli.hpp"
 
 int main(int argc, char** argv) {
   return hsm::run_cli(argc, argv);

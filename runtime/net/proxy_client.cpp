@@ -1,5 +1,7 @@
 #include "runtime/net/proxy_client.hpp"
 
+#include "runtime/net/host_port.hpp"
+
 #include <curl/curl.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -49,63 +51,10 @@ caf::error check_file(const std::filesystem::path& path, const char* option) {
   return caf::none;
 }
 
-bool is_port(std::string_view text) {
-  if (text.empty() || text.size() > 5)
-    return false;
-  unsigned value = 0;
-  for (auto c : text) {
-    if (c < '0' || c > '9')
-      return false;
-    value = value * 10 + static_cast<unsigned>(c - '0');
-  }
-  return value >= 1 && value <= 65535;
-}
-
-/// Checks `host:port` or `[v6]:port`: no scheme, path, user or spaces.
+/// Checks `--proxy-addr`: `host:port` or `[v6]:port`, a port other than 0.
 caf::error check_address(const std::string& addr) {
-  if (addr.empty())
-    return caf::make_error(config_errc::missing_option,
-                           std::string{"--proxy-addr"},
-                           std::string{"no proxy address: pass --proxy-addr "
-                                       "host:port"});
-  auto invalid = [&addr](const std::string& why) {
-    return caf::make_error(config_errc::invalid_option,
-                           std::string{"--proxy-addr"},
-                           "'" + addr + "' " + why
-                             + " (expected host:port or [ipv6]:port)");
-  };
-  for (auto c : addr)
-    if (c == '/' || c == '@' || c == '?' || c == '#' || c == ' '
-        || c == '\\' || static_cast<unsigned char>(c) < 0x21
-        || static_cast<unsigned char>(c) > 0x7e)
-      return invalid("holds a character not allowed in an address");
-  std::string_view host;
-  std::string_view port;
-  std::string_view text{addr};
-  if (text.front() == '[') {
-    auto close = text.find(']');
-    if (close == std::string_view::npos || close + 1 >= text.size()
-        || text[close + 1] != ':')
-      return invalid("is not [ipv6]:port");
-    host = text.substr(1, close - 1);
-    port = text.substr(close + 2);
-    if (host.find(':') == std::string_view::npos)
-      return invalid("has brackets around a name that is not IPv6");
-  } else {
-    auto colon = text.rfind(':');
-    if (colon == std::string_view::npos)
-      return invalid("has no port");
-    host = text.substr(0, colon);
-    port = text.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos)
-      return invalid("looks like an IPv6 address without brackets");
-    if (host.find_first_of("[]") != std::string_view::npos)
-      return invalid("has a stray bracket");
-  }
-  if (host.empty())
-    return invalid("has no host");
-  if (!is_port(port))
-    return invalid("has no valid port (1-65535)");
+  if (auto parsed = parse_host_port(addr, "--proxy-addr"); !parsed)
+    return parsed.error();
   return caf::none;
 }
 

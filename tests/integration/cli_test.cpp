@@ -224,5 +224,44 @@ TEST_F(CliTest, TokenWithAnotherMasterKeyIsRefusedAndWritesNothing) {
   EXPECT_EQ(good.exit_code, 0) << good.out << good.err;
 }
 
+TEST_F(CliTest, RunOptionsAreCheckedBeforeTheDaemonStarts) {
+  std::map<std::string, std::string> no_proxy{{"PROXY_ADDR", ""},
+                                              {"CA_CERT", ""},
+                                              {"CLIENT_CERT", ""},
+                                              {"CLIENT_KEY", ""}};
+  auto missing = run({"run"}, no_proxy);
+  EXPECT_EQ(missing.exit_code, 2) << missing.out << missing.err;
+  auto j = json::parse(missing.out);
+  EXPECT_EQ(j["error"]["code"], "config_error");
+  EXPECT_NE(j["error"]["message"].get<std::string>().find("--proxy-addr"),
+            std::string::npos)
+    << missing.out;
+  // The environment fills in what the flags leave out; a bad limit is
+  // still refused, naming its flag.
+  auto limit = run({"run", "--sessions", "0"},
+                   {{"PROXY_ADDR", "127.0.0.1:1"},
+                    {"CA_CERT", (dir / "ca.pem").string()},
+                    {"CLIENT_CERT", (dir / "driver.pem").string()},
+                    {"CLIENT_KEY", (dir / "driver.key").string()}});
+  EXPECT_EQ(limit.exit_code, 2) << limit.out << limit.err;
+  EXPECT_NE(json::parse(limit.out)["error"]["message"].get<std::string>().find(
+              "--sessions"),
+            std::string::npos)
+    << limit.out;
+}
+
+TEST_F(CliTest, ProxyListenAddressesUseTheSharedParser) {
+  for (auto flag : {"--listen", "--admin-listen"}) {
+    auto res = run({"proxy", flag, "::1:8443", "--server-cert", "c.pem",
+                    "--server-key", "k.pem", "--client-ca", "ca.pem"});
+    EXPECT_EQ(res.exit_code, 2) << res.out << res.err;
+    auto j = json::parse(res.out);
+    EXPECT_EQ(j["error"]["code"], "config_error") << res.out;
+    EXPECT_NE(j["error"]["message"].get<std::string>().find(flag),
+              std::string::npos)
+      << res.out;
+  }
+}
+
 } // namespace
 } // namespace hsm

@@ -1,5 +1,8 @@
 #include "runtime/app/config.hpp"
 
+#include "runtime/app/run_options.hpp"
+#include "runtime/net/host_port.hpp"
+
 #include <map>
 
 #include <gtest/gtest.h>
@@ -132,6 +135,156 @@ TEST(ConfigTest, SplitListTrimsAndDropsEmptyParts) {
   EXPECT_EQ(split_list(" a, b ,,c "),
             (std::vector<std::string>{"a", "b", "c"}));
   EXPECT_TRUE(split_list("").empty());
+}
+
+// -- run and dev options ------------------------------------------------------
+
+/// A run configuration with every required flag given.
+run_flags complete_run_flags() {
+  run_flags f;
+  f.proxy_addr = "proxy:8443";
+  f.ca_cert = "/pki/ca.pem";
+  f.client_cert = "/pki/driver.pem";
+  f.client_key = "/pki/driver.key";
+  f.driver_id = "flag-driver";
+  return f;
+}
+
+TEST(RunOptionsTest, DefaultsAreNamedConstants) {
+  auto o = resolve_run_options(driver_config{}, complete_run_flags(),
+                               fake_env({}));
+  ASSERT_TRUE(o) << describe(o.error());
+  EXPECT_EQ(o->sessions, default_sessions);
+  EXPECT_EQ(o->hsm_timeout.count(), default_hsm_timeout_ms);
+  EXPECT_EQ(o->drain_timeout.count(), default_drain_timeout_ms);
+  EXPECT_EQ(o->poll_wait.count(), default_poll_wait_ms);
+}
+
+TEST(RunOptionsTest, FlagsWinOverTheEnvironmentThroughTheLookup) {
+  auto env = fake_env({{"PROXY_ADDR", "env-proxy:1"},
+                       {"CA_CERT", "/env/ca.pem"},
+                       {"CLIENT_CERT", "/env/driver.pem"},
+                       {"CLIENT_KEY", "/env/driver.key"},
+                       {"HSM_DRIVER_ID", "env-driver"}});
+  auto flagged = resolve_run_options(driver_config{}, complete_run_flags(),
+                                     env);
+  ASSERT_TRUE(flagged) << describe(flagged.error());
+  EXPECT_EQ(flagged->proxy.proxy_addr, "proxy:8443");
+  EXPECT_EQ(flagged->proxy.tls.ca_cert, "/pki/ca.pem");
+  EXPECT_EQ(flagged->proxy.driver_id, "flag-driver");
+  auto from_env = resolve_run_options(driver_config{}, run_flags{}, env);
+  ASSERT_TRUE(from_env) << describe(from_env.error());
+  EXPECT_EQ(from_env->proxy.proxy_addr, "env-proxy:1");
+  EXPECT_EQ(from_env->proxy.tls.ca_cert, "/env/ca.pem");
+  EXPECT_EQ(from_env->proxy.tls.cert, "/env/driver.pem");
+  EXPECT_EQ(from_env->proxy.tls.key, "/env/driver.key");
+  EXPECT_EQ(from_env->proxy.driver_id, "env-driver");
+}
+
+TEST(RunOptionsTest, DriverIdDefaultsToTheHostName) {
+  auto f = complete_run_flags();
+  f.driver_id.clear();
+  auto o = resolve_run_options(driver_config{}, f, fake_env({}));
+  ASSERT_TRUE(o) << describe(o.error());
+  EXPECT_EQ(o->proxy.driver_id, host_name());
+  EXPECT_FALSE(o->proxy.driver_id.empty());
+}
+
+TEST(RunOptionsTest, MissingRequiredOptionNamesTheFlag) {
+  for (auto member : {&run_flags::proxy_addr, &run_flags::ca_cert,
+                      &run_flags::client_cert, &run_flags::client_key}) {
+    auto f = complete_run_flags();
+    (f.*member).clear();
+    auto o = resolve_run_options(driver_config{}, f, fake_env({}));
+    ASSERT_FALSE(o);
+    EXPECT_EQ(o.error(), config_errc::missing_option);
+    EXPECT_NE(describe(o.error()).find("is required"), std::string::npos);
+  }
+  auto f = complete_run_flags();
+  f.proxy_addr.clear();
+  auto o = resolve_run_options(driver_config{}, f, fake_env({}));
+  ASSERT_FALSE(o);
+  EXPECT_NE(describe(o.error()).find("--proxy-addr"), std::string::npos);
+}
+
+TEST(RunOptionsTest, LimitsAreCheckedAndNameTheFlag) {
+  struct bad_case {
+    const char* flag;
+    void (*set)(run_flags&);
+  };
+  const bad_case cases[] = {
+    {"--sessions", [](run_flags& f) { f.sessions = 0; }},
+    {"--sessions", [](run_flags& f) { f.sessions = 257; }},
+    {"--hsm-timeout", [](run_flags& f) { f.hsm_timeout_ms = 99; }},
+    {"--drain-timeout", [](run_flags& f) { f.drain_timeout_ms = -1; }},
+    {"--poll-wait", [](run_flags& f) { f.poll_wait_ms = 60001; }},
+  };
+  for (auto& c : cases) {
+    auto f = complete_run_flags();
+    c.set(f);
+    auto o = resolve_run_options(driver_config{}, f, fake_env({}));
+    ASSERT_FALSE(o) << c.flag;
+    EXPECT_EQ(o.error(), config_errc::invalid_option) << c.flag;
+    EXPECT_NE(describe(o.error()).find(c.flag), std::string::npos) << c.flag;
+  }
+}
+
+TEST(RunOptionsTest, DevUsesSoftHsmOnlyWhenNothingNamesAModule) {
+  raw_options raw;
+  apply_dev_defaults(raw, fake_env({}));
+  EXPECT_EQ(raw.pkcs11_module, dev_pkcs11_module);
+  EXPECT_EQ(raw.token_label, dev_token_label);
+  for (auto var : pkcs11_module_vars) {
+    raw_options from_env;
+    apply_dev_defaults(from_env, fake_env({{std::string{var}, "/v.so"}}));
+    EXPECT_TRUE(from_env.pkcs11_module.empty()) << var;
+  }
+  raw_options flagged;
+  flagged.pkcs11_module = "/flag.so";
+  flagged.token_label = "mine";
+  apply_dev_defaults(flagged, fake_env({}));
+  EXPECT_EQ(flagged.pkcs11_module, "/flag.so");
+  EXPECT_EQ(flagged.token_label, "mine");
+}
+
+// -- host:port (one parser for --proxy-addr, --listen, --admin-listen) --------
+// The forms a client refuses are in tests/net/proxy_client_test.cpp.
+
+TEST(HostPortTest, SplitsHostAndPortAndUnbracketsIpv6) {
+  auto v4 = net::parse_host_port("127.0.0.1:8443", "--listen");
+  ASSERT_TRUE(v4) << describe(v4.error());
+  EXPECT_EQ(v4->host, "127.0.0.1");
+  EXPECT_EQ(v4->port, 8443);
+  auto v6 = net::parse_host_port("[::1]:65535", "--listen");
+  ASSERT_TRUE(v6) << describe(v6.error());
+  EXPECT_EQ(v6->host, "::1");
+  EXPECT_EQ(v6->port, 65535);
+}
+
+TEST(HostPortTest, PortZeroOnlyWhereAListenerMayPickOne) {
+  auto refused = net::parse_host_port("localhost:0", "--proxy-addr");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error(), config_errc::invalid_option);
+  auto allowed = net::parse_host_port("localhost:0", "--listen",
+                                      net::port_zero::allowed);
+  ASSERT_TRUE(allowed) << describe(allowed.error());
+  EXPECT_EQ(allowed->port, 0);
+}
+
+TEST(HostPortTest, ErrorsNameTheFlag) {
+  auto empty = net::parse_host_port("", "--admin-listen");
+  ASSERT_FALSE(empty);
+  EXPECT_EQ(empty.error(), config_errc::missing_option);
+  EXPECT_NE(describe(empty.error()).find("--admin-listen"), std::string::npos);
+  for (auto bad : {"::1:8443", "localhost", "host:", "host:99999", "[::1]8443",
+                   "a b:1"}) {
+    auto parsed = net::parse_host_port(bad, "--listen",
+                                       net::port_zero::allowed);
+    ASSERT_FALSE(parsed) << bad;
+    EXPECT_EQ(parsed.error(), config_errc::invalid_option) << bad;
+    EXPECT_NE(describe(parsed.error()).find("--listen"), std::string::npos)
+      << bad;
+  }
 }
 
 } // namespace

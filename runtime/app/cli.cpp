@@ -1,0 +1,341 @@
+#include "runtime/app/cli.hpp"
+
+#include "runtime/app/commands.hpp"
+#include "runtime/app/config.hpp"
+#include "runtime/app/daemon.hpp"
+#include "runtime/app/output.hpp"
+#include "runtime/app/run_options.hpp"
+#include "runtime/base/logging.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <array>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace hsm {
+
+namespace {
+
+// -- option documentation -----------------------------------------------------
+
+/// Where PINs come from; said in the top-level help and under `run`, `dev`.
+constexpr std::string_view pin_note
+  = "PIN: USER_PIN or USER_PIN_FILE (never on the command line).";
+
+/// An option's help: the one place it is written.
+struct option_doc {
+  std::string_view flag;
+  /// What the value is, for the footer (`PATH`, `LABEL`, ...).
+  std::string_view value_name;
+  std::string_view help;
+  /// The environment variables that stand in for the flag, or empty.
+  std::string_view env;
+  /// The default as shown, or empty for none.
+  std::string default_value;
+};
+
+/// `[env: X; default: Y]`, or empty when the option has neither.
+std::string env_and_default(const option_doc& doc) {
+  std::string out;
+  if (!doc.env.empty())
+    out += "env: " + std::string{doc.env};
+  if (!doc.default_value.empty())
+    out += (out.empty() ? "" : "; ") + std::string{"default: "}
+           + doc.default_value;
+  return out.empty() ? out : "[" + out + "]";
+}
+
+/// The help text CLI11 shows: the help, then env and default.
+std::string help_text(const option_doc& doc) {
+  auto extra = env_and_default(doc);
+  return extra.empty() ? std::string{doc.help}
+                       : std::string{doc.help} + " " + extra;
+}
+
+/// Declares `field` as the option `doc` on `cmd`.
+template <class T>
+CLI::Option* add_documented(CLI::App* cmd, const option_doc& doc, T& field) {
+  auto* opt = cmd->add_option(std::string{doc.flag}, field, help_text(doc));
+  if (!doc.value_name.empty())
+    opt->type_name(std::string{doc.value_name});
+  return opt;
+}
+
+/// An option every subcommand takes (before or after the subcommand).
+struct shared_option {
+  option_doc doc;
+  std::string raw_options::*field;
+};
+
+/// The key options (README, "Configuration").
+const std::array<shared_option, 7>& shared_options() {
+  static const std::array<shared_option, 7> table{{
+    {{"--pkcs11-module", "PATH", "PKCS#11 module to load",
+      "PKCS11_MODULE, PKCS11_THALES_MODULE, PKCS11_IBM_MODULE", ""},
+     &raw_options::pkcs11_module},
+    {{"--token-label", "LABEL", "label of the token to use", "HSM_TOKEN_LABEL",
+      std::string{default_token_label}},
+     &raw_options::token_label},
+    {{"--master-key-label", "LABEL", "label of the AES master key on the token",
+      "HSM_MASTER_KEY_LABEL", std::string{default_master_key_label}},
+     &raw_options::master_key_label},
+    {{"--sqlite-path", "PATH", "SQLite key store", "SQLITE_PATH",
+      std::string{default_sqlite_path}},
+     &raw_options::sqlite_path},
+    {{"--postgres-url", "URL",
+      "PostgreSQL key store (libpq URI or connection string; multi-host with "
+      "target_session_attrs=read-write works)",
+      "POSTGRES_URL", ""},
+     &raw_options::postgres_url},
+    {{"--resident-schemes", "LIST",
+      "comma-separated schemes whose keys stay on the token (for tokens that "
+      "cannot wrap them, e.g. ed25519 on SoftHSMv2)",
+      "HSM_RESIDENT_SCHEMES", ""},
+     &raw_options::resident_schemes},
+    {{"--log-level", "LEVEL",
+      "trace, debug, info, warn, error, critical, off", "HSM_LOG_LEVEL",
+      std::string{default_log_level}},
+     &raw_options::log_level},
+  }};
+  return table;
+}
+
+/// The shared options as a footer for subcommands whose own help would not
+/// show them (CLI11 lists only a subcommand's own options).
+std::string shared_options_footer() {
+  std::string out = "\nAlso (before or after the subcommand):\n";
+  for (auto& opt : shared_options()) {
+    auto name = std::string{opt.doc.flag} + " "
+                + std::string{opt.doc.value_name};
+    name.resize(std::max<size_t>(name.size() + 1, 25), ' ');
+    out += "  " + name + env_and_default(opt.doc) + "\n";
+  }
+  return out + std::string{pin_note} + "\n";
+}
+
+/// Declares the options of `run` and `dev` on `cmd`.
+void add_run_flags(CLI::App* cmd, run_flags& f) {
+  auto num = [](auto value) { return std::to_string(value); };
+  add_documented(cmd, {"--proxy-addr", "", "proxy host:port", "PROXY_ADDR", ""},
+                 f.proxy_addr);
+  add_documented(cmd,
+                 {"--client-cert", "", "client certificate chain, PEM",
+                  "CLIENT_CERT", ""},
+                 f.client_cert);
+  add_documented(cmd,
+                 {"--client-key", "", "client private key, PEM", "CLIENT_KEY",
+                  ""},
+                 f.client_key);
+  add_documented(cmd,
+                 {"--ca-cert", "", "CA that must sign the proxy's certificate",
+                  "CA_CERT", ""},
+                 f.ca_cert);
+  add_documented(cmd,
+                 {"--driver-id", "", "this driver's id", "HSM_DRIVER_ID",
+                  "host name"},
+                 f.driver_id);
+  add_documented(cmd,
+                 {"--sessions", "", "PKCS#11 sessions (slots), 1-256", "",
+                  num(default_sessions)},
+                 f.sessions);
+  add_documented(cmd,
+                 {"--hsm-timeout", "", "deadline of one HSM call, ms", "",
+                  num(default_hsm_timeout_ms)},
+                 f.hsm_timeout_ms);
+  add_documented(cmd,
+                 {"--drain-timeout", "",
+                  "time to finish in-flight work on SIGTERM, ms", "",
+                  num(default_drain_timeout_ms)},
+                 f.drain_timeout_ms);
+  add_documented(cmd,
+                 {"--poll-wait", "", "long-poll wait, ms", "",
+                  num(default_poll_wait_ms)},
+                 f.poll_wait_ms);
+}
+
+/// Refuses anything that looks like a PIN on the command line, without
+/// echoing it.
+bool pin_on_command_line(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg{argv[i]};
+    if (arg.rfind("--pin", 0) == 0 || arg.rfind("--user-pin", 0) == 0
+        || arg.rfind("--so-pin", 0) == 0)
+      return true;
+  }
+  return false;
+}
+
+/// A subcommand group that needs one of its subcommands.
+CLI::App* add_group(CLI::App& app, const std::string& name,
+                    const std::string& help) {
+  auto* group = app.add_subcommand(name, help);
+  group->require_subcommand(1);
+  group->fallthrough();
+  return group;
+}
+
+} // namespace
+
+int run_cli(int argc, char** argv) {
+  if (pin_on_command_line(argc, argv)) {
+    std::cerr << "hsm-driver: PINs are not accepted on the command line; set "
+                 "USER_PIN or USER_PIN_FILE\n";
+    return exit_usage;
+  }
+  CLI::App app{"hsm-driver: keeps private keys in a PKCS#11 HSM; generates "
+               "keys and signs with them.\n"
+               + std::string{pin_note}};
+  app.require_subcommand(1);
+  app.fallthrough();
+  raw_options raw;
+  for (auto& opt : shared_options())
+    add_documented(&app, opt.doc, raw.*opt.field);
+  auto footer = shared_options_footer();
+
+  // The subcommands that work on the configured token, with their handlers.
+  std::vector<std::pair<CLI::App*, std::function<int(const driver_config&)>>>
+    token_commands;
+  auto* probe = app.add_subcommand("probe", "run the keys::capability probe "
+                                            "and print which schemes are "
+                                            "served");
+  token_commands.emplace_back(probe, cmd_probe);
+
+  auto* token = add_group(app, "token", "test and dev tokens");
+  auto* token_init = token->add_subcommand(
+    "init", "initialise a free slot as --token-label (SO_PIN or SO_PIN_FILE, "
+            "and USER_PIN or USER_PIN_FILE)");
+  token_commands.emplace_back(token_init, cmd_token_init);
+
+  auto* mk = add_group(app, "master-key", "the token's AES master key");
+  auto* mk_init = mk->add_subcommand(
+    "init", "create the master key on a test or dev token (AES-256, "
+            "sensitive, not extractable, wrap/unwrap)");
+  std::string test_value_file;
+  mk_init->add_option(
+    "--test-value-file", test_value_file,
+    "test and dev tokens only: create the key from the 32-byte value (64 "
+    "hex characters) in this 0600 file, so that two test tokens share one "
+    "master key; production HSMs use the vendor's cloning procedure");
+  token_commands.emplace_back(mk_init, [&](const driver_config& cfg) {
+    return cmd_master_key_init(cfg, test_value_file);
+  });
+  auto* mk_check = mk->add_subcommand(
+    "check", "check that the token's master key matches the database");
+  token_commands.emplace_back(mk_check, cmd_master_key_check);
+
+  auto* keys = add_group(app, "keys", "generate, sign, show");
+  std::string key_id;
+  std::string scheme_name;
+  std::string payload_hex;
+  auto* gen = keys->add_subcommand("generate", "generate a key (idempotent "
+                                               "by key id)");
+  auto* sign = keys->add_subcommand("sign", "sign a payload (32-byte hash "
+                                            "for ECDSA, message for ed25519)");
+  auto* show = keys->add_subcommand("show", "print a key's public data");
+  for (auto* cmd : {gen, sign, show})
+    cmd->add_option("--key-id", key_id, "the key's id")->required();
+  gen->add_option("--scheme", scheme_name, "secp256k1, p256 or ed25519")
+    ->required();
+  sign->add_option("--payload", payload_hex, "the payload, hex")->required();
+  token_commands.emplace_back(gen, [&](const driver_config& cfg) {
+    return cmd_keys_generate(cfg, key_id, scheme_name);
+  });
+  token_commands.emplace_back(sign, [&](const driver_config& cfg) {
+    return cmd_keys_sign(cfg, key_id, payload_hex);
+  });
+  token_commands.emplace_back(show, [&](const driver_config& cfg) {
+    return cmd_keys_show(cfg, key_id);
+  });
+
+  run_flags rf;
+  auto* run_cmd = app.add_subcommand(
+    "run", "the daemon: pull requests from the proxy and serve them until "
+           "SIGTERM/SIGINT");
+  add_run_flags(run_cmd, rf);
+  run_cmd->footer(footer);
+  token_commands.emplace_back(run_cmd, [&](const driver_config& cfg) {
+    return cmd_run(cfg, rf);
+  });
+
+  std::string data_dir;
+  auto* dev_cmd = app.add_subcommand(
+    "dev", "the whole system on this machine: a SoftHSMv2 token, a local "
+           "PKI, SQLite, the reference proxy and the driver, then a demo; "
+           "serves until SIGTERM/SIGINT");
+  dev_cmd->add_option("--data-dir", data_dir,
+                      "where the token, PKI and database live [default: ./"
+                        + std::string{default_dev_data_dir} + "]");
+  add_run_flags(dev_cmd, rf);
+  dev_cmd->footer(footer);
+  token_commands.emplace_back(dev_cmd, [&](const driver_config& cfg) {
+    return cmd_dev(cfg, rf, data_dir, !raw.resident_schemes.empty());
+  });
+
+  proxy_flags pf;
+  auto* proxy_cmd = app.add_subcommand(
+    "proxy", "the reference proxy (mTLS listener and admin API)");
+  proxy_cmd->add_option("--listen", pf.listen,
+                        "host:port; port 0 picks a free one [default: "
+                          + std::string{default_proxy_listen} + "]");
+  proxy_cmd->add_option("--admin-listen", pf.admin_listen,
+                        "admin API host:port [default: "
+                          + std::string{default_proxy_admin_listen} + "]");
+  proxy_cmd->add_option("--server-cert", pf.server_cert, "chain, PEM")
+    ->required();
+  proxy_cmd->add_option("--server-key", pf.server_key, "key, PEM")
+    ->required();
+  proxy_cmd->add_option("--client-ca", pf.client_ca,
+                        "CA that must sign client certificates")
+    ->required();
+  proxy_cmd->add_option("--lease-ms", pf.lease_ms,
+                        "lease duration [default: "
+                          + std::to_string(default_proxy_lease_ms) + "]");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ExtrasError&) {
+    // Not echoed: a mistyped secret must not land in a terminal log.
+    std::cerr << "hsm-driver: unexpected arguments (not shown); run "
+                 "'hsm-driver --help'\n";
+    return exit_usage;
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "hsm-driver: " << e.what() << "\n";
+    return exit_usage;
+  }
+
+  if (run_cmd->parsed() || dev_cmd->parsed() || proxy_cmd->parsed())
+    block_stop_signals(); // before any thread exists
+  if (proxy_cmd->parsed()) {
+    if (auto err = init_logging(raw.log_level.empty() ? default_log_level
+                                                      : raw.log_level))
+      return fail(err);
+    return cmd_proxy(pf);
+  }
+  auto env = process_env();
+  if (dev_cmd->parsed())
+    apply_dev_defaults(raw, env);
+  auto cfg = resolve(raw, env);
+  if (!cfg)
+    return fail(cfg.error());
+  if (auto err = init_logging(cfg->log_level)) {
+    std::cerr << "hsm-driver: " << describe(err) << "\n";
+    return exit_usage;
+  }
+  for (auto& [cmd, handler] : token_commands)
+    if (cmd->parsed())
+      return handler(*cfg);
+  std::cerr << app.help();
+  return exit_usage;
+}
+
+} // namespace hsm

@@ -1,0 +1,227 @@
+// `hsm-driver dev`: the whole system on one machine (a SoftHSMv2 token, a
+// local PKI, SQLite, the reference proxy and the daemon) under one data
+// folder, then a demo through the proxy; serves until a stop signal.
+
+#include "runtime/app/commands.hpp"
+#include "runtime/app/daemon.hpp"
+#include "runtime/app/output.hpp"
+#include "runtime/app/token_setup.hpp"
+#include "runtime/base/logging.hpp"
+#include "runtime/crypto/hex.hpp"
+#include "runtime/crypto/signature.hpp"
+#include "runtime/net/pki.hpp"
+#include "runtime/net/reference_proxy.hpp"
+#include "runtime/pkcs11/module.hpp"
+#include "runtime/pkcs11/secret_pin.hpp"
+#include "runtime/pkcs11/token_admin.hpp"
+
+#include <openssl/sha.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <random>
+#include <thread>
+
+namespace hsm {
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+/// Writes a random 24-hex-character PIN into a 0600 file.
+caf::error write_random_pin(const fs::path& path) {
+  std::random_device rd;
+  std::string pin;
+  const char* digits = "0123456789abcdef";
+  for (int i = 0; i < 24; ++i)
+    pin += digits[rd() % 16];
+  auto old = ::umask(077);
+  std::ofstream out{path};
+  out << pin << "\n";
+  ::umask(old);
+  if (!out)
+    return caf::make_error(config_errc::bad_file, path.string(),
+                           std::string{"cannot write"});
+  return caf::none;
+}
+
+/// A SoftHSMv2 configuration of our own under `dir`, named by
+/// SOFTHSM2_CONF for the module this process loads.
+void use_own_softhsm_conf(const fs::path& dir) {
+  auto conf = dir / "softhsm2.conf";
+  if (!fs::exists(conf)) {
+    std::ofstream out{conf};
+    out << "directories.tokendir = " << (dir / "tokens").string() << "\n"
+        << "objectstore.backend = file\nlog.level = ERROR\n"
+        << "slots.removable = false\n";
+  }
+  ::setenv("SOFTHSM2_CONF", conf.c_str(), 1);
+}
+
+/// Creates the token (first run) and its master key if missing. The module
+/// is finalised again on return: the daemon loads it itself.
+caf::error prepare_token(const driver_config& cfg, const fs::path& dir) {
+  auto so = pkcs11::secret_pin::from_file((dir / "so.pin").string());
+  auto user = pkcs11::secret_pin::from_file((dir / "user.pin").string());
+  if (!so || !user)
+    return !so ? so.error() : user.error();
+  auto mod = pkcs11::module::load(cfg.pkcs11_module);
+  if (!mod)
+    return mod.error();
+  if (!mod->find_token(cfg.token_label)) {
+    logger("runtime")->info("creating token '{}' under {}", cfg.token_label,
+                            dir.string());
+    if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so, *user))
+      return err;
+  }
+  auto tok = open_token(std::move(*mod), cfg, *user);
+  if (!tok)
+    return tok.error();
+  bool created = false;
+  auto mk = pkcs11::create_master_key(tok->sess, cfg.master_key_label,
+                                      &created);
+  if (!mk)
+    return mk.error();
+  if (created)
+    logger("runtime")->info("created master key '{}'", cfg.master_key_label);
+  return caf::none;
+}
+
+/// Waits until the reference proxy reports `id` done; nullopt on timeout.
+std::optional<nlohmann::json> await_done(net::reference_proxy& proxy,
+                                         const std::string& id) {
+  for (int i = 0; i < 600; ++i) {
+    auto st = proxy.request_state(id);
+    if (st && (*st)["state"] == "done")
+      return st;
+    std::this_thread::sleep_for(std::chrono::milliseconds{20});
+  }
+  return std::nullopt;
+}
+
+/// The demo for one scheme, through the proxy: a key, a signature, a check
+/// of the signature on the host.
+json demo_scheme(net::reference_proxy& proxy, scheme s) {
+  auto name = std::string{to_string(s)};
+  auto key_id = "dev-" + name;
+  auto gen = await_done(proxy, proxy.enqueue("generate_key",
+                                             {{"key_id", key_id},
+                                              {"scheme", name}}));
+  if (!gen || !(*gen)["ok"].get<bool>())
+    return json{{"scheme", name},
+                {"served", false},
+                {"error", gen ? json((*gen)["error"]) : json{"timeout"}}};
+  auto pub = crypto::from_hex((*gen)["result"]["public_key"].get<std::string>());
+  std::string msg = "hello from hsm-driver dev";
+  std::vector<uint8_t> payload{msg.begin(), msg.end()};
+  if (is_ecdsa(s)) {
+    payload.resize(32);
+    SHA256(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(),
+           payload.data());
+  }
+  auto sig = await_done(proxy, proxy.enqueue("sign",
+                                             {{"key_id", key_id},
+                                              {"payload",
+                                               crypto::to_hex(payload)}}));
+  bool verified = false;
+  json entry{{"scheme", name},
+             {"key_id", key_id},
+             {"public_key", json((*gen)["result"]["public_key"])}};
+  if (sig && (*sig)["ok"].get<bool>() && pub) {
+    auto raw = crypto::from_hex(
+      (*sig)["result"]["signature"].get<std::string>());
+    verified = raw && crypto::verify(s, *pub, payload, *raw);
+    entry["signature"] = json((*sig)["result"]["signature"]);
+    if ((*sig)["result"].contains("recovery_id"))
+      entry["recovery_id"] = json((*sig)["result"]["recovery_id"]);
+  } else if (sig) {
+    entry["error"] = json((*sig)["error"]);
+  }
+  entry["verified"] = verified;
+  return entry;
+}
+
+} // namespace
+
+int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
+            bool resident_given) {
+  fs::path dir = data_dir.empty() ? fs::path{default_dev_data_dir}
+                                  : fs::path{data_dir};
+  std::error_code ec;
+  fs::create_directories(dir / "tokens", ec);
+  dir = fs::absolute(dir);
+  use_own_softhsm_conf(dir);
+  cfg.sqlite_path = dir / "keys.db";
+  if (!resident_given)
+    cfg.resident_schemes = {scheme::ed25519};
+  if (!fs::exists(dir / "user.pin")) {
+    if (auto err = write_random_pin(dir / "user.pin"))
+      return fail(err);
+    if (auto err = write_random_pin(dir / "so.pin"))
+      return fail(err);
+  }
+  ::unsetenv("USER_PIN");
+  ::setenv("USER_PIN_FILE", (dir / "user.pin").c_str(), 1);
+  if (auto err = prepare_token(cfg, dir))
+    return fail(err);
+  auto pki = net::make_dev_pki(dir / "pki");
+  if (!pki)
+    return fail(pki.error());
+  net::reference_proxy_config pc;
+  pc.server_cert = pki->server_chain;
+  pc.server_key = pki->server_key;
+  pc.client_ca = pki->root_cert;
+  auto proxy = net::reference_proxy::start(pc);
+  if (!proxy)
+    return fail(proxy.error());
+  flags.proxy_addr = "127.0.0.1:" + std::to_string((*proxy)->port());
+  flags.ca_cert = pki->root_cert.string();
+  flags.client_cert = pki->driver_chain.string();
+  flags.client_key = pki->driver_key.string();
+  if (flags.driver_id.empty())
+    flags.driver_id = std::string{dev_driver_id};
+  if (flags.poll_wait_ms == default_poll_wait_ms)
+    flags.poll_wait_ms = dev_poll_wait_ms;
+  auto opts = resolve_run_options(cfg, flags, process_env());
+  if (!opts)
+    return fail(opts.error());
+  auto d = daemon::start(*opts);
+  if (!d)
+    return fail(d.error());
+  json demo = json::array();
+  bool all_ok = true;
+  for (auto s : all_schemes) {
+    auto entry = demo_scheme(**proxy, s);
+    // A scheme the token does not serve is reported, not a failure.
+    if (entry.contains("verified"))
+      all_ok = all_ok && entry["verified"].get<bool>();
+    demo.push_back(std::move(entry));
+  }
+  auto admin = "http://127.0.0.1:" + std::to_string((*proxy)->admin_port());
+  print(json{{"ok", all_ok},
+             {"data_dir", dir.string()},
+             {"proxy", flags.proxy_addr},
+             {"admin_api", admin},
+             {"demo", demo}});
+  std::cerr << "hsm-driver dev: serving; enqueue requests with\n  curl -s "
+               "-XPOST "
+            << admin
+            << "/v1/admin/requests -d "
+               "'{\"kind\":\"generate_key\",\"params\":{\"key_id\":\"k1\","
+               "\"scheme\":\"secp256k1\"}}'\n"
+            << "Ctrl-C (SIGINT) or SIGTERM stops it.\n";
+  wait_for_stop_signal();
+  auto stopped = (*d)->stop();
+  (*proxy)->stop();
+  if (stopped == stop_status::hsm_call_stuck)
+    return exit_failed;
+  return all_ok ? exit_ok : exit_failed;
+}
+
+} // namespace hsm

@@ -1,0 +1,33 @@
+#include "runtime/app/output.hpp"
+
+#include "runtime/base/logging.hpp"
+#include "runtime/net/wire_codec.hpp"
+
+#include <iostream>
+
+namespace hsm {
+
+namespace {
+
+using json = nlohmann::ordered_json;
+
+} // namespace
+
+void print(const json& j) {
+  std::cout << j.dump(2, ' ', false, json::error_handler_t::replace)
+            << std::endl;
+}
+
+int fail(const caf::error& err) {
+  logger("runtime")->error("{}", describe(err));
+  print(json{{"ok", false}, {"error", net::to_json(to_error_result(err))}});
+  return err.category() == caf::atom("config") ? exit_usage : exit_failed;
+}
+
+json key_json(const key_result& key) {
+  auto j = net::to_json(key);
+  j["created_at_ms"] = key.created_at_ms;
+  return j;
+}
+
+} // namespace hsm

@@ -1,0 +1,89 @@
+#include "runtime/app/run_options.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace hsm {
+
+namespace {
+
+/// The flag's value, else the variable's, else empty.
+std::string flag_or_env(const std::string& value, std::string_view var,
+                        const env_lookup& env) {
+  if (!value.empty())
+    return value;
+  return env(var).value_or(std::string{});
+}
+
+/// Checks that `value` (ms) lies in [lo, hi]; the error names `flag`.
+caf::error check_ms(const char* flag, long value, long lo, long hi) {
+  if (value < lo || value > hi)
+    return caf::make_error(config_errc::invalid_option, std::string{flag},
+                           std::string{flag} + " must be " + std::to_string(lo)
+                             + ".." + std::to_string(hi) + " ms");
+  return caf::none;
+}
+
+} // namespace
+
+std::string host_name() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0 || buf[0] == '\0')
+    return std::string{fallback_driver_id};
+  return buf;
+}
+
+caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
+                                                  const run_flags& flags,
+                                                  const env_lookup& env) {
+  daemon_options o;
+  o.cfg = cfg;
+  o.proxy.proxy_addr = flag_or_env(flags.proxy_addr, "PROXY_ADDR", env);
+  o.proxy.tls.ca_cert = flag_or_env(flags.ca_cert, "CA_CERT", env);
+  o.proxy.tls.cert = flag_or_env(flags.client_cert, "CLIENT_CERT", env);
+  o.proxy.tls.key = flag_or_env(flags.client_key, "CLIENT_KEY", env);
+  o.proxy.driver_id = flag_or_env(flags.driver_id, "HSM_DRIVER_ID", env);
+  if (o.proxy.driver_id.empty())
+    o.proxy.driver_id = host_name();
+  struct required {
+    const char* flag;
+    std::string value;
+  };
+  for (auto& r : {required{"--proxy-addr", o.proxy.proxy_addr},
+                  required{"--ca-cert", o.proxy.tls.ca_cert.string()},
+                  required{"--client-cert", o.proxy.tls.cert.string()},
+                  required{"--client-key", o.proxy.tls.key.string()}})
+    if (r.value.empty())
+      return caf::make_error(config_errc::missing_option,
+                             std::string{r.flag},
+                             std::string{r.flag} + " is required");
+  if (flags.sessions < 1 || flags.sessions > 256)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--sessions"},
+                           std::string{"--sessions must be 1..256"});
+  if (auto err = check_ms("--hsm-timeout", flags.hsm_timeout_ms, 100, 600000))
+    return err;
+  if (auto err = check_ms("--drain-timeout", flags.drain_timeout_ms, 0,
+                          3600000))
+    return err;
+  if (auto err = check_ms("--poll-wait", flags.poll_wait_ms, 0, 60000))
+    return err;
+  o.sessions = flags.sessions;
+  o.hsm_timeout = std::chrono::milliseconds{flags.hsm_timeout_ms};
+  o.drain_timeout = std::chrono::milliseconds{flags.drain_timeout_ms};
+  o.poll_wait = std::chrono::milliseconds{flags.poll_wait_ms};
+  return o;
+}
+
+void apply_dev_defaults(raw_options& raw, const env_lookup& env) {
+  auto named = [&env](std::string_view var) { return env(var).has_value(); };
+  if (raw.pkcs11_module.empty()
+      && std::none_of(pkcs11_module_vars.begin(), pkcs11_module_vars.end(),
+                      named))
+    raw.pkcs11_module = std::string{dev_pkcs11_module};
+  if (raw.token_label.empty())
+    raw.token_label = std::string{dev_token_label};
+}
+
+} // namespace hsm

@@ -14,11 +14,14 @@ struct poller_state {
   poller_config cfg;
   std::shared_ptr<net::proxy_link> link;
   dispatcher_actor dispatcher;
-  bool stopping = false;
   std::chrono::milliseconds backoff{0};
 };
 
 using poller_ptr = poller_actor::stateful_pointer<poller_state>;
+
+bool stopping(const poller_state& st) {
+  return st.cfg.stopping->load();
+}
 
 void poll_once(poller_ptr self, int64_t credit) {
   auto& st = self->state;
@@ -51,7 +54,7 @@ void poll_once(poller_ptr self, int64_t credit) {
     self->send(st.dispatcher, result_atom::value, std::move(r));
   }
   for (auto& j : polled->jobs) {
-    if (st.stopping) {
+    if (stopping(st)) {
       // Leased after the stop: hand it back at once.
       self->send(st.dispatcher, result_atom::value,
                  answer(j, keys::shutting_down()));
@@ -74,12 +77,12 @@ poller_impl(poller_ptr self, poller_config cfg,
   return {
     [=](poll_atom) {
       auto& st = self->state;
-      if (st.stopping)
+      if (stopping(st))
         return;
       self->request(st.dispatcher, st.cfg.credit_timeout, credit_atom::value)
         .await(
           [=](int64_t credit) {
-            if (self->state.stopping)
+            if (stopping(self->state))
               return;
             // No healthy, free session: poll for nothing (invariant 6).
             if (credit <= 0) {
@@ -95,7 +98,7 @@ poller_impl(poller_ptr self, poller_config cfg,
           });
     },
     [=](stop_atom) {
-      self->state.stopping = true;
+      self->state.cfg.stopping->store(true);
       return true;
     },
   };

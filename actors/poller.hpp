@@ -8,7 +8,10 @@
 // answered at once through the dispatcher (which counts every lease until
 // its result is posted) and never reach the HSM. Network errors back off
 // with jitter. Runs detached in production (its HTTPS calls block).
+// Stopping: set `poller_config::stopping`, then send `stop_atom` (the flag
+// reaches a poll that is blocking; the message answers once it is over).
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 
@@ -29,6 +32,11 @@ struct poller_config {
   std::chrono::milliseconds backoff_max{5000};
   /// Deadline of the credit question to the dispatcher.
   std::chrono::milliseconds credit_timeout{5000};
+  /// Set by whoever stops the poller, before it sends `stop_atom`: a poll
+  /// in progress cannot see the message until it returns, but it sees this
+  /// flag and hands back what it leased (answered as retryable).
+  std::shared_ptr<std::atomic<bool>> stopping
+    = std::make_shared<std::atomic<bool>>(false);
   spawn_mode mode = spawn_mode::detached;
 };
 

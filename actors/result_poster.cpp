@@ -29,7 +29,14 @@ struct poster_state {
 
 using poster_ptr = result_poster_actor::stateful_pointer<poster_state>;
 
-enum class outcome { done, retry };
+enum class outcome {
+  /// Posted, or refused as stale (409): settled.
+  done,
+  /// Refused for good (another 4xx): left for redelivery.
+  refused,
+  /// A transient failure: try again later.
+  retry,
+};
 
 /// One attempt at posting `p`.
 outcome post_once(poster_state& st, pending_post& p) {
@@ -50,7 +57,7 @@ outcome post_once(poster_state& st, pending_post& p) {
     log->error("[req={}] result refused with HTTP {}: {}; dropped (the "
                "request will be redelivered)",
                p.id, reply->status, reply->body.substr(0, 200));
-    return outcome::done;
+    return outcome::refused;
   }
   log->warn("[req={}] posting the result failed (attempt {}): {}", p.id,
             p.attempt,
@@ -66,8 +73,9 @@ void attempt(poster_ptr self, uint64_t id) {
   if (i == st.pending.end())
     return;
   auto& p = i->second;
-  if (post_once(st, p) == outcome::done) {
-    p.rp.deliver(true);
+  auto result = post_once(st, p);
+  if (result != outcome::retry) {
+    p.rp.deliver(result == outcome::done);
     st.pending.erase(i);
     return;
   }

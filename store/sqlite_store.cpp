@@ -200,6 +200,22 @@ caf::error bind_error(int rc, std::string_view what) {
   return make_query_failed(std::move(msg));
 }
 
+/// Binds `stmt`'s parameters with `bind(binder&)` and runs it once (a
+/// statement that returns no row). True if it changed a row.
+template <class Bind>
+caf::expected<bool> run_write(sqlite3* db, sqlite3_stmt* stmt,
+                              std::string_view what, Bind bind) {
+  stmt_scope scope{stmt};
+  binder args{stmt};
+  bind(args);
+  if (args.rc() != SQLITE_OK)
+    return bind_error(args.rc(), what);
+  auto rc = sqlite3_step(stmt);
+  if (rc != SQLITE_DONE)
+    return sqlite_error(db, rc, what);
+  return sqlite3_changes(db) != 0;
+}
+
 /// Checks the storage classes of the current row's columns (STRICT tables
 /// make a mismatch impossible short of a damaged file).
 bool has_types(sqlite3_stmt* stmt, std::initializer_list<int> types) {
@@ -506,14 +522,14 @@ caf::error migrate(sqlite3* db, const std::string& where,
                 + m.name + ")";
     if (auto err = exec(db, m.sql, what))
       return err;
-    stmt_scope scope{insert->get()};
-    binder args{insert->get()};
-    args.int64(1, m.version).text(2, m.name).int64(3, now_ms());
-    if (args.rc() != SQLITE_OK)
-      return bind_error(args.rc(), what);
-    auto rc = sqlite3_step(insert->get());
-    if (rc != SQLITE_DONE)
-      return sqlite_error(db, rc, what + ": record version");
+    auto recorded = run_write(db, insert->get(), what + ": record version",
+                              [&m](binder& args) {
+                                args.int64(1, m.version)
+                                  .text(2, m.name)
+                                  .int64(3, now_ms());
+                              });
+    if (!recorded)
+      return std::move(recorded.error());
   }
   return tx.commit(where + ": migrate");
 }
@@ -609,23 +625,18 @@ caf::expected<put_result> sqlite_store::put(const key_record& rec) {
   if (auto err = tx.begin(what))
     return err;
   put_result result;
-  {
-    auto stmt = conn_->insert_key.get();
-    stmt_scope scope{stmt};
-    binder args{stmt};
-    args.text(1, rec.key_id)
-      .text(2, to_string(rec.scheme))
-      .blob(3, rec.public_key)
-      .blob(4, rec.key_blob)
-      .text(5, rec.wrap_mechanism)
-      .int64(6, rec.created_at_ms);
-    if (args.rc() != SQLITE_OK)
-      return bind_error(args.rc(), what);
-    auto rc = sqlite3_step(stmt);
-    if (rc != SQLITE_DONE)
-      return sqlite_error(db, rc, what);
-    result.inserted = sqlite3_changes(db) != 0;
-  }
+  auto written = run_write(db, conn_->insert_key.get(), what,
+                           [&rec](binder& args) {
+                             args.text(1, rec.key_id)
+                               .text(2, to_string(rec.scheme))
+                               .blob(3, rec.public_key)
+                               .blob(4, rec.key_blob)
+                               .text(5, rec.wrap_mechanism)
+                               .int64(6, rec.created_at_ms);
+                           });
+  if (!written)
+    return std::move(written.error());
+  result.inserted = *written;
   if (result.inserted) {
     result.record = rec;
   } else {
@@ -684,23 +695,17 @@ sqlite_store::put_canary(const canary_record& c) {
   auto tx = conn_->transaction();
   if (auto err = tx.begin(what))
     return err;
-  bool inserted = false;
-  {
-    auto stmt = conn_->insert_canary.get();
-    stmt_scope scope{stmt};
-    binder args{stmt};
-    args.blob(1, c.public_key)
-      .blob(2, c.wrapped_key)
-      .text(3, c.wrap_mechanism)
-      .text(4, c.master_key_label)
-      .int64(5, c.created_at_ms);
-    if (args.rc() != SQLITE_OK)
-      return bind_error(args.rc(), what);
-    auto rc = sqlite3_step(stmt);
-    if (rc != SQLITE_DONE)
-      return sqlite_error(db, rc, what);
-    inserted = sqlite3_changes(db) != 0;
-  }
+  auto written = run_write(db, conn_->insert_canary.get(), what,
+                           [&c](binder& args) {
+                             args.blob(1, c.public_key)
+                               .blob(2, c.wrapped_key)
+                               .text(3, c.wrap_mechanism)
+                               .text(4, c.master_key_label)
+                               .int64(5, c.created_at_ms);
+                           });
+  if (!written)
+    return std::move(written.error());
+  bool inserted = *written;
   canary_record result;
   if (inserted) {
     result = c;

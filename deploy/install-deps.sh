@@ -22,6 +22,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # process helpers used by the test scripts
   procps jq
+  # deploy/check-format.sh (run by deploy/run-tests.sh); Debian 12: version 14
+  clang-format
 )
 
 sudo_cmd=()

@@ -4,7 +4,8 @@
 # temporary folder, a loopback port, a non-root user), runs unit, integration,
 # network, engine, PostgreSQL and redundancy tests (real SoftHSMv2 tokens and
 # real SQLite files are created per test under /tmp), then the key-path demo
-# end to end, and stops the cluster.
+# end to end, and stops the cluster; then checks the include layering and
+# the formatting (deploy/check-layers.sh, deploy/check-format.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/deploy/install-deps.sh"
@@ -24,3 +25,11 @@ echo "PostgreSQL for the tests: $HSM_TEST_POSTGRES_URL"
 
 (cd "$BUILD_DIR" && ctest --output-on-failure --no-tests=error -j "$(nproc)")
 HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/demo-keypath.sh" "$work/demo"
+
+# Static checks last, so a formatting slip does not hide a test result:
+# includes point one way (DESIGN.md, Layout), then clang-format.
+# Both run, so one report shows every finding.
+static=0
+"$root/deploy/check-layers.sh" || static=1
+"$root/deploy/check-format.sh" || static=1
+exit "$static"

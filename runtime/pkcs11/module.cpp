@@ -163,7 +163,7 @@ caf::expected<module> module::load(const std::filesystem::path& path,
   return result;
 }
 
-module::module(module&& other) noexcept
+pkcs11::module::module(module&& other) noexcept
   : path_(std::move(other.path_)),
     handle_(std::exchange(other.handle_, nullptr)),
     fns_(std::move(other.fns_)),

@@ -1,12 +1,12 @@
 #include "actors/dispatcher.hpp"
 
-#include <deque>
-#include <vector>
-
 #include "runtime/base/logging.hpp"
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/decisions.hpp"
 #include "runtime/keys/requests.hpp"
+
+#include <deque>
+#include <vector>
 
 namespace hsm {
 
@@ -86,8 +86,8 @@ void report(dispatcher_ptr self, job_result r) {
     --self->state.posting;
     check_drained(self);
   };
-  self->request(st.poster, st.cfg.post_timeout, result_atom::value,
-                std::move(r))
+  self
+    ->request(st.poster, st.cfg.post_timeout, result_atom::value, std::move(r))
     .then([=](bool) { posted(); }, [=](caf::error&) { posted(); });
 }
 
@@ -139,9 +139,10 @@ void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
   }
   if (++j.attempts < st.cfg.max_attempts) {
     ++st.stats.retried;
-    logger("dispatch")->warn("[req={} session={}] {}; retrying on another "
-                             "session",
-                             j.id, h.index, describe(err));
+    logger("dispatch")
+      ->warn("[req={} session={}] {}; retrying on another "
+             "session",
+             j.id, h.index, describe(err));
     requeue(self, std::move(j));
   } else {
     report(self, answer(j, keys::no_session_could_serve(err)));
@@ -151,8 +152,8 @@ void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
 
 /// The HSM call of `j` on `session` failed: a session failure is retried
 /// elsewhere, any other error is the answer.
-void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
-                job j, const caf::error& err) {
+void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session, job j,
+                const caf::error& err) {
   if (is_session_failure(err))
     return session_failed(self, h, std::move(session), std::move(j), err);
   release(self, h);
@@ -223,16 +224,16 @@ void run_generate(dispatcher_ptr self, hold h, job j) {
   if (session_gone(self, h, j))
     return;
   auto session = st.sessions[h.index].handle;
-  self->request(session, st.cfg.hsm_timeout, generate_atom::value, j.key_id,
-                j.scheme)
+  self
+    ->request(session, st.cfg.hsm_timeout, generate_atom::value, j.key_id,
+              j.scheme)
     .then(
       [=](key_record& rec) {
         session_ok(self, h);
         release(self, h);
         auto& ds = self->state;
         // Durable before visible: report what the store committed.
-        self->request(ds.store, ds.cfg.store_timeout, caf::put_atom::value,
-                      rec)
+        self->request(ds.store, ds.cfg.store_timeout, caf::put_atom::value, rec)
           .then(
             [=](put_result& put) {
               if (!put.inserted && rec.resident())
@@ -254,8 +255,7 @@ void start(dispatcher_ptr self, size_t index, job j) {
   hold h{index, ++st.next_token};
   st.sessions[index].holder = h.token;
   ++st.running;
-  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value,
-                j.key_id)
+  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value, j.key_id)
     .then(
       [=](key_lookup& found) {
         if (j.kind == job_kind::generate_key) {
@@ -374,9 +374,8 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
 
 } // namespace
 
-dispatcher_actor spawn_dispatcher(caf::actor_system& sys,
-                                  dispatcher_config cfg, store_actor store,
-                                  result_poster_actor poster,
+dispatcher_actor spawn_dispatcher(caf::actor_system& sys, dispatcher_config cfg,
+                                  store_actor store, result_poster_actor poster,
                                   supervisor_factory make_supervisor) {
   return sys.spawn(dispatcher_impl, std::move(cfg), std::move(store),
                    std::move(poster), std::move(make_supervisor));

@@ -19,11 +19,11 @@
 // The dispatcher spawns its session supervisor (through the factory in its
 // configuration) and is linked to it.
 
-#include <chrono>
-#include <functional>
-
 #include "messages/interfaces.hpp"
 #include "runtime/keys/capabilities.hpp"
+
+#include <chrono>
+#include <functional>
 
 namespace hsm {
 
@@ -49,9 +49,8 @@ struct dispatcher_config {
 };
 
 /// Spawns the dispatcher; it spawns its supervisor with `make_supervisor`.
-dispatcher_actor spawn_dispatcher(caf::actor_system& sys,
-                                  dispatcher_config cfg, store_actor store,
-                                  result_poster_actor poster,
+dispatcher_actor spawn_dispatcher(caf::actor_system& sys, dispatcher_config cfg,
+                                  store_actor store, result_poster_actor poster,
                                   supervisor_factory make_supervisor);
 
 } // namespace hsm

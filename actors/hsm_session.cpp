@@ -1,11 +1,11 @@
 #include "actors/hsm_session.hpp"
 
-#include <optional>
-
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/rv.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
+
+#include <optional>
 
 namespace hsm {
 
@@ -62,8 +62,7 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
   st.ctx = std::move(ctx);
   st.index = index;
   if (auto err = open_session(st)) {
-    logger("hsm")->error("[session={}] cannot start: {}", index,
-                         describe(err));
+    logger("hsm")->error("[session={}] cannot start: {}", index, describe(err));
     self->quit(err);
     return hsm_session_actor::behavior_type::make_empty_behavior();
   }

@@ -7,15 +7,15 @@
 // session-level failure (`is_session_failure`) is answered and then ends
 // the actor with that error, so the supervisor replaces it.
 
-#include <atomic>
-#include <memory>
-#include <string>
-
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
+
+#include <atomic>
+#include <memory>
+#include <string>
 
 namespace hsm {
 

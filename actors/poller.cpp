@@ -1,6 +1,5 @@
 #include "actors/poller.hpp"
 
-
 #include "runtime/base/jitter.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/decisions.hpp"
@@ -65,10 +64,9 @@ void poll_once(poller_ptr self, int64_t credit) {
   self->send(self, poll_atom::value);
 }
 
-poller_actor::behavior_type
-poller_impl(poller_ptr self, poller_config cfg,
-            std::shared_ptr<net::proxy_link> link,
-            dispatcher_actor dispatcher) {
+poller_actor::behavior_type poller_impl(poller_ptr self, poller_config cfg,
+                                        std::shared_ptr<net::proxy_link> link,
+                                        dispatcher_actor dispatcher) {
   auto& init = self->state;
   init.cfg = cfg;
   init.link = std::move(link);

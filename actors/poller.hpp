@@ -11,13 +11,13 @@
 // Stopping: set `poller_config::stopping`, then send `stop_atom` (the flag
 // reaches a poll that is blocking; the message answers once it is over).
 
-#include <atomic>
-#include <chrono>
-#include <memory>
-
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/net/proxy_client.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <memory>
 
 namespace hsm {
 

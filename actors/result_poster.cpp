@@ -1,10 +1,10 @@
 #include "actors/result_poster.hpp"
 
-#include <map>
-
 #include "runtime/base/jitter.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/net/wire_codec.hpp"
+
+#include <map>
 
 namespace hsm {
 

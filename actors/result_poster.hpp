@@ -12,13 +12,13 @@
 // idempotent by key id. Once `stopping` is set, a failed post is not retried
 // (shutdown must not wait on an unreachable proxy).
 
-#include <atomic>
-#include <chrono>
-#include <memory>
-
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/net/proxy_client.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <memory>
 
 namespace hsm {
 

@@ -1,10 +1,10 @@
 #include "actors/session_supervisor.hpp"
 
+#include "runtime/base/logging.hpp"
+
 #include <algorithm>
 #include <map>
 #include <vector>
-
-#include "runtime/base/logging.hpp"
 
 namespace hsm {
 
@@ -36,9 +36,9 @@ void start_session(supervisor_ptr self, size_t index) {
   auto& st = self->state;
   auto& s = st.sessions[index];
   ++s.generation;
-  s.handle = st.cfg.spawn_session(
-    self->system(), index, s.generation,
-    caf::actor_cast<session_supervisor_actor>(self));
+  s.handle = st.cfg.spawn_session(self->system(), index, s.generation,
+                                  caf::actor_cast<session_supervisor_actor>(
+                                    self));
   self->monitor(s.handle);
 }
 
@@ -78,8 +78,7 @@ void on_down(supervisor_ptr self, const caf::down_msg& dm) {
   auto log = logger("hsm");
   if (index_fatal(dm.reason)) {
     i->dead = true;
-    log->error("[session={}] stopped for good: {}", index,
-               describe(dm.reason));
+    log->error("[session={}] stopped for good: {}", index, describe(dm.reason));
     if (std::all_of(st.sessions.begin(), st.sessions.end(),
                     [](const session_slot& s) { return s.dead; }))
       log->critical("no healthy HSM session left: polling for nothing");
@@ -90,16 +89,15 @@ void on_down(supervisor_ptr self, const caf::down_msg& dm) {
         && st.cfg.on_fatal) {
       st.fatal_reported = true;
       st.cfg.on_fatal("the PKCS#11 module lost the token "
-                      + std::to_string(st.reinit_failures)
-                      + " times in a row (" + describe(dm.reason)
+                      + std::to_string(st.reinit_failures) + " times in a row ("
+                      + describe(dm.reason)
                       + "); it needs a fresh C_Initialize");
     }
   } else {
     st.reinit_failures = 0;
   }
   log->warn("[session={}] ended ({}); restarting in {} ms", index,
-            describe(dm.reason),
-            restart_backoff(st.cfg, i->failures).count());
+            describe(dm.reason), restart_backoff(st.cfg, i->failures).count());
   schedule_respawn(self, index);
 }
 
@@ -170,16 +168,16 @@ supervisor_impl(supervisor_ptr self, supervisor_config cfg,
 std::chrono::milliseconds restart_backoff(const supervisor_config& cfg,
                                           uint32_t failures) {
   auto ms = cfg.backoff_min.count() << std::min<uint32_t>(failures, 16);
-  return std::chrono::milliseconds{std::min<long long>(
-    ms, static_cast<long long>(cfg.backoff_max.count()))};
+  return std::chrono::milliseconds{
+    std::min<long long>(ms, static_cast<long long>(cfg.backoff_max.count()))};
 }
 
 session_factory hsm_sessions(std::shared_ptr<const session_context> ctx,
                              spawn_mode mode) {
   return [ctx, mode](caf::actor_system& sys, size_t index, uint64_t generation,
                      session_supervisor_actor supervisor) {
-    return spawn_hsm_session(sys, ctx, index, generation,
-                             std::move(supervisor), mode);
+    return spawn_hsm_session(sys, ctx, index, generation, std::move(supervisor),
+                             mode);
   };
 }
 

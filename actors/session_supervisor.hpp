@@ -13,12 +13,12 @@
 // stuck. The backoff of an index is reset only after a request succeeds on
 // it (`session_ok_atom` from the dispatcher).
 
+#include "actors/hsm_session.hpp"
+
 #include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
-
-#include "actors/hsm_session.hpp"
 
 namespace hsm {
 

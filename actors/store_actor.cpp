@@ -1,8 +1,8 @@
 #include "actors/store_actor.hpp"
 
-#include <unordered_map>
-
 #include "runtime/base/logging.hpp"
+
+#include <unordered_map>
 
 namespace hsm {
 
@@ -37,8 +37,7 @@ store_impl(store_actor::stateful_pointer<store_state> self,
       s.remember(**rec);
       return key_lookup{true, std::move(**rec)};
     },
-    [=](caf::put_atom,
-        const key_record& rec) -> caf::result<put_result> {
+    [=](caf::put_atom, const key_record& rec) -> caf::result<put_result> {
       auto put = self->state.st->put(rec);
       if (!put)
         return put.error();

@@ -3,10 +3,10 @@
 // The storage actor: owns the key store; caches records (immutable once
 // written). Runs detached: SQLite commits block on fsync.
 
-#include <memory>
-
 #include "messages/interfaces.hpp"
 #include "store/key_store.hpp"
+
+#include <memory>
 
 namespace hsm {
 

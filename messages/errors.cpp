@@ -152,8 +152,7 @@ bool is_fatal(const caf::error& err) {
 
 bool is_session_failure(const caf::error& err) {
   return err == hsm_errc::retryable || err == hsm_errc::reopen_session
-         || err == hsm_errc::reinit_module
-         || err == caf::sec::request_timeout
+         || err == hsm_errc::reinit_module || err == caf::sec::request_timeout
          || err == caf::sec::request_receiver_down;
 }
 

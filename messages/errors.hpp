@@ -10,12 +10,12 @@
 // (runtime/pkcs11/rv.hpp: `rv_of`, `pin_rejected`), never the text.
 // Any thread may use these; they hold no state.
 
-#include <cstdint>
-#include <string>
-
 #include "caf/error.hpp"
 #include "caf/expected.hpp"
 #include "caf/make_message.hpp"
+
+#include <cstdint>
+#include <string>
 
 namespace hsm {
 

@@ -12,18 +12,18 @@
 //   session_supervisor -> dispatcher (a session is up / down)
 //   hsm_session -> session_supervisor (logged in)
 
-#include <cstddef>
-#include <cstdint>
-#include <string>
-#include <vector>
-
-#include "caf/all.hpp"
-
 #include "messages/job.hpp"
 #include "messages/key_record.hpp"
 #include "messages/results.hpp"
 #include "messages/scheme.hpp"
 #include "messages/type_ids.hpp"
+
+#include "caf/all.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
 
 namespace hsm {
 
@@ -61,9 +61,9 @@ using store_actor = caf::typed_actor<
 /// Posts results to the proxy. Replies `true` once a result is posted (or
 /// refused by the proxy as stale), `false` when it gave up: then the lease
 /// expires and the proxy hands the request out again.
-using result_poster_actor = caf::typed_actor<
-  caf::replies_to<result_atom, job_result>::with<bool>,
-  caf::reacts_to<retry_atom, uint64_t>>;
+using result_poster_actor
+  = caf::typed_actor<caf::replies_to<result_atom, job_result>::with<bool>,
+                     caf::reacts_to<retry_atom, uint64_t>>;
 
 /// Watches the session actors, restarts failed ones with backoff and tells
 /// the dispatcher which sessions are up.
@@ -75,13 +75,13 @@ using result_poster_actor = caf::typed_actor<
 /// - `(respawn_atom, index, generation)`: the supervisor's own timer;
 /// - `stuck_atom`: how many abandoned sessions are still stuck in a call;
 /// - `close_atom`: ends every session; replies with the stuck count.
-using session_supervisor_actor = caf::typed_actor<
-  caf::reacts_to<ready_atom, size_t, uint64_t>,
-  caf::reacts_to<replace_atom, size_t, hsm_session_actor>,
-  caf::reacts_to<session_ok_atom, size_t>,
-  caf::reacts_to<respawn_atom, size_t, uint64_t>,
-  caf::replies_to<stuck_atom>::with<size_t>,
-  caf::replies_to<close_atom>::with<size_t>>;
+using session_supervisor_actor
+  = caf::typed_actor<caf::reacts_to<ready_atom, size_t, uint64_t>,
+                     caf::reacts_to<replace_atom, size_t, hsm_session_actor>,
+                     caf::reacts_to<session_ok_atom, size_t>,
+                     caf::reacts_to<respawn_atom, size_t, uint64_t>,
+                     caf::replies_to<stuck_atom>::with<size_t>,
+                     caf::replies_to<close_atom>::with<size_t>>;
 
 /// Runs jobs on free healthy sessions.
 /// - `(job_atom, job)`: a validated request from the poller;
@@ -98,13 +98,11 @@ using session_supervisor_actor = caf::typed_actor<
 /// - `stats_atom`: the counters.
 /// The dispatcher spawns its session supervisor and is linked to it.
 using dispatcher_actor = caf::typed_actor<
-  caf::reacts_to<job_atom, job>,
-  caf::reacts_to<result_atom, job_result>,
+  caf::reacts_to<job_atom, job>, caf::reacts_to<result_atom, job_result>,
   caf::replies_to<credit_atom>::with<int64_t>,
   caf::reacts_to<session_up_atom, size_t, hsm_session_actor>,
   caf::reacts_to<session_down_atom, size_t>,
-  caf::replies_to<drain_atom>::with<bool>,
-  caf::reacts_to<stop_atom>,
+  caf::replies_to<drain_atom>::with<bool>, caf::reacts_to<stop_atom>,
   caf::replies_to<close_atom>::with<size_t>,
   caf::replies_to<stuck_atom>::with<size_t>,
   caf::replies_to<stats_atom>::with<dispatcher_stats>>;

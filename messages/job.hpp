@@ -3,11 +3,11 @@
 // One validated request from the proxy, as the poller hands it to the
 // dispatcher and the dispatcher runs it. Plain values; any thread.
 
+#include "messages/scheme.hpp"
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include "messages/scheme.hpp"
 
 namespace hsm {
 

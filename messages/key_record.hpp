@@ -5,12 +5,12 @@
 // never plaintext private key material. Records are immutable once written.
 // Plain values; any thread.
 
+#include "messages/scheme.hpp"
+
 #include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/scheme.hpp"
 
 namespace hsm {
 

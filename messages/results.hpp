@@ -4,15 +4,15 @@
 // The actors pass these around; only the proxy client's codec turns them
 // into JSON, once, when the result is posted. Plain values; any thread.
 
+#include "messages/errors.hpp"
+#include "messages/job.hpp"
+#include "messages/scheme.hpp"
+
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <variant>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "messages/job.hpp"
-#include "messages/scheme.hpp"
 
 namespace hsm {
 

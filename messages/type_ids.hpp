@@ -6,15 +6,15 @@
 // interfaces.hpp instead of getting inspect() overloads; the block gives
 // them stable IDs and names. Atom texts are at most 10 characters.
 
-#include <string>
-#include <vector>
-
-#include "caf/all.hpp"
-
 #include "messages/job.hpp"
 #include "messages/key_record.hpp"
 #include "messages/results.hpp"
 #include "messages/scheme.hpp"
+
+#include "caf/all.hpp"
+
+#include <string>
+#include <vector>
 
 namespace hsm {
 struct key_lookup;

@@ -28,8 +28,7 @@ caf::error sort_migrations(std::vector<migration>& ms) {
     if (ms[i].version <= 0 || ms[i].sql == nullptr || ms[i].name == nullptr)
       return bad("bad entry at version " + std::to_string(ms[i].version));
     if (i > 0 && ms[i - 1].version == ms[i].version)
-      return bad("version " + std::to_string(ms[i].version)
-                 + " appears twice");
+      return bad("version " + std::to_string(ms[i].version) + " appears twice");
   }
   return caf::none;
 }

@@ -7,15 +7,15 @@
 // actor) calls it. Back ends map their own failures to `store_errc`; nothing
 // throws out of this interface.
 
+#include "messages/errors.hpp"
+#include "messages/key_record.hpp"
+
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "messages/key_record.hpp"
 
 namespace hsm::store {
 
@@ -53,8 +53,8 @@ public:
   /// Inserts `rec` unless its key id is taken. Idempotent by key id: the same
   /// key id never holds two keys; a second put returns the stored record with
   /// `inserted == false`. Returns only after the write is durable.
-  [[nodiscard]] virtual caf::expected<put_result> put(const key_record& rec)
-    = 0;
+  [[nodiscard]] virtual caf::expected<put_result>
+  put(const key_record& rec) = 0;
 
   /// The record stored under `key_id`, or nullopt.
   [[nodiscard]] virtual caf::expected<std::optional<key_record>>

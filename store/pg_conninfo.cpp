@@ -185,8 +185,7 @@ caf::expected<pg_conninfo> parse_uri(std::string_view s, size_t p) {
   const auto n = s.size();
   auto at = [&](size_t i) { return i < n ? s[i] : '\0'; };
   // Adds the setting whose percent-encoded value is s[begin, end).
-  auto add = [&](std::string keyword, size_t begin,
-                 size_t end) -> caf::error {
+  auto add = [&](std::string keyword, size_t begin, size_t end) -> caf::error {
     auto value = percent_decode(s.substr(begin, end - begin), begin);
     if (!value)
       return std::move(value.error());
@@ -271,15 +270,15 @@ caf::expected<pg_conninfo> parse_uri(std::string_view s, size_t p) {
     auto value = percent_decode(hosts, hosts_begin);
     if (!value)
       return std::move(value.error());
-    out.options.push_back(conninfo_option{"host", std::move(*value),
-                                          hosts_begin, p});
+    out.options.push_back(
+      conninfo_option{"host", std::move(*value), hosts_begin, p});
   }
   if (!ports.empty()) {
     auto value = percent_decode(ports, hosts_begin);
     if (!value)
       return std::move(value.error());
-    out.options.push_back(conninfo_option{"port", std::move(*value),
-                                          hosts_begin, p});
+    out.options.push_back(
+      conninfo_option{"port", std::move(*value), hosts_begin, p});
   }
   // -- database -------------------------------------------------------------
   if (term == '/') {

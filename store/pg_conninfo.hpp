@@ -8,12 +8,12 @@
 // application logs connection strings only through `redact_conninfo`.
 // Pure functions of their arguments (no environment, no I/O): any thread.
 
+#include "messages/errors.hpp"
+
 #include <cstddef>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
 
 namespace hsm::store {
 

@@ -1,13 +1,11 @@
 #include "store/pg_store.hpp"
 
 #include "runtime/base/clock.hpp"
+#include "runtime/base/logging.hpp"
 #include "store/pg_conninfo.hpp"
 
-#include "runtime/base/logging.hpp"
-
-#include <pqxx/pqxx>
-
 #include <poll.h>
+#include <pqxx/pqxx>
 
 #include <algorithm>
 #include <cctype>
@@ -249,8 +247,8 @@ std::optional<std::string> null_column(const pqxx::row& row) {
 caf::expected<key_record> read_key_row(const pqxx::row& row,
                                        std::string_view key_id) {
   if (auto col = null_column(row))
-    return make_corrupt_row("key '" + std::string{key_id} + "': column "
-                            + *col + " is NULL");
+    return make_corrupt_row("key '" + std::string{key_id} + "': column " + *col
+                            + " is NULL");
   auto scheme_name = row[1].as<std::string>();
   auto parsed = parse_scheme(scheme_name);
   if (!parsed)
@@ -304,7 +302,6 @@ bool same_key(const key_record& x, const key_record& y) {
 
 // -- migrations ---------------------------------------------------------------
 
-
 } // namespace
 
 // -- impl ---------------------------------------------------------------------
@@ -340,9 +337,9 @@ struct pg_store::impl {
     conn.reset();
     // libpqxx 6.4 words some losses obscurely ("Could not obtain client
     // encoding"); say what happened first.
-    return make_unavailable((connected ? "connection lost: "
-                                       : "cannot connect: ")
-                            + scrub(first_line(reason)));
+    return make_unavailable(
+      (connected ? "connection lost: " : "cannot connect: ")
+      + scrub(first_line(reason)));
   }
 
   /// Opens a connection unless one is open. Throws what libpqxx throws.
@@ -434,11 +431,10 @@ struct pg_store::impl {
       auto now = clock_type::now();
       if (now >= deadline) {
         auto elapsed = std::chrono::duration_cast<milliseconds>(now - start);
-        return make_unavailable(what + ": PostgreSQL at " + target.where
-                                + " unavailable for "
-                                + std::to_string(elapsed.count()) + " ms ("
-                                + std::to_string(attempts)
-                                + " attempts); last error: " + reason);
+        return make_unavailable(
+          what + ": PostgreSQL at " + target.where + " unavailable for "
+          + std::to_string(elapsed.count()) + " ms (" + std::to_string(attempts)
+          + " attempts); last error: " + reason);
       }
       if (attempts == 1)
         logger("store")->warn("{}: PostgreSQL at {}: {}; retrying for up to "
@@ -560,8 +556,7 @@ pg_store::get(std::string_view key_id) {
   auto what = "get key '" + std::string{key_id} + "'";
   auto id = std::string{key_id};
   return impl_->run<std::optional<key_record>>(
-    what,
-    [&](pqxx::connection& c) -> caf::expected<std::optional<key_record>> {
+    what, [&](pqxx::connection& c) -> caf::expected<std::optional<key_record>> {
       pqxx::nontransaction q{c};
       auto rows = q.exec_prepared(select_key.name, id);
       if (rows.empty())
@@ -590,8 +585,7 @@ caf::expected<std::optional<canary_record>> pg_store::get_canary() {
 
 caf::expected<canary_record> pg_store::put_canary(const canary_record& c) {
   return impl_->run<canary_record>(
-    "put canary",
-    [&c](pqxx::connection& conn) -> caf::expected<canary_record> {
+    "put canary", [&c](pqxx::connection& conn) -> caf::expected<canary_record> {
       pqxx::work tx{conn};
       auto res = tx.exec_prepared(insert_canary.name, bytea(c.public_key),
                                   bytea(c.wrapped_key), c.wrap_mechanism,

@@ -13,12 +13,12 @@
 // documents. libpqxx exceptions are caught here and mapped to `store_errc`.
 // One owner thread at a time, like every key_store.
 
+#include "store/key_store.hpp"
+
 #include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include "store/key_store.hpp"
 
 namespace hsm::store {
 

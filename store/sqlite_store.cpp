@@ -2,9 +2,8 @@
 
 #include "runtime/base/clock.hpp"
 
-#include <sqlite3.h>
-
 #include <fcntl.h>
+#include <sqlite3.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -118,7 +117,6 @@ bool is_busy(int rc) {
   auto primary = rc & 0xff;
   return primary == SQLITE_BUSY || primary == SQLITE_LOCKED;
 }
-
 
 /// Maps the failed call with result `rc` on `db`: busy or locked (after the
 /// busy timeout) is `unavailable`, anything else `query_failed`. `what` names
@@ -485,7 +483,6 @@ caf::error configure(sqlite3* db, const std::string& where) {
   return {};
 }
 
-
 /// Applies the migrations above the database's version, all in one
 /// transaction; the version is read after taking the write lock, so two
 /// processes opening at once apply each migration once.
@@ -511,8 +508,7 @@ caf::error migrate(sqlite3* db, const std::string& where,
                              + std::to_string(newest));
   if (*current == newest)
     return tx.commit(where + ": migrate");
-  auto insert = prepare(db, insert_migration_sql, false,
-                        where + ": migrate");
+  auto insert = prepare(db, insert_migration_sql, false, where + ": migrate");
   if (!insert)
     return std::move(insert.error());
   for (const auto& m : ms) {
@@ -522,12 +518,10 @@ caf::error migrate(sqlite3* db, const std::string& where,
                 + m.name + ")";
     if (auto err = exec(db, m.sql, what))
       return err;
-    auto recorded = run_write(db, insert->get(), what + ": record version",
-                              [&m](binder& args) {
-                                args.int64(1, m.version)
-                                  .text(2, m.name)
-                                  .int64(3, now_ms());
-                              });
+    auto recorded = run_write(
+      db, insert->get(), what + ": record version", [&m](binder& args) {
+        args.int64(1, m.version).text(2, m.name).int64(3, now_ms());
+      });
     if (!recorded)
       return std::move(recorded.error());
   }
@@ -688,8 +682,7 @@ caf::expected<std::optional<canary_record>> sqlite_store::get_canary() {
   return std::optional<canary_record>{std::move(*c)};
 }
 
-caf::expected<canary_record>
-sqlite_store::put_canary(const canary_record& c) {
+caf::expected<canary_record> sqlite_store::put_canary(const canary_record& c) {
   constexpr std::string_view what = "put canary";
   auto db = conn_->db.get();
   auto tx = conn_->transaction();

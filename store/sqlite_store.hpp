@@ -8,13 +8,13 @@
 // stores, in one process or many, may share a file: writes run in
 // `BEGIN IMMEDIATE` transactions and wait up to five seconds for the lock.
 
+#include "store/key_store.hpp"
+
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string_view>
 #include <vector>
-
-#include "store/key_store.hpp"
 
 namespace hsm::store {
 

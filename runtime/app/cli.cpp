@@ -98,9 +98,8 @@ const std::array<shared_option, 7>& shared_options() {
       "cannot wrap them, e.g. ed25519 on SoftHSMv2)",
       "HSM_RESIDENT_SCHEMES", ""},
      &raw_options::resident_schemes},
-    {{"--log-level", "LEVEL",
-      "trace, debug, info, warn, error, critical, off", "HSM_LOG_LEVEL",
-      std::string{default_log_level}},
+    {{"--log-level", "LEVEL", "trace, debug, info, warn, error, critical, off",
+      "HSM_LOG_LEVEL", std::string{default_log_level}},
      &raw_options::log_level},
   }};
   return table;
@@ -128,18 +127,16 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
                  {"--client-cert", "", "client certificate chain, PEM",
                   "CLIENT_CERT", ""},
                  f.client_cert);
-  add_documented(cmd,
-                 {"--client-key", "", "client private key, PEM", "CLIENT_KEY",
-                  ""},
-                 f.client_key);
+  add_documented(
+    cmd, {"--client-key", "", "client private key, PEM", "CLIENT_KEY", ""},
+    f.client_key);
   add_documented(cmd,
                  {"--ca-cert", "", "CA that must sign the proxy's certificate",
                   "CA_CERT", ""},
                  f.ca_cert);
-  add_documented(cmd,
-                 {"--driver-id", "", "this driver's id", "HSM_DRIVER_ID",
-                  "host name"},
-                 f.driver_id);
+  add_documented(
+    cmd, {"--driver-id", "", "this driver's id", "HSM_DRIVER_ID", "host name"},
+    f.driver_id);
   add_documented(cmd,
                  {"--sessions", "", "PKCS#11 sessions (slots), 1-256", "",
                   num(default_sessions)},
@@ -288,10 +285,10 @@ int run_cli(int argc, char** argv) {
                           + std::string{default_proxy_admin_listen} + "]");
   proxy_cmd->add_option("--server-cert", pf.server_cert, "chain, PEM")
     ->required();
-  proxy_cmd->add_option("--server-key", pf.server_key, "key, PEM")
-    ->required();
-  proxy_cmd->add_option("--client-ca", pf.client_ca,
-                        "CA that must sign client certificates")
+  proxy_cmd->add_option("--server-key", pf.server_key, "key, PEM")->required();
+  proxy_cmd
+    ->add_option("--client-ca", pf.client_ca,
+                 "CA that must sign client certificates")
     ->required();
   proxy_cmd->add_option("--lease-ms", pf.lease_ms,
                         "lease duration [default: "

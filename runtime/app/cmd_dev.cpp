@@ -110,14 +110,15 @@ std::optional<nlohmann::json> await_done(net::reference_proxy& proxy,
 json demo_scheme(net::reference_proxy& proxy, scheme s) {
   auto name = std::string{to_string(s)};
   auto key_id = "dev-" + name;
-  auto gen = await_done(proxy, proxy.enqueue("generate_key",
-                                             {{"key_id", key_id},
-                                              {"scheme", name}}));
+  auto gen = await_done(proxy,
+                        proxy.enqueue("generate_key",
+                                      {{"key_id", key_id}, {"scheme", name}}));
   if (!gen || !(*gen)["ok"].get<bool>())
     return json{{"scheme", name},
                 {"served", false},
                 {"error", gen ? json((*gen)["error"]) : json{"timeout"}}};
-  auto pub = crypto::from_hex((*gen)["result"]["public_key"].get<std::string>());
+  auto pub = crypto::from_hex(
+    (*gen)["result"]["public_key"].get<std::string>());
   std::string msg = "hello from hsm-driver dev";
   std::vector<uint8_t> payload{msg.begin(), msg.end()};
   if (is_ecdsa(s)) {
@@ -125,10 +126,9 @@ json demo_scheme(net::reference_proxy& proxy, scheme s) {
     SHA256(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(),
            payload.data());
   }
-  auto sig = await_done(proxy, proxy.enqueue("sign",
-                                             {{"key_id", key_id},
-                                              {"payload",
-                                               crypto::to_hex(payload)}}));
+  auto sig = await_done(
+    proxy, proxy.enqueue("sign", {{"key_id", key_id},
+                                  {"payload", crypto::to_hex(payload)}}));
   bool verified = false;
   json entry{{"scheme", name},
              {"key_id", key_id},

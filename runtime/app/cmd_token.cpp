@@ -19,12 +19,10 @@ int cmd_token_init(const driver_config& cfg) {
   auto mod = pkcs11::module::load(cfg.pkcs11_module);
   if (!mod)
     return fail(mod.error());
-  if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so_pin,
-                                    *user_pin))
+  if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so_pin, *user_pin))
     return fail(err);
   logger("hsm")->info("initialised token '{}'", cfg.token_label);
-  print(nlohmann::ordered_json{{"ok", true},
-                               {"token_label", cfg.token_label}});
+  print(nlohmann::ordered_json{{"ok", true}, {"token_label", cfg.token_label}});
   return exit_ok;
 }
 

@@ -6,11 +6,11 @@
 // and calls one of them. Each prints its JSON result on stdout (output.hpp)
 // and returns the process exit code. Main thread only.
 
-#include <string>
-#include <string_view>
-
 #include "runtime/app/config.hpp"
 #include "runtime/app/run_options.hpp"
+
+#include <string>
+#include <string_view>
 
 namespace hsm {
 
@@ -53,8 +53,7 @@ int cmd_run(const driver_config& cfg, const run_flags& flags);
 /// Default `proxy --listen`.
 inline constexpr std::string_view default_proxy_listen = "127.0.0.1:8443";
 /// Default `proxy --admin-listen`.
-inline constexpr std::string_view default_proxy_admin_listen
-  = "127.0.0.1:8444";
+inline constexpr std::string_view default_proxy_admin_listen = "127.0.0.1:8444";
 /// Default `proxy --lease-ms`.
 inline constexpr long default_proxy_lease_ms = 30000;
 

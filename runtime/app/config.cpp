@@ -99,18 +99,18 @@ caf::expected<driver_config> resolve(const raw_options& raw,
                                  {"HSM_TOKEN_LABEL"}, env);
   cfg.token_label = label.empty() ? std::string{default_token_label} : label;
   if (cfg.token_label.size() > 32)
-    return caf::make_error(config_errc::invalid_option,
-                           std::string{"--token-label"},
-                           "token labels have at most 32 characters (from "
-                             + label_src + ")");
+    return caf::make_error(
+      config_errc::invalid_option, std::string{"--token-label"},
+      "token labels have at most 32 characters (from " + label_src + ")");
   auto [mk, mk_src] = pick(raw.master_key_label, "--master-key-label",
                            {"HSM_MASTER_KEY_LABEL"}, env);
-  cfg.master_key_label = mk.empty() ? std::string{default_master_key_label} : mk;
+  cfg.master_key_label = mk.empty() ? std::string{default_master_key_label}
+                                    : mk;
   auto [db, db_src] = pick(raw.sqlite_path, "--sqlite-path", {"SQLITE_PATH"},
                            env);
   cfg.sqlite_path = db.empty() ? std::string{default_sqlite_path} : db;
-  auto [pg, pg_src] = pick(raw.postgres_url, "--postgres-url",
-                           {"POSTGRES_URL"}, env);
+  auto [pg, pg_src] = pick(raw.postgres_url, "--postgres-url", {"POSTGRES_URL"},
+                           env);
   cfg.postgres_url = pg;
   if (!pg.empty() && !db.empty())
     return caf::make_error(config_errc::invalid_option, pg_src,

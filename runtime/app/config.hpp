@@ -6,6 +6,9 @@
 // PINs are not configuration: they come from USER_PIN / USER_PIN_FILE
 // (secret_pin.hpp) and are refused on the command line.
 
+#include "messages/errors.hpp"
+#include "messages/scheme.hpp"
+
 #include <array>
 #include <filesystem>
 #include <functional>
@@ -14,9 +17,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "messages/scheme.hpp"
 
 namespace hsm {
 

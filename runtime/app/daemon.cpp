@@ -102,8 +102,8 @@ daemon::start(const daemon_options& opts) {
   in.sys_cfg->set("scheduler.max-threads", 2);
   in.sys = std::make_unique<caf::actor_system>(*in.sys_cfg);
   auto& sys = *in.sys;
-  in.store = spawn_store_actor(
-    sys, std::shared_ptr<store::key_store>(std::move(setup->store)));
+  in.store = spawn_store_actor(sys, std::shared_ptr<store::key_store>(
+                                      std::move(setup->store)));
   in.poster = spawn_result_poster(
     sys, result_poster_config{},
     std::shared_ptr<net::proxy_link>(std::move(*post_client)), in.stopping);
@@ -116,8 +116,7 @@ daemon::start(const daemon_options& opts) {
   scfg.on_fatal = opts.on_fatal;
   scfg.spawn_session = hsm_sessions(ctx);
   in.dispatcher = spawn_dispatcher(
-    sys, dcfg, in.store, in.poster,
-    [&sys, scfg](dispatcher_actor dispatcher) {
+    sys, dcfg, in.store, in.poster, [&sys, scfg](dispatcher_actor dispatcher) {
       return spawn_session_supervisor(sys, scfg, std::move(dispatcher));
     });
   poller_config pcfg;
@@ -149,8 +148,9 @@ stop_status daemon::stop() {
     // A poll in progress finishes first (at most the poll wait); what it
     // leased is handed back at once.
     in.poll_stopping->store(true);
-    self->request(in.poller, in.opts.poll_wait + std::chrono::seconds{15},
-                  stop_atom::value)
+    self
+      ->request(in.poller, in.opts.poll_wait + std::chrono::seconds{15},
+                stop_atom::value)
       .receive([](bool) {},
                [&](caf::error& err) {
                  log->warn("poller did not stop cleanly: {}", describe(err));

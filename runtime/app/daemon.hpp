@@ -8,16 +8,16 @@
 // actors, and finalise the module last -- unless an HSM call is stuck, see
 // `stop_status`.
 
+#include "messages/errors.hpp"
+#include "messages/interfaces.hpp"
+#include "runtime/app/config.hpp"
+#include "runtime/net/proxy_client.hpp"
+#include "runtime/pkcs11/module.hpp"
+
 #include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
-
-#include "messages/errors.hpp"
-#include "runtime/app/config.hpp"
-#include "messages/interfaces.hpp"
-#include "runtime/net/proxy_client.hpp"
-#include "runtime/pkcs11/module.hpp"
 
 namespace hsm {
 

@@ -5,10 +5,10 @@
 // 0 (ok), 1 (the operation failed) or 2 (bad usage or configuration).
 // Called from the main thread only.
 
-#include <nlohmann/json.hpp>
-
 #include "messages/errors.hpp"
 #include "messages/results.hpp"
+
+#include <nlohmann/json.hpp>
 
 namespace hsm {
 

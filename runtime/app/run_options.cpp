@@ -55,8 +55,7 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
                   required{"--client-cert", o.proxy.tls.cert.string()},
                   required{"--client-key", o.proxy.tls.key.string()}})
     if (r.value.empty())
-      return caf::make_error(config_errc::missing_option,
-                             std::string{r.flag},
+      return caf::make_error(config_errc::missing_option, std::string{r.flag},
                              std::string{r.flag} + " is required");
   if (flags.sessions < 1 || flags.sessions > 256)
     return caf::make_error(config_errc::invalid_option,

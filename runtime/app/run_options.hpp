@@ -5,14 +5,14 @@
 // daemon's limits. Flags win over the environment, which is read through
 // `env_lookup` so that tests need no setenv. Defaults are named here.
 
+#include "messages/errors.hpp"
+#include "runtime/app/config.hpp"
+#include "runtime/app/daemon.hpp"
+
 #include <chrono>
 #include <cstddef>
 #include <string>
 #include <string_view>
-
-#include "messages/errors.hpp"
-#include "runtime/app/config.hpp"
-#include "runtime/app/daemon.hpp"
 
 namespace hsm {
 

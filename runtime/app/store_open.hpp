@@ -3,10 +3,10 @@
 // Opens the configured key store: PostgreSQL when `--postgres-url` is set,
 // else SQLite at `--sqlite-path`.
 
-#include <memory>
-
 #include "runtime/app/config.hpp"
 #include "store/key_store.hpp"
+
+#include <memory>
 
 namespace hsm {
 

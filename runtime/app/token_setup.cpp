@@ -30,9 +30,9 @@ caf::expected<token_session> open_token(pkcs11::module mod,
                        std::move(info)};
 }
 
-caf::expected<token_session> open_token(const driver_config& cfg,
-                                        const pkcs11::secret_pin& pin,
-                                        const pkcs11::table_decorator& decorate) {
+caf::expected<token_session>
+open_token(const driver_config& cfg, const pkcs11::secret_pin& pin,
+           const pkcs11::table_decorator& decorate) {
   auto mod = pkcs11::module::load(cfg.pkcs11_module, decorate);
   if (!mod)
     return mod.error();
@@ -57,9 +57,8 @@ void log_capabilities(const keys::capabilities& caps) {
   }
 }
 
-caf::expected<key_setup> set_up_keys(pkcs11::session& sess,
-                                     const driver_config& cfg,
-                                     key_steps steps) {
+caf::expected<key_setup>
+set_up_keys(pkcs11::session& sess, const driver_config& cfg, key_steps steps) {
   key_setup out;
   auto master = pkcs11::find_master_key(sess, cfg.master_key_label);
   if (!master)
@@ -69,9 +68,8 @@ caf::expected<key_setup> set_up_keys(pkcs11::session& sess,
     auto st = open_store(cfg);
     if (!st)
       return st.error();
-    auto guard = keys::check_master_key(sess, out.master,
-                                        cfg.master_key_label, **st,
-                                        steps.may_create_canary);
+    auto guard = keys::check_master_key(sess, out.master, cfg.master_key_label,
+                                        **st, steps.may_create_canary);
     if (!guard)
       return guard.error();
     if (*guard == keys::canary_state::created)

@@ -6,8 +6,6 @@
 // run the master-key guard and the capability probe, and log what is
 // served. The caller owns what it gets back; main thread, at start-up.
 
-#include <memory>
-
 #include "messages/errors.hpp"
 #include "runtime/app/config.hpp"
 #include "runtime/keys/capabilities.hpp"
@@ -15,6 +13,8 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "store/key_store.hpp"
+
+#include <memory>
 
 namespace hsm {
 
@@ -45,8 +45,7 @@ open_token(pkcs11::module mod, const driver_config& cfg,
            const pkcs11::secret_pin& pin);
 
 /// The same with the user PIN from `USER_PIN` or `USER_PIN_FILE`.
-[[nodiscard]] caf::expected<token_session>
-open_token(const driver_config& cfg);
+[[nodiscard]] caf::expected<token_session> open_token(const driver_config& cfg);
 
 /// Which steps `set_up_keys` runs after finding the master key. The key
 /// commands and the daemon run all of them.
@@ -75,9 +74,9 @@ struct key_setup {
 /// logs which schemes are served; `steps` leaves some out. A token whose
 /// master key does not match the store is refused here, before anything is
 /// served.
-[[nodiscard]] caf::expected<key_setup>
-set_up_keys(pkcs11::session& sess, const driver_config& cfg,
-            key_steps steps = {});
+[[nodiscard]] caf::expected<key_setup> set_up_keys(pkcs11::session& sess,
+                                                   const driver_config& cfg,
+                                                   key_steps steps = {});
 
 /// Logs one line per scheme: served (and how), or not served and why.
 void log_capabilities(const keys::capabilities& caps);

@@ -1,10 +1,10 @@
 #include "runtime/base/logging.hpp"
 
-#include <mutex>
-#include <string>
-
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
+
+#include <mutex>
+#include <string>
 
 namespace hsm {
 
@@ -30,9 +30,8 @@ caf::error init_logging(std::string_view level) {
                                "critical, off)");
   std::lock_guard<std::mutex> guard{mtx};
   current_level = lvl;
-  spdlog::apply_all([lvl](const std::shared_ptr<spdlog::logger>& l) {
-    l->set_level(lvl);
-  });
+  spdlog::apply_all(
+    [lvl](const std::shared_ptr<spdlog::logger>& l) { l->set_level(lvl); });
   return caf::none;
 }
 

@@ -5,12 +5,12 @@
 // PIN, a private key or a plaintext blob to a logger; log key ids, lengths
 // and hash prefixes instead. `secret_pin` has no formatter on purpose.
 
-#include <memory>
-#include <string_view>
+#include "messages/errors.hpp"
 
 #include <spdlog/logger.h>
 
-#include "messages/errors.hpp"
+#include <memory>
+#include <string_view>
 
 namespace hsm {
 

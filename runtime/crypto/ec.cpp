@@ -14,7 +14,6 @@ namespace hsm::crypto {
 
 namespace {
 
-
 // -- helpers ------------------------------------------------------------------
 
 constexpr size_t uncompressed_size = 65;

@@ -3,12 +3,12 @@
 // Public-key encodings: parsing what the token returns in CKA_EC_POINT and
 // producing the SEC1 forms the driver reports. Uses OpenSSL; any thread.
 
+#include "messages/errors.hpp"
+#include "messages/scheme.hpp"
+
 #include <cstdint>
 #include <span>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "messages/scheme.hpp"
 
 namespace hsm::crypto {
 

@@ -2,13 +2,13 @@
 
 // Hex encoding for the wire and the command line. Any thread.
 
+#include "messages/errors.hpp"
+
 #include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
 
 namespace hsm::crypto {
 

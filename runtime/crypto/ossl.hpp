@@ -3,14 +3,14 @@
 // Owning pointers for OpenSSL objects: one `unique_ptr` alias per type, so
 // that every object is freed on every path. Header-only; any thread.
 
-#include <memory>
-
 #include <openssl/bn.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
+
+#include <memory>
 
 namespace hsm::crypto {
 

@@ -109,17 +109,17 @@ pkey_ptr p256_public_key(std::span<const uint8_t> public_key) {
   if (!bld
       || OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME,
                                          SN_X9_62_prime256v1, 0)
-        != 1
+           != 1
       || OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY,
                                           public_key.data(), public_key.size())
-        != 1)
+           != 1)
     return nullptr;
   params_ptr params{OSSL_PARAM_BLD_to_param(bld.get())};
   pkey_ctx_ptr ctx{EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr)};
   EVP_PKEY* key = nullptr;
   if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1
       || EVP_PKEY_fromdata(ctx.get(), &key, EVP_PKEY_PUBLIC_KEY, params.get())
-        != 1)
+           != 1)
     return nullptr;
   return pkey_ptr{key};
 }
@@ -135,9 +135,9 @@ bool verify_p256(std::span<const uint8_t> public_key,
   // No digest is set on the context: the 32 bytes are the digest already.
   pkey_ctx_ptr ctx{EVP_PKEY_CTX_new_from_pkey(nullptr, key.get(), nullptr)};
   return ctx && EVP_PKEY_verify_init(ctx.get()) == 1
-    && EVP_PKEY_verify(ctx.get(), der.data(), der.size(), hash.data(),
-                       hash.size())
-    == 1;
+         && EVP_PKEY_verify(ctx.get(), der.data(), der.size(), hash.data(),
+                            hash.size())
+              == 1;
 }
 
 bool verify_ed25519(std::span<const uint8_t> public_key,
@@ -150,14 +150,14 @@ bool verify_ed25519(std::span<const uint8_t> public_key,
   md_ctx_ptr ctx{EVP_MD_CTX_new()};
   if (!key || !ctx
       || EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, key.get())
-        != 1)
+           != 1)
     return false;
   // An empty span may carry a null pointer; hand OpenSSL a valid one.
   static constexpr uint8_t no_data = 0;
   const auto* data = message.empty() ? &no_data : message.data();
   return EVP_DigestVerify(ctx.get(), sig.data(), sig.size(), data,
                           message.size())
-    == 1;
+         == 1;
 }
 
 // -- recovery id --------------------------------------------------------------
@@ -173,7 +173,7 @@ caf::expected<int> recovery_id_secp256k1(std::span<const uint8_t> public_key,
   if (!is_ec_key_size(public_key.size())
       || secp256k1_ec_pubkey_parse(ctx, &key, public_key.data(),
                                    public_key.size())
-        != 1)
+           != 1)
     return caf::make_error(key_errc::key_corrupted,
                            std::string{"secp256k1: bad public key"});
   std::array<uint8_t, uncompressed_size> want{};
@@ -210,7 +210,7 @@ caf::expected<int> recovery_id_p256(std::span<const uint8_t> public_key,
   if (!q || !is_ec_key_size(public_key.size())
       || EC_POINT_oct2point(group.get(), q.get(), public_key.data(),
                             public_key.size(), ctx.get())
-        != 1) {
+           != 1) {
     ERR_clear_error();
     return caf::make_error(key_errc::key_corrupted,
                            std::string{"p256: bad public key"});
@@ -239,14 +239,14 @@ caf::expected<int> recovery_id_p256(std::span<const uint8_t> public_key,
       || BN_mod_mul(u2.get(), r.get(), s_inv.get(), n, ctx.get()) != 1
       || EC_POINT_mul(group.get(), big_r.get(), u1.get(), q.get(), u2.get(),
                       ctx.get())
-        != 1) {
+           != 1) {
     ERR_clear_error();
     return mismatch("p256: cannot compute R");
   }
   if (EC_POINT_is_at_infinity(group.get(), big_r.get()) == 1
       || EC_POINT_get_affine_coordinates(group.get(), big_r.get(), x.get(),
                                          y.get(), ctx.get())
-        != 1
+           != 1
       || BN_nnmod(x_mod_n.get(), x.get(), n, ctx.get()) != 1
       || BN_cmp(x_mod_n.get(), r.get()) != 0) {
     ERR_clear_error();
@@ -337,7 +337,7 @@ bool verify(scheme s, std::span<const uint8_t> public_key,
   switch (s) {
     case scheme::secp256k1:
       ok = payload.size() == hash_size && sig.size() == raw_size
-        && verify_secp256k1(public_key, payload, sig.data());
+           && verify_secp256k1(public_key, payload, sig.data());
       break;
     case scheme::p256:
       if (payload.size() == hash_size && sig.size() == raw_size) {
@@ -346,7 +346,9 @@ bool verify(scheme s, std::span<const uint8_t> public_key,
         ok = verify_p256(public_key, payload, raw);
       }
       break;
-    case scheme::ed25519: ok = verify_ed25519(public_key, payload, sig); break;
+    case scheme::ed25519:
+      ok = verify_ed25519(public_key, payload, sig);
+      break;
   }
   // A failed verification leaves reasons on the thread's OpenSSL error
   // queue; the answer is the bool, so do not leak them to the next caller.

@@ -6,15 +6,15 @@
 // signature against the stored public key (invariant 3). Stateless; any
 // thread. secp256k1 uses libsecp256k1, P-256 and Ed25519 use OpenSSL.
 
+#include "messages/errors.hpp"
+#include "messages/results.hpp"
+#include "messages/scheme.hpp"
+
 #include <array>
 #include <cstdint>
 #include <optional>
 #include <span>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "messages/results.hpp"
-#include "messages/scheme.hpp"
 
 namespace hsm::crypto {
 

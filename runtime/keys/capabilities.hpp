@@ -4,13 +4,13 @@
 // round trip per scheme at start-up. Runs on the caller's session; one
 // thread at a time.
 
-#include <array>
-#include <set>
-#include <string>
-
 #include "messages/errors.hpp"
 #include "messages/scheme.hpp"
 #include "runtime/pkcs11/session.hpp"
+
+#include <array>
+#include <set>
+#include <string>
 
 namespace hsm::keys {
 

@@ -1,13 +1,12 @@
 #include "runtime/keys/decisions.hpp"
 
-#include <string>
-
 #include "runtime/crypto/ec.hpp"
+
+#include <string>
 
 namespace hsm::keys {
 
-caf::expected<key_result> make_key_result(const key_record& r,
-                                          bool created) {
+caf::expected<key_result> make_key_result(const key_record& r, bool created) {
   key_result v;
   v.key_id = r.key_id;
   v.scheme = r.scheme;
@@ -29,15 +28,14 @@ caf::expected<key_result> answer_stored(const key_record& stored,
   if (stored.scheme != requested)
     return caf::make_error(key_errc::invalid_request,
                            "key_id '" + stored.key_id + "' already holds a "
-                             + std::string{to_string(stored.scheme)}
-                             + " key");
+                             + std::string{to_string(stored.scheme)} + " key");
   return make_key_result(stored, created);
 }
 
 caf::error unknown_key(std::string_view key_id) {
   return caf::make_error(key_errc::unknown_key,
-                         "no key is stored under key_id '"
-                           + std::string{key_id} + "'");
+                         "no key is stored under key_id '" + std::string{key_id}
+                           + "'");
 }
 
 caf::error scheme_not_served(const capability& c) {
@@ -58,8 +56,7 @@ caf::error shutting_down() {
 }
 
 caf::error queue_full() {
-  return caf::make_error(hsm_errc::retryable,
-                         std::string{"driver queue full"});
+  return caf::make_error(hsm_errc::retryable, std::string{"driver queue full"});
 }
 
 caf::error no_session_could_serve(const caf::error& last) {

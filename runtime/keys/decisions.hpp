@@ -5,12 +5,12 @@
 // for an unknown key, for a scheme the token does not serve, and the
 // retryable answers of the engine. Pure functions; any thread.
 
-#include <string_view>
-
 #include "messages/errors.hpp"
 #include "messages/key_record.hpp"
 #include "messages/results.hpp"
 #include "runtime/keys/capabilities.hpp"
+
+#include <string_view>
 
 namespace hsm::keys {
 

@@ -1,14 +1,13 @@
 #include "runtime/keys/hsm_step.hpp"
 
 #include "runtime/base/clock.hpp"
-
-#include <array>
-#include <random>
+#include "runtime/crypto/hex.hpp"
+#include "runtime/pkcs11/key_ops.hpp"
 
 #include <openssl/sha.h>
 
-#include "runtime/crypto/hex.hpp"
-#include "runtime/pkcs11/key_ops.hpp"
+#include <array>
+#include <random>
 
 namespace hsm::keys {
 
@@ -25,10 +24,10 @@ std::string resident_label(std::string_view key_id) {
 
 } // namespace
 
-caf::expected<key_record>
-make_key(pkcs11::session& sess, CK_OBJECT_HANDLE master, scheme s,
-         std::string_view key_id, bool resident,
-         CK_OBJECT_HANDLE* resident_handle) {
+caf::expected<key_record> make_key(pkcs11::session& sess,
+                                   CK_OBJECT_HANDLE master, scheme s,
+                                   std::string_view key_id, bool resident,
+                                   CK_OBJECT_HANDLE* resident_handle) {
   if (resident_handle != nullptr)
     *resident_handle = CK_INVALID_HANDLE;
   key_record rec;
@@ -58,15 +57,14 @@ make_key(pkcs11::session& sess, CK_OBJECT_HANDLE master, scheme s,
 }
 
 caf::expected<std::vector<uint8_t>>
-sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master,
-          const key_record& rec, std::span<const uint8_t> payload) {
+sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master, const key_record& rec,
+          std::span<const uint8_t> payload) {
   if (rec.resident()) {
     std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
     std::string label{rec.key_blob.begin(), rec.key_blob.end()};
     return pkcs11::sign_resident(sess, rec.scheme, id, label, payload);
   }
-  return pkcs11::sign_wrapped(sess, master, rec.scheme, rec.key_blob,
-                              payload);
+  return pkcs11::sign_wrapped(sess, master, rec.scheme, rec.key_blob, payload);
 }
 
 caf::error destroy_resident_key(pkcs11::session& sess, const key_record& rec) {

@@ -5,15 +5,15 @@
 // and sign with a stored record. Runs on the caller's session; one thread
 // at a time.
 
-#include <cstdint>
-#include <span>
-#include <string_view>
-#include <vector>
-
 #include "messages/errors.hpp"
 #include "messages/key_record.hpp"
 #include "messages/scheme.hpp"
 #include "runtime/pkcs11/session.hpp"
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
 
 namespace hsm::keys {
 
@@ -29,8 +29,8 @@ make_key(pkcs11::session& sess, CK_OBJECT_HANDLE master, scheme s,
 
 /// The token's raw signature over `payload` with the key of `rec`.
 [[nodiscard]] caf::expected<std::vector<uint8_t>>
-sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master,
-          const key_record& rec, std::span<const uint8_t> payload);
+sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master, const key_record& rec,
+          std::span<const uint8_t> payload);
 
 /// Removes the token object of a resident record (a no-op for a wrapped
 /// one).

@@ -6,15 +6,15 @@
 // across storage, session and dispatcher, with the same rules (requests.hpp)
 // and decisions (decisions.hpp).
 
-#include <cstdint>
-#include <span>
-#include <string_view>
-
 #include "messages/errors.hpp"
 #include "messages/results.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "store/key_store.hpp"
+
+#include <cstdint>
+#include <span>
+#include <string_view>
 
 namespace hsm::keys {
 

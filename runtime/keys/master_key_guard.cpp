@@ -1,7 +1,6 @@
 #include "runtime/keys/master_key_guard.hpp"
 
 #include "runtime/base/clock.hpp"
-
 #include "runtime/base/logging.hpp"
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/hsm_step.hpp"

@@ -5,11 +5,11 @@
 // and sign with it is refused before any key is served. Runs on the
 // caller's session and store; one thread at a time.
 
-#include <string_view>
-
 #include "messages/errors.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "store/key_store.hpp"
+
+#include <string_view>
 
 namespace hsm::keys {
 

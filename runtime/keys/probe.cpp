@@ -1,6 +1,5 @@
-#include "runtime/keys/capabilities.hpp"
-
 #include "runtime/crypto/signature.hpp"
+#include "runtime/keys/capabilities.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/rv.hpp"

@@ -61,8 +61,7 @@ caf::error validate_payload(scheme s, std::span<const uint8_t> payload) {
     return caf::make_error(key_errc::invalid_payload,
                            "ed25519 signs a message of 1 to "
                              + std::to_string(max_ed25519_message)
-                             + " bytes; got "
-                             + std::to_string(payload.size()));
+                             + " bytes; got " + std::to_string(payload.size()));
   return caf::none;
 }
 

@@ -5,16 +5,16 @@
 // (the wire codec decodes the JSON, these rules check what it found). A bad
 // request becomes an error answer at once. Pure functions; any thread.
 
-#include <cstdint>
-#include <span>
-#include <string_view>
-#include <vector>
-
 #include "messages/errors.hpp"
 #include "messages/job.hpp"
 #include "messages/results.hpp"
 #include "messages/scheme.hpp"
 #include "runtime/net/wire_codec.hpp"
+
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
 
 namespace hsm::keys {
 

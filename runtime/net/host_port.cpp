@@ -36,8 +36,8 @@ caf::expected<host_port> parse_host_port(std::string_view text,
                              + " (expected host:port or [ipv6]:port)");
   };
   for (auto c : text)
-    if (c == '/' || c == '@' || c == '?' || c == '#' || c == ' '
-        || c == '\\' || static_cast<unsigned char>(c) < 0x21
+    if (c == '/' || c == '@' || c == '?' || c == '#' || c == ' ' || c == '\\'
+        || static_cast<unsigned char>(c) < 0x21
         || static_cast<unsigned char>(c) > 0x7e)
       return invalid("holds a character not allowed in an address");
   std::string_view host;

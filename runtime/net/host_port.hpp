@@ -4,11 +4,11 @@
 // (`--proxy-addr`) and the reference proxy's listeners (`--listen`,
 // `--admin-listen`). Pure functions; any thread.
 
+#include "messages/errors.hpp"
+
 #include <cstdint>
 #include <string>
 #include <string_view>
-
-#include "messages/errors.hpp"
 
 namespace hsm::net {
 

@@ -11,6 +11,8 @@
 // one mutex around it); blocking until there is work is the owner's business,
 // helped by `has_work` and `next_expiry`.
 
+#include "runtime/base/clock.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -22,8 +24,6 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#include "runtime/base/clock.hpp"
 
 namespace hsm::net {
 

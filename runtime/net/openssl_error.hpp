@@ -3,9 +3,9 @@
 // OpenSSL's error queue as error values, for the TLS and PKI code. Any thread
 // (OpenSSL's queue is per thread).
 
-#include <string>
-
 #include "messages/errors.hpp"
+
+#include <string>
 
 namespace hsm::net {
 

@@ -38,8 +38,8 @@ using crypto::pkey_ptr;
 using crypto::x509_ptr;
 using gen_name_ptr
   = std::unique_ptr<GENERAL_NAME, crypto::ossl_deleter<GENERAL_NAME_free>>;
-using octets_ptr
-  = std::unique_ptr<ASN1_OCTET_STRING, crypto::ossl_deleter<ASN1_OCTET_STRING_free>>;
+using octets_ptr = std::unique_ptr<
+  ASN1_OCTET_STRING, crypto::ossl_deleter<ASN1_OCTET_STRING_free>>;
 using ia5_ptr
   = std::unique_ptr<ASN1_IA5STRING, crypto::ossl_deleter<ASN1_IA5STRING_free>>;
 
@@ -62,8 +62,6 @@ constexpr int serial_bits = 159;
 constexpr long backdate_seconds = 300;
 
 // -- helpers ------------------------------------------------------------------
-
-
 
 bool is_file(const std::filesystem::path& p) {
   std::error_code ec;
@@ -195,8 +193,8 @@ caf::error add_ext(X509* cert, X509* issuer, int nid, const char* value) {
   X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
   ext_ptr ext{X509V3_EXT_nconf_nid(nullptr, &ctx, nid, value)};
   if (!ext || X509_add_ext(cert, ext.get(), -1) != 1)
-    return bad_tls_material(std::string{"cannot add extension "} + OBJ_nid2sn(nid)
-                     + " = " + value);
+    return bad_tls_material(std::string{"cannot add extension "}
+                            + OBJ_nid2sn(nid) + " = " + value);
   return caf::none;
 }
 
@@ -227,7 +225,7 @@ caf::error add_san(X509* cert, const std::vector<std::string>& names) {
     gen.release();
   }
   if (X509_add1_ext_i2d(cert, NID_subject_alt_name, gens.get(), 0,
-                    X509V3_ADD_DEFAULT)
+                        X509V3_ADD_DEFAULT)
       != 1)
     return bad_tls_material("cannot add subjectAltName");
   return caf::none;
@@ -239,9 +237,9 @@ enum class cert_role { root, intermediate, server, client };
 struct cert_request {
   cert_role role;
   std::string common_name;
-  EVP_PKEY* key;         // the subject's key
-  X509* issuer;          // nullptr for the self-signed root
-  EVP_PKEY* issuer_key;  // the key that signs
+  EVP_PKEY* key;        // the subject's key
+  X509* issuer;         // nullptr for the self-signed root
+  EVP_PKEY* issuer_key; // the key that signs
   int days;
   std::vector<std::string> names; // server only
 };
@@ -327,7 +325,8 @@ caf::expected<x509_ptr> make_cert(const cert_request& req) {
     }
   }
   if (X509_sign(cert.get(), req.issuer_key, EVP_sha256()) <= 0)
-    return bad_tls_material("cannot sign the certificate for " + req.common_name);
+    return bad_tls_material("cannot sign the certificate for "
+                            + req.common_name);
   return cert;
 }
 
@@ -340,8 +339,8 @@ caf::error issue_leaf(cert_role role, const std::string& common_name,
   auto key = make_key();
   if (!key)
     return std::move(key.error());
-  auto cert = make_cert({role, common_name, key->get(), ca, ca_key, days,
-                         names});
+  auto cert = make_cert(
+    {role, common_name, key->get(), ca, ca_key, days, names});
   if (!cert)
     return std::move(cert.error());
   auto key_text = key_pem(key->get());
@@ -359,7 +358,7 @@ caf::error issue_leaf(cert_role role, const std::string& common_name,
 }
 
 dev_pki paths_in(const std::filesystem::path& dir) {
-  return dev_pki{dir / root_cert_file,   dir / intermediate_cert_file,
+  return dev_pki{dir / root_cert_file,    dir / intermediate_cert_file,
                  dir / server_chain_file, dir / server_key_file,
                  dir / driver_chain_file, dir / driver_key_file};
 }
@@ -417,7 +416,7 @@ caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
       return std::move(key.error());
     if (X509_check_private_key(cert->get(), key->get()) != 1)
       return bad_tls_material(intermediate_key.string() + " does not match "
-                       + pki.intermediate_cert.string());
+                              + pki.intermediate_cert.string());
     ca = std::move(*cert);
     ca_key = std::move(*key);
   } else {
@@ -426,17 +425,25 @@ caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
     auto root_key = make_key();
     if (!root_key)
       return std::move(root_key.error());
-    auto root = make_cert({cert_role::root, "hsm-driver dev root CA",
-                           root_key->get(), nullptr, root_key->get(),
-                           opts.days, {}});
+    auto root = make_cert({cert_role::root,
+                           "hsm-driver dev root CA",
+                           root_key->get(),
+                           nullptr,
+                           root_key->get(),
+                           opts.days,
+                           {}});
     if (!root)
       return std::move(root.error());
     auto key = make_key();
     if (!key)
       return std::move(key.error());
     auto cert = make_cert({cert_role::intermediate,
-                           "hsm-driver dev intermediate CA", key->get(),
-                           root->get(), root_key->get(), opts.days, {}});
+                           "hsm-driver dev intermediate CA",
+                           key->get(),
+                           root->get(),
+                           root_key->get(),
+                           opts.days,
+                           {}});
     if (!cert)
       return std::move(cert.error());
     auto root_text = cert_pem(root->get());
@@ -469,9 +476,9 @@ caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
       return err;
   }
   if (!have_driver) {
-    if (auto err = issue_leaf(cert_role::client, opts.driver_name, {},
-                              ca.get(), ca_key.get(), opts.days,
-                              pki.driver_chain, pki.driver_key))
+    if (auto err = issue_leaf(cert_role::client, opts.driver_name, {}, ca.get(),
+                              ca_key.get(), opts.days, pki.driver_chain,
+                              pki.driver_key))
       return err;
   }
   return pki;
@@ -497,7 +504,7 @@ issue_client_cert(const dev_pki& pki, const std::filesystem::path& dir,
     return std::move(ca_key.error());
   if (X509_check_private_key(ca->get(), ca_key->get()) != 1)
     return bad_tls_material(intermediate_key.string() + " does not match "
-                     + pki.intermediate_cert.string());
+                            + pki.intermediate_cert.string());
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec)

@@ -6,11 +6,11 @@
 // (P-256 keys, SHA-256, X.509 v3 with the right extensions), written as PEM
 // files with private keys in 0600 files. Not for production PKI.
 
+#include "messages/errors.hpp"
+
 #include <filesystem>
 #include <string>
 #include <vector>
-
-#include "messages/errors.hpp"
 
 namespace hsm::net {
 
@@ -44,15 +44,15 @@ struct dev_pki_options {
 /// Writes a fresh PKI into `dir` (created if missing). Files present from an
 /// earlier call are reused as they are, so the dev mode keeps its PKI across
 /// restarts. Failures are `net_errc::bad_tls_material`.
-[[nodiscard]] caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
-                                                  const dev_pki_options& opts
-                                                  = {});
+[[nodiscard]] caf::expected<dev_pki>
+make_dev_pki(const std::filesystem::path& dir,
+             const dev_pki_options& opts = {});
 
 /// Writes one more client certificate and key, signed by the intermediate of
 /// `pki` (`<name>.chain.pem`, `<name>.key.pem` in `dir`): a second driver, or
 /// a client a test expects to be refused when signed by another PKI.
-[[nodiscard]] caf::expected<std::pair<std::filesystem::path,
-                                      std::filesystem::path>>
+[[nodiscard]] caf::expected<
+  std::pair<std::filesystem::path, std::filesystem::path>>
 issue_client_cert(const dev_pki& pki, const std::filesystem::path& dir,
                   const std::string& name, int days = 30);
 

@@ -246,15 +246,14 @@ proxy_client::create(const proxy_client_config& cfg) {
 
 proxy_client::~proxy_client() = default;
 
-caf::expected<http_reply>
-proxy_client::poll(size_t max, std::chrono::milliseconds wait) {
+caf::expected<http_reply> proxy_client::poll(size_t max,
+                                             std::chrono::milliseconds wait) {
   if (wait.count() < 0)
     wait = std::chrono::milliseconds{0};
   auto body = nlohmann::json{{"driver_id", impl_->cfg.driver_id},
                              {"max", max},
                              {"wait_ms", wait.count()}}
-                .dump(-1, ' ', false,
-                      nlohmann::json::error_handler_t::replace);
+                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   return impl_->post("/v1/poll", body, wait + impl_->cfg.poll_grace);
 }
 

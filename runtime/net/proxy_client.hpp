@@ -8,13 +8,13 @@
 // behind a poll. Not thread-safe; blocking: call it from a detached actor or
 // a thread of its own.
 
+#include "messages/errors.hpp"
+
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <string>
-
-#include "messages/errors.hpp"
 
 namespace hsm::net {
 

@@ -80,8 +80,8 @@ std::optional<uint64_t> need_count(const json& body, const char* key,
     out = static_cast<uint64_t>(it->get<int64_t>());
   if (!out || *out < min) {
     reply_error(res, 400, "bad_request",
-                std::string{"\""} + key + "\" must be an integer >= "
-                  + std::to_string(min));
+                std::string{"\""} + key
+                  + "\" must be an integer >= " + std::to_string(min));
     return std::nullopt;
   }
   return out;
@@ -381,20 +381,20 @@ struct reference_proxy::impl {
                     "HTTP " + std::to_string(res.status));
         return httplib::Server::HandlerResponse::Handled;
       }});
-    svr.set_exception_handler(
-      [](const httplib::Request&, httplib::Response& res,
-         std::exception_ptr ep) {
-        std::string what = "unexpected failure";
-        try {
-          if (ep)
-            std::rethrow_exception(ep);
-        } catch (const std::exception& ex) {
-          what = ex.what();
-        } catch (...) {
-          // nop: reported as the generic text above
-        }
-        reply_error(res, 500, "internal", what);
-      });
+    svr.set_exception_handler([](const httplib::Request&,
+                                 httplib::Response& res,
+                                 std::exception_ptr ep) {
+      std::string what = "unexpected failure";
+      try {
+        if (ep)
+          std::rethrow_exception(ep);
+      } catch (const std::exception& ex) {
+        what = ex.what();
+      } catch (...) {
+        // nop: reported as the generic text above
+      }
+      reply_error(res, 500, "internal", what);
+    });
   }
 
   void routes() {
@@ -441,7 +441,7 @@ struct reference_proxy::impl {
                                                ca.c_str());
     if (!tls->is_valid())
       return bad_tls_material("cannot load the server certificate " + cert
-                     + " with key " + key);
+                              + " with key " + key);
     auto* ctx = tls->ssl_context();
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
       return bad_tls_material("cannot require TLS 1.2");

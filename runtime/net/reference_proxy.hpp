@@ -9,18 +9,18 @@
 // long-polls. Thread-safe: the servers run on their own threads; the
 // in-process methods may be called from any thread.
 
+#include "messages/errors.hpp"
+#include "runtime/base/clock.hpp"
+#include "runtime/net/lease_queue.hpp"
+
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <nlohmann/json.hpp>
-
-#include "messages/errors.hpp"
-#include "runtime/base/clock.hpp"
-#include "runtime/net/lease_queue.hpp"
 
 namespace hsm::net {
 

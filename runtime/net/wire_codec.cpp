@@ -1,8 +1,8 @@
 #include "runtime/net/wire_codec.hpp"
 
-#include <nlohmann/json.hpp>
-
 #include "runtime/crypto/hex.hpp"
+
+#include <nlohmann/json.hpp>
 
 namespace hsm::net {
 
@@ -42,8 +42,7 @@ caf::error decode_request(const json& req, wire_request& out) {
     if (hex.size() > 2 * max_payload_bytes + 2)
       return caf::make_error(key_errc::invalid_payload,
                              "payload larger than "
-                               + std::to_string(max_payload_bytes)
-                               + " bytes");
+                               + std::to_string(max_payload_bytes) + " bytes");
     auto bytes = crypto::from_hex(hex);
     if (!bytes)
       return caf::make_error(key_errc::invalid_request,

@@ -6,16 +6,16 @@
 // here; the key-path rules (key ids, scheme names, payload sizes) are
 // applied above, in runtime/keys/requests.hpp. Pure functions; any thread.
 
+#include "messages/errors.hpp"
+#include "messages/job.hpp"
+#include "messages/results.hpp"
+
+#include <nlohmann/json_fwd.hpp>
+
 #include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
-
-#include "messages/errors.hpp"
-#include "messages/job.hpp"
-#include "messages/results.hpp"
 
 namespace hsm::net {
 

@@ -10,8 +10,8 @@ CK_RV forwarding_table::finalize() {
   return inner_->finalize();
 }
 
-CK_RV forwarding_table::get_slot_list(CK_BBOOL token_present,
-                                      CK_SLOT_ID* list, CK_ULONG* count) {
+CK_RV forwarding_table::get_slot_list(CK_BBOOL token_present, CK_SLOT_ID* list,
+                                      CK_ULONG* count) {
   return inner_->get_slot_list(token_present, list, count);
 }
 
@@ -108,12 +108,12 @@ CK_RV forwarding_table::unwrap_key(CK_SESSION_HANDLE session,
                                    CK_BYTE* wrapped, CK_ULONG wrapped_len,
                                    CK_ATTRIBUTE* tmpl, CK_ULONG count,
                                    CK_OBJECT_HANDLE* key) {
-  return inner_->unwrap_key(session, mech, unwrapping_key, wrapped,
-                            wrapped_len, tmpl, count, key);
+  return inner_->unwrap_key(session, mech, unwrapping_key, wrapped, wrapped_len,
+                            tmpl, count, key);
 }
 
-CK_RV forwarding_table::sign_init(CK_SESSION_HANDLE session,
-                                  CK_MECHANISM* mech, CK_OBJECT_HANDLE key) {
+CK_RV forwarding_table::sign_init(CK_SESSION_HANDLE session, CK_MECHANISM* mech,
+                                  CK_OBJECT_HANDLE key) {
   return inner_->sign_init(session, mech, key);
 }
 

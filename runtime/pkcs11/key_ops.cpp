@@ -11,7 +11,8 @@ namespace {
 const std::vector<uint8_t>& ec_params(scheme x) {
   // OID 1.3.132.0.10 (secp256k1), 1.2.840.10045.3.1.7 (prime256v1),
   // 1.3.101.112 (Ed25519, RFC 8410).
-  static const std::vector<uint8_t> k1{0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x0A};
+  static const std::vector<uint8_t> k1{0x06, 0x05, 0x2B, 0x81,
+                                       0x04, 0x00, 0x0A};
   static const std::vector<uint8_t> r1{0x06, 0x08, 0x2A, 0x86, 0x48,
                                        0xCE, 0x3D, 0x03, 0x01, 0x07};
   static const std::vector<uint8_t> ed{0x06, 0x03, 0x2B, 0x65, 0x70};
@@ -61,9 +62,8 @@ attributes private_template(bool token, bool extractable) {
   return t;
 }
 
-caf::expected<std::vector<uint8_t>> read_public_key(session& sess,
-                                                    CK_OBJECT_HANDLE pub,
-                                                    scheme s) {
+caf::expected<std::vector<uint8_t>>
+read_public_key(session& sess, CK_OBJECT_HANDLE pub, scheme s) {
   auto point = sess.attribute(pub, CKA_EC_POINT);
   if (!point)
     return point.error();
@@ -82,13 +82,11 @@ caf::error unwrap_failure(const caf::error& err) {
 
 } // namespace
 
-caf::expected<generated_key> generate_wrapped(session& sess,
-                                              CK_OBJECT_HANDLE master,
-                                              scheme s) {
+caf::expected<generated_key>
+generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s) {
   auto pub_tmpl = public_template(s);
   auto priv_tmpl = private_template(false, true);
-  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl,
-                                     priv_tmpl);
+  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);
   if (!pair)
     return pair.error();
   scoped_object pub{sess, pair->first};
@@ -143,8 +141,9 @@ caf::error destroy_resident(session& sess, std::span<const uint8_t> id) {
 caf::error destroy_resident(session& sess, std::span<const uint8_t> id,
                             std::string_view label) {
   attributes tmpl;
-  tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label).add_bool(CKA_TOKEN,
-                                                                  true);
+  tmpl.add_bytes(CKA_ID, id)
+    .add_text(CKA_LABEL, label)
+    .add_bool(CKA_TOKEN, true);
   return destroy_matching(sess, tmpl);
 }
 
@@ -154,8 +153,7 @@ caf::expected<resident_key> generate_resident(session& sess, scheme s,
   auto pub_tmpl = public_template(s);
   auto priv_tmpl = private_template(true, false);
   priv_tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label);
-  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl,
-                                     priv_tmpl);
+  auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);
   if (!pair)
     return pair.error();
   scoped_object pub{sess, pair->first};

@@ -10,14 +10,14 @@
 // private key material leaves the token: the results are public keys,
 // wrapped blobs and raw signatures.
 
+#include "messages/errors.hpp"
+#include "messages/scheme.hpp"
+#include "runtime/pkcs11/session.hpp"
+
 #include <cstdint>
 #include <span>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "runtime/pkcs11/session.hpp"
-#include "messages/scheme.hpp"
 
 namespace hsm::pkcs11 {
 

@@ -1,12 +1,12 @@
 #include "runtime/pkcs11/module.hpp"
 
+#include "runtime/pkcs11/rv.hpp"
+
 #include <dlfcn.h>
 
 #include <cstring>
 #include <system_error>
 #include <utility>
-
-#include "runtime/pkcs11/rv.hpp"
 
 namespace hsm::pkcs11 {
 
@@ -50,16 +50,15 @@ public:
   CK_RV logout(CK_SESSION_HANDLE s) override {
     return f_->C_Logout(s);
   }
-  CK_RV init_pin(CK_SESSION_HANDLE s, CK_UTF8CHAR* pin,
-                 CK_ULONG len) override {
+  CK_RV init_pin(CK_SESSION_HANDLE s, CK_UTF8CHAR* pin, CK_ULONG len) override {
     return f_->C_InitPIN(s, pin, len);
   }
   CK_RV find_objects_init(CK_SESSION_HANDLE s, CK_ATTRIBUTE* t,
                           CK_ULONG n) override {
     return f_->C_FindObjectsInit(s, t, n);
   }
-  CK_RV find_objects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE* objs,
-                     CK_ULONG max, CK_ULONG* n) override {
+  CK_RV find_objects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE* objs, CK_ULONG max,
+                     CK_ULONG* n) override {
     return f_->C_FindObjects(s, objs, max, n);
   }
   CK_RV find_objects_final(CK_SESSION_HANDLE s) override {
@@ -81,9 +80,8 @@ public:
     return f_->C_GenerateKey(s, m, t, n, k);
   }
   CK_RV generate_key_pair(CK_SESSION_HANDLE s, CK_MECHANISM* m,
-                          CK_ATTRIBUTE* pub, CK_ULONG npub,
-                          CK_ATTRIBUTE* priv, CK_ULONG npriv,
-                          CK_OBJECT_HANDLE* hpub,
+                          CK_ATTRIBUTE* pub, CK_ULONG npub, CK_ATTRIBUTE* priv,
+                          CK_ULONG npriv, CK_OBJECT_HANDLE* hpub,
                           CK_OBJECT_HANDLE* hpriv) override {
     return f_->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv);
   }
@@ -129,7 +127,8 @@ caf::expected<module> module::load(const std::filesystem::path& path,
   result.path_ = path;
   // RTLD_NODELETE: some modules leave threads or atexit handlers behind that
   // crash once their code is unmapped; the library stays mapped until exit.
-  result.handle_ = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+  result.handle_ = ::dlopen(path.c_str(),
+                            RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
   if (result.handle_ == nullptr) {
     const char* why = ::dlerror();
     return caf::make_error(config_errc::bad_file,
@@ -150,8 +149,8 @@ caf::expected<module> module::load(const std::filesystem::path& path,
   CK_FUNCTION_LIST* list = nullptr;
   if (auto rv = get_list(&list); rv != CKR_OK || list == nullptr)
     return rv_error("C_GetFunctionList", rv);
-  std::unique_ptr<function_table> fns
-    = std::make_unique<dl_function_table>(list);
+  std::unique_ptr<function_table> fns = std::make_unique<dl_function_table>(
+    list);
   if (wrap)
     fns = wrap(std::move(fns));
   result.fns_ = std::move(fns);
@@ -238,8 +237,7 @@ caf::expected<CK_SLOT_ID> module::find_token(std::string_view label) const {
     return caf::make_error(config_errc::invalid_option,
                            std::string{"--token-label"},
                            "no initialised token labelled '"
-                             + std::string{label} + "' in "
-                             + path_.string());
+                             + std::string{label} + "' in " + path_.string());
   if (found.size() > 1)
     return caf::make_error(config_errc::invalid_option,
                            std::string{"--token-label"},

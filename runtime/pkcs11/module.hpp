@@ -6,15 +6,15 @@
 // above every session: it must outlive them all, and it is never finalised
 // while a session is busy (softhsm.md).
 
+#include "messages/errors.hpp"
+#include "runtime/pkcs11/function_table.hpp"
+
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "runtime/pkcs11/function_table.hpp"
 
 namespace hsm::pkcs11 {
 

@@ -245,8 +245,8 @@ caf::error rv_error_as(key_errc code, std::string what,
                        const caf::error& cause) {
   auto rv = rv_of(cause);
   if (!rv)
-    return caf::make_error(code, std::move(what) + " (" + describe(cause)
-                                   + ")");
+    return caf::make_error(code,
+                           std::move(what) + " (" + describe(cause) + ")");
   return caf::make_error(code, std::move(what), *function_of(cause),
                          rv_name(*rv), static_cast<uint64_t>(*rv));
 }

@@ -17,12 +17,12 @@
 //
 // Pure functions; any thread.
 
+#include "messages/errors.hpp"
+#include "runtime/pkcs11/pkcs11.hpp"
+
 #include <optional>
 #include <string>
 #include <string_view>
-
-#include "messages/errors.hpp"
-#include "runtime/pkcs11/pkcs11.hpp"
 
 namespace hsm::pkcs11 {
 

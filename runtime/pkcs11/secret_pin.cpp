@@ -1,5 +1,6 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 
+#include <openssl/crypto.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -7,8 +8,6 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
-
-#include <openssl/crypto.h>
 
 namespace hsm::pkcs11 {
 

@@ -5,11 +5,11 @@
 // or a file (`USER_PIN_FILE`, which must not be readable by group or others).
 // Never from argv, never logged: it has no operator<< and no formatter.
 
+#include "messages/errors.hpp"
+
 #include <cstddef>
 #include <string>
 #include <string_view>
-
-#include "messages/errors.hpp"
 
 namespace hsm::pkcs11 {
 

@@ -1,8 +1,8 @@
 #include "runtime/pkcs11/session.hpp"
 
-#include <cstring>
-
 #include "runtime/pkcs11/rv.hpp"
+
+#include <cstring>
 
 namespace hsm::pkcs11 {
 
@@ -106,8 +106,8 @@ caf::error session::login_so(const secret_pin& pin) {
   return login_as(CKU_SO, pin);
 }
 
-caf::expected<std::vector<CK_OBJECT_HANDLE>>
-session::find(attributes& tmpl, CK_ULONG max) {
+caf::expected<std::vector<CK_OBJECT_HANDLE>> session::find(attributes& tmpl,
+                                                           CK_ULONG max) {
   if (auto rv = fns_->find_objects_init(handle_, tmpl.data(), tmpl.size());
       rv != CKR_OK)
     return rv_error("C_FindObjectsInit", rv);
@@ -123,29 +123,26 @@ session::find(attributes& tmpl, CK_ULONG max) {
   return found;
 }
 
-caf::expected<std::vector<uint8_t>>
-session::attribute(CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type) {
+caf::expected<std::vector<uint8_t>> session::attribute(CK_OBJECT_HANDLE obj,
+                                                       CK_ATTRIBUTE_TYPE type) {
   CK_ATTRIBUTE attr{type, nullptr, 0};
-  if (auto rv = fns_->get_attribute_value(handle_, obj, &attr, 1);
-      rv != CKR_OK)
+  if (auto rv = fns_->get_attribute_value(handle_, obj, &attr, 1); rv != CKR_OK)
     return rv_error("C_GetAttributeValue", rv);
   if (attr.ulValueLen == CK_UNAVAILABLE_INFORMATION)
     return rv_error("C_GetAttributeValue", CKR_ATTRIBUTE_TYPE_INVALID);
   std::vector<uint8_t> value(attr.ulValueLen);
   attr.pValue = value.data();
-  if (auto rv = fns_->get_attribute_value(handle_, obj, &attr, 1);
-      rv != CKR_OK)
+  if (auto rv = fns_->get_attribute_value(handle_, obj, &attr, 1); rv != CKR_OK)
     return rv_error("C_GetAttributeValue", rv);
   value.resize(attr.ulValueLen);
   return value;
 }
 
-caf::expected<CK_OBJECT_HANDLE>
-session::generate_key(CK_MECHANISM_TYPE mech, attributes& tmpl) {
+caf::expected<CK_OBJECT_HANDLE> session::generate_key(CK_MECHANISM_TYPE mech,
+                                                      attributes& tmpl) {
   CK_MECHANISM m{mech, nullptr, 0};
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  if (auto rv = fns_->generate_key(handle_, &m, tmpl.data(), tmpl.size(),
-                                   &key);
+  if (auto rv = fns_->generate_key(handle_, &m, tmpl.data(), tmpl.size(), &key);
       rv != CKR_OK)
     return rv_error("C_GenerateKey", rv);
   return key;
@@ -173,9 +170,9 @@ caf::expected<CK_OBJECT_HANDLE> session::create(attributes& tmpl) {
   return obj;
 }
 
-caf::expected<std::vector<uint8_t>>
-session::wrap(CK_MECHANISM_TYPE mech, CK_OBJECT_HANDLE wrapping_key,
-              CK_OBJECT_HANDLE key) {
+caf::expected<std::vector<uint8_t>> session::wrap(CK_MECHANISM_TYPE mech,
+                                                  CK_OBJECT_HANDLE wrapping_key,
+                                                  CK_OBJECT_HANDLE key) {
   CK_MECHANISM m{mech, nullptr, 0};
   CK_ULONG len = 0;
   if (auto rv = fns_->wrap_key(handle_, &m, wrapping_key, key, nullptr, &len);
@@ -195,9 +192,9 @@ session::unwrap(CK_MECHANISM_TYPE mech, CK_OBJECT_HANDLE unwrapping_key,
                 std::span<const uint8_t> blob, attributes& tmpl) {
   CK_MECHANISM m{mech, nullptr, 0};
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  if (auto rv = fns_->unwrap_key(handle_, &m, unwrapping_key,
-                                 input_bytes(blob), ulong_size(blob.size()),
-                                 tmpl.data(), tmpl.size(), &key);
+  if (auto rv = fns_->unwrap_key(handle_, &m, unwrapping_key, input_bytes(blob),
+                                 ulong_size(blob.size()), tmpl.data(),
+                                 tmpl.size(), &key);
       rv != CKR_OK)
     return rv_error("C_UnwrapKey", rv);
   return key;

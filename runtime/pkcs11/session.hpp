@@ -8,16 +8,16 @@
 // session is abandoned with `release()`, never closed from outside.
 // Every failure is `rv_error(function, rv)` (see rv.hpp).
 
+#include "messages/errors.hpp"
+#include "runtime/pkcs11/module.hpp"
+#include "runtime/pkcs11/secret_pin.hpp"
+
 #include <cstdint>
 #include <deque>
 #include <span>
 #include <string_view>
 #include <utility>
 #include <vector>
-
-#include "messages/errors.hpp"
-#include "runtime/pkcs11/module.hpp"
-#include "runtime/pkcs11/secret_pin.hpp"
 
 namespace hsm::pkcs11 {
 
@@ -51,7 +51,7 @@ private:
   CK_ATTRIBUTE& push(CK_ATTRIBUTE_TYPE type, std::vector<uint8_t> value);
 
   std::vector<CK_ATTRIBUTE> attrs_;
-  std::deque<std::vector<uint8_t>> values_;  // stable addresses
+  std::deque<std::vector<uint8_t>> values_; // stable addresses
 };
 
 /// A logged-in (or not yet) session. Move-only.
@@ -90,8 +90,7 @@ public:
 
   /// C_GenerateKeyPair; returns (public, private).
   [[nodiscard]] caf::expected<std::pair<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>>
-  generate_key_pair(CK_MECHANISM_TYPE mech, attributes& pub,
-                    attributes& priv);
+  generate_key_pair(CK_MECHANISM_TYPE mech, attributes& pub, attributes& priv);
 
   /// C_CreateObject.
   [[nodiscard]] caf::expected<CK_OBJECT_HANDLE> create(attributes& tmpl);

@@ -1,9 +1,9 @@
 #include "runtime/pkcs11/token_admin.hpp"
 
+#include "runtime/pkcs11/rv.hpp"
+
 #include <array>
 #include <cstring>
-
-#include "runtime/pkcs11/rv.hpp"
 
 namespace hsm::pkcs11 {
 
@@ -19,10 +19,9 @@ caf::error init_token(const module& mod, std::string_view label,
   const token_description* free_slot = nullptr;
   for (auto& t : *all) {
     if (t.initialized && t.label == label)
-      return caf::make_error(config_errc::invalid_option,
-                             std::string{"--token-label"},
-                             "a token labelled '" + std::string{label}
-                               + "' exists already");
+      return caf::make_error(
+        config_errc::invalid_option, std::string{"--token-label"},
+        "a token labelled '" + std::string{label} + "' exists already");
     if (!t.initialized && free_slot == nullptr)
       free_slot = &t;
   }
@@ -99,10 +98,9 @@ attributes master_key_template(std::string_view label) {
 /// The master key under `label` if the token holds one (`*created` false),
 /// else the key `make(template)` creates (`*created` true).
 template <class Make>
-caf::expected<CK_OBJECT_HANDLE> find_or_make_master_key(session& s,
-                                                        std::string_view label,
-                                                        bool* created,
-                                                        Make make) {
+caf::expected<CK_OBJECT_HANDLE>
+find_or_make_master_key(session& s, std::string_view label, bool* created,
+                        Make make) {
   auto existing = find_master_key(s, label);
   if (existing) {
     *created = false;

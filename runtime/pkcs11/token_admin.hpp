@@ -4,15 +4,15 @@
 // (`hsm-driver token init`, `hsm-driver master-key init`), the dev mode and
 // the tests; production tokens are set up with the vendor's tools.
 
-#include <optional>
-#include <span>
-#include <string>
-#include <string_view>
-
 #include "messages/errors.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
+
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
 
 namespace hsm::pkcs11 {
 

@@ -5,15 +5,14 @@
 
 #include "actors/dispatcher.hpp"
 
+#include "tests/support/actor_fixture.hpp"
+
+#include "caf/all.hpp"
+#include <gtest/gtest.h>
+
 #include <map>
 #include <memory>
 #include <vector>
-
-#include <gtest/gtest.h>
-
-#include "caf/all.hpp"
-
-#include "tests/support/actor_fixture.hpp"
 
 namespace hsm {
 namespace {
@@ -41,8 +40,7 @@ store_actor::behavior_type fake_store(store_actor::pointer) {
       k.record.wrap_mechanism = "CKM_AES_KEY_WRAP_PAD";
       return k;
     },
-    [](caf::put_atom,
-       const key_record& r) -> caf::result<put_result> {
+    [](caf::put_atom, const key_record& r) -> caf::result<put_result> {
       return put_result{r, true};
     },
   };
@@ -51,12 +49,11 @@ store_actor::behavior_type fake_store(store_actor::pointer) {
 /// A session that signs (with a signature that will not verify: the
 /// dispatcher then answers signature_mismatch, which is enough here) or,
 /// when `fail`, fails like a closed session and ends.
-hsm_session_actor::behavior_type
-fake_session(hsm_session_actor::pointer self, std::shared_ptr<fake_world> w,
-             bool fail) {
+hsm_session_actor::behavior_type fake_session(hsm_session_actor::pointer self,
+                                              std::shared_ptr<fake_world> w,
+                                              bool fail) {
   return {
-    [=](generate_atom, const std::string&,
-        scheme) -> caf::result<key_record> {
+    [=](generate_atom, const std::string&, scheme) -> caf::result<key_record> {
       return caf::make_error(hsm_errc::fatal);
     },
     [=](sign_atom, const key_record&,
@@ -79,8 +76,7 @@ fake_session(hsm_session_actor::pointer self, std::shared_ptr<fake_world> w,
 hsm_session_actor::behavior_type hung_session(hsm_session_actor::pointer,
                                               std::shared_ptr<fake_world> w) {
   return {
-    [=](generate_atom, const std::string&,
-        scheme) -> caf::result<key_record> {
+    [=](generate_atom, const std::string&, scheme) -> caf::result<key_record> {
       return caf::make_error(hsm_errc::fatal);
     },
     [=](sign_atom, const key_record&,
@@ -92,8 +88,8 @@ hsm_session_actor::behavior_type hung_session(hsm_session_actor::pointer,
   };
 }
 
-result_poster_actor::behavior_type
-fake_poster(result_poster_actor::pointer, std::shared_ptr<fake_world> w) {
+result_poster_actor::behavior_type fake_poster(result_poster_actor::pointer,
+                                               std::shared_ptr<fake_world> w) {
   return {
     [=](result_atom, const job_result& r) {
       w->posted.push_back(r);
@@ -150,10 +146,10 @@ protected:
     }
     dcfg.hsm_timeout = std::chrono::seconds{1};
     auto w = world;
-    dispatcher = hsm::spawn_dispatcher(
-      sys, dcfg, store, poster, [this, w](dispatcher_actor) {
-        return sys.spawn(fake_supervisor, w);
-      });
+    dispatcher = hsm::spawn_dispatcher(sys, dcfg, store, poster,
+                                       [this, w](dispatcher_actor) {
+                                         return sys.spawn(fake_supervisor, w);
+                                       });
     sched.run();
   }
 

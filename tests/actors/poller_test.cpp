@@ -11,6 +11,11 @@
 
 #include "actors/poller.hpp"
 
+#include "tests/support/actor_fixture.hpp"
+
+#include "caf/all.hpp"
+#include <gtest/gtest.h>
+
 #include <chrono>
 #include <deque>
 #include <functional>
@@ -18,12 +23,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-
-#include "caf/all.hpp"
-
-#include "tests/support/actor_fixture.hpp"
 
 namespace hsm {
 namespace {
@@ -38,8 +37,7 @@ public:
     milliseconds wait{0};
   };
 
-  caf::expected<net::http_reply> poll(size_t max,
-                                      milliseconds wait) override {
+  caf::expected<net::http_reply> poll(size_t max, milliseconds wait) override {
     polls.push_back(poll_call{max, wait});
     if (on_poll)
       on_poll();
@@ -117,7 +115,8 @@ const std::string mixed_body = R"({"requests":[
   {"id":"bad-scheme","lease":"L-b1","kind":"generate_key",
    "params":{"key_id":"k2","scheme":"schnorr"}},
   {"id":"s1","lease":"L-s1","kind":"sign",
-   "params":{"key_id":"k1","payload":")" + hash_hex + R"("}},
+   "params":{"key_id":"k1","payload":")"
+                               + hash_hex + R"("}},
   {"id":"bad-kind","lease":"L-b2","kind":"decrypt","params":{"key_id":"k3"}},
   {"id":"bad-key","lease":"L-b3","kind":"sign",
    "params":{"key_id":"not a key id","payload":"00"}},
@@ -128,7 +127,8 @@ const std::string two_jobs_body = R"({"requests":[
   {"id":"late1","lease":"L-1","kind":"generate_key",
    "params":{"key_id":"k1","scheme":"p256"}},
   {"id":"late2","lease":"L-2","kind":"sign",
-   "params":{"key_id":"k1","payload":")" + hash_hex + R"("}}
+   "params":{"key_id":"k1","payload":")"
+                                  + hash_hex + R"("}}
 ]})";
 
 class PollerTest : public testing::actor_fixture {
@@ -257,8 +257,7 @@ TEST_F(PollerTest, ValidRequestsBecomeJobsInvalidOnesErrorResults) {
   }
   EXPECT_EQ(world->results[0].lease, "L-b1");
   for (auto& j : world->jobs)
-    EXPECT_TRUE(j.id != "bad-scheme" && j.id != "bad-kind"
-                && j.id != "bad-key")
+    EXPECT_TRUE(j.id != "bad-scheme" && j.id != "bad-kind" && j.id != "bad-key")
       << j.id;
 }
 

@@ -6,6 +6,12 @@
 
 #include "actors/result_poster.hpp"
 
+#include "tests/support/actor_fixture.hpp"
+
+#include "caf/all.hpp"
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -14,13 +20,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-
-#include "caf/all.hpp"
-
-#include "tests/support/actor_fixture.hpp"
 
 namespace hsm {
 namespace {
@@ -36,8 +35,7 @@ public:
     return caf::make_error(net_errc::unreachable);
   }
 
-  caf::expected<net::http_reply>
-  post_result(const std::string& body) override {
+  caf::expected<net::http_reply> post_result(const std::string& body) override {
     posts.push_back(body);
     auto doc = nlohmann::json::parse(body, nullptr, false);
     auto id = doc.is_object() ? doc.value("id", std::string{}) : std::string{};

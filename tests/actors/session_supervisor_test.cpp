@@ -11,6 +11,11 @@
 
 #include "actors/session_supervisor.hpp"
 
+#include "tests/support/actor_fixture.hpp"
+
+#include "caf/all.hpp"
+#include <gtest/gtest.h>
+
 #include <chrono>
 #include <functional>
 #include <map>
@@ -20,12 +25,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <gtest/gtest.h>
-
-#include "caf/all.hpp"
-
-#include "tests/support/actor_fixture.hpp"
 
 namespace hsm {
 namespace {
@@ -43,8 +42,9 @@ struct spawned_session {
 struct supervisor_world {
   /// How the session (index, generation) starts: `caf::none` means it logs
   /// in and sends `ready_atom`; an error means it quits with that error.
-  std::function<caf::error(size_t, uint64_t)> plan
-    = [](size_t, uint64_t) { return caf::error{}; };
+  std::function<caf::error(size_t, uint64_t)> plan = [](size_t, uint64_t) {
+    return caf::error{};
+  };
   std::vector<spawned_session> spawned;
   /// What the dispatcher was told: "up <index>#<generation>", "down <index>".
   std::vector<std::string> events;
@@ -163,8 +163,7 @@ protected:
     auto w = world;
     c.on_fatal = [w](const std::string& why) { w->fatal.push_back(why); };
     c.spawn_session = [w](caf::actor_system& s, size_t index,
-                          uint64_t generation,
-                          session_supervisor_actor sup) {
+                          uint64_t generation, session_supervisor_actor sup) {
       auto h = s.spawn(fake_session, w, index, generation, std::move(sup),
                        w->plan(index, generation));
       w->spawned.push_back(spawned_session{index, generation, h});
@@ -221,9 +220,9 @@ protected:
     std::vector<long long> out;
     auto& clk = sched.clock();
     for (auto& kv : clk.schedule())
-      out.push_back(std::chrono::duration_cast<milliseconds>(
-                      kv.first - clk.current_time)
-                      .count());
+      out.push_back(
+        std::chrono::duration_cast<milliseconds>(kv.first - clk.current_time)
+          .count());
     return out;
   }
 
@@ -260,9 +259,19 @@ TEST(SupervisorRestartBackoffTest, DoublesFromTheMinimumUpToTheCap) {
   c.backoff_min = milliseconds{100};
   c.backoff_max = milliseconds{10000};
   constexpr std::pair<uint32_t, long long> table[] = {
-    {0, 100},    {1, 200},    {2, 400},    {3, 800},     {6, 6400},
-    {7, 10000},  {8, 10000},  {16, 10000}, {17, 10000},  {63, 10000},
-    {64, 10000}, {1000, 10000}, {UINT32_MAX, 10000},
+    {0, 100},
+    {1, 200},
+    {2, 400},
+    {3, 800},
+    {6, 6400},
+    {7, 10000},
+    {8, 10000},
+    {16, 10000},
+    {17, 10000},
+    {63, 10000},
+    {64, 10000},
+    {1000, 10000},
+    {UINT32_MAX, 10000},
   };
   for (auto [failures, expected] : table)
     EXPECT_EQ(restart_backoff(c, failures).count(), expected)
@@ -348,12 +357,11 @@ TEST_F(SessionSupervisorTest, ReadyAloneKeepsTheBackoffSessionOkResetsIt) {
 
 TEST_F(SessionSupervisorTest, FatalErrorStopsTheIndexForGood) {
   const std::pair<const char*, caf::error> fatal_errors[] = {
-    {"wrong PIN",
-     caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
-                     std::string{"CKR_PIN_INCORRECT"})},
+    {"wrong PIN", caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
+                                  std::string{"CKR_PIN_INCORRECT"})},
     {"master key missing", caf::make_error(key_errc::master_key_missing)},
-    {"configuration", caf::make_error(config_errc::bad_file,
-                                      std::string{"--module"})},
+    {"configuration",
+     caf::make_error(config_errc::bad_file, std::string{"--module"})},
   };
   for (auto& [name, err] : fatal_errors) {
     SCOPED_TRACE(name);
@@ -530,8 +538,7 @@ TEST_F(SessionSupervisorTest, CloseEndsAllSessionsAndAnswersTheStuckCount) {
   ASSERT_EQ(pending_delays().size(), 1u);
   EXPECT_EQ(ask_supervisor<size_t>(close_atom::value), size_t{1});
   EXPECT_EQ(world->exits.at({1, 1}), caf::exit_reason::user_shutdown);
-  EXPECT_EQ(world->events,
-            (strings{"up 0#1", "up 1#1", "down 0", "down 1"}));
+  EXPECT_EQ(world->events, (strings{"up 0#1", "up 1#1", "down 0", "down 1"}));
   // Nothing is restarted after a close.
   wait(std::chrono::hours{1});
   EXPECT_EQ(world->spawned.size(), 2u);

@@ -2,8 +2,22 @@
 // proxy and the driver talking mTLS on loopback. Each test runs in its own
 // process (gtest_discover_tests), so each loads the module once.
 
+#include "runtime/app/daemon.hpp"
+#include "runtime/base/logging.hpp"
+#include "runtime/crypto/hex.hpp"
+#include "runtime/net/pki.hpp"
+#include "runtime/net/reference_proxy.hpp"
+#include "store/sqlite_store.hpp"
+#include "tests/support/fault_table.hpp"
+#include "tests/support/openssl_verify.hpp"
+#include "tests/support/process.hpp"
+#include "tests/support/proxy_helpers.hpp"
+#include "tests/support/wait.hpp"
+
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <nlohmann/json.hpp>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -15,21 +29,6 @@
 #include <random>
 #include <regex>
 #include <thread>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-
-#include "runtime/crypto/hex.hpp"
-#include "runtime/app/daemon.hpp"
-#include "runtime/base/logging.hpp"
-#include "runtime/net/pki.hpp"
-#include "runtime/net/reference_proxy.hpp"
-#include "store/sqlite_store.hpp"
-#include "tests/support/fault_table.hpp"
-#include "tests/support/openssl_verify.hpp"
-#include "tests/support/process.hpp"
-#include "tests/support/proxy_helpers.hpp"
-#include "tests/support/wait.hpp"
 
 namespace hsm {
 namespace {
@@ -80,7 +79,6 @@ std::optional<std::string> admin_http(uint16_t port, const std::string& method,
     return std::nullopt;
   return response.substr(at + 4);
 }
-
 
 class EngineTest : public ::testing::Test {
 protected:
@@ -165,8 +163,8 @@ protected:
   }
 
   json generate(const std::string& key_id, const std::string& s) {
-    return await_done(proxy->enqueue("generate_key",
-                                     {{"key_id", key_id}, {"scheme", s}}));
+    return await_done(
+      proxy->enqueue("generate_key", {{"key_id", key_id}, {"scheme", s}}));
   }
 
   std::string enqueue_sign(const std::string& key_id,
@@ -223,12 +221,12 @@ TEST_F(EngineTest, EveryServedSchemeGeneratesAndSignsThroughTheProxy) {
         << name;
       EXPECT_TRUE(sig["result"].contains("recovery_id"));
       if (s == scheme::secp256k1) {
-        EXPECT_TRUE(test::is_low_s_secp256k1(
-          test::unhex(sig["result"]["signature"])));
+        EXPECT_TRUE(
+          test::is_low_s_secp256k1(test::unhex(sig["result"]["signature"])));
       }
     } else {
-      EXPECT_TRUE(test::openssl_verify(s, pub, payload,
-                                       test::unhex(sig["result"]["signature"])));
+      EXPECT_TRUE(test::openssl_verify(
+        s, pub, payload, test::unhex(sig["result"]["signature"])));
     }
   }
   EXPECT_EQ(proxy->stats().max_in_flight.count("engine-driver"), 1u);
@@ -266,9 +264,9 @@ TEST_F(EngineTest, GenerateRedeliveredAfterLeaseExpiryYieldsOneKey) {
   // key already) and then posts under its expired lease, which the proxy
   // refuses. The refusal is the sign that it is through.
   gate_open = true;
-  ASSERT_TRUE(test::wait_until(
-    [&] { return proxy->stats().rejected_results >= 1; }, 30s,
-    "the first attempt's late result, refused by the proxy"));
+  ASSERT_TRUE(
+    test::wait_until([&] { return proxy->stats().rejected_results >= 1; }, 30s,
+                     "the first attempt's late result, refused by the proxy"));
   EXPECT_EQ(released.load(), 1);
   drv.reset();
   auto st = store::sqlite_store::open(dir / "keys.db");
@@ -340,8 +338,8 @@ TEST_F(EngineTest, SessionFailingMidRequestIsRestartedAndTheRequestAnswered) {
       return now && now->healthy_sessions == 2;
     },
     30s, "both sessions healthy again"));
-  EXPECT_TRUE(await_done(enqueue_sign("sup", test::sha256("after")))["ok"]
-                .get<bool>());
+  EXPECT_TRUE(
+    await_done(enqueue_sign("sup", test::sha256("after")))["ok"].get<bool>());
 }
 
 TEST_F(EngineTest, OneSessionFailureCostsOneRetryEvenWithOneSlot) {
@@ -401,8 +399,8 @@ TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
   gate_open = true;
   ASSERT_TRUE(test::wait_until([&] { return released.load() == 1; }, 30s,
                                "the abandoned call to return"));
-  EXPECT_TRUE(await_done(enqueue_sign("hang", test::sha256("after")))["ok"]
-                .get<bool>());
+  EXPECT_TRUE(
+    await_done(enqueue_sign("hang", test::sha256("after")))["ok"].get<bool>());
 }
 
 TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
@@ -418,15 +416,20 @@ TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
     {"sign", {{"payload", std::string(64, 'a')}}, "invalid_request"},
     {"sign", json::array({1, 2}), "invalid_request"},
     {"sign", {{"key_id", "good"}, {"payload", "not hex"}}, "invalid_request"},
-    {"sign", {{"key_id", "nobody"}, {"payload", std::string(64, 'a')}},
+    {"sign",
+     {{"key_id", "nobody"}, {"payload", std::string(64, 'a')}},
      "unknown_key"},
-    {"sign", {{"key_id", "good"}, {"payload", std::string(62, 'a')}},
+    {"sign",
+     {{"key_id", "good"}, {"payload", std::string(62, 'a')}},
      "invalid_payload"},
-    {"sign", {{"key_id", "good"}, {"payload", std::string(300000, 'a')}},
+    {"sign",
+     {{"key_id", "good"}, {"payload", std::string(300000, 'a')}},
      "invalid_payload"},
-    {"generate_key", {{"key_id", "s"}, {"scheme", "schnorr"}},
+    {"generate_key",
+     {{"key_id", "s"}, {"scheme", "schnorr"}},
      "scheme_unsupported"},
-    {"generate_key", {{"key_id", "bad id!"}, {"scheme", "p256"}},
+    {"generate_key",
+     {{"key_id", "bad id!"}, {"scheme", "p256"}},
      "invalid_request"},
   };
   auto hsm_signs = plan->counts.sign.load();

@@ -1,15 +1,14 @@
 // The real `hsm-driver` binary on a real SoftHSMv2 token and SQLite file.
 
-#include <sys/stat.h>
-
-#include <fstream>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-
 #include "runtime/crypto/hex.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/stat.h>
+
+#include <fstream>
 
 namespace hsm {
 namespace {
@@ -69,8 +68,8 @@ TEST_F(CliTest, GenerateSignShowPrintJsonThatVerifies) {
     auto pub = unhex(g["key"]["public_key"]);
     ASSERT_EQ(pub.size(), 65u);
     auto hash = test::sha256("cli payload " + s);
-    auto sign = run({"keys", "sign", "--key-id", id, "--payload",
-                     crypto::to_hex(hash)});
+    auto sign = run(
+      {"keys", "sign", "--key-id", id, "--payload", crypto::to_hex(hash)});
     ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
     auto j = json::parse(sign.out);
     auto der = unhex(j["signature"]["der"]);
@@ -95,8 +94,8 @@ TEST_F(CliTest, GenerateSignShowPrintJsonThatVerifies) {
 }
 
 TEST_F(CliTest, Ed25519NeedsTheResidentOptInOnSoftHsm) {
-  auto refused = run({"keys", "generate", "--scheme", "ed25519", "--key-id",
-                      "ed"});
+  auto refused = run(
+    {"keys", "generate", "--scheme", "ed25519", "--key-id", "ed"});
   EXPECT_EQ(refused.exit_code, 1);
   EXPECT_EQ(json::parse(refused.out)["error"]["code"], "scheme_unsupported");
   auto probe = run({"probe"});
@@ -109,8 +108,8 @@ TEST_F(CliTest, Ed25519NeedsTheResidentOptInOnSoftHsm) {
   ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
   auto pub = unhex(json::parse(gen.out)["key"]["public_key"]);
   ASSERT_EQ(pub.size(), 32u);
-  auto sign = run({"--resident-schemes", "ed25519", "keys", "sign",
-                   "--key-id", "ed", "--payload", "68656c6c6f"});
+  auto sign = run({"--resident-schemes", "ed25519", "keys", "sign", "--key-id",
+                   "ed", "--payload", "68656c6c6f"});
   ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
   auto sig = unhex(json::parse(sign.out)["signature"]["signature"]);
   std::vector<uint8_t> msg{'h', 'e', 'l', 'l', 'o'};
@@ -118,9 +117,9 @@ TEST_F(CliTest, Ed25519NeedsTheResidentOptInOnSoftHsm) {
 }
 
 TEST_F(CliTest, BadInputGetsClearErrors) {
-  ASSERT_EQ(run({"keys", "generate", "--scheme", "p256", "--key-id", "k"})
-              .exit_code,
-            0);
+  ASSERT_EQ(
+    run({"keys", "generate", "--scheme", "p256", "--key-id", "k"}).exit_code,
+    0);
   struct bad_case {
     std::vector<std::string> args;
     std::string code;
@@ -170,12 +169,13 @@ TEST_F(CliTest, PinFileMustBePrivate) {
   auto file = dir / "pin";
   std::ofstream{file} << test::user_pin << "\n";
   ::chmod(file.c_str(), 0644);
-  auto loose = run({"probe"}, {{"USER_PIN", ""},
-                               {"USER_PIN_FILE", file.string()}});
+  auto loose = run({"probe"},
+                   {{"USER_PIN", ""}, {"USER_PIN_FILE", file.string()}});
   EXPECT_EQ(loose.exit_code, 2);
   EXPECT_NE(loose.out.find("USER_PIN_FILE"), std::string::npos) << loose.out;
   ::chmod(file.c_str(), 0600);
-  auto ok = run({"probe"}, {{"USER_PIN", ""}, {"USER_PIN_FILE", file.string()}});
+  auto ok = run({"probe"},
+                {{"USER_PIN", ""}, {"USER_PIN_FILE", file.string()}});
   EXPECT_EQ(ok.exit_code, 0) << ok.out << ok.err;
 }
 
@@ -192,11 +192,10 @@ TEST_F(CliTest, PinNeverAppearsInOutputOrOnTheCommandLine) {
   EXPECT_EQ(eq.exit_code, 2);
   auto extra = run({"probe", "secret-on-argv-3"});
   EXPECT_EQ(extra.exit_code, 2);
-  for (auto secret : {std::string{test::user_pin}, std::string{test::so_pin},
-                      std::string{"wrong-pin-xyz"},
-                      std::string{"secret-on-argv-1"},
-                      std::string{"secret-on-argv-2"},
-                      std::string{"secret-on-argv-3"}})
+  for (auto secret :
+       {std::string{test::user_pin}, std::string{test::so_pin},
+        std::string{"wrong-pin-xyz"}, std::string{"secret-on-argv-1"},
+        std::string{"secret-on-argv-2"}, std::string{"secret-on-argv-3"}})
     EXPECT_EQ(all_output.find(secret), std::string::npos) << secret;
   EXPECT_FALSE(all_output.empty());
 }
@@ -207,13 +206,12 @@ TEST_F(CliTest, TokenWithAnotherMasterKeyIsRefusedAndWritesNothing) {
             0);
   auto other = test::unique_label("cli-other");
   ASSERT_EQ(run({"token", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code, 0);
-  ASSERT_EQ(
-    run({"master-key", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code, 0);
+  ASSERT_EQ(run({"master-key", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code,
+            0);
   auto check = run({"master-key", "check"}, {{"HSM_TOKEN_LABEL", other}});
   EXPECT_EQ(check.exit_code, 1);
   EXPECT_EQ(json::parse(check.out)["error"]["code"], "master_key_mismatch");
-  auto gen = run({"keys", "generate", "--scheme", "p256", "--key-id",
-                  "second"},
+  auto gen = run({"keys", "generate", "--scheme", "p256", "--key-id", "second"},
                  {{"HSM_TOKEN_LABEL", other}});
   EXPECT_EQ(gen.exit_code, 1);
   EXPECT_EQ(json::parse(gen.out)["error"]["code"], "master_key_mismatch");

@@ -4,15 +4,14 @@
 
 #include "actors/hsm_session.hpp"
 
-#include <gtest/gtest.h>
-
-#include "caf/all.hpp"
-
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/key_service.hpp"
 #include "tests/support/actor_fixture.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
+
+#include "caf/all.hpp"
+#include <gtest/gtest.h>
 
 namespace hsm {
 namespace {
@@ -53,8 +52,8 @@ protected:
   template <class T>
   caf::expected<T> call(caf::message msg) {
     caf::expected<T> out{caf::sec::request_timeout};
-    auto h = self->request(caf::actor_cast<caf::actor>(session),
-                           caf::infinite, std::move(msg));
+    auto h = self->request(caf::actor_cast<caf::actor>(session), caf::infinite,
+                           std::move(msg));
     sched.run();
     h.receive([&](T& x) { out = std::move(x); },
               [&](caf::error& err) { out = std::move(err); });
@@ -76,8 +75,8 @@ TEST_F(HsmSessionTest, GeneratesAndSignsWithWrappedAndResidentKeys) {
     auto raw = call<raw_signature>(
       caf::make_message(sign_atom::value, *rec, payload));
     ASSERT_TRUE(raw) << describe(raw.error());
-    EXPECT_TRUE(crypto::finish_signature(s, rec->public_key, payload,
-                                         raw->bytes))
+    EXPECT_TRUE(
+      crypto::finish_signature(s, rec->public_key, payload, raw->bytes))
       << to_string(s);
   }
 }

@@ -1,22 +1,22 @@
 // The key path on a real SoftHSMv2 token and a real SQLite file.
 
-#include <openssl/x509.h>
-#include <sqlite3.h>
-
-#include <algorithm>
-#include <fstream>
-#include <iterator>
-
-#include <gtest/gtest.h>
+#include "runtime/keys/key_service.hpp"
 
 #include "runtime/crypto/signature.hpp"
-#include "runtime/keys/key_service.hpp"
 #include "runtime/keys/master_key_guard.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 #include "store/sqlite_store.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
+
+#include <gtest/gtest.h>
+#include <openssl/x509.h>
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <fstream>
+#include <iterator>
 
 namespace hsm {
 namespace {
@@ -64,7 +64,7 @@ protected:
     ASSERT_TRUE(opened) << describe(opened.error());
     st = std::move(*opened);
     auto guard = keys::check_master_key(token->sess, token->master,
-                                  "hsm-driver-master", *st, true);
+                                        "hsm-driver-master", *st, true);
     ASSERT_TRUE(guard) << describe(guard.error());
     ASSERT_EQ(*guard, keys::canary_state::created);
   }
@@ -130,13 +130,13 @@ TEST_F(KeyServiceTest, EveryServedSchemeGeneratesSignsAndVerifies) {
       EXPECT_EQ(key->public_key.size(), 65u);
       EXPECT_EQ(key->public_key_compressed.size(), 33u);
       ASSERT_TRUE(sig->sig.recovery_id);
-      EXPECT_TRUE(test::openssl_verify(s, key->public_key, payload,
-                                       sig->sig.der))
+      EXPECT_TRUE(
+        test::openssl_verify(s, key->public_key, payload, sig->sig.der))
         << to_string(s);
     } else {
       EXPECT_EQ(key->public_key.size(), 32u);
-      EXPECT_TRUE(test::openssl_verify(s, key->public_key, payload,
-                                       sig->sig.raw));
+      EXPECT_TRUE(
+        test::openssl_verify(s, key->public_key, payload, sig->sig.raw));
     }
   }
   EXPECT_EQ(served, 3);
@@ -306,14 +306,14 @@ TEST_F(KeyServiceTest, OtherMasterKeyIsRefusedAndWritesNothing) {
   auto svc = service();
   ASSERT_TRUE(svc.generate("guarded", "p256"));
   auto other = test::make_token(test::unique_label("other"));
-  auto guard = keys::check_master_key(other.sess, other.master, "hsm-driver-master",
-                                *st, true);
+  auto guard = keys::check_master_key(other.sess, other.master,
+                                      "hsm-driver-master", *st, true);
   ASSERT_FALSE(guard);
   EXPECT_EQ(guard.error(), key_errc::master_key_mismatch);
   EXPECT_NE(describe(guard.error()).find("master key"), std::string::npos);
   // The canary is the first one still.
   auto again = keys::check_master_key(token->sess, token->master,
-                                "hsm-driver-master", *st, false);
+                                      "hsm-driver-master", *st, false);
   ASSERT_TRUE(again) << describe(again.error());
   EXPECT_EQ(*again, keys::canary_state::matches);
 }
@@ -324,8 +324,7 @@ TEST_F(KeyServiceTest, MissingMasterKeyIsAClearError) {
   auto found = pkcs11::find_master_key(tok.sess, "hsm-driver-master");
   ASSERT_FALSE(found);
   EXPECT_EQ(found.error(), key_errc::master_key_missing);
-  EXPECT_NE(describe(found.error()).find("master-key init"),
-            std::string::npos);
+  EXPECT_NE(describe(found.error()).find("master-key init"), std::string::npos);
 }
 
 } // namespace

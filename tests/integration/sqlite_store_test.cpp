@@ -10,7 +10,6 @@
 
 #include <gtest/gtest.h>
 #include <sqlite3.h>
-
 #include <stdlib.h>
 #include <sys/stat.h>
 
@@ -135,8 +134,7 @@ struct sqlite_traits {
     return raw_db{db}.scalar(sql);
   }
 
-  static std::string table_count(const location& db,
-                                 const std::string& table) {
+  static std::string table_count(const location& db, const std::string& table) {
     return scalar(db, "SELECT COUNT(*) FROM sqlite_schema WHERE name = '"
                         + table + "'");
   }

@@ -1,11 +1,11 @@
 // The PKCS#11 layer on a real SoftHSMv2 token.
 
-#include <gtest/gtest.h>
-
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
+
+#include <gtest/gtest.h>
 
 namespace hsm {
 namespace {
@@ -28,8 +28,7 @@ TEST(ModuleTest, LibraryWithoutPkcs11IsRefused) {
   auto mod = pkcs11::module::load("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0");
   ASSERT_FALSE(mod);
   EXPECT_EQ(mod.error(), config_errc::bad_file);
-  EXPECT_NE(describe(mod.error()).find("C_GetFunctionList"),
-            std::string::npos);
+  EXPECT_NE(describe(mod.error()).find("C_GetFunctionList"), std::string::npos);
 }
 
 TEST(ModuleTest, UnknownTokenLabelNamesTheOption) {

@@ -1,13 +1,13 @@
 #include "runtime/net/lease_queue.hpp"
 
+#include "runtime/base/clock.hpp"
+
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <set>
 #include <string>
 #include <vector>
-
-#include "runtime/base/clock.hpp"
 
 namespace hsm::net {
 namespace {

@@ -5,14 +5,13 @@
 // the folder through `static constexpr const char* suite_dir`. CRTP gives
 // each suite its own statics.
 
+#include "runtime/net/pki.hpp"
+
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <string>
-
-#include <gtest/gtest.h>
-
-#include "runtime/net/pki.hpp"
 
 namespace hsm::net {
 

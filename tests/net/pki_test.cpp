@@ -1,4 +1,5 @@
 #include "runtime/net/pki.hpp"
+
 #include "tests/net/pki_suite.hpp"
 
 #include <gtest/gtest.h>
@@ -73,8 +74,7 @@ int verify_chain(const std::filesystem::path& chain_file,
     sk_X509_push(untrusted.get(), chain[i].get());
   std::unique_ptr<X509_STORE_CTX, decltype(&X509_STORE_CTX_free)> ctx{
     X509_STORE_CTX_new(), &X509_STORE_CTX_free};
-  X509_STORE_CTX_init(ctx.get(), store.get(), chain[0].get(),
-                      untrusted.get());
+  X509_STORE_CTX_init(ctx.get(), store.get(), chain[0].get(), untrusted.get());
   X509_STORE_CTX_set_purpose(ctx.get(), purpose);
   auto ok = X509_verify_cert(ctx.get());
   auto err = X509_STORE_CTX_get_error(ctx.get());
@@ -83,7 +83,7 @@ int verify_chain(const std::filesystem::path& chain_file,
 }
 
 unsigned mode_of(const std::filesystem::path& p) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(p.c_str(), &st) != 0)
     return 0;
   return st.st_mode & 0777u;
@@ -107,7 +107,6 @@ public:
   static constexpr const char* suite_dir = "hsm_net_pki";
 
 protected:
-
 };
 
 // -- files --------------------------------------------------------------------
@@ -249,9 +248,8 @@ TEST_F(PkiTest, SerialsAreRandomAndDistinct) {
     // 159 random bits: at least 8 octets unless astronomically unlucky.
     EXPECT_GE(ASN1_STRING_length(serial), 8);
     for (size_t j = 0; j < i; ++j)
-      EXPECT_NE(ASN1_INTEGER_cmp(serial,
-                                 X509_get0_serialNumber(certs[j].get())),
-                0);
+      EXPECT_NE(
+        ASN1_INTEGER_cmp(serial, X509_get0_serialNumber(certs[j].get())), 0);
   }
 }
 

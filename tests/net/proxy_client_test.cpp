@@ -1,5 +1,9 @@
 #include "runtime/net/proxy_client.hpp"
+
+#include "runtime/net/pki.hpp"
+#include "runtime/net/reference_proxy.hpp"
 #include "tests/net/pki_suite.hpp"
+#include "tests/support/wait.hpp"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
@@ -18,10 +22,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-
-#include "runtime/net/pki.hpp"
-#include "runtime/net/reference_proxy.hpp"
-#include "tests/support/wait.hpp"
 
 namespace hsm::net {
 namespace {
@@ -145,7 +145,6 @@ public:
   static constexpr const char* suite_dir = "hsm_net_proxy_client";
 
 protected:
-
   static proxy_client_config config(uint16_t port) {
     proxy_client_config cfg;
     cfg.proxy_addr = "127.0.0.1:" + std::to_string(port);
@@ -156,7 +155,6 @@ protected:
     cfg.post_timeout = 2s;
     return cfg;
   }
-
 };
 
 // -- create -------------------------------------------------------------------
@@ -213,9 +211,8 @@ TEST_F(ProxyClientTest, MissingAddressIsMissingOption) {
 TEST_F(ProxyClientTest, BadAddressIsInvalidOption) {
   for (auto addr :
        {"localhost", "https://localhost:8443", "::1:8443", "localhost:0",
-        "localhost:70000", "localhost:http", "[::1]8443", "[::1]:",
-        ":8443", "a b:8443", "user@host:8443", "host:8443/path",
-        "[localhost]:8443"}) {
+        "localhost:70000", "localhost:http", "[::1]8443", "[::1]:", ":8443",
+        "a b:8443", "user@host:8443", "host:8443/path", "[localhost]:8443"}) {
     auto cfg = config(8443);
     cfg.proxy_addr = addr;
     auto c = proxy_client::create(cfg);
@@ -274,9 +271,8 @@ TEST_F(ProxyClientTest, PollSendsDriverIdMaxAndWaitAsJson) {
   EXPECT_EQ(fake.content_type(), "application/json");
   auto body = json::parse(fake.body(), nullptr, false);
   ASSERT_TRUE(body.is_object()) << fake.body();
-  EXPECT_EQ(body, (json{{"driver_id", "driver-a"},
-                        {"max", 3},
-                        {"wait_ms", 1500}}));
+  EXPECT_EQ(body,
+            (json{{"driver_id", "driver-a"}, {"max", 3}, {"wait_ms", 1500}}));
 }
 
 TEST_F(ProxyClientTest, PostResultSendsTheBodyAsIs) {
@@ -321,12 +317,12 @@ TEST_F(ProxyClientTest, ConflictFromReferenceProxyIsAReply) {
   ASSERT_TRUE(proxy) << describe(proxy.error());
   auto c = proxy_client::create(config((*proxy)->port()));
   ASSERT_TRUE(c) << describe(c.error());
-  auto reply = (*c)->post_result(json{{"id", "unknown"},
-                                      {"lease", "none"},
-                                      {"driver_id", "driver-a"},
-                                      {"ok", true},
-                                      {"result", json::object()}}
-                                   .dump());
+  auto reply = (*c)->post_result(json{
+    {"id", "unknown"},
+    {"lease", "none"},
+    {"driver_id", "driver-a"},
+    {"ok", true},
+    {"result", json::object()}}.dump());
   ASSERT_TRUE(reply) << describe(reply.error());
   EXPECT_EQ(reply->status, 409);
 }

@@ -1,5 +1,9 @@
 #include "runtime/net/reference_proxy.hpp"
 
+#include "runtime/base/clock.hpp"
+#include "runtime/net/pki.hpp"
+#include "runtime/net/proxy_client.hpp"
+
 #include <curl/curl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
@@ -12,10 +16,6 @@
 #include <memory>
 #include <string>
 #include <thread>
-
-#include "runtime/base/clock.hpp"
-#include "runtime/net/pki.hpp"
-#include "runtime/net/proxy_client.hpp"
 
 namespace hsm::net {
 namespace {
@@ -262,8 +262,7 @@ protected:
       return json::array();
     EXPECT_EQ(reply->status, 200) << reply->body;
     auto body = json::parse(reply->body, nullptr, false);
-    EXPECT_TRUE(body.is_object() && body["requests"].is_array())
-      << reply->body;
+    EXPECT_TRUE(body.is_object() && body["requests"].is_array()) << reply->body;
     if (!body.is_object() || !body["requests"].is_array())
       return json::array();
     return body["requests"];
@@ -718,8 +717,7 @@ TEST_F(ReferenceProxyTest, NegotiatesTls13) {
   start();
   tls_probe seen;
   seen.curl = curl_easy_init();
-  auto url = "https://127.0.0.1:" + std::to_string(proxy_->port())
-             + "/v1/poll";
+  auto url = "https://127.0.0.1:" + std::to_string(proxy_->port()) + "/v1/poll";
   std::string body = "{\"driver_id\":\"d\",\"max\":1,\"wait_ms\":0}";
   auto ca = pki_->root_cert.string();
   auto cert = pki_->driver_chain.string();

@@ -11,11 +11,10 @@
 #include "tests/support/key_store_contract.hpp"
 #include "tests/support/pg_cluster.hpp"
 
-#include <gtest/gtest.h>
-#include <pqxx/pqxx>
-
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <pqxx/pqxx>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -105,7 +104,6 @@ pg_options restart_budget() {
   opts.retry_max = 200ms;
   return opts;
 }
-
 
 // -- the contract -------------------------------------------------------------
 
@@ -235,7 +233,6 @@ TEST_F(PgStoreTest, OpenAppliesSchemaVersionOne) {
             "2");
 }
 
-
 TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
   constexpr size_t openers = 4;
   for (int round = 0; round < 3; ++round) {
@@ -263,7 +260,6 @@ TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
       hsm::test::drop_database(db);
   }
 }
-
 
 // -- server-side errors -------------------------------------------------------
 
@@ -322,8 +318,8 @@ TEST_F(PgStoreTest, PutsSucceedAcrossServerRestart) {
   }};
   for (int i = 1; i < n; ++i) {
     auto s = hsm::all_schemes[static_cast<size_t>(i) % 3];
-    auto res = store->put(sample_key("restart-" + std::to_string(i), s,
-                                     static_cast<uint8_t>(i)));
+    auto res = store->put(
+      sample_key("restart-" + std::to_string(i), s, static_cast<uint8_t>(i)));
     if (res)
       inserted.push_back(res->inserted);
     else
@@ -397,8 +393,7 @@ TEST_F(PgStoreTest, MultiHostUrlSkipsADeadHost) {
   ASSERT_NE(at, std::string::npos) << url;
   ASSERT_NE(slash, std::string::npos) << url;
   auto multi = url.substr(0, at + 1) + "127.0.0.1:"
-               + std::to_string(unused_port()) + ","
-               + url.substr(at + 1);
+               + std::to_string(unused_port()) + "," + url.substr(at + 1);
   auto store = pg_store::open(multi, short_budget(5s));
   ASSERT_TRUE(store) << hsm::describe(store.error());
   ASSERT_TRUE((*store)->put(sample_key("multi", hsm::scheme::p256, 1)));

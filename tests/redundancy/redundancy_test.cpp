@@ -2,16 +2,6 @@
 // SoftHSMv2 token folder) holding the same master key, one PostgreSQL, one
 // proxy. Drivers are real `hsm-driver run` processes.
 
-#include <signal.h>
-
-#include <chrono>
-#include <fstream>
-#include <iostream>
-#include <random>
-
-#include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
-
 #include "runtime/crypto/hex.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
@@ -22,6 +12,15 @@
 #include "tests/support/proxy_helpers.hpp"
 #include "tests/support/wait.hpp"
 
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <random>
+
 namespace hsm {
 namespace {
 
@@ -30,7 +29,6 @@ using namespace std::chrono_literals;
 
 constexpr const char* user_pin = "redundancy-pin-1618";
 constexpr const char* so_pin = "redundancy-so-1414";
-
 
 /// Writes a 0600 file with 64 random hex characters: a test master key.
 void write_master_value(const std::filesystem::path& path) {
@@ -109,14 +107,21 @@ protected:
   }
 
   std::vector<std::string> run_args(const std::string& name) {
-    return {"run",           "--proxy-addr",
+    return {"run",
+            "--proxy-addr",
             "127.0.0.1:" + std::to_string(proxy->port()),
-            "--ca-cert",     pki.root_cert.string(),
-            "--client-cert", pki.driver_chain.string(),
-            "--client-key",  pki.driver_key.string(),
-            "--driver-id",   name,
-            "--poll-wait",   "300",
-            "--sessions",    "2"};
+            "--ca-cert",
+            pki.root_cert.string(),
+            "--client-cert",
+            pki.driver_chain.string(),
+            "--client-key",
+            pki.driver_key.string(),
+            "--driver-id",
+            name,
+            "--poll-wait",
+            "300",
+            "--sessions",
+            "2"};
   }
 
   void start(const std::string& name) {
@@ -150,7 +155,6 @@ protected:
                                    {"payload", crypto::to_hex(payload)}});
   }
 
-
   /// A mixed load: `n` requests, every third a generate, the rest signs
   /// with `keys`. Returns the request ids with what they are.
   std::vector<std::pair<std::string, std::string>>
@@ -160,14 +164,12 @@ protected:
     for (int i = 0; i < n; ++i) {
       if (i % 3 == 0) {
         auto key_id = prefix + "-gen-" + std::to_string(i);
-        out.emplace_back(enqueue_generate(key_id, i % 2 ? "p256"
-                                                        : "secp256k1"),
+        out.emplace_back(enqueue_generate(key_id, i % 2 ? "p256" : "secp256k1"),
                          key_id);
       } else {
         auto& key = keys[static_cast<size_t>(i) % keys.size()];
-        out.emplace_back(enqueue_sign(key, test::sha256(prefix
-                                                        + std::to_string(i))),
-                         "");
+        out.emplace_back(
+          enqueue_sign(key, test::sha256(prefix + std::to_string(i))), "");
       }
     }
     return out;
@@ -282,9 +284,9 @@ TEST_F(RedundancyTest, KillNineUnderLoadLosesNothing) {
   // held ends (answered by such a late result, or expired after 1.5 s), ...
   auto held = proxy->stats().in_flight["a"];
   auto redelivered_before = proxy->stats().redelivered;
-  ASSERT_TRUE(wait_for_stats(
-    [](net::proxy_stats st) { return st.in_flight["a"] == 0; },
-    "every lease the killed driver held to end"));
+  ASSERT_TRUE(
+    wait_for_stats([](net::proxy_stats st) { return st.in_flight["a"] == 0; },
+                   "every lease the killed driver held to end"));
   // ... and the requests of the expired ones went out again and were
   // answered, like all the others.
   auto reported = answers(load);
@@ -300,9 +302,9 @@ TEST_F(RedundancyTest, KillNineUnderLoadLosesNothing) {
 TEST_F(RedundancyTest, PostgresRestartUnderLoadLosesNothing) {
   start_pair_with_seed("pg-seed", "p256");
   auto load = mixed_load(90, {"pg-seed"}, "pgr");
-  ASSERT_TRUE(wait_for_stats(
-    [](const net::proxy_stats& st) { return st.done >= 10; },
-    "10 requests done before the restart"));
+  ASSERT_TRUE(
+    wait_for_stats([](const net::proxy_stats& st) { return st.done >= 10; },
+                   "10 requests done before the restart"));
   test::restart_postgres();
   auto reported = answers(load);
   // The drivers recovered without a restart.

@@ -6,14 +6,13 @@
 // scheduler (`sched.run()`, `sched.run_once()`); delayed messages fire on
 // `sched.trigger_timeouts()` or `sched.advance_time(d)`. No sleeps.
 
-#include <optional>
-
-#include <gtest/gtest.h>
+#include "messages/errors.hpp"
 
 #include "caf/all.hpp"
 #include "caf/scheduler/test_coordinator.hpp"
+#include <gtest/gtest.h>
 
-#include "messages/errors.hpp"
+#include <optional>
 
 namespace hsm::testing {
 

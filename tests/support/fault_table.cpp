@@ -25,9 +25,8 @@ public:
   }
 
   CK_RV generate_key_pair(CK_SESSION_HANDLE h, CK_MECHANISM* m,
-                          CK_ATTRIBUTE* pub, CK_ULONG npub,
-                          CK_ATTRIBUTE* priv, CK_ULONG npriv,
-                          CK_OBJECT_HANDLE* hpub,
+                          CK_ATTRIBUTE* pub, CK_ULONG npub, CK_ATTRIBUTE* priv,
+                          CK_ULONG npriv, CK_OBJECT_HANDLE* hpub,
                           CK_OBJECT_HANDLE* hpriv) override {
     auto n = ++plan_->counts.generate_key_pair;
     if (plan_->before_generate_key_pair)

@@ -6,12 +6,12 @@
 // call that hangs past the HSM timeout, ...). Hooks are set before the
 // module is loaded and read from any thread.
 
+#include "runtime/pkcs11/function_table.hpp"
+#include "runtime/pkcs11/module.hpp"
+
 #include <atomic>
 #include <functional>
 #include <memory>
-
-#include "runtime/pkcs11/function_table.hpp"
-#include "runtime/pkcs11/module.hpp"
 
 namespace hsm::test {
 

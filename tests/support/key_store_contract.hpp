@@ -70,7 +70,7 @@ inline ::testing::AssertionResult contains(const std::string& text,
 
 /// A plausible wrapped key of `s` (the blob holds zero bytes on purpose).
 inline hsm::key_record sample_key(std::string key_id, hsm::scheme s,
-                                         uint8_t seed) {
+                                  uint8_t seed) {
   hsm::key_record rec;
   rec.key_id = std::move(key_id);
   rec.scheme = s;
@@ -242,8 +242,7 @@ TYPED_TEST_P(KeyStoreContractTest, NewerSchemaIsRefused) {
   EXPECT_TRUE(contains(text, "99"));
   EXPECT_TRUE(contains(text, "migration 1"));
   // Not retried: the answer will not change.
-  EXPECT_LT(std::chrono::steady_clock::now() - start,
-            std::chrono::seconds{5});
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds{5});
   // Nothing was written.
   EXPECT_EQ(this->table_count("keys"), "0");
 }
@@ -311,8 +310,7 @@ TYPED_TEST_P(KeyStoreContractTest, EmptyBlobRoundTrips) {
   expect_same_key(**got, rec);
   // Stored as an empty blob, not as NULL.
   EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
-  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys WHERE key_blob IS NULL"),
-            "0");
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys WHERE key_blob IS NULL"), "0");
 }
 
 TYPED_TEST_P(KeyStoreContractTest, SecondPutWithSameKeyIdReturnsFirstRecord) {
@@ -439,16 +437,12 @@ TYPED_TEST_P(KeyStoreContractTest, CanaryIsAbsentThenFirstPutWins) {
   EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "1");
 }
 
-REGISTER_TYPED_TEST_SUITE_P(KeyStoreContractTest, ReopenKeepsVersionAndData,
-                            AppliesNewMigrationsOnReopen,
-                            FailedMigrationAppliesNothing,
-                            NewerSchemaIsRefused,
-                            PutThenGetRoundTripsEveryField,
-                            ResidentKeyRoundTrips, EmptyBlobRoundTrips,
-                            SecondPutWithSameKeyIdReturnsFirstRecord,
-                            GetOfUnknownKeyIdIsNullopt,
-                            CorruptSchemeIsCorruptRow,
-                            RacingStoresKeepOneRecordPerKeyId,
-                            CanaryIsAbsentThenFirstPutWins);
+REGISTER_TYPED_TEST_SUITE_P(
+  KeyStoreContractTest, ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
+  FailedMigrationAppliesNothing, NewerSchemaIsRefused,
+  PutThenGetRoundTripsEveryField, ResidentKeyRoundTrips, EmptyBlobRoundTrips,
+  SecondPutWithSameKeyIdReturnsFirstRecord, GetOfUnknownKeyIdIsNullopt,
+  CorruptSchemeIsCorruptRow, RacingStoresKeepOneRecordPerKeyId,
+  CanaryIsAbsentThenFirstPutWins);
 
 } // namespace hsm::test

@@ -1,12 +1,12 @@
 #include "tests/support/openssl_verify.hpp"
 
-#include <memory>
-
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/sha.h>
+
+#include <memory>
 
 namespace hsm::test {
 
@@ -56,8 +56,7 @@ bool openssl_verify(scheme s, std::span<const uint8_t> public_key,
       EVP_PKEY_ED25519, nullptr, public_key.data(), public_key.size())};
     std::unique_ptr<EVP_MD_CTX, mdctx_free> md{EVP_MD_CTX_new()};
     if (!key || !md
-        || EVP_DigestVerifyInit(md.get(), nullptr, nullptr, nullptr,
-                                key.get())
+        || EVP_DigestVerifyInit(md.get(), nullptr, nullptr, nullptr, key.get())
              != 1)
       return false;
     return EVP_DigestVerify(md.get(), sig.data(), sig.size(), payload.data(),

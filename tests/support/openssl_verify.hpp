@@ -4,12 +4,12 @@
 // EVP interface from the public key alone (no project crypto code), so that
 // a bug in runtime/crypto cannot hide itself.
 
+#include "messages/scheme.hpp"
+
 #include <cstdint>
 #include <span>
 #include <string>
 #include <vector>
-
-#include "messages/scheme.hpp"
 
 namespace hsm::test {
 

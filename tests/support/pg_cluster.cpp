@@ -2,7 +2,6 @@
 
 #include <gtest/gtest.h>
 #include <pqxx/pqxx>
-
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
@@ -153,10 +152,9 @@ private:
     owned_ = true;
     auto res = run_script("start", dir_);
     if (res.exit_code != 0) {
-      error_ = "cannot start a PostgreSQL test cluster: " + script()
-               + " start " + dir_ + " exited with "
-               + std::to_string(res.exit_code) + ":\n" + res.out
-               + "server log:" + log_tail(dir_)
+      error_ = "cannot start a PostgreSQL test cluster: " + script() + " start "
+               + dir_ + " exited with " + std::to_string(res.exit_code) + ":\n"
+               + res.out + "server log:" + log_tail(dir_)
                + "\n(set HSM_TEST_POSTGRES_URL to use a running server)";
       return;
     }
@@ -196,8 +194,8 @@ std::string with_database(const std::string& url, const std::string& name) {
 std::string unique_name() {
   static std::atomic<int> counter{0};
   static const auto salt = std::random_device{}() % 1000000;
-  return "hsm_test_" + std::to_string(::getpid()) + "_"
-         + std::to_string(salt) + "_" + std::to_string(++counter);
+  return "hsm_test_" + std::to_string(::getpid()) + "_" + std::to_string(salt)
+         + "_" + std::to_string(++counter);
 }
 
 /// Runs `sql` on `url` in autocommit mode, retrying a lost or refused
@@ -230,19 +228,16 @@ std::string exec_autocommit(const std::string& url, const std::string& sql) {
 void cluster_command(const char* fn, const std::string& cmd) {
   auto& c = the_cluster();
   if (c.dir().empty()) {
-    ADD_FAILURE() << "hsm::test::" << fn
-                  << ": no PostgreSQL cluster folder: "
-                  << (c.url().empty()
-                        ? c.error()
-                        : "HSM_TEST_POSTGRES_URL is set without "
-                          "HSM_TEST_PG_DIR");
+    ADD_FAILURE() << "hsm::test::" << fn << ": no PostgreSQL cluster folder: "
+                  << (c.url().empty() ? c.error()
+                                      : "HSM_TEST_POSTGRES_URL is set without "
+                                        "HSM_TEST_PG_DIR");
     return;
   }
   auto res = run_script(cmd, c.dir());
   if (res.exit_code != 0)
     ADD_FAILURE() << "hsm::test::" << fn << ": " << script() << " " << cmd
-                  << " " << c.dir() << " exited with " << res.exit_code
-                  << ":\n"
+                  << " " << c.dir() << " exited with " << res.exit_code << ":\n"
                   << res.out << "server log:" << log_tail(c.dir());
 }
 

@@ -1,13 +1,13 @@
 #include "tests/support/proxy_helpers.hpp"
 
-#include <cstdlib>
-#include <fstream>
-#include <optional>
+#include "runtime/crypto/hex.hpp"
+#include "tests/support/wait.hpp"
 
 #include <gtest/gtest.h>
 
-#include "runtime/crypto/hex.hpp"
-#include "tests/support/wait.hpp"
+#include <cstdlib>
+#include <fstream>
+#include <optional>
 
 namespace hsm::test {
 
@@ -37,8 +37,8 @@ nlohmann::json await_done(net::reference_proxy& proxy, const std::string& id,
     timeout, "request " + id + " to be done", std::chrono::milliseconds{10});
   if (done)
     return *st;
-  ADD_FAILURE() << done.message() << "; its state: "
-                << (st ? st->dump() : "unknown");
+  ADD_FAILURE() << done.message()
+                << "; its state: " << (st ? st->dump() : "unknown");
   return nlohmann::json{{"ok", false}};
 }
 

@@ -3,15 +3,15 @@
 // Helpers shared by the end-to-end tests: a SoftHSMv2 configuration of their
 // own, and waiting on the reference proxy for a request's answer.
 
+#include "runtime/net/reference_proxy.hpp"
+
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
-
-#include "runtime/net/reference_proxy.hpp"
 
 namespace hsm::test {
 
@@ -24,9 +24,9 @@ std::filesystem::path write_softhsm_conf(const std::filesystem::path& dir);
 
 /// Waits until request `id` is done and returns its admin state; adds a test
 /// failure (and returns `{"ok": false}`) on timeout.
-nlohmann::json await_done(net::reference_proxy& proxy, const std::string& id,
-                          std::chrono::milliseconds timeout
-                          = std::chrono::seconds{60});
+nlohmann::json
+await_done(net::reference_proxy& proxy, const std::string& id,
+           std::chrono::milliseconds timeout = std::chrono::seconds{60});
 
 /// Bytes of a hex JSON string (empty if it is not hex).
 std::vector<uint8_t> unhex(const nlohmann::json& j);

@@ -1,6 +1,9 @@
 #include "tests/support/softhsm_env.hpp"
 
+#include "runtime/pkcs11/token_admin.hpp"
+
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -9,10 +12,6 @@
 #include <fstream>
 #include <random>
 #include <stdexcept>
-
-#include <gtest/gtest.h>
-
-#include "runtime/pkcs11/token_admin.hpp"
 
 extern char** environ;
 
@@ -36,8 +35,9 @@ public:
   void SetUp() override {
     auto base = std::filesystem::temp_directory_path();
     std::random_device rd;
-    auto dir = base / ("hsm-driver-it-" + std::to_string(::getpid()) + "-"
-                       + std::to_string(rd() % 100000));
+    auto dir = base
+               / ("hsm-driver-it-" + std::to_string(::getpid()) + "-"
+                  + std::to_string(rd() % 100000));
     work_dir_storage() = dir;
     ::setenv("SOFTHSM2_CONF", write_softhsm_conf(dir).c_str(), 1);
   }
@@ -51,7 +51,6 @@ public:
 };
 
 } // namespace
-
 
 const std::filesystem::path& work_dir() {
   return work_dir_storage();
@@ -96,8 +95,7 @@ pkcs11::module& shared_module() {
   return *mod;
 }
 
-test_token make_token(const std::string& label,
-                      std::string_view master_label) {
+test_token make_token(const std::string& label, std::string_view master_label) {
   auto& mod = shared_module();
   pkcs11::secret_pin so{so_pin};
   pkcs11::secret_pin user{user_pin};

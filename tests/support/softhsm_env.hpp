@@ -6,6 +6,13 @@
 // with a counting decorator on its function table, and a way to run the
 // real `hsm-driver` binary.
 
+#include "runtime/pkcs11/module.hpp"
+#include "runtime/pkcs11/secret_pin.hpp"
+#include "runtime/pkcs11/session.hpp"
+#include "tests/support/fault_table.hpp"
+#include "tests/support/process.hpp"
+#include "tests/support/proxy_helpers.hpp"
+
 #include <atomic>
 #include <filesystem>
 #include <map>
@@ -13,13 +20,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include "runtime/pkcs11/module.hpp"
-#include "runtime/pkcs11/secret_pin.hpp"
-#include "runtime/pkcs11/session.hpp"
-#include "tests/support/fault_table.hpp"
-#include "tests/support/process.hpp"
-#include "tests/support/proxy_helpers.hpp"
 
 namespace hsm::test {
 

@@ -8,11 +8,11 @@
 // Header-only (the network tests link no support sources); callable from
 // any thread, including a fault hook's.
 
+#include <gtest/gtest.h>
+
 #include <chrono>
 #include <string_view>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 namespace hsm::test {
 

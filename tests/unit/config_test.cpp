@@ -3,9 +3,9 @@
 #include "runtime/app/run_options.hpp"
 #include "runtime/net/host_port.hpp"
 
-#include <map>
-
 #include <gtest/gtest.h>
+
+#include <map>
 
 namespace hsm {
 namespace {
@@ -276,8 +276,8 @@ TEST(HostPortTest, ErrorsNameTheFlag) {
   ASSERT_FALSE(empty);
   EXPECT_EQ(empty.error(), config_errc::missing_option);
   EXPECT_NE(describe(empty.error()).find("--admin-listen"), std::string::npos);
-  for (auto bad : {"::1:8443", "localhost", "host:", "host:99999", "[::1]8443",
-                   "a b:1"}) {
+  for (auto bad :
+       {"::1:8443", "localhost", "host:", "host:99999", "[::1]8443", "a b:1"}) {
     auto parsed = net::parse_host_port(bad, "--listen",
                                        net::port_zero::allowed);
     ASSERT_FALSE(parsed) << bad;

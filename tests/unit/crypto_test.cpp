@@ -1,7 +1,7 @@
 #include "runtime/crypto/ec.hpp"
 #include "runtime/crypto/hex.hpp"
-#include "runtime/crypto/signature.hpp"
 #include "runtime/crypto/ossl.hpp"
+#include "runtime/crypto/signature.hpp"
 
 #include <gtest/gtest.h>
 #include <openssl/bn.h>
@@ -39,9 +39,8 @@ using hsm::crypto::md_ctx_ptr;
 using hsm::crypto::pkey_ctx_ptr;
 using hsm::crypto::pkey_ptr;
 using hsm::crypto::point_ptr;
-using secp_ctx_ptr
-  = std::unique_ptr<secp256k1_context,
-                    hsm::crypto::ossl_deleter<secp256k1_context_destroy>>;
+using secp_ctx_ptr = std::unique_ptr<
+  secp256k1_context, hsm::crypto::ossl_deleter<secp256k1_context_destroy>>;
 
 using bytes = std::vector<uint8_t>;
 
@@ -299,14 +298,12 @@ struct eip155_vector {
     hash = unhex(
       "daf5a779ae972f972197303d7b574746c7ef83eadac0f2791ad23db92e4c8e53");
     BIGNUM* value = nullptr;
-    BN_dec2bn(&value,
-              "185154612643733513732000026658530286124510565785457"
-              "11640558177340181847433846");
+    BN_dec2bn(&value, "185154612643733513732000026658530286124510565785457"
+                      "11640558177340181847433846");
     bn_ptr r_bn{value};
     value = nullptr;
-    BN_dec2bn(&value,
-              "469485073046389475099407636490303587599099025760259"
-              "00602547168820602576006531");
+    BN_dec2bn(&value, "469485073046389475099407636490303587599099025760259"
+                      "00602547168820602576006531");
     bn_ptr s_bn{value};
     r = bn_to_32(r_bn.get());
     s = bn_to_32(s_bn.get());
@@ -388,8 +385,8 @@ TEST(Eip155VectorTest, ConcurrentVerificationAgrees) {
       int ok = 0;
       for (int j = 0; j < 20; ++j)
         ok += hsm::crypto::verify(scheme::secp256k1, v.public_key, v.hash, sig)
-          ? 1
-          : 0;
+                ? 1
+                : 0;
       results[i] = ok;
     });
   for (auto& t : threads)
@@ -786,10 +783,10 @@ TEST(Ed25519Test, FinishesOpenSslSignatures) {
 }
 
 TEST(Ed25519Test, Rfc8032TestVector1) {
-  auto secret
-    = unhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
-  auto public_key
-    = unhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+  auto secret = unhex(
+    "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60");
+  auto public_key = unhex(
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
   auto sig = unhex(
     "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590"
     "a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b");

@@ -1,8 +1,7 @@
 #include "messages/errors.hpp"
 
-#include <gtest/gtest.h>
-
 #include "caf/sec.hpp"
+#include <gtest/gtest.h>
 
 namespace hsm {
 namespace {
@@ -19,13 +18,13 @@ TEST(ErrorsTest, DescribeNamesClassFunctionAndCkr) {
 TEST(ErrorsTest, DescribeLeavesOutTheNumericCkr) {
   // The context rv_error makes: (function, CKR name, CK_RV as uint64_t).
   auto err = caf::make_error(hsm_errc::fatal, std::string{"C_Login"},
-                             std::string{"CKR_PIN_INCORRECT"},
-                             uint64_t{0xA0});
+                             std::string{"CKR_PIN_INCORRECT"}, uint64_t{0xA0});
   EXPECT_EQ(describe(err), "hsm: fatal (C_Login: CKR_PIN_INCORRECT)");
-  auto wrapped = caf::make_error(
-    key_errc::key_corrupted, std::string{"the token cannot unwrap the key"},
-    std::string{"C_UnwrapKey"}, std::string{"CKR_WRAPPED_KEY_INVALID"},
-    uint64_t{0x110});
+  auto wrapped = caf::make_error(key_errc::key_corrupted,
+                                 std::string{"the token cannot unwrap the key"},
+                                 std::string{"C_UnwrapKey"},
+                                 std::string{"CKR_WRAPPED_KEY_INVALID"},
+                                 uint64_t{0x110});
   EXPECT_EQ(describe(wrapped),
             "key: key_corrupted (the token cannot unwrap the key: "
             "C_UnwrapKey: CKR_WRAPPED_KEY_INVALID)");
@@ -60,8 +59,7 @@ TEST(ErrorsTest, SessionFailurePerValue) {
     {caf::error{}, false},
   };
   for (auto& r : rows)
-    EXPECT_EQ(is_session_failure(r.err), r.session_failure)
-      << describe(r.err);
+    EXPECT_EQ(is_session_failure(r.err), r.session_failure) << describe(r.err);
 }
 
 TEST(ErrorsTest, RetryableAndFatalPerClass) {
@@ -73,10 +71,8 @@ TEST(ErrorsTest, RetryableAndFatalPerClass) {
   };
   const row rows[] = {
     {caf::make_error(hsm_errc::retryable), true, false, "hsm_unavailable"},
-    {caf::make_error(hsm_errc::reopen_session), true, false,
-     "hsm_unavailable"},
-    {caf::make_error(hsm_errc::reinit_module), true, false,
-     "hsm_unavailable"},
+    {caf::make_error(hsm_errc::reopen_session), true, false, "hsm_unavailable"},
+    {caf::make_error(hsm_errc::reinit_module), true, false, "hsm_unavailable"},
     {caf::make_error(hsm_errc::fatal), false, true, "hsm_error"},
     {caf::make_error(key_errc::unknown_key), false, false, "unknown_key"},
     {caf::make_error(key_errc::invalid_payload), false, false,

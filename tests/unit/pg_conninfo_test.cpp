@@ -1,10 +1,10 @@
 #include "store/pg_conninfo.hpp"
 
+#include <gtest/gtest.h>
+
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 namespace hsm::store {
 namespace {
@@ -133,8 +133,7 @@ TEST(PgConninfoTest, PercentDecodesEveryPart) {
   EXPECT_EQ(value("postgresql://a%3Ab@db", "user"), "a:b");
   EXPECT_EQ(value("postgresql://db/my%20keys", "dbname"), "my keys");
   EXPECT_EQ(value("postgresql://db/my%40keys", "dbname"), "my@keys");
-  EXPECT_EQ(value("postgresql://db?pass%77ord=x%26y%3Dz", "password"),
-            "x&y=z");
+  EXPECT_EQ(value("postgresql://db?pass%77ord=x%26y%3Dz", "password"), "x&y=z");
   EXPECT_EQ(value("postgresql:///keys?host=%2Frun%2Fpg", "host"), "/run/pg");
 }
 
@@ -144,9 +143,9 @@ TEST(PgConninfoTest, TakesSslTrueAsSslmodeRequire) {
 
 TEST(PgConninfoTest, RefusesMalformedUrisWithoutQuotingThem) {
   for (auto text : {
-         "postgresql://app:s3cret@db/k%zz",  // bad escape
-         "postgresql://app:s3cret@db/k%2",   // short escape
-         "postgresql://app:s3cret@db/k%00",  // NUL
+         "postgresql://app:s3cret@db/k%zz",   // bad escape
+         "postgresql://app:s3cret@db/k%2",    // short escape
+         "postgresql://app:s3cret@db/k%00",   // NUL
          "postgresql://app:s3cret@[::1/keys", // unclosed bracket
          "postgresql://app:s3cret@[]/keys",   // empty address
          "postgresql://app:s3cret@[::1]x/keys",

@@ -1,11 +1,10 @@
 #include "runtime/pkcs11/rv.hpp"
 
+#include "caf/sec.hpp"
 #include <gtest/gtest.h>
 
 #include <optional>
 #include <string>
-
-#include "caf/sec.hpp"
 
 namespace hsm::pkcs11 {
 namespace {

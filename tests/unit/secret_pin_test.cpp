@@ -1,12 +1,11 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 
 namespace hsm::pkcs11 {
 namespace {

@@ -14,8 +14,8 @@ std::string poll_body(json requests) {
 }
 
 TEST(WireTest, MalformedPollBodiesAreErrors) {
-  for (auto body : {"", "{", "[]", "{\"requests\":5}", "{\"other\":[]}",
-                    "null", "{\"requests\":[1,2"}) {
+  for (auto body : {"", "{", "[]", "{\"requests\":5}", "{\"other\":[]}", "null",
+                    "{\"requests\":[1,2"}) {
     auto parsed = keys::read_poll(body);
     ASSERT_FALSE(parsed) << body;
     EXPECT_EQ(parsed.error(), net_errc::bad_response) << body;
@@ -26,15 +26,15 @@ TEST(WireTest, MalformedPollBodiesAreErrors) {
 }
 
 TEST(WireTest, ValidRequestsBecomeJobs) {
-  auto parsed = keys::read_poll(poll_body(
-    {{{"id", "r1"},
-      {"lease", "l1"},
-      {"kind", "generate_key"},
-      {"params", {{"key_id", "k1"}, {"scheme", "p256"}}}},
-     {{"id", "r2"},
-      {"lease", "l2"},
-      {"kind", "sign"},
-      {"params", {{"key_id", "k1"}, {"payload", "0x00ff"}}}}}));
+  auto parsed = keys::read_poll(
+    poll_body({{{"id", "r1"},
+                {"lease", "l1"},
+                {"kind", "generate_key"},
+                {"params", {{"key_id", "k1"}, {"scheme", "p256"}}}},
+               {{"id", "r2"},
+                {"lease", "l2"},
+                {"kind", "sign"},
+                {"params", {{"key_id", "k1"}, {"payload", "0x00ff"}}}}}));
   ASSERT_TRUE(parsed) << describe(parsed.error());
   ASSERT_EQ(parsed->jobs.size(), 2u);
   EXPECT_TRUE(parsed->rejected.empty());
@@ -51,7 +51,9 @@ TEST(WireTest, EachBadRequestIsAnsweredOnItsOwn) {
     const char* code;
   };
   auto req = [](json kind, json params) {
-    return json{{"id", "x"}, {"lease", "l"}, {"kind", kind},
+    return json{{"id", "x"},
+                {"lease", "l"},
+                {"kind", kind},
                 {"params", params}};
   };
   const row rows[] = {
@@ -85,11 +87,10 @@ TEST(WireTest, EachBadRequestIsAnsweredOnItsOwn) {
 }
 
 TEST(WireTest, RequestsWithoutIdOrLeaseAreLeftForRedelivery) {
-  auto parsed = keys::read_poll(poll_body(
-    {{{"lease", "l"}, {"kind", "sign"}},
-     {{"id", "x"}, {"kind", "sign"}},
-     {{"id", ""}, {"lease", "l"}},
-     "not an object"}));
+  auto parsed = keys::read_poll(poll_body({{{"lease", "l"}, {"kind", "sign"}},
+                                           {{"id", "x"}, {"kind", "sign"}},
+                                           {{"id", ""}, {"lease", "l"}},
+                                           "not an object"}));
   ASSERT_TRUE(parsed);
   EXPECT_TRUE(parsed->jobs.empty());
   EXPECT_TRUE(parsed->rejected.empty());
@@ -97,11 +98,11 @@ TEST(WireTest, RequestsWithoutIdOrLeaseAreLeftForRedelivery) {
 }
 
 TEST(WireTest, UnknownKindIsQuotedAndCutShortInTheMessage) {
-  auto parsed = keys::read_poll(poll_body(
-    {{{"id", "x"},
-      {"lease", "l"},
-      {"kind", "evil\nline " + std::string(100, 'z')},
-      {"params", {{"key_id", "k"}}}}}));
+  auto parsed = keys::read_poll(
+    poll_body({{{"id", "x"},
+                {"lease", "l"},
+                {"kind", "evil\nline " + std::string(100, 'z')},
+                {"params", {{"key_id", "k"}}}}}));
   ASSERT_TRUE(parsed);
   ASSERT_EQ(parsed->rejected.size(), 1u);
   auto& msg = std::get<error_result>(parsed->rejected.front().outcome).message;
@@ -114,7 +115,7 @@ TEST(WireTest, ResultsEncodeAsTheProtocolSays) {
   j.id = "r1";
   j.lease = "l1";
   auto err = answer(j, caf::make_error(key_errc::unknown_key,
-                                             std::string{"no such key"}));
+                                       std::string{"no such key"}));
   auto body = json::parse(net::encode_result(err, "d1"));
   EXPECT_EQ(body["id"], "r1");
   EXPECT_EQ(body["lease"], "l1");

@@ -11,7 +11,7 @@ namespace hsm {
 namespace {
 
 /// One session index.
-struct session_slot {
+struct session_entry {
   hsm_session_actor handle;
   uint64_t generation = 0;
   uint32_t failures = 0;
@@ -21,7 +21,7 @@ struct session_slot {
 struct supervisor_state {
   supervisor_config cfg;
   dispatcher_actor dispatcher;
-  std::vector<session_slot> sessions;
+  std::vector<session_entry> sessions;
   /// Sessions abandoned in a hung call, by address, with their index.
   std::map<caf::actor_addr, size_t> abandoned;
   uint32_t reinit_failures = 0;
@@ -65,7 +65,7 @@ void on_down(supervisor_ptr self, const caf::down_msg& dm) {
   if (st.abandoned.erase(dm.source) > 0)
     return; // an abandoned session finally returned and exited
   auto i = std::find_if(st.sessions.begin(), st.sessions.end(),
-                        [&](session_slot& s) {
+                        [&](session_entry& s) {
                           return s.handle && s.handle.address() == dm.source;
                         });
   if (i == st.sessions.end())
@@ -80,7 +80,7 @@ void on_down(supervisor_ptr self, const caf::down_msg& dm) {
     i->dead = true;
     log->error("[session={}] stopped for good: {}", index, describe(dm.reason));
     if (std::all_of(st.sessions.begin(), st.sessions.end(),
-                    [](const session_slot& s) { return s.dead; }))
+                    [](const session_entry& s) { return s.dead; }))
       log->critical("no healthy HSM session left: polling for nothing");
     return;
   }

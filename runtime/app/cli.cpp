@@ -138,7 +138,7 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
     cmd, {"--driver-id", "", "this driver's id", "HSM_DRIVER_ID", "host name"},
     f.driver_id);
   add_documented(cmd,
-                 {"--sessions", "", "PKCS#11 sessions (slots), 1-256", "",
+                 {"--sessions", "", "PKCS#11 sessions, 1-256", "",
                   num(default_sessions)},
                  f.sessions);
   add_documented(cmd,

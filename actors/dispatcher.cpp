@@ -1,11 +1,11 @@
 #include "actors/dispatcher.hpp"
 
 #include "runtime/base/logging.hpp"
-#include "runtime/crypto/signature.hpp"
 #include "runtime/keys/decisions.hpp"
 #include "runtime/keys/requests.hpp"
 
 #include <deque>
+#include <optional>
 #include <vector>
 
 namespace hsm {
@@ -23,19 +23,32 @@ struct session_entry {
   bool failed_recently = false;
 };
 
+/// A job whose lookup is done, waiting for a session.
+struct ready_job {
+  job j;
+  /// sign: the key to sign with; generate_key: none (the key is new).
+  std::optional<key_record> rec;
+};
+
 struct dispatcher_state {
   dispatcher_config cfg;
   store_actor store;
   result_poster_actor poster;
   session_supervisor_actor supervisor;
   std::vector<session_entry> sessions;
-  std::deque<job> queue;
-  size_t running = 0; // jobs between start and report
-  size_t posting = 0; // results handed to the poster, not yet posted
+  /// Looked up, waiting for a free session; failed attempts go first.
+  std::deque<ready_job> ready;
+  /// Jobs in their lookup.
+  size_t looking_up = 0;
+  /// Every lease the driver holds, from the poller's hand-over until its
+  /// result is posted.
+  size_t held = 0;
   uint64_t next_token = 0;
   bool stopping = false;
   dispatcher_stats stats;
   std::vector<caf::typed_response_promise<bool>> drained;
+  /// Credit questions waiting for credit.
+  std::vector<caf::typed_response_promise<int64_t>> credit_waiters;
 };
 
 using dispatcher_ptr = dispatcher_actor::stateful_pointer<dispatcher_state>;
@@ -48,42 +61,56 @@ struct hold {
 
 void pump(dispatcher_ptr self);
 
-/// Every lease the driver holds counts until its result is posted: queued,
-/// running (HSM or store step), or waiting for the poster. Credits are the
-/// healthy sessions minus those, so the proxy never sees more leases in
-/// flight from this driver than it has healthy sessions.
+size_t healthy(const dispatcher_state& st) {
+  size_t n = 0;
+  for (auto& s : st.sessions)
+    if (s.up)
+      ++n;
+  return n;
+}
+
+/// Healthy sessions x pipeline, minus every lease held.
 int64_t credits(const dispatcher_state& st) {
   if (st.stopping)
     return 0;
-  int64_t healthy = 0;
-  for (auto& s : st.sessions)
-    if (s.up)
-      ++healthy;
-  auto held = static_cast<int64_t>(st.queue.size() + st.running + st.posting);
-  return std::max<int64_t>(0, healthy - held);
+  auto limit = static_cast<int64_t>(healthy(st) * st.cfg.pipeline);
+  return std::max<int64_t>(0, limit - static_cast<int64_t>(st.held));
+}
+
+/// Answers the credit questions that waited, once there is credit (or the
+/// dispatcher stops: then with 0, so that the poller sees the stop).
+void notify_credit(dispatcher_ptr self) {
+  auto& st = self->state;
+  if (st.credit_waiters.empty())
+    return;
+  auto c = credits(st);
+  if (c <= 0 && !st.stopping)
+    return;
+  for (auto& rp : st.credit_waiters)
+    rp.deliver(c);
+  st.credit_waiters.clear();
 }
 
 void check_drained(dispatcher_ptr self) {
   auto& st = self->state;
-  if (st.running == 0 && st.queue.empty() && st.posting == 0) {
+  if (st.held == 0) {
     for (auto& rp : st.drained)
       rp.deliver(true);
     st.drained.clear();
   }
 }
 
-/// Hands a finished job's result to the poster. Every job reaches this
-/// exactly once (or goes back to the queue).
+/// Hands a finished job's result to the poster. Every lease reaches this
+/// exactly once; it counts as held until the poster answers.
 void report(dispatcher_ptr self, job_result r) {
   auto& st = self->state;
   if (r.ok())
     ++st.stats.done;
   else
     ++st.stats.failed;
-  ++st.posting;
-  --st.running;
   auto posted = [=] {
-    --self->state.posting;
+    --self->state.held;
+    notify_credit(self);
     check_drained(self);
   };
   self
@@ -91,23 +118,12 @@ void report(dispatcher_ptr self, job_result r) {
     .then([=](bool) { posted(); }, [=](caf::error&) { posted(); });
 }
 
-/// Frees the session if `h` still holds it.
+/// Frees the session if `h` still holds it, and starts the next job.
 void release(dispatcher_ptr self, hold h) {
   auto& s = self->state.sessions[h.index];
   if (s.holder == h.token)
     s.holder = 0;
   pump(self);
-}
-
-/// Puts `j` back at the head of the queue (or hands it back when stopping).
-void requeue(dispatcher_ptr self, job j) {
-  auto& st = self->state;
-  if (st.stopping) {
-    report(self, answer(j, keys::shutting_down()));
-    return;
-  }
-  st.queue.push_front(std::move(j));
-  --st.running;
 }
 
 /// A caf::sec error from the storage actor (timeout, actor gone) means the
@@ -119,11 +135,11 @@ caf::error store_failure(const caf::error& err) {
   return err;
 }
 
-/// The session `session` failed under `j` (died, timed out, or a
+/// The session `session` failed under `rj` (died, timed out, or a
 /// session-level error): mark its index down, ask for a replacement on a
 /// timeout, and retry the job elsewhere a bounded number of times.
 void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
-                    job j, const caf::error& err) {
+                    ready_job rj, const caf::error& err) {
   auto& st = self->state;
   ++st.stats.session_failures;
   auto& s = st.sessions[h.index];
@@ -137,27 +153,19 @@ void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
     if (err == caf::sec::request_timeout)
       self->send(st.supervisor, replace_atom::value, h.index, session);
   }
-  if (++j.attempts < st.cfg.max_attempts) {
+  if (++rj.j.attempts < st.cfg.max_attempts && !st.stopping) {
     ++st.stats.retried;
     logger("dispatch")
       ->warn("[req={} session={}] {}; retrying on another "
              "session",
-             j.id, h.index, describe(err));
-    requeue(self, std::move(j));
+             rj.j.id, h.index, describe(err));
+    st.ready.push_front(std::move(rj));
+  } else if (st.stopping) {
+    report(self, answer(rj.j, keys::shutting_down()));
   } else {
-    report(self, answer(j, keys::no_session_could_serve(err)));
+    report(self, answer(rj.j, keys::no_session_could_serve(err)));
   }
   pump(self);
-}
-
-/// The HSM call of `j` on `session` failed: a session failure is retried
-/// elsewhere, any other error is the answer.
-void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session, job j,
-                const caf::error& err) {
-  if (is_session_failure(err))
-    return session_failed(self, h, std::move(session), std::move(j), err);
-  release(self, h);
-  report(self, answer(j, err));
 }
 
 /// A successful HSM call on `h`'s session.
@@ -169,18 +177,14 @@ void session_ok(dispatcher_ptr self, hold h) {
   }
 }
 
-/// The HSM step may only run on a session that is up; a session that went
-/// down while the job was in its store step sends the job back to the
-/// queue without counting an attempt.
-bool session_gone(dispatcher_ptr self, hold h, job& j) {
-  auto& s = self->state.sessions[h.index];
-  if (s.up && s.holder == h.token)
-    return false;
-  if (s.holder == h.token)
-    s.holder = 0;
-  requeue(self, std::move(j));
-  pump(self);
-  return true;
+/// The HSM call of `rj` on `session` failed: a session failure is retried
+/// elsewhere, any other error is the answer.
+void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
+                ready_job rj, const caf::error& err) {
+  if (is_session_failure(err))
+    return session_failed(self, h, std::move(session), std::move(rj), err);
+  release(self, h);
+  report(self, answer(rj.j, err));
 }
 
 /// Answers a generate_key from what the store holds under its key id.
@@ -190,40 +194,25 @@ void report_stored(dispatcher_ptr self, const job& j, const key_record& rec,
   report(self, res ? answer(j, std::move(*res)) : answer(j, res.error()));
 }
 
-void run_sign(dispatcher_ptr self, hold h, job j, key_record rec) {
+void run_sign(dispatcher_ptr self, hold h, ready_job rj) {
   auto& st = self->state;
-  auto refused = keys::validate_payload(rec.scheme, j.payload);
-  if (!refused)
-    refused = keys::check_served(st.cfg.caps, rec.scheme);
-  if (refused) {
-    report(self, answer(j, refused));
-    release(self, h);
-    return;
-  }
-  if (session_gone(self, h, j))
-    return;
   auto session = st.sessions[h.index].handle;
-  self->request(session, st.cfg.hsm_timeout, sign_atom::value, rec, j.payload)
+  self
+    ->request(session, st.cfg.hsm_timeout, sign_atom::value, *rj.rec,
+              rj.j.payload)
     .then(
-      [=](raw_signature& raw) {
+      [=](signature_result& sig) {
         session_ok(self, h);
         release(self, h);
-        auto sig = crypto::finish_signature(rec.scheme, rec.public_key,
-                                            j.payload, raw.bytes);
-        if (!sig)
-          report(self, answer(j, sig.error()));
-        else
-          report(self, answer(j, signature_result{rec.key_id, rec.scheme,
-                                                  std::move(*sig)}));
+        report(self, answer(rj.j, std::move(sig)));
       },
-      [=](caf::error& err) { hsm_failed(self, h, session, j, err); });
+      [=](caf::error& err) { hsm_failed(self, h, session, rj, err); });
 }
 
-void run_generate(dispatcher_ptr self, hold h, job j) {
+void run_generate(dispatcher_ptr self, hold h, ready_job rj) {
   auto& st = self->state;
-  if (session_gone(self, h, j))
-    return;
   auto session = st.sessions[h.index].handle;
+  const auto& j = rj.j;
   self
     ->request(session, st.cfg.hsm_timeout, generate_atom::value, j.key_id,
               j.scheme)
@@ -238,73 +227,104 @@ void run_generate(dispatcher_ptr self, hold h, job j) {
             [=](put_result& put) {
               if (!put.inserted && rec.resident())
                 self->send(session, destroy_atom::value, rec);
-              report_stored(self, j, put.record, put.inserted);
+              report_stored(self, rj.j, put.record, put.inserted);
             },
             [=](caf::error& err) {
               if (rec.resident())
                 self->send(session, destroy_atom::value, rec);
-              report(self, answer(j, store_failure(err)));
+              report(self, answer(rj.j, store_failure(err)));
             });
       },
-      [=](caf::error& err) { hsm_failed(self, h, session, j, err); });
+      [=](caf::error& err) { hsm_failed(self, h, session, rj, err); });
 }
 
-/// Starts `j` on session `index`: look the key up, then the HSM step.
-void start(dispatcher_ptr self, size_t index, job j) {
+/// True when `j`'s lease ends too soon to start it.
+bool lease_ending(dispatcher_ptr self, const job& j) {
+  return j.start_by != std::chrono::steady_clock::time_point{}
+         && self->clock().now() >= j.start_by;
+}
+
+/// The next ready job worth starting; those whose lease ends too soon are
+/// handed back on the way.
+std::optional<ready_job> next_ready(dispatcher_ptr self) {
   auto& st = self->state;
-  hold h{index, ++st.next_token};
-  st.sessions[index].holder = h.token;
-  ++st.running;
-  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value, j.key_id)
-    .then(
-      [=](key_lookup& found) {
-        if (j.kind == job_kind::generate_key) {
-          if (!found.found)
-            return run_generate(self, h, j);
-          // Idempotent: the stored key, the HSM untouched.
-          release(self, h);
-          return report_stored(self, j, found.record, false);
-        }
-        if (!found.found) {
-          release(self, h);
-          return report(self, answer(j, keys::unknown_key(j.key_id)));
-        }
-        run_sign(self, h, j, std::move(found.record));
-      },
-      [=](caf::error& err) {
-        release(self, h);
-        report(self, answer(j, store_failure(err)));
-      });
+  while (!st.ready.empty()) {
+    auto rj = std::move(st.ready.front());
+    st.ready.pop_front();
+    if (!lease_ending(self, rj.j))
+      return rj;
+    report(self, answer(rj.j, keys::lease_ending()));
+  }
+  return std::nullopt;
 }
 
+/// Runs the next ready jobs on free healthy sessions.
 void pump(dispatcher_ptr self) {
   auto& st = self->state;
   if (st.stopping)
     return;
-  for (size_t i = 0; i < st.sessions.size() && !st.queue.empty(); ++i) {
+  for (size_t i = 0; i < st.sessions.size() && !st.ready.empty(); ++i) {
     auto& s = st.sessions[i];
     if (!s.up || s.holder != 0)
       continue;
-    auto j = std::move(st.queue.front());
-    st.queue.pop_front();
-    start(self, i, std::move(j));
+    auto rj = next_ready(self);
+    if (!rj)
+      return;
+    hold h{i, ++st.next_token};
+    s.holder = h.token;
+    if (rj->rec)
+      run_sign(self, h, std::move(*rj));
+    else
+      run_generate(self, h, std::move(*rj));
   }
 }
 
-/// Takes a job from the poller: answered at once when it cannot be served.
+/// The lookup of `j` answered `found`: decide, or queue for a session.
+void looked_up(dispatcher_ptr self, job j, key_lookup& found) {
+  auto& st = self->state;
+  if (st.stopping)
+    return report(self, answer(j, keys::shutting_down()));
+  if (j.kind == job_kind::generate_key) {
+    // Idempotent: a stored key is the answer, the HSM untouched.
+    if (found.found)
+      return report_stored(self, j, found.record, false);
+    st.ready.push_back(ready_job{std::move(j), std::nullopt});
+    return pump(self);
+  }
+  if (!found.found)
+    return report(self, answer(j, keys::unknown_key(j.key_id)));
+  auto refused = keys::validate_payload(found.record.scheme, j.payload);
+  if (!refused)
+    refused = keys::check_served(st.cfg.caps, found.record.scheme);
+  if (refused)
+    return report(self, answer(j, refused));
+  st.ready.push_back(ready_job{std::move(j), std::move(found.record)});
+  pump(self);
+}
+
+/// Takes a job from the poller: answered at once when it cannot be served,
+/// else its key is looked up right away (while sessions are busy).
 void accept(dispatcher_ptr self, job& j) {
   auto& st = self->state;
-  ++st.running;
+  ++st.held;
   if (st.stopping)
     return report(self, answer(j, keys::shutting_down()));
   if (j.kind == job_kind::generate_key)
     if (auto err = keys::check_served(st.cfg.caps, j.scheme))
       return report(self, answer(j, err));
-  if (st.queue.size() >= st.cfg.max_queue)
+  if (st.ready.size() + st.looking_up >= st.cfg.max_queue)
     return report(self, answer(j, keys::queue_full()));
-  --st.running;
-  st.queue.push_back(std::move(j));
-  pump(self);
+  ++st.looking_up;
+  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value, j.key_id)
+    .then(
+      [=](key_lookup& found) {
+        --self->state.looking_up;
+        looked_up(self, j, found);
+      },
+      [=](caf::error& err) {
+        --self->state.looking_up;
+        report(self, answer(j, store_failure(err)));
+      });
 }
 
 dispatcher_actor::behavior_type
@@ -313,6 +333,7 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
                 supervisor_factory make_supervisor) {
   auto& init = self->state;
   init.cfg = std::move(cfg);
+  init.cfg.pipeline = std::max<size_t>(init.cfg.pipeline, 1);
   init.store = std::move(store);
   init.poster = std::move(poster);
   init.sessions.resize(init.cfg.sessions);
@@ -320,17 +341,29 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
   self->link_to(init.supervisor);
   return {
     [=](job_atom, job& j) { accept(self, j); },
-    [=](credit_atom) { return credits(self->state); },
+    [=](credit_atom) -> caf::result<int64_t> {
+      auto& st = self->state;
+      auto c = credits(st);
+      if (c > 0 || st.stopping)
+        return c;
+      // No credit now: the answer waits until there is (invariant 6:
+      // without a healthy session, that is until one comes up).
+      auto rp = self->make_response_promise<int64_t>();
+      st.credit_waiters.push_back(rp);
+      return rp;
+    },
     [=](result_atom, job_result& r) {
       // An answer the poller made itself (an invalid request).
-      ++self->state.running;
+      ++self->state.held;
       report(self, std::move(r));
     },
     [=](session_up_atom, size_t index, hsm_session_actor& handle) {
       auto& s = self->state.sessions[index];
       s.handle = std::move(handle);
-      s.up = true; // `holder` stays: a job may still be in its store step
+      s.up = true;
+      s.holder = 0;
       pump(self);
+      notify_credit(self);
     },
     [=](session_down_atom, size_t index) {
       self->state.sessions[index].up = false;
@@ -346,12 +379,12 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
       // error at once) and start nothing new.
       auto& st = self->state;
       st.stopping = true;
-      while (!st.queue.empty()) {
-        auto j = std::move(st.queue.front());
-        st.queue.pop_front();
-        ++st.running;
-        report(self, answer(j, keys::shutting_down()));
+      while (!st.ready.empty()) {
+        auto rj = std::move(st.ready.front());
+        st.ready.pop_front();
+        report(self, answer(rj.j, keys::shutting_down()));
       }
+      notify_credit(self);
     },
     [=](close_atom) -> caf::delegated<size_t> {
       return self->delegate(self->state.supervisor, close_atom::value);
@@ -362,7 +395,8 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
     [=](stats_atom) {
       auto& st = self->state;
       auto out = st.stats;
-      out.queued = st.queue.size();
+      out.queued = st.ready.size();
+      out.held = st.held;
       for (auto& s : st.sessions) {
         out.healthy_sessions += s.up ? 1 : 0;
         out.busy_sessions += s.holder != 0 ? 1 : 0;

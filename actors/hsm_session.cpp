@@ -1,6 +1,7 @@
 #include "actors/hsm_session.hpp"
 
 #include "runtime/base/logging.hpp"
+#include "runtime/crypto/signature.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/rv.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
@@ -78,12 +79,17 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
       return std::move(*rec);
     },
     [=](sign_atom, const key_record& rec,
-        const std::vector<uint8_t>& payload) -> caf::result<raw_signature> {
+        const std::vector<uint8_t>& payload) -> caf::result<signature_result> {
       auto& state = self->state;
       auto raw = keys::sign_with(*state.sess, state.master, rec, payload);
       if (!raw)
-        return fail<raw_signature>(self, raw.error());
-      return raw_signature{std::move(*raw)};
+        return fail<signature_result>(self, raw.error());
+      // Verified before released (invariant 3), on this session's thread.
+      auto sig = crypto::finish_signature(rec.scheme, rec.public_key, payload,
+                                          *raw);
+      if (!sig)
+        return sig.error();
+      return signature_result{rec.key_id, rec.scheme, std::move(*sig)};
     },
     [=](destroy_atom, const key_record& rec) {
       if (auto err = keys::destroy_resident_key(*self->state.sess, rec))

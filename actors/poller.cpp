@@ -77,21 +77,25 @@ poller_actor::behavior_type poller_impl(poller_ptr self, poller_config cfg,
       auto& st = self->state;
       if (stopping(st))
         return;
-      self->request(st.dispatcher, st.cfg.credit_timeout, credit_atom::value)
-        .await(
+      // The dispatcher answers once there is credit: no healthy session, no
+      // answer, no poll (invariant 6). `then`, not `await`: a stop_atom is
+      // answered while the question waits.
+      self->request(st.dispatcher, caf::infinite, credit_atom::value)
+        .then(
           [=](int64_t credit) {
             if (stopping(self->state))
               return;
-            // No healthy, free session: poll for nothing (invariant 6).
+            // Zero only comes from a dispatcher that is stopping.
             if (credit <= 0) {
-              self->delayed_send(self, self->state.cfg.idle_pause,
+              self->delayed_send(self, self->state.cfg.backoff_min,
                                  poll_atom::value);
               return;
             }
             poll_once(self, credit);
           },
-          [=](caf::error&) {
-            self->delayed_send(self, self->state.cfg.idle_pause,
+          [=](caf::error& err) {
+            logger("poller")->warn("credit question failed: {}", describe(err));
+            self->delayed_send(self, self->state.cfg.backoff_min,
                                poll_atom::value);
           });
     },

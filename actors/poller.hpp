@@ -1,9 +1,10 @@
 #pragma once
 
 // The poller: owns the long-poll connection to the proxy. Asks the
-// dispatcher for credits and polls the proxy for at most that many
-// requests; with no credit (no free healthy session) it polls for nothing
-// (invariant 6). Each request is checked on its own (runtime/keys/
+// dispatcher for credit, which answers as soon as there is some, and polls
+// the proxy for at most that many requests; with no credit (no healthy
+// session, or every lease taken) it waits for the answer and polls for
+// nothing (invariant 6). Each request is checked on its own (runtime/keys/
 // requests.hpp): valid ones go to the dispatcher as jobs, invalid ones are
 // answered at once through the dispatcher (which counts every lease until
 // its result is posted) and never reach the HSM. Network errors back off
@@ -25,13 +26,9 @@ namespace hsm {
 struct poller_config {
   /// `wait_ms` of a long-poll.
   std::chrono::milliseconds poll_wait{20000};
-  /// Pause before asking again when there is no credit.
-  std::chrono::milliseconds idle_pause{20};
   /// Backoff bounds after a network error.
   std::chrono::milliseconds backoff_min{100};
   std::chrono::milliseconds backoff_max{5000};
-  /// Deadline of the credit question to the dispatcher.
-  std::chrono::milliseconds credit_timeout{5000};
   /// Set by whoever stops the poller, before it sends `stop_atom`: a poll
   /// in progress cannot see the message until it returns, but it sees this
   /// flag and hands back what it leased (answered as retryable).

@@ -4,18 +4,23 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/net/wire_codec.hpp"
 
-#include <map>
+#include <deque>
 
 namespace hsm {
 
 namespace {
 
-/// A result still being posted.
+/// The actor clock's time: the steady clock in production, the test
+/// scheduler's in tests.
+using steady = caf::actor_clock;
+
+/// A result still to be posted.
 struct pending_post {
-  std::string id;
-  std::string body;
-  int attempt = 0;
+  job_result r;
+  int attempts = 0;
   std::chrono::milliseconds wait{0};
+  /// Not posted again before this time.
+  steady::time_point due{};
   caf::typed_response_promise<bool> rp;
 };
 
@@ -23,12 +28,16 @@ struct poster_state {
   result_poster_config cfg;
   std::shared_ptr<net::proxy_link> link;
   std::shared_ptr<std::atomic<bool>> stopping;
-  std::map<uint64_t, pending_post> pending;
-  uint64_t next_id = 0;
+  std::deque<pending_post> pending;
+  /// A `flush_atom` is in the mailbox.
+  bool flush_queued = false;
+  /// The earliest retry timer armed; the epoch when none.
+  steady::time_point timer{};
 };
 
 using poster_ptr = result_poster_actor::stateful_pointer<poster_state>;
 
+/// How one post of a result ended.
 enum class outcome {
   /// Posted, or refused as stale (409): settled.
   done,
@@ -38,59 +47,152 @@ enum class outcome {
   retry,
 };
 
-/// One attempt at posting `p`.
-outcome post_once(poster_state& st, pending_post& p) {
+void settle(pending_post& p, outcome o) {
   auto log = logger("poster");
-  ++p.attempt;
-  auto reply = st.link->post_result(p.body);
-  if (reply && reply->status == 200) {
-    log->debug("[req={}] result posted", p.id);
-    return outcome::done;
-  }
-  if (reply && reply->status == 409) {
-    log->warn("[req={}] result refused with 409 (lease expired or answered "
-              "already); dropped",
-              p.id);
-    return outcome::done;
-  }
-  if (reply && reply->status >= 400 && reply->status < 500) {
-    log->error("[req={}] result refused with HTTP {}: {}; dropped (the "
-               "request will be redelivered)",
-               p.id, reply->status, reply->body.substr(0, 200));
-    return outcome::refused;
-  }
-  log->warn("[req={}] posting the result failed (attempt {}): {}", p.id,
-            p.attempt,
-            reply ? "HTTP " + std::to_string(reply->status)
-                  : describe(reply.error()));
-  return outcome::retry;
+  if (o == outcome::done)
+    log->debug("[req={}] result posted", p.r.id);
+  p.rp.deliver(o == outcome::done);
 }
 
-/// Tries `id` once more; schedules the next attempt or settles it.
-void attempt(poster_ptr self, uint64_t id) {
+/// Posts `batch`; one outcome per entry.
+std::vector<outcome> post(poster_state& st,
+                          const std::vector<job_result>& batch) {
+  auto log = logger("poster");
+  auto all = [&](outcome o) { return std::vector<outcome>(batch.size(), o); };
+  auto single = batch.size() == 1;
+  auto reply = st.link->post_result(
+    single ? net::encode_result(batch.front(), st.link->driver_id())
+           : net::encode_results(batch, st.link->driver_id()));
+  if (!reply || reply->status >= 500) {
+    log->warn("posting {} result(s) failed: {}", batch.size(),
+              reply ? "HTTP " + std::to_string(reply->status)
+                    : describe(reply.error()));
+    return all(outcome::retry);
+  }
+  if (reply->status == 409) {
+    log->warn("[req={}] result refused with 409 (lease expired or answered "
+              "already); dropped",
+              batch.front().id);
+    return all(outcome::done);
+  }
+  if (reply->status != 200) {
+    log->error("{} result(s) refused with HTTP {}: {}; dropped (the requests "
+               "will be redelivered)",
+               batch.size(), reply->status, reply->body.substr(0, 200));
+    return all(outcome::refused);
+  }
+  if (single)
+    return all(outcome::done);
+  auto statuses = net::decode_result_statuses(reply->body, batch);
+  if (!statuses) {
+    log->error("the proxy's answer to a batch of {} result(s) is unreadable "
+               "({}); they will be redelivered",
+               batch.size(), describe(statuses.error()));
+    return all(outcome::refused);
+  }
+  std::vector<outcome> out;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    switch ((*statuses)[i]) {
+      case net::result_status::accepted:
+        out.push_back(outcome::done);
+        break;
+      case net::result_status::lease_not_current:
+        log->warn("[req={}] result refused (lease expired or answered "
+                  "already); dropped",
+                  batch[i].id);
+        out.push_back(outcome::done);
+        break;
+      case net::result_status::refused:
+        log->error("[req={}] result refused by the proxy; dropped (the "
+                   "request will be redelivered)",
+                   batch[i].id);
+        out.push_back(outcome::refused);
+        break;
+    }
+  }
+  return out;
+}
+
+void schedule_flush(poster_ptr self) {
   auto& st = self->state;
-  auto i = st.pending.find(id);
-  if (i == st.pending.end())
-    return;
-  auto& p = i->second;
-  auto result = post_once(st, p);
-  if (result != outcome::retry) {
-    p.rp.deliver(result == outcome::done);
-    st.pending.erase(i);
-    return;
+  if (!st.flush_queued) {
+    st.flush_queued = true;
+    self->send(self, flush_atom::value);
   }
+}
+
+/// Arms a timer for the earliest retry, unless one fires by then.
+void arm_timer(poster_ptr self) {
+  auto& st = self->state;
+  auto earliest = steady::time_point::max();
+  for (auto& p : st.pending)
+    earliest = std::min(earliest, p.due);
+  if (earliest == steady::time_point::max())
+    return;
+  auto now = self->clock().now();
+  if (st.timer != steady::time_point{} && st.timer <= earliest
+      && st.timer >= now)
+    return;
+  st.timer = earliest;
+  // Rounded up: a timer that fired early would find nothing due.
+  auto wait = std::chrono::ceil<std::chrono::milliseconds>(
+    std::max(earliest - now, steady::clock_type::duration::zero()));
+  self->delayed_send(self, wait, flush_atom::value);
+}
+
+/// A failed attempt of `p`: schedule the next one, or give it up.
+bool retry_later(poster_state& st, pending_post& p, steady::time_point now) {
   bool stopping = st.stopping && st.stopping->load();
-  if (p.attempt >= st.cfg.max_attempts || stopping) {
-    logger("poster")->error("[req={}] result not delivered; the request "
-                            "will be redelivered when its lease expires",
-                            p.id);
-    p.rp.deliver(false);
-    st.pending.erase(i);
-    return;
-  }
   p.wait = p.wait.count() == 0 ? st.cfg.backoff_min
                                : std::min(p.wait * 2, st.cfg.backoff_max);
-  self->delayed_send(self, jittered(p.wait), retry_atom::value, id);
+  p.due = now + jittered(p.wait);
+  bool expired = p.r.lease_deadline != steady::time_point{}
+                 && p.due >= p.r.lease_deadline;
+  if (p.attempts < st.cfg.max_attempts && !stopping && !expired)
+    return true;
+  logger("poster")->error("[req={}] result not delivered{}; the request will "
+                          "be redelivered when its lease expires",
+                          p.r.id, expired ? " before its lease ends" : "");
+  return false;
+}
+
+/// Posts every result that is due, in batches.
+void flush(poster_ptr self) {
+  auto& st = self->state;
+  auto now = self->clock().now();
+  std::vector<size_t> picked;
+  for (size_t i = 0; i < st.pending.size() && picked.size() < st.cfg.max_batch;
+       ++i)
+    if (st.pending[i].due <= now)
+      picked.push_back(i);
+  if (picked.empty())
+    return arm_timer(self);
+  std::vector<job_result> batch;
+  for (auto i : picked) {
+    ++st.pending[i].attempts;
+    batch.push_back(st.pending[i].r);
+  }
+  auto outcomes = post(st, batch);
+  now = self->clock().now();
+  std::vector<bool> finished(st.pending.size(), false);
+  for (size_t k = 0; k < picked.size(); ++k) {
+    auto& p = st.pending[picked[k]];
+    if (outcomes[k] == outcome::retry && retry_later(st, p, now))
+      continue;
+    settle(p, outcomes[k] == outcome::retry ? outcome::refused : outcomes[k]);
+    finished[picked[k]] = true;
+  }
+  std::deque<pending_post> rest;
+  for (size_t i = 0; i < st.pending.size(); ++i)
+    if (!finished[i])
+      rest.push_back(std::move(st.pending[i]));
+  st.pending = std::move(rest);
+  // More may be due (a backlog beyond one batch, results that came in
+  // meanwhile are queued behind this message).
+  for (auto& p : st.pending)
+    if (p.due <= now)
+      return schedule_flush(self);
+  arm_timer(self);
 }
 
 result_poster_actor::behavior_type
@@ -99,21 +201,29 @@ poster_impl(poster_ptr self, result_poster_config cfg,
             std::shared_ptr<std::atomic<bool>> stopping) {
   auto& init = self->state;
   init.cfg = cfg;
+  init.cfg.max_batch = std::max<size_t>(init.cfg.max_batch, 1);
   init.link = std::move(link);
   init.stopping = std::move(stopping);
   return {
-    [=](result_atom, const job_result& r) -> caf::result<bool> {
+    [=](result_atom, job_result& r) -> caf::result<bool> {
       auto& st = self->state;
-      auto id = ++st.next_id;
-      auto& p = st.pending[id];
-      p.id = r.id;
-      p.body = net::encode_result(r, st.link->driver_id());
+      pending_post p;
+      p.r = std::move(r);
       p.rp = self->make_response_promise<bool>();
       auto rp = p.rp;
-      attempt(self, id);
+      st.pending.push_back(std::move(p));
+      // Every result already in the mailbox joins the post this flush
+      // makes: the flush message queues behind them.
+      schedule_flush(self);
       return rp;
     },
-    [=](retry_atom, uint64_t id) { attempt(self, id); },
+    [=](flush_atom) {
+      auto& st = self->state;
+      st.flush_queued = false;
+      if (st.timer != steady::time_point{} && st.timer <= self->clock().now())
+        st.timer = {};
+      flush(self);
+    },
   };
 }
 

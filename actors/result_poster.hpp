@@ -1,16 +1,21 @@
 #pragma once
 
-// The result poster: posts each result to the proxy on a connection of its
-// own, so that a result never waits behind a 20-second long-poll. Runs
-// detached in production (its HTTPS calls block).
+// The result poster: posts results to the proxy on a connection of its own,
+// so that a result never waits behind a 20-second long-poll. Runs detached
+// in production (its HTTPS calls block).
 //
-// A network error or a 5xx is retried with jittered exponential backoff on
-// a timer (other results are posted meanwhile); a 409 (lease expired, or
-// answered already) is logged and dropped; another 4xx is logged and
-// dropped. A result it cannot deliver is left for redelivery: the lease
-// expires and the proxy hands the request out again; generate_key is
-// idempotent by key id. Once `stopping` is set, a failed post is not retried
-// (shutdown must not wait on an unreachable proxy).
+// Results never wait behind each other: those that arrive while a post is
+// on the wire go together in the next `POST /v1/results` (the batch form,
+// with a status per result; one result alone goes in the single form). A
+// result whose post failed (network error, 5xx) is retried on a timer with
+// jittered exponential backoff while the others are posted meanwhile;
+// retrying stops before its lease would expire (the proxy would refuse it
+// anyway) and after `max_attempts`. A stale lease (409, or
+// `lease_not_current` in a batch) settles a result; another 4xx gives it
+// up. A result given up is left for redelivery: the lease expires and the
+// proxy hands the request out again; generate_key is idempotent by key id.
+// Once `stopping` is set, a failed post is not retried (shutdown must not
+// wait on an unreachable proxy).
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
@@ -29,6 +34,8 @@ struct result_poster_config {
   /// Backoff bounds between attempts (each jittered to 50-100 %).
   std::chrono::milliseconds backoff_min{100};
   std::chrono::milliseconds backoff_max{5000};
+  /// Results in one post at most.
+  size_t max_batch = 64;
   spawn_mode mode = spawn_mode::detached;
 };
 

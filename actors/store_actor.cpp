@@ -2,56 +2,202 @@
 
 #include "runtime/base/logging.hpp"
 
+#include <algorithm>
+#include <deque>
+#include <iterator>
+#include <list>
+#include <string_view>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace hsm {
 
 namespace {
 
-struct store_state {
-  std::shared_ptr<store::key_store> st;
-  std::unordered_map<std::string, key_record> cache;
-  static constexpr size_t max_cache = 100000;
-
-  void remember(const key_record& rec) {
-    if (cache.size() >= max_cache)
-      cache.clear();
-    cache.emplace(rec.key_id, rec);
+/// Key records by key id, evicting the least recently used beyond
+/// `capacity`.
+class record_cache {
+public:
+  explicit record_cache(size_t capacity) : capacity_(capacity) {
+    // nop
   }
+
+  // The index holds views into the list's nodes: moving keeps the nodes,
+  // copying would not.
+  record_cache(const record_cache&) = delete;
+  record_cache& operator=(const record_cache&) = delete;
+  record_cache(record_cache&&) noexcept = default;
+  record_cache& operator=(record_cache&&) noexcept = default;
+  ~record_cache() = default;
+
+  /// The record under `key_id`, now the most recently used; or null.
+  const key_record* find(const std::string& key_id) {
+    auto i = index_.find(key_id);
+    if (i == index_.end())
+      return nullptr;
+    order_.splice(order_.begin(), order_, i->second);
+    return &*i->second;
+  }
+
+  /// Remembers `rec` as the most recently used record.
+  void insert(const key_record& rec) {
+    if (capacity_ == 0)
+      return;
+    if (auto i = index_.find(rec.key_id); i != index_.end()) {
+      // Records are immutable: the cached one is the same.
+      order_.splice(order_.begin(), order_, i->second);
+      return;
+    }
+    if (order_.size() >= capacity_) {
+      index_.erase(order_.back().key_id);
+      order_.pop_back();
+    }
+    order_.push_front(rec);
+    // The view points into the list node, which never moves.
+    index_.emplace(order_.front().key_id, order_.begin());
+  }
+
+  size_t size() const noexcept {
+    return order_.size();
+  }
+
+  size_t capacity() const noexcept {
+    return capacity_;
+  }
+
+private:
+  size_t capacity_;
+  /// Most recently used first.
+  std::list<key_record> order_;
+  std::unordered_map<std::string_view, std::list<key_record>::iterator> index_;
 };
 
-store_actor::behavior_type
-store_impl(store_actor::stateful_pointer<store_state> self,
-           std::shared_ptr<store::key_store> st) {
+/// A put waiting for its group's commit.
+struct pending_put {
+  key_record rec;
+  caf::typed_response_promise<put_result> rp;
+};
+
+struct store_state {
+  std::shared_ptr<store::key_store> st;
+  size_t max_group = 1;
+  record_cache cache{0};
+  std::deque<pending_put> pending;
+  /// A `flush_atom` is on its way to the actor.
+  bool flush_scheduled = false;
+  store_stats stats;
+};
+
+using store_ptr = storage_actor::stateful_pointer<store_state>;
+
+/// Commits the oldest pending puts (at most `max_group`) with one
+/// `put_many`, then answers each of them: with its result after the commit,
+/// or with the error.
+void commit_group(store_ptr self) {
+  auto& s = self->state;
+  auto n = std::min(s.pending.size(), s.max_group);
+  if (n == 0)
+    return;
+  std::vector<key_record> recs;
+  std::vector<caf::typed_response_promise<put_result>> promises;
+  recs.reserve(n);
+  promises.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    recs.push_back(std::move(s.pending.front().rec));
+    promises.push_back(std::move(s.pending.front().rp));
+    s.pending.pop_front();
+  }
+  auto res = s.st->put_many(recs);
+  if (res && res->size() != n)
+    res = store::make_query_failed(
+      store::put_label(recs) + ": " + std::to_string(res->size())
+      + " results for " + std::to_string(n) + " records");
+  if (!res) {
+    ++s.stats.failed_groups;
+    logger("store")->warn("{}: {}", store::put_label(recs),
+                          describe(res.error()));
+    for (auto& rp : promises)
+      rp.deliver(res.error());
+    return;
+  }
+  ++s.stats.commits;
+  s.stats.committed_puts += n;
+  for (size_t i = 0; i < n; ++i) {
+    s.cache.insert((*res)[i].record);
+    promises[i].deliver(std::move((*res)[i]));
+  }
+}
+
+storage_actor::behavior_type store_impl(store_ptr self,
+                                        std::shared_ptr<store::key_store> st,
+                                        store_actor_config cfg) {
   self->state.st = std::move(st);
+  self->state.max_group = std::max(cfg.max_group, size_t{1});
+  self->state.cache = record_cache{cfg.cache_capacity};
+  // Puts already taken in were promised a commit: keep that promise on an
+  // orderly stop. `kill` cannot be trapped; its requesters time out.
+  self->set_exit_handler([self](caf::exit_msg& msg) {
+    while (!self->state.pending.empty())
+      commit_group(self);
+    self->quit(std::move(msg.reason));
+  });
   return {
-    [=](caf::get_atom, const std::string& key_id) -> caf::result<key_lookup> {
+    [self](caf::get_atom,
+           const std::string& key_id) -> caf::result<key_lookup> {
       auto& s = self->state;
-      if (auto i = s.cache.find(key_id); i != s.cache.end())
-        return key_lookup{true, i->second};
+      if (const auto* hit = s.cache.find(key_id)) {
+        ++s.stats.cache_hits;
+        return key_lookup{true, *hit};
+      }
+      ++s.stats.cache_misses;
       auto rec = s.st->get(key_id);
       if (!rec)
-        return rec.error();
+        return std::move(rec.error());
       if (!*rec)
         return key_lookup{};
-      s.remember(**rec);
+      s.cache.insert(**rec);
       return key_lookup{true, std::move(**rec)};
     },
-    [=](caf::put_atom, const key_record& rec) -> caf::result<put_result> {
-      auto put = self->state.st->put(rec);
-      if (!put)
-        return put.error();
-      self->state.remember(put->record);
-      return std::move(*put);
+    [self](caf::put_atom, const key_record& rec) -> caf::result<put_result> {
+      auto& s = self->state;
+      auto rp = self->make_response_promise<put_result>();
+      s.pending.push_back(pending_put{rec, rp});
+      if (!s.flush_scheduled) {
+        // Queued behind every put already in the mailbox: they all join
+        // this group.
+        s.flush_scheduled = true;
+        self->send(self, flush_atom_v);
+      }
+      return rp;
+    },
+    [self](flush_atom) {
+      auto& s = self->state;
+      commit_group(self);
+      // A longer backlog goes on in another group, after the gets that
+      // came in meanwhile.
+      if (s.pending.empty())
+        s.flush_scheduled = false;
+      else
+        self->send(self, flush_atom_v);
+    },
+    [self](stats_atom) {
+      auto& s = self->state;
+      auto out = s.stats;
+      out.cache_size = s.cache.size();
+      out.cache_capacity = s.cache.capacity();
+      out.pending = s.pending.size();
+      return out;
     },
   };
 }
 
 } // namespace
 
-store_actor spawn_store_actor(caf::actor_system& sys,
-                              std::shared_ptr<store::key_store> st) {
-  return sys.spawn<caf::detached>(store_impl, std::move(st));
+storage_actor spawn_store_actor(caf::actor_system& sys,
+                                std::shared_ptr<store::key_store> st,
+                                store_actor_config cfg) {
+  return spawn_as(sys, cfg.mode, store_impl, std::move(st), cfg);
 }
 
 } // namespace hsm

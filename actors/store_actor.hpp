@@ -1,17 +1,47 @@
 #pragma once
 
-// The storage actor: owns the key store; caches records (immutable once
-// written). Runs detached: SQLite commits block on fsync.
+// The storage actor: owns the key store. Serves key records from a bounded
+// LRU cache (records are immutable once written, so a cached record never
+// goes stale; a missing key is never cached: another driver may create it)
+// and commits puts in groups: a put waits in a pending list, the first one
+// sends the actor a `flush_atom`, which queues behind every put already in
+// the mailbox; the flush commits up to `max_group` of them with one
+// `put_many` (one transaction, one fsync) and only then answers each
+// (durable before visible); if the commit fails, each gets the error. Gets
+// are served between groups. On an exit message other than `kill` it
+// commits what is pending before it quits. Runs detached in production:
+// SQLite commits block on fsync, PostgreSQL ones on the network.
 
+#include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
 #include "store/key_store.hpp"
 
+#include <cstddef>
 #include <memory>
 
 namespace hsm {
 
-/// Spawns the storage actor; it takes ownership of `st`.
-store_actor spawn_store_actor(caf::actor_system& sys,
-                              std::shared_ptr<store::key_store> st);
+/// Key records the storage actor caches by default (a record is a few
+/// hundred bytes, so a few MB).
+inline constexpr size_t default_store_cache_capacity = 10'000;
+
+/// Puts the storage actor commits in one transaction at most, by default.
+inline constexpr size_t default_store_max_group = 256;
+
+/// Options of the storage actor.
+struct store_actor_config {
+  /// Key records the cache holds at most; 0 caches nothing.
+  size_t cache_capacity = default_store_cache_capacity;
+  /// Puts committed together at most (0 counts as 1); a longer backlog is
+  /// committed in several groups.
+  size_t max_group = default_store_max_group;
+  spawn_mode mode = spawn_mode::detached;
+};
+
+/// Spawns the storage actor; it takes ownership of `st`. The handle
+/// converts to a `store_actor`.
+storage_actor spawn_store_actor(caf::actor_system& sys,
+                                std::shared_ptr<store::key_store> st,
+                                store_actor_config cfg = {});
 
 } // namespace hsm

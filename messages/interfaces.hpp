@@ -27,11 +27,6 @@
 
 namespace hsm {
 
-/// Raw signature bytes as the token returned them.
-struct raw_signature {
-  std::vector<uint8_t> bytes;
-};
-
 /// Dispatcher counters, for tests and logs.
 struct dispatcher_stats {
   uint64_t done = 0;
@@ -40,17 +35,23 @@ struct dispatcher_stats {
   uint64_t session_failures = 0;
   size_t healthy_sessions = 0;
   size_t busy_sessions = 0;
+  /// Jobs looked up and waiting for a session.
   size_t queued = 0;
+  /// Leases held: from the poller's hand-over until the result is posted.
+  size_t held = 0;
 };
 
 /// One PKCS#11 session. Replies with a key record ready to store, or the
-/// raw signature; fails with an `hsm_errc`/`key_errc`. `destroy_atom`
-/// removes the token object of a token-resident record that never made it
-/// into the store. Runs detached: its handlers block inside PKCS#11.
+/// finished signature (verified against the record's public key, low-s,
+/// recovery id, DER: done here, in parallel across sessions); fails with an
+/// `hsm_errc`/`key_errc` (`signature_mismatch` when it does not verify).
+/// `destroy_atom` removes the token object of a token-resident record that
+/// never made it into the store. Runs detached: its handlers block inside
+/// PKCS#11.
 using hsm_session_actor = caf::typed_actor<
   caf::replies_to<generate_atom, std::string, scheme>::with<key_record>,
   caf::replies_to<sign_atom, key_record,
-                  std::vector<uint8_t>>::with<raw_signature>,
+                  std::vector<uint8_t>>::with<signature_result>,
   caf::reacts_to<destroy_atom, key_record>>;
 
 /// The key store. Writes are acknowledged after commit.
@@ -58,12 +59,36 @@ using store_actor = caf::typed_actor<
   caf::replies_to<caf::get_atom, std::string>::with<key_lookup>,
   caf::replies_to<caf::put_atom, key_record>::with<put_result>>;
 
+/// Storage actor counters, for tests and logs.
+struct store_stats {
+  /// Gets answered from the cache, and gets that read the store.
+  uint64_t cache_hits = 0;
+  uint64_t cache_misses = 0;
+  /// Records cached now, and at most.
+  size_t cache_size = 0;
+  size_t cache_capacity = 0;
+  /// Groups committed (one transaction each), and the puts in them.
+  uint64_t commits = 0;
+  uint64_t committed_puts = 0;
+  /// Groups whose commit failed (each of their puts got the error).
+  uint64_t failed_groups = 0;
+  /// Puts waiting for the next group.
+  size_t pending = 0;
+};
+
+/// The storage actor as spawned: a `store_actor` (which its handle converts
+/// to) plus `flush_atom`, the group-commit message it sends itself, and
+/// `stats_atom`, its counters.
+using storage_actor = store_actor::extend<
+  caf::reacts_to<flush_atom>, caf::replies_to<stats_atom>::with<store_stats>>;
+
 /// Posts results to the proxy. Replies `true` once a result is posted (or
 /// refused by the proxy as stale), `false` when it gave up: then the lease
-/// expires and the proxy hands the request out again.
+/// expires and the proxy hands the request out again. `flush_atom` is its
+/// own: it posts what is due, in batches.
 using result_poster_actor
   = caf::typed_actor<caf::replies_to<result_atom, job_result>::with<bool>,
-                     caf::reacts_to<retry_atom, uint64_t>>;
+                     caf::reacts_to<flush_atom>>;
 
 /// Watches the session actors, restarts failed ones with backoff and tells
 /// the dispatcher which sessions are up.
@@ -87,7 +112,9 @@ using session_supervisor_actor
 /// - `(job_atom, job)`: a validated request from the poller;
 /// - `(result_atom, job_result)`: the poller's answer to an invalid request,
 ///   posted in order with the others and counted as a lease until posted;
-/// - `credit_atom`: how many more leases the driver may take;
+/// - `credit_atom`: how many more leases the driver may take; answered at
+///   once when positive, else as soon as credit appears or the dispatcher
+///   stops (never polled for on a timer);
 /// - `(session_up_atom, index, session)`, `(session_down_atom, index)`:
 ///   from the supervisor;
 /// - `drain_atom`: replies once no lease is held;
@@ -118,8 +145,9 @@ using poller_actor = caf::typed_actor<caf::reacts_to<poll_atom>,
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::job)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::job_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::key_lookup)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::raw_signature)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::signature_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::dispatcher_stats)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::store_stats)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::key_record)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::put_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::scheme)

@@ -5,6 +5,7 @@
 
 #include "messages/scheme.hpp"
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,6 +29,13 @@ struct job {
   std::vector<uint8_t> payload;
   /// How many times a session failed under this job.
   uint32_t attempts = 0;
+  /// When the lease ends (steady clock); the epoch when the proxy did not
+  /// say. A result is not posted again after it.
+  std::chrono::steady_clock::time_point lease_deadline{};
+  /// The latest time worth starting the work: a little before the lease
+  /// ends (a quarter of the lease, at most a second); the epoch when the
+  /// proxy did not say.
+  std::chrono::steady_clock::time_point start_by{};
 };
 
 } // namespace hsm

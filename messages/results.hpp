@@ -8,6 +8,7 @@
 #include "messages/job.hpp"
 #include "messages/scheme.hpp"
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -63,6 +64,8 @@ struct job_result {
   std::string id;
   std::string lease;
   std::variant<error_result, key_result, signature_result> outcome;
+  /// The job's `lease_deadline`.
+  std::chrono::steady_clock::time_point lease_deadline{};
 
   /// True unless the outcome is an error.
   bool ok() const {
@@ -78,17 +81,17 @@ inline error_result to_error_result(const caf::error& err) {
 
 /// Answers `j` with `outcome`.
 inline job_result answer(const job& j, key_result outcome) {
-  return job_result{j.id, j.lease, std::move(outcome)};
+  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline};
 }
 
 /// Answers `j` with `outcome`.
 inline job_result answer(const job& j, signature_result outcome) {
-  return job_result{j.id, j.lease, std::move(outcome)};
+  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline};
 }
 
 /// Answers `j` with an error.
 inline job_result answer(const job& j, const caf::error& err) {
-  return job_result{j.id, j.lease, to_error_result(err)};
+  return job_result{j.id, j.lease, to_error_result(err), j.lease_deadline};
 }
 
 } // namespace hsm

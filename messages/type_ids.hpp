@@ -18,8 +18,8 @@
 
 namespace hsm {
 struct key_lookup;
-struct raw_signature;
 struct dispatcher_stats;
+struct store_stats;
 } // namespace hsm
 
 CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
@@ -28,10 +28,11 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::job))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::job_result))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_lookup))
-  CAF_ADD_TYPE_ID(hsm_driver, (hsm::raw_signature))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::signature_result))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::dispatcher_stats))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_record))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::put_result))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::store_stats))
 
   CAF_ADD_ATOM(hsm_driver, hsm, generate_atom, "generate")
   CAF_ADD_ATOM(hsm_driver, hsm, sign_atom, "sign")
@@ -49,8 +50,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_ATOM(hsm_driver, hsm, stop_atom, "stop")
   CAF_ADD_ATOM(hsm_driver, hsm, drain_atom, "drain")
   CAF_ADD_ATOM(hsm_driver, hsm, stats_atom, "stats")
-  CAF_ADD_ATOM(hsm_driver, hsm, retry_atom, "retry")
   CAF_ADD_ATOM(hsm_driver, hsm, close_atom, "close")
   CAF_ADD_ATOM(hsm_driver, hsm, stuck_atom, "stuck")
+  CAF_ADD_ATOM(hsm_driver, hsm, flush_atom, "flush")
 
 CAF_END_TYPE_ID_BLOCK(hsm_driver)

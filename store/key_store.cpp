@@ -1,8 +1,21 @@
 #include "store/key_store.hpp"
 
 #include <algorithm>
+#include <string_view>
+#include <unordered_map>
 
 namespace hsm::store {
+
+caf::expected<put_result> key_store::put(const key_record& rec) {
+  auto res = put_many(std::vector<key_record>{rec});
+  if (!res)
+    return std::move(res.error());
+  if (res->size() != 1)
+    return make_query_failed(put_label({rec}) + ": "
+                             + std::to_string(res->size())
+                             + " results for one record");
+  return std::move(res->front());
+}
 
 caf::error make_unavailable(std::string msg) {
   return caf::make_error(store_errc::unavailable, std::move(msg));
@@ -31,6 +44,30 @@ caf::error sort_migrations(std::vector<migration>& ms) {
       return bad("version " + std::to_string(ms[i].version) + " appears twice");
   }
   return caf::none;
+}
+
+std::vector<size_t> first_of_key_id(const std::vector<key_record>& recs) {
+  std::vector<size_t> out;
+  out.reserve(recs.size());
+  std::unordered_map<std::string_view, size_t> first;
+  for (size_t i = 0; i < recs.size(); ++i)
+    out.push_back(first.try_emplace(recs[i].key_id, i).first->second);
+  return out;
+}
+
+std::string put_label(const std::vector<key_record>& recs) {
+  constexpr size_t max_named = 3;
+  if (recs.size() == 1)
+    return "put key '" + recs.front().key_id + "'";
+  auto out = "put " + std::to_string(recs.size()) + " keys (";
+  for (size_t i = 0; i < recs.size() && i < max_named; ++i) {
+    if (i > 0)
+      out += ", ";
+    out += "'" + recs[i].key_id + "'";
+  }
+  if (recs.size() > max_named)
+    out += ", ...";
+  return out + ")";
 }
 
 } // namespace hsm::store

@@ -10,6 +10,7 @@
 #include "messages/errors.hpp"
 #include "messages/key_record.hpp"
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -52,9 +53,18 @@ public:
 
   /// Inserts `rec` unless its key id is taken. Idempotent by key id: the same
   /// key id never holds two keys; a second put returns the stored record with
-  /// `inserted == false`. Returns only after the write is durable.
-  [[nodiscard]] virtual caf::expected<put_result>
-  put(const key_record& rec) = 0;
+  /// `inserted == false`. Returns only after the write is durable. The same
+  /// as `put_many` of `rec` alone.
+  [[nodiscard]] caf::expected<put_result> put(const key_record& rec);
+
+  /// Puts every record of `recs` as `put` does, in one transaction with one
+  /// commit (one fsync) for all: on success every record is durable and the
+  /// i-th result answers `recs[i]`; on error none of them is written. A key
+  /// id that appears twice in `recs` is written once: the first record wins
+  /// and the later ones get its record with `inserted == false`. An empty
+  /// `recs` writes nothing and opens no transaction.
+  [[nodiscard]] virtual caf::expected<std::vector<put_result>>
+  put_many(const std::vector<key_record>& recs) = 0;
 
   /// The record stored under `key_id`, or nullopt.
   [[nodiscard]] virtual caf::expected<std::optional<key_record>>
@@ -91,5 +101,15 @@ caf::error make_corrupt_row(std::string msg);
 /// Checks that versions are positive and distinct, and sorts `ms` by
 /// version; a bad list is `store_errc::query_failed`.
 [[nodiscard]] caf::error sort_migrations(std::vector<migration>& ms);
+
+/// For each record of a group, the index of the first record in `recs` with
+/// the same key id (its own index if it is the first). Back ends write only
+/// the firsts and answer the others with their first's record.
+[[nodiscard]] std::vector<size_t>
+first_of_key_id(const std::vector<key_record>& recs);
+
+/// Names a group in messages: "put key 'a'" for one record, "put 3 keys
+/// ('a', 'b', 'c')" for more (at most three ids, then "...").
+[[nodiscard]] std::string put_label(const std::vector<key_record>& recs);
 
 } // namespace hsm::store

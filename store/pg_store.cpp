@@ -514,36 +514,57 @@ pg_store::~pg_store() = default;
 
 // -- key_store ----------------------------------------------------------------
 
-caf::expected<put_result> pg_store::put(const key_record& rec) {
-  auto what = "put key '" + rec.key_id + "'";
+caf::expected<std::vector<put_result>>
+pg_store::put_many(const std::vector<key_record>& recs) {
+  if (recs.empty())
+    return std::vector<put_result>{};
+  auto label = put_label(recs);
+  auto first = first_of_key_id(recs);
+  // Inserted in key id order: two drivers writing overlapping groups then
+  // wait for each other's row locks in the same order and cannot deadlock.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < recs.size(); ++i)
+    if (first[i] == i)
+      order.push_back(i);
+  std::sort(order.begin(), order.end(), [&recs](size_t x, size_t y) {
+    return recs[x].key_id < recs[y].key_id;
+  });
   // Set once a COMMIT went out whose outcome is unknown (the connection
-  // broke during it). If the retry then finds exactly this record, it was
-  // this call's commit that landed.
+  // broke during it). If the retry then finds exactly a record of this
+  // group, it was this call's commit that landed.
   bool in_doubt = false;
-  return impl_->run<put_result>(
-    what, [&](pqxx::connection& c) -> caf::expected<put_result> {
+  return impl_->run<std::vector<put_result>>(
+    label, [&](pqxx::connection& c) -> caf::expected<std::vector<put_result>> {
       pqxx::work tx{c};
-      auto scheme_name = std::string{to_string(rec.scheme)};
-      auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
-                                  bytea(rec.public_key), bytea(rec.key_blob),
-                                  rec.wrap_mechanism, rec.created_at_ms);
-      put_result out;
-      out.inserted = res.affected_rows() != 0;
-      if (out.inserted) {
-        out.record = rec;
-      } else {
+      std::vector<put_result> out(recs.size());
+      for (auto i : order) {
+        const auto& rec = recs[i];
+        auto scheme_name = std::string{to_string(rec.scheme)};
+        auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
+                                    bytea(rec.public_key), bytea(rec.key_blob),
+                                    rec.wrap_mechanism, rec.created_at_ms);
+        if (res.affected_rows() != 0) {
+          out[i] = put_result{rec, true};
+          continue;
+        }
         // The key id is taken by a committed row (ON CONFLICT waits for a
         // concurrent inserter to finish), which the next statement sees:
         // READ COMMITTED takes a new snapshot per statement.
         auto rows = tx.exec_prepared(select_key.name, rec.key_id);
         if (rows.empty())
-          return make_query_failed(what + ": conflicting row not found");
+          return make_query_failed("put key '" + rec.key_id
+                                   + "': conflicting row not found");
         auto stored = read_key_row(rows[0], rec.key_id);
         if (!stored)
           return std::move(stored.error());
-        out.record = std::move(*stored);
-        out.inserted = in_doubt && same_key(out.record, rec);
+        auto inserted = in_doubt && same_key(*stored, rec);
+        out[i] = put_result{std::move(*stored), inserted};
       }
+      // A key id seen earlier in the group: its first record is the stored
+      // one now (inside this transaction).
+      for (size_t i = 0; i < recs.size(); ++i)
+        if (first[i] != i)
+          out[i] = put_result{out[first[i]].record, false};
       in_doubt = true;
       tx.commit();
       in_doubt = false;

@@ -4,7 +4,8 @@
 // and contract as the SQLite one, for several drivers sharing one database.
 // Migrations run at open under an advisory lock, so drivers starting at once
 // apply each migration exactly once. Idempotent put by key id holds across
-// drivers (INSERT ... ON CONFLICT DO NOTHING, then read the winner). A lost
+// drivers (INSERT ... ON CONFLICT DO NOTHING, then read the winner); a
+// group of puts is one transaction. A lost
 // connection is re-opened and the call retried with backoff, without losing
 // the call in hand, until `retry_budget` runs out; a connection that lands on
 // a read-only server (SQLSTATE 25006, e.g. an old primary after failover) is
@@ -56,10 +57,14 @@ public:
   /// Not copyable: owns a connection.
   pg_store& operator=(const pg_store&) = delete;
 
-  /// Inserts `rec` unless its key id is taken (then returns the stored
-  /// record); committed before returning. If the connection broke while
-  /// committing and the retry finds exactly `rec`, `inserted` is true.
-  [[nodiscard]] caf::expected<put_result> put(const key_record& rec) override;
+  /// Inserts each record unless its key id is taken (then answers with the
+  /// stored record), all in one transaction; committed before returning. A
+  /// lost connection retries the whole group (see the file comment). If the
+  /// connection broke while committing and the retry finds exactly a
+  /// group's record stored, that record's `inserted` is true: the lost
+  /// commit was this call's.
+  [[nodiscard]] caf::expected<std::vector<put_result>>
+  put_many(const std::vector<key_record>& recs) override;
 
   /// The record stored under `key_id`, or nullopt; `store_errc::corrupt_row`
   /// if the stored row does not parse.

@@ -612,28 +612,42 @@ sqlite_store::~sqlite_store() = default;
 
 // -- key_store ----------------------------------------------------------------
 
-caf::expected<put_result> sqlite_store::put(const key_record& rec) {
-  auto what = "put key '" + rec.key_id + "'";
+caf::expected<std::vector<put_result>>
+sqlite_store::put_many(const std::vector<key_record>& recs) {
+  std::vector<put_result> results;
+  if (recs.empty())
+    return results;
+  auto label = put_label(recs);
   auto db = conn_->db.get();
   auto tx = conn_->transaction();
-  if (auto err = tx.begin(what))
+  if (auto err = tx.begin(label))
     return err;
-  put_result result;
-  auto written = run_write(db, conn_->insert_key.get(), what,
-                           [&rec](binder& args) {
-                             args.text(1, rec.key_id)
-                               .text(2, to_string(rec.scheme))
-                               .blob(3, rec.public_key)
-                               .blob(4, rec.key_blob)
-                               .text(5, rec.wrap_mechanism)
-                               .int64(6, rec.created_at_ms);
-                           });
-  if (!written)
-    return std::move(written.error());
-  result.inserted = *written;
-  if (result.inserted) {
-    result.record = rec;
-  } else {
+  auto first = first_of_key_id(recs);
+  results.reserve(recs.size());
+  for (size_t i = 0; i < recs.size(); ++i) {
+    const auto& rec = recs[i];
+    if (first[i] != i) {
+      // The key id came earlier in this group: that record is the stored
+      // one now (inside this transaction).
+      results.push_back(put_result{results[first[i]].record, false});
+      continue;
+    }
+    auto what = "put key '" + rec.key_id + "'";
+    auto written = run_write(db, conn_->insert_key.get(), what,
+                             [&rec](binder& args) {
+                               args.text(1, rec.key_id)
+                                 .text(2, to_string(rec.scheme))
+                                 .blob(3, rec.public_key)
+                                 .blob(4, rec.key_blob)
+                                 .text(5, rec.wrap_mechanism)
+                                 .int64(6, rec.created_at_ms);
+                             });
+    if (!written)
+      return std::move(written.error());
+    if (*written) {
+      results.push_back(put_result{rec, true});
+      continue;
+    }
     // The key id is taken: answer with the stored record, read under the
     // same lock.
     auto stored = get(rec.key_id);
@@ -641,11 +655,11 @@ caf::expected<put_result> sqlite_store::put(const key_record& rec) {
       return std::move(stored.error());
     if (!*stored)
       return make_query_failed(what + ": conflicting row not found");
-    result.record = std::move(**stored);
+    results.push_back(put_result{std::move(**stored), false});
   }
-  if (auto err = tx.commit(what))
+  if (auto err = tx.commit(label))
     return err;
-  return result;
+  return results;
 }
 
 caf::expected<std::optional<key_record>>

@@ -47,9 +47,11 @@ public:
 
   // -- key_store --------------------------------------------------------------
 
-  /// Inserts `rec` unless its key id is taken (then returns the stored
-  /// record); commits before returning.
-  [[nodiscard]] caf::expected<put_result> put(const key_record& rec) override;
+  /// Inserts each record unless its key id is taken (then answers with the
+  /// stored record), all in one `BEGIN IMMEDIATE` transaction; commits (one
+  /// WAL fsync, synchronous=FULL) before returning.
+  [[nodiscard]] caf::expected<std::vector<put_result>>
+  put_many(const std::vector<key_record>& recs) override;
 
   /// The record stored under `key_id`, or nullopt; `store_errc::corrupt_row`
   /// if the stored row does not parse.

@@ -109,6 +109,7 @@ daemon::start(const daemon_options& opts) {
     std::shared_ptr<net::proxy_link>(std::move(*post_client)), in.stopping);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
+  dcfg.pipeline = opts.pipeline;
   dcfg.caps = caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
   supervisor_config scfg;

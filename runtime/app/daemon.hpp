@@ -26,6 +26,8 @@ struct daemon_options {
   driver_config cfg;
   net::proxy_client_config proxy;
   size_t sessions = 2;
+  /// Leases held per healthy session (`--pipeline`).
+  size_t pipeline = 2;
   std::chrono::milliseconds hsm_timeout{10000};
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds poll_wait{20000};

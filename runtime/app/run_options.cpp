@@ -61,6 +61,10 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
     return caf::make_error(config_errc::invalid_option,
                            std::string{"--sessions"},
                            std::string{"--sessions must be 1..256"});
+  if (flags.pipeline < 1 || flags.pipeline > 16)
+    return caf::make_error(config_errc::invalid_option,
+                           std::string{"--pipeline"},
+                           std::string{"--pipeline must be 1..16"});
   if (auto err = check_ms("--hsm-timeout", flags.hsm_timeout_ms, 100, 600000))
     return err;
   if (auto err = check_ms("--drain-timeout", flags.drain_timeout_ms, 0,
@@ -69,6 +73,7 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
   if (auto err = check_ms("--poll-wait", flags.poll_wait_ms, 0, 60000))
     return err;
   o.sessions = flags.sessions;
+  o.pipeline = flags.pipeline;
   o.hsm_timeout = std::chrono::milliseconds{flags.hsm_timeout_ms};
   o.drain_timeout = std::chrono::milliseconds{flags.drain_timeout_ms};
   o.poll_wait = std::chrono::milliseconds{flags.poll_wait_ms};

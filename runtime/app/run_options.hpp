@@ -5,6 +5,7 @@
 // daemon's limits. Flags win over the environment, which is read through
 // `env_lookup` so that tests need no setenv. Defaults are named here.
 
+#include "actors/dispatcher.hpp"
 #include "messages/errors.hpp"
 #include "runtime/app/config.hpp"
 #include "runtime/app/daemon.hpp"
@@ -53,6 +54,8 @@ struct run_flags {
   std::string driver_id;
   /// `--sessions`.
   size_t sessions = default_sessions;
+  /// `--pipeline`.
+  size_t pipeline = default_pipeline;
   /// `--hsm-timeout`, ms.
   long hsm_timeout_ms = default_hsm_timeout_ms;
   /// `--drain-timeout`, ms.

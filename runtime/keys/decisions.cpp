@@ -55,6 +55,12 @@ caf::error shutting_down() {
                          std::string{"driver shutting down"});
 }
 
+caf::error lease_ending() {
+  return caf::make_error(hsm_errc::retryable,
+                         std::string{"lease ends before the request could be "
+                                     "served; handed back"});
+}
+
 caf::error queue_full() {
   return caf::make_error(hsm_errc::retryable, std::string{"driver queue full"});
 }

@@ -38,6 +38,10 @@ answer_stored(const key_record& stored, scheme requested, bool created);
 /// The retryable answer to work handed back on shutdown.
 [[nodiscard]] caf::error shutting_down();
 
+/// The retryable answer to a job whose lease ends before it could be
+/// served.
+[[nodiscard]] caf::error lease_ending();
+
 /// The retryable answer to a job beyond the queue bound.
 [[nodiscard]] caf::error queue_full();
 

@@ -1,5 +1,6 @@
 #include "runtime/keys/requests.hpp"
 
+#include <algorithm>
 #include <string>
 
 namespace hsm::keys {
@@ -14,6 +15,19 @@ std::string printable(std::string_view text) {
     if (c < 0x20 || c > 0x7E)
       c = '?';
   return out;
+}
+
+/// The lease times of `j`, from a lease of `lease_ms` that began at
+/// `received`.
+void set_lease(job& j, int64_t lease_ms,
+               std::chrono::steady_clock::time_point received) {
+  if (lease_ms <= 0)
+    return;
+  std::chrono::milliseconds lease{lease_ms};
+  j.lease_deadline = received + lease;
+  j.start_by = j.lease_deadline
+               - std::min<std::chrono::milliseconds>(lease / 4,
+                                                     std::chrono::seconds{1});
 }
 
 } // namespace
@@ -65,7 +79,8 @@ caf::error validate_payload(scheme s, std::span<const uint8_t> payload) {
   return caf::none;
 }
 
-caf::expected<job> to_job(const net::wire_request& req) {
+caf::expected<job> to_job(const net::wire_request& req,
+                          std::chrono::steady_clock::time_point received) {
   if (req.error)
     return req.error;
   if (auto err = validate_key_id(req.key_id))
@@ -73,6 +88,7 @@ caf::expected<job> to_job(const net::wire_request& req) {
   job j;
   j.id = req.id;
   j.lease = req.lease;
+  set_lease(j, req.lease_ms, received);
   j.kind = req.kind;
   j.key_id = req.key_id;
   if (req.kind == job_kind::generate_key) {
@@ -86,14 +102,16 @@ caf::expected<job> to_job(const net::wire_request& req) {
   return j;
 }
 
-caf::expected<polled> read_poll(std::string_view body) {
+caf::expected<polled>
+read_poll(std::string_view body,
+          std::chrono::steady_clock::time_point received) {
   auto decoded = net::decode_poll(body);
   if (!decoded)
     return decoded.error();
   polled out;
   out.unanswerable = decoded->unanswerable;
   for (auto& req : decoded->requests) {
-    auto j = to_job(req);
+    auto j = to_job(req, received);
     if (j) {
       out.jobs.push_back(std::move(*j));
       continue;
@@ -101,6 +119,7 @@ caf::expected<polled> read_poll(std::string_view body) {
     job ref;
     ref.id = req.id;
     ref.lease = req.lease;
+    set_lease(ref, req.lease_ms, received);
     out.rejected.push_back(answer(ref, j.error()));
   }
   return out;

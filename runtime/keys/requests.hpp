@@ -11,6 +11,7 @@
 #include "messages/scheme.hpp"
 #include "runtime/net/wire_codec.hpp"
 
+#include <chrono>
 #include <cstdint>
 #include <span>
 #include <string_view>
@@ -35,7 +36,12 @@ inline constexpr size_t max_key_id_length = 128;
                                           std::span<const uint8_t> payload);
 
 /// Checks a decoded request against the rules above.
-[[nodiscard]] caf::expected<job> to_job(const net::wire_request& req);
+/// `received` is when the poll was answered: the lease ends `lease_ms`
+/// after it.
+[[nodiscard]] caf::expected<job>
+to_job(const net::wire_request& req,
+       std::chrono::steady_clock::time_point received
+       = std::chrono::steady_clock::now());
 
 /// A poll response read into jobs.
 struct polled {
@@ -52,6 +58,8 @@ struct polled {
 /// Decodes `{"requests":[...]}` and checks each request. A body that is not
 /// that shape is `net_errc::bad_response`; single bad requests end up in
 /// `rejected`.
-[[nodiscard]] caf::expected<polled> read_poll(std::string_view body);
+[[nodiscard]] caf::expected<polled>
+read_poll(std::string_view body, std::chrono::steady_clock::time_point received
+                                 = std::chrono::steady_clock::now());
 
 } // namespace hsm::keys

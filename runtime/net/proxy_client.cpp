@@ -107,6 +107,13 @@ caf::error transport_error(CURLcode rc, const char* errbuf,
   return caf::make_error(code, what, std::move(detail));
 }
 
+/// How a kept-alive connection that the peer closed while idle fails on
+/// reuse.
+bool dead_connection(CURLcode rc) {
+  return rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR
+         || rc == CURLE_GOT_NOTHING;
+}
+
 size_t on_data(char* ptr, size_t size, size_t nmemb, void* user) {
   auto* out = static_cast<std::string*>(user);
   out->append(ptr, size * nmemb);
@@ -128,6 +135,8 @@ struct proxy_client::impl {
   std::string base_url;
   std::string body;
   char errbuf[CURL_ERROR_SIZE] = {};
+  /// Calls sent again because their kept-alive connection had died.
+  uint64_t reconnects = 0;
 
   ~impl() {
     if (curl != nullptr)
@@ -166,6 +175,8 @@ struct proxy_client::impl {
     set(CURLOPT_HTTPHEADER, headers);
     set(CURLOPT_WRITEFUNCTION, &on_data);
     set(CURLOPT_TCP_KEEPALIVE, 1L);
+    // Reuse an idle connection only while the proxy still keeps it open.
+    set(CURLOPT_MAXAGE_CONN, static_cast<long>(cfg.max_idle.count()));
     set(CURLOPT_TCP_NODELAY, 1L);
     set(CURLOPT_CONNECTTIMEOUT_MS, to_ms(cfg.connect_timeout));
     set(CURLOPT_CAINFO, ca.c_str());
@@ -201,15 +212,25 @@ struct proxy_client::impl {
     set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(payload.size()));
     set(CURLOPT_TIMEOUT_MS, to_ms(timeout));
     set(CURLOPT_WRITEDATA, static_cast<void*>(&out.body));
-    if (rc == CURLE_OK)
+    long connects = 0;
+    if (rc == CURLE_OK) {
       rc = curl_easy_perform(curl);
+      curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
+      // A kept-alive connection the proxy closed while it was idle fails on
+      // first use: that is no failure of the proxy, so the call goes out
+      // again at once on a new connection, without a warning.
+      if (connects == 0 && dead_connection(rc)) {
+        ++reconnects;
+        out.body.clear();
+        errbuf[0] = '\0';
+        rc = curl_easy_perform(curl);
+        curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
+      }
+    }
     // The body belongs to this call only.
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, static_cast<void*>(nullptr));
-    if (rc != CURLE_OK) {
-      long connects = 0;
-      curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
+    if (rc != CURLE_OK)
       return transport_error(rc, errbuf, "POST " + url, connects > 0);
-    }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &out.status);
     return out;
   }
@@ -263,6 +284,10 @@ caf::expected<http_reply> proxy_client::post_result(const std::string& body) {
 
 const proxy_client_config& proxy_client::config() const noexcept {
   return impl_->cfg;
+}
+
+uint64_t proxy_client::reconnects() const noexcept {
+  return impl_->reconnects;
 }
 
 const std::string& proxy_client::driver_id() const {

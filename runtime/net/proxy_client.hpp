@@ -42,6 +42,10 @@ struct proxy_client_config {
   std::chrono::milliseconds poll_grace{10000};
   /// Timeout of a result post.
   std::chrono::milliseconds post_timeout{15000};
+  /// An idle kept-alive connection is reused only this long; keep it below
+  /// the proxy's idle timeout (the reference proxy closes idle connections
+  /// after 2 s). A connection that died anyway is replaced at once.
+  std::chrono::seconds max_idle{1};
 };
 
 /// An HTTP answer.
@@ -98,6 +102,10 @@ public:
 
   /// The configuration.
   const proxy_client_config& config() const noexcept;
+
+  /// Calls sent again at once because the kept-alive connection they went
+  /// out on had died while idle.
+  [[nodiscard]] uint64_t reconnects() const noexcept;
 
 private:
   proxy_client() = default;

@@ -116,11 +116,13 @@ json to_json(const request_info& x) {
   return out;
 }
 
-/// A leased request as `POST /v1/poll` hands it out.
-json to_json(const delivery& x) {
+/// A leased request as `POST /v1/poll` hands it out; `lease_ms` is how
+/// long the lease lasts from now.
+json to_json(const delivery& x, std::chrono::milliseconds lease) {
   auto params = json::parse(x.params, nullptr, false);
   return json{{"id", x.id},
               {"lease", x.lease},
+              {"lease_ms", lease.count()},
               {"kind", x.kind},
               {"params", params.is_discarded() ? json{} : std::move(params)}};
 }
@@ -244,59 +246,112 @@ struct reference_proxy::impl {
     auto got = take(driver, static_cast<size_t>(*max), wait);
     auto out = json::array();
     for (const auto& x : got)
-      out.push_back(to_json(x));
+      out.push_back(to_json(x, cfg.lease_duration));
     reply(res, 200, json{{"requests", std::move(out)}});
   }
 
-  void on_result(const httplib::Request& req, httplib::Response& res) {
-    auto body = parse_object(req, res);
-    if (!body || !need_string(*body, "id", res)
-        || !need_string(*body, "lease", res)
-        || !need_string(*body, "driver_id", res))
-      return;
-    auto ok_it = body->find("ok");
-    if (ok_it == body->end() || !ok_it->is_boolean()) {
-      reply_error(res, 400, "bad_request", "\"ok\" must be a boolean");
-      return;
+  /// One result entry's outcome, or why it is malformed.
+  static caf::expected<request_outcome> parse_outcome(const json& entry) {
+    auto bad = [](std::string why) {
+      return caf::make_error(net_errc::bad_response, std::move(why));
+    };
+    for (auto key : {"id", "lease"}) {
+      auto it = entry.find(key);
+      if (it == entry.end() || !it->is_string()
+          || it->get_ref<const std::string&>().empty())
+        return bad(std::string{"\""} + key + "\" must be a non-empty string");
     }
+    auto ok_it = entry.find("ok");
+    if (ok_it == entry.end() || !ok_it->is_boolean())
+      return bad("\"ok\" must be a boolean");
     request_outcome outcome;
     outcome.ok = ok_it->get<bool>();
     if (outcome.ok) {
-      auto it = body->find("result");
-      if (it == body->end() || !it->is_object()) {
-        reply_error(res, 400, "bad_request",
-                    "\"result\" must be an object when \"ok\" is true");
-        return;
-      }
+      auto it = entry.find("result");
+      if (it == entry.end() || !it->is_object())
+        return bad("\"result\" must be an object when \"ok\" is true");
       outcome.body = dump(*it);
-    } else {
-      auto it = body->find("error");
-      auto valid = it != body->end() && it->is_object();
-      if (valid) {
-        auto code = it->find("code");
-        auto msg = it->find("message");
-        auto rt = it->find("retryable");
-        valid = code != it->end() && code->is_string() && msg != it->end()
-                && msg->is_string() && rt != it->end() && rt->is_boolean();
-        if (valid)
-          outcome.retryable = rt->get<bool>();
-      }
-      if (!valid) {
-        reply_error(res, 400, "bad_request",
-                    "\"error\" must be an object with a string \"code\", "
-                    "a string \"message\" and a boolean \"retryable\" when "
-                    "\"ok\" is false");
-        return;
-      }
-      outcome.body = dump(*it);
+      return outcome;
     }
-    const auto& id = (*body)["id"].get_ref<const std::string&>();
-    const auto& lease = (*body)["lease"].get_ref<const std::string&>();
-    std::unique_lock<std::mutex> lock{mtx};
+    auto it = entry.find("error");
+    auto valid = it != entry.end() && it->is_object();
+    if (valid) {
+      auto code = it->find("code");
+      auto msg = it->find("message");
+      auto rt = it->find("retryable");
+      valid = code != it->end() && code->is_string() && msg != it->end()
+              && msg->is_string() && rt != it->end() && rt->is_boolean();
+      if (valid)
+        outcome.retryable = rt->get<bool>();
+    }
+    if (!valid)
+      return bad("\"error\" must be an object with a string \"code\", a "
+                 "string \"message\" and a boolean \"retryable\" when "
+                 "\"ok\" is false");
+    outcome.body = dump(*it);
+    return outcome;
+  }
+
+  /// Records one well-formed result; under `mtx`.
+  completion record(const json& entry, request_outcome outcome) {
+    const auto& id = entry["id"].get_ref<const std::string&>();
+    const auto& lease = entry["lease"].get_ref<const std::string&>();
     auto done = queue.complete(id, lease, std::move(outcome));
     // A retryable error made the request visible again.
     if (done == completion::accepted && queue.has_work())
       visible_cv.notify_all();
+    return done;
+  }
+
+  /// `POST /v1/results`: one result (`{"id","lease","driver_id","ok",...}`,
+  /// 200 or 409), or a batch (`{"driver_id","results":[...]}`, 200 with a
+  /// status per result, so that one stale lease never fails the others).
+  void on_result(const httplib::Request& req, httplib::Response& res) {
+    auto body = parse_object(req, res);
+    if (!body || !need_string(*body, "driver_id", res))
+      return;
+    if (auto batch = body->find("results"); batch != body->end()) {
+      if (!batch->is_array()) {
+        reply_error(res, 400, "bad_request", "\"results\" must be an array");
+        return;
+      }
+      auto statuses = json::array();
+      std::unique_lock<std::mutex> lock{mtx};
+      for (const auto& entry : *batch) {
+        json status{{"id", entry.is_object() && entry.contains("id")
+                             ? entry["id"]
+                             : json{}}};
+        auto outcome = entry.is_object()
+                         ? parse_outcome(entry)
+                         : caf::expected<request_outcome>{caf::make_error(
+                           net_errc::bad_response,
+                           std::string{"a result must be an object"})};
+        if (!outcome) {
+          status["status"] = "bad_request";
+          status["message"] = describe(outcome.error());
+        } else if (auto done = record(entry, std::move(*outcome));
+                   done != completion::accepted) {
+          status["status"] = "lease_not_current";
+          status["message"] = refusal(done);
+        } else {
+          status["status"] = "accepted";
+        }
+        statuses.push_back(std::move(status));
+      }
+      lock.unlock();
+      reply(res, 200, json{{"results", std::move(statuses)}});
+      return;
+    }
+    auto outcome = parse_outcome(*body);
+    if (!outcome) {
+      auto msg = outcome.error().context().empty()
+                   ? describe(outcome.error())
+                   : outcome.error().context().get_as<std::string>(0);
+      reply_error(res, 400, "bad_request", msg);
+      return;
+    }
+    std::unique_lock<std::mutex> lock{mtx};
+    auto done = record(*body, std::move(*outcome));
     lock.unlock();
     if (done != completion::accepted) {
       reply_error(res, 409, "lease_not_current", refusal(done));
@@ -445,6 +500,13 @@ struct reference_proxy::impl {
     auto* ctx = tls->ssl_context();
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
       return bad_tls_material("cannot require TLS 1.2");
+    // Resuming a session under client-certificate verification needs a
+    // session id context; without one OpenSSL refuses every resumption
+    // ("internal error"), and a client that resumes (libcurl does) can no
+    // longer reconnect once the server closed its first connection.
+    static constexpr unsigned char sid_ctx[] = "hsm-driver-reference-proxy";
+    if (SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1) != 1)
+      return bad_tls_material("cannot set the session id context");
     if (SSL_CTX_check_private_key(ctx) != 1)
       return bad_tls_material("the server key does not match its certificate");
     // httplib ignores whether the CA file loads; check it, and name the

@@ -6,8 +6,12 @@
 // at-most-once acceptance of a result per lease); plus an admin API on a
 // listener of its own (plain HTTP on loopback) to enqueue requests and read
 // results and statistics. This layer only speaks HTTP and JSON and blocks
-// long-polls. Thread-safe: the servers run on their own threads; the
-// in-process methods may be called from any thread.
+// long-polls. Each leased request carries `lease_ms` (how long its lease
+// lasts); `POST /v1/results` takes one result, or a batch
+// `{"driver_id","results":[...]}` answered with a status per result
+// (`accepted`, `lease_not_current`, `bad_request`). Thread-safe: the servers
+// run on their own threads; the in-process methods may be called from any
+// thread.
 
 #include "messages/errors.hpp"
 #include "runtime/base/clock.hpp"

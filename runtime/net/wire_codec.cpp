@@ -99,6 +99,9 @@ caf::expected<decoded_poll> decode_poll(std::string_view body) {
     wire_request w;
     w.id = req["id"].get<std::string>();
     w.lease = req["lease"].get<std::string>();
+    if (auto ms = req.find("lease_ms");
+        ms != req.end() && ms->is_number_integer() && ms->get<int64_t>() > 0)
+      w.lease_ms = ms->get<int64_t>();
     w.error = decode_request(req, w);
     out.requests.push_back(std::move(w));
   }
@@ -138,6 +141,48 @@ std::string encode_result(const job_result& r, std::string_view driver_id) {
   auto body = result_entry(r);
   body["driver_id"] = std::string{driver_id};
   return dump(body);
+}
+
+std::string encode_results(const std::vector<job_result>& rs,
+                           std::string_view driver_id) {
+  ordered_json body;
+  body["driver_id"] = std::string{driver_id};
+  body["results"] = ordered_json::array();
+  for (const auto& r : rs)
+    body["results"].push_back(result_entry(r));
+  return dump(body);
+}
+
+caf::expected<std::vector<result_status>>
+decode_result_statuses(std::string_view body,
+                       const std::vector<job_result>& sent) {
+  json doc = json::parse(body, nullptr, false);
+  if (doc.is_discarded() || !doc.is_object() || !doc.contains("results")
+      || !doc["results"].is_array())
+    return caf::make_error(net_errc::bad_response,
+                           std::string{"batch answer is not "
+                                       "{\"results\":[...]}"});
+  std::vector<result_status> out(sent.size(), result_status::refused);
+  const auto& entries = doc["results"];
+  for (size_t i = 0; i < sent.size(); ++i) {
+    // Matched by position when the ids agree, else by id.
+    const json* entry = nullptr;
+    if (i < entries.size() && entries[i].is_object()
+        && entries[i].value("id", json{}) == sent[i].id)
+      entry = &entries[i];
+    for (size_t k = 0; entry == nullptr && k < entries.size(); ++k)
+      if (entries[k].is_object()
+          && entries[k].value("id", json{}) == sent[i].id)
+        entry = &entries[k];
+    if (entry == nullptr)
+      continue;
+    auto status = entry->value("status", std::string{});
+    if (status == "accepted")
+      out[i] = result_status::accepted;
+    else if (status == "lease_not_current")
+      out[i] = result_status::lease_not_current;
+  }
+  return out;
 }
 
 } // namespace hsm::net

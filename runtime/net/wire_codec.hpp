@@ -29,6 +29,9 @@ inline constexpr size_t max_payload_bytes = max_ed25519_message;
 struct wire_request {
   std::string id;
   std::string lease;
+  /// `lease_ms`: how long the lease lasts from the poll's answer; 0 when the
+  /// proxy did not say.
+  int64_t lease_ms = 0;
   job_kind kind = job_kind::generate_key;
   std::string key_id;
   /// generate_key only: the scheme name as sent.
@@ -62,5 +65,27 @@ nlohmann::ordered_json to_json(const error_result& r);
 
 /// The body of `POST /v1/results` for one result.
 std::string encode_result(const job_result& r, std::string_view driver_id);
+
+/// The body of `POST /v1/results` for a batch:
+/// `{"driver_id","results":[{"id","lease","ok",...},...]}`.
+std::string encode_results(const std::vector<job_result>& rs,
+                           std::string_view driver_id);
+
+/// What the proxy said of one result of a batch.
+enum class result_status : uint8_t {
+  /// Recorded.
+  accepted,
+  /// The lease expired or the request is answered already (as a 409).
+  lease_not_current,
+  /// The proxy refused the entry (malformed), or did not mention it.
+  refused,
+};
+
+/// Reads a batch answer `{"results":[{"id","status"},...]}` into one status
+/// per result of `sent`, in order; a body that is not that shape is
+/// `net_errc::bad_response`.
+[[nodiscard]] caf::expected<std::vector<result_status>>
+decode_result_statuses(std::string_view body,
+                       const std::vector<job_result>& sent);
 
 } // namespace hsm::net

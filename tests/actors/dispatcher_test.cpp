@@ -46,8 +46,7 @@ store_actor::behavior_type fake_store(store_actor::pointer) {
   };
 }
 
-/// A session that signs (with a signature that will not verify: the
-/// dispatcher then answers signature_mismatch, which is enough here) or,
+/// A session that signs (the signature itself does not matter here) or,
 /// when `fail`, fails like a closed session and ends.
 hsm_session_actor::behavior_type fake_session(hsm_session_actor::pointer self,
                                               std::shared_ptr<fake_world> w,
@@ -57,7 +56,7 @@ hsm_session_actor::behavior_type fake_session(hsm_session_actor::pointer self,
       return caf::make_error(hsm_errc::fatal);
     },
     [=](sign_atom, const key_record&,
-        const std::vector<uint8_t>&) -> caf::result<raw_signature> {
+        const std::vector<uint8_t>&) -> caf::result<signature_result> {
       ++w->session_calls;
       if (fail) {
         auto err = caf::make_error(hsm_errc::reopen_session,
@@ -66,7 +65,7 @@ hsm_session_actor::behavior_type fake_session(hsm_session_actor::pointer self,
         self->quit(err);
         return err;
       }
-      return raw_signature{std::vector<uint8_t>(64, 7)};
+      return signature_result{"k", scheme::p256, signature{}};
     },
     [=](destroy_atom, const key_record&) {},
   };
@@ -80,9 +79,9 @@ hsm_session_actor::behavior_type hung_session(hsm_session_actor::pointer,
       return caf::make_error(hsm_errc::fatal);
     },
     [=](sign_atom, const key_record&,
-        const std::vector<uint8_t>&) -> caf::result<raw_signature> {
+        const std::vector<uint8_t>&) -> caf::result<signature_result> {
       ++w->session_calls;
-      return caf::delegated<raw_signature>{}; // never answered
+      return caf::delegated<signature_result>{}; // never answered
     },
     [=](destroy_atom, const key_record&) {},
   };
@@ -95,7 +94,7 @@ result_poster_actor::behavior_type fake_poster(result_poster_actor::pointer,
       w->posted.push_back(r);
       return true;
     },
-    [=](retry_atom, uint64_t) {},
+    [=](flush_atom) {},
   };
 }
 
@@ -182,15 +181,52 @@ protected:
   dispatcher_actor dispatcher;
 };
 
-TEST_F(DispatcherTest, NoHealthySessionMeansNoCredit) {
+TEST_F(DispatcherTest, NoHealthySessionMeansNoCreditUntilOneComesUp) {
   spawn_dispatcher_with(2);
-  EXPECT_EQ(credits(), 0);
+  // Without a healthy session the credit question waits (no answer, no
+  // timer: the poller polls for nothing).
+  auto first = self->request(dispatcher, caf::infinite, credit_atom::value);
+  sched.run();
+  EXPECT_TRUE(self->mailbox().empty()) << "credit without a healthy session";
+  EXPECT_FALSE(sched.has_pending_timeout());
+  // It is answered the moment a session comes up: one healthy session
+  // times the pipeline depth (2).
   self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
-  EXPECT_EQ(credits(), 1);
+  ASSERT_FALSE(self->mailbox().empty()) << "no credit after a session came up";
+  first.receive([&](int64_t n) { EXPECT_EQ(n, 2); },
+                [&](caf::error& err) { ADD_FAILURE() << describe(err); });
   self->send(dispatcher, session_down_atom::value, size_t{0});
   sched.run();
-  EXPECT_EQ(credits(), 0);
+  auto second = self->request(dispatcher, caf::infinite, credit_atom::value);
+  sched.run();
+  EXPECT_TRUE(self->mailbox().empty()) << "credit after the session went down";
+  // A stopping dispatcher answers 0, so that the poller sees the stop.
+  self->send(dispatcher, stop_atom::value);
+  sched.run();
+  ASSERT_FALSE(self->mailbox().empty());
+  second.receive([&](int64_t n) { EXPECT_EQ(n, 0); },
+                 [&](caf::error& err) { ADD_FAILURE() << describe(err); });
+}
+
+TEST_F(DispatcherTest, PipelineLooksUpTheNextJobWhileTheSessionIsBusy) {
+  spawn_dispatcher_with(1);
+  auto hung = sys.spawn(hung_session, world);
+  self->send(dispatcher, session_up_atom::value, size_t{0}, hung);
+  sched.run();
+  EXPECT_EQ(credits(), 2);
+  self->send(dispatcher, job_atom::value, sign_job("p1"));
+  self->send(dispatcher, job_atom::value, sign_job("p2"));
+  sched.run();
+  // p1 is in the HSM, p2 looked up and waiting for the session: both
+  // leases held, no credit left, nothing answered yet.
+  auto st = stats();
+  EXPECT_EQ(world->session_calls, 1);
+  EXPECT_EQ(st.busy_sessions, 1u);
+  EXPECT_EQ(st.queued, 1u);
+  EXPECT_EQ(st.held, 2u);
+  EXPECT_TRUE(world->posted.empty());
+  self->send_exit(hung, caf::exit_reason::kill);
 }
 
 TEST_F(DispatcherTest, EveryLeaseCountsUntilItsResultIsPosted) {
@@ -198,15 +234,16 @@ TEST_F(DispatcherTest, EveryLeaseCountsUntilItsResultIsPosted) {
   self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   self->send(dispatcher, session_up_atom::value, size_t{1}, session());
   sched.run();
-  EXPECT_EQ(credits(), 2);
+  // Two healthy sessions times the pipeline depth (2).
+  EXPECT_EQ(credits(), 4);
   self->send(dispatcher, job_atom::value, sign_job("a"));
-  // Only the dispatcher's handler runs: the job holds a session.
+  // Only the dispatcher's handler runs: the job holds a lease.
   sched.run_once();
-  EXPECT_EQ(credits(), 1);
+  EXPECT_EQ(credits(), 3);
   sched.run();
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_EQ(world->posted.front().id, "a");
-  EXPECT_EQ(credits(), 2);
+  EXPECT_EQ(credits(), 4);
 }
 
 TEST_F(DispatcherTest, QueueIsBounded) {
@@ -229,10 +266,12 @@ TEST_F(DispatcherTest, SessionFailureCostsOneAttemptAndWaitsForANewSession) {
   sched.run();
   self->send(dispatcher, job_atom::value, sign_job("f"));
   sched.run();
-  // The session failed and ended: the job waits, not answered yet.
+  // The session failed and ended: the job waits, not answered yet, and
+  // there is no healthy session, so no credit.
   EXPECT_TRUE(world->posted.empty());
   EXPECT_EQ(world->session_calls, 1);
-  EXPECT_EQ(credits(), 0);
+  EXPECT_EQ(stats().healthy_sessions, 0u);
+  EXPECT_EQ(stats().held, 1u);
   self->send(dispatcher, session_up_atom::value, size_t{0}, session());
   sched.run();
   ASSERT_EQ(world->posted.size(), 1u);

@@ -67,28 +67,45 @@ public:
 
 /// What the fake dispatcher answered and received.
 struct poller_world {
-  /// Credits for the next questions; then `steady_credit`.
+  /// Credits for the next questions; then `steady_credit`; with neither,
+  /// the question waits in `parked` (as the real dispatcher's does until
+  /// credit appears).
   std::deque<int64_t> credits;
   int64_t steady_credit = 0;
   int credit_asks = 0;
+  std::vector<caf::typed_response_promise<int64_t>> parked;
+  /// What the waiting questions get when a session comes up.
+  int64_t grant = 0;
   std::vector<job> jobs;
   std::vector<job_result> results;
 };
 
 dispatcher_actor::behavior_type
-credit_dispatcher(dispatcher_actor::pointer, std::shared_ptr<poller_world> w) {
+credit_dispatcher(dispatcher_actor::pointer self,
+                  std::shared_ptr<poller_world> w) {
   return {
     [=](job_atom, const job& j) { w->jobs.push_back(j); },
     [=](result_atom, const job_result& r) { w->results.push_back(r); },
-    [=](credit_atom) {
+    [=](credit_atom) -> caf::result<int64_t> {
       ++w->credit_asks;
-      if (w->credits.empty())
+      if (!w->credits.empty()) {
+        auto c = w->credits.front();
+        w->credits.pop_front();
+        return c;
+      }
+      if (w->steady_credit > 0)
         return w->steady_credit;
-      auto c = w->credits.front();
-      w->credits.pop_front();
-      return c;
+      auto rp = self->make_response_promise<int64_t>();
+      w->parked.push_back(rp);
+      return rp;
     },
-    [](session_up_atom, size_t, const hsm_session_actor&) {},
+    // As in the real dispatcher, a session coming up brings credit: the
+    // waiting questions get `grant`.
+    [=](session_up_atom, size_t, const hsm_session_actor&) {
+      for (auto& rp : w->parked)
+        rp.deliver(w->grant);
+      w->parked.clear();
+    },
     [](session_down_atom, size_t) {},
     [](drain_atom) { return true; },
     [](stop_atom) {},
@@ -148,10 +165,8 @@ protected:
   poller_config config() {
     poller_config c;
     c.poll_wait = milliseconds{20000};
-    c.idle_pause = milliseconds{20};
     c.backoff_min = milliseconds{100};
     c.backoff_max = milliseconds{5000};
-    c.credit_timeout = milliseconds{5000};
     c.mode = spawn_mode::scheduled;
     c.stopping = cfg_stopping;
     return c;
@@ -164,8 +179,8 @@ protected:
     poller = spawn_poller(sys, config(), link, dispatcher);
   }
 
-  /// Runs the scheduler in bounded steps and checks that the poller parked
-  /// on a timer (or stopped) rather than looping.
+  /// Runs the scheduler in bounded steps and checks that the poller went
+  /// idle (waiting for credit, on a timer, or stopped) rather than looping.
   void settle() {
     constexpr size_t bound = 500;
     EXPECT_LT(sched.run(bound), bound) << "the poller never went idle";
@@ -183,18 +198,24 @@ protected:
   poller_actor poller;
 };
 
-TEST_F(PollerTest, NoCreditMeansNoPollOnlyTheIdleTimer) {
+TEST_F(PollerTest, NoCreditMeansNoPollUntilCreditAppears) {
   start();
   settle();
   EXPECT_EQ(world->credit_asks, 1);
-  for (int round = 2; round <= 4; ++round) {
-    // The idle pause is 20 ms: nothing happens before it is over.
-    wait(milliseconds{19});
-    EXPECT_EQ(world->credit_asks, round - 1);
-    wait(milliseconds{1});
-    EXPECT_EQ(world->credit_asks, round);
-  }
+  // The question waits; nothing polls and nothing asks again on a timer.
+  EXPECT_FALSE(sched.has_pending_timeout());
+  wait(std::chrono::hours{1});
+  EXPECT_EQ(world->credit_asks, 1);
   EXPECT_TRUE(link->polls.empty());
+  // The moment credit appears, the poll goes out for that much.
+  ASSERT_EQ(world->parked.size(), 1u);
+  world->grant = 2;
+  self->send(dispatcher, session_up_atom::value, size_t{0},
+             hsm_session_actor{});
+  settle();
+  ASSERT_EQ(link->polls.size(), 1u);
+  EXPECT_EQ(link->polls[0].max, 2u);
+  EXPECT_EQ(world->credit_asks, 2);
   EXPECT_TRUE(world->jobs.empty());
   EXPECT_TRUE(world->results.empty());
 }
@@ -207,10 +228,10 @@ TEST_F(PollerTest, PollAsksForAtMostTheCredit) {
   EXPECT_EQ(link->polls[0].max, 3u);
   EXPECT_EQ(link->polls[1].max, 1u);
   EXPECT_EQ(link->polls[0].wait, milliseconds{20000});
-  // The third answer was 0: parked on the idle timer, no third poll.
+  // The third question waits for credit: no third poll, no timer.
   EXPECT_EQ(world->credit_asks, 3);
-  wait(milliseconds{20});
-  EXPECT_EQ(world->credit_asks, 4);
+  wait(std::chrono::hours{1});
+  EXPECT_EQ(world->credit_asks, 3);
   EXPECT_EQ(link->polls.size(), 2u);
 }
 
@@ -290,7 +311,7 @@ TEST_F(PollerTest, TransportErrorsAndServerErrorsBackOff) {
   EXPECT_EQ(world->credit_asks, 4);
   wait(milliseconds{51});
   EXPECT_EQ(world->credit_asks, 5);
-  EXPECT_EQ(link->polls.size(), 4u); // that answer was 0 credit
+  EXPECT_EQ(link->polls.size(), 4u); // that question waits for credit
 }
 
 TEST_F(PollerTest, MalformedPollResponseWaitsTheMinimumBackoff) {

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,8 @@ public:
   caf::expected<net::http_reply> post_result(const std::string& body) override {
     posts.push_back(body);
     auto doc = nlohmann::json::parse(body, nullptr, false);
+    if (doc.is_object() && doc.contains("results"))
+      return post_batch(doc);
     auto id = doc.is_object() ? doc.value("id", std::string{}) : std::string{};
     ++attempts[id];
     auto& script = replies[id];
@@ -58,8 +61,28 @@ public:
   std::map<std::string, int> attempts;
   /// Every body, in order.
   std::vector<std::string> posts;
+  /// The result ids of each batch post, in order.
+  std::vector<std::vector<std::string>> batches;
+  /// Ids the proxy answers `lease_not_current` for in a batch.
+  std::set<std::string> stale;
 
 private:
+  /// Accepts every entry but the stale ones.
+  caf::expected<net::http_reply> post_batch(const nlohmann::json& doc) {
+    auto& ids = batches.emplace_back();
+    auto statuses = nlohmann::json::array();
+    for (const auto& entry : doc["results"]) {
+      auto id = entry.value("id", std::string{});
+      ids.push_back(id);
+      ++attempts[id];
+      EXPECT_EQ(doc.value("driver_id", std::string{}), id_);
+      statuses.push_back(
+        {{"id", id},
+         {"status", stale.count(id) > 0 ? "lease_not_current" : "accepted"}});
+    }
+    return net::http_reply{200, nlohmann::json{{"results", statuses}}.dump()};
+  }
+
   std::string id_ = "driver-7";
 };
 
@@ -280,6 +303,42 @@ TEST_F(ResultPosterTest, StoppingDuringARetryWaitEndsAtTheNextFailure) {
   ASSERT_TRUE(slot->posted.has_value());
   EXPECT_FALSE(*slot->posted);
   EXPECT_EQ(link->attempts["r1"], 2);
+  EXPECT_FALSE(sched.has_pending_timeout());
+}
+
+TEST_F(ResultPosterTest, ResultsThatArriveTogetherGoInOneBatch) {
+  link->stale.insert("b");
+  std::vector<std::shared_ptr<reply_slot>> slots;
+  for (auto id : {"a", "b", "c"}) {
+    slots.push_back(std::make_shared<reply_slot>());
+    requesters.push_back(
+      sys.spawn(requester, poster, key_answer(id), slots.back()));
+  }
+  sched.run();
+  // One post carries all three; each gets its own status: a stale lease
+  // settles its result (true) without failing the others.
+  ASSERT_EQ(link->posts.size(), 1u);
+  ASSERT_EQ(link->batches.size(), 1u);
+  EXPECT_EQ(link->batches[0], (std::vector<std::string>{"a", "b", "c"}));
+  for (auto& slot : slots) {
+    ASSERT_TRUE(slot->posted.has_value());
+    EXPECT_TRUE(*slot->posted);
+  }
+  EXPECT_FALSE(sched.has_pending_timeout());
+}
+
+TEST_F(ResultPosterTest, RetryingStopsBeforeTheLeaseWouldExpire) {
+  link->replies["r1"] = {unreachable(), unreachable(), unreachable()};
+  auto r = key_answer("r1");
+  // The lease ends 150 ms from now (on the test clock): the first retry
+  // (due 50..100 ms from now) fits, the second (100..200 ms later) cannot.
+  r.lease_deadline = sched.clock().now() + milliseconds{150};
+  auto slot = post(r);
+  EXPECT_EQ(link->attempts["r1"], 1);
+  wait(milliseconds{100});
+  EXPECT_EQ(link->attempts["r1"], 2);
+  ASSERT_TRUE(slot->posted.has_value()) << "still retrying past the lease";
+  EXPECT_FALSE(*slot->posted);
   EXPECT_FALSE(sched.has_pending_timeout());
 }
 

@@ -99,7 +99,7 @@ fake_session(hsm_session_actor::pointer self,
       return caf::make_error(hsm_errc::fatal);
     },
     [](sign_atom, const key_record&,
-       const std::vector<uint8_t>&) -> caf::result<raw_signature> {
+       const std::vector<uint8_t>&) -> caf::result<signature_result> {
       return caf::make_error(hsm_errc::fatal);
     },
     [](destroy_atom, const key_record&) {},

@@ -72,12 +72,14 @@ TEST_F(HsmSessionTest, GeneratesAndSignsWithWrappedAndResidentKeys) {
     EXPECT_EQ(rec->resident(), s == scheme::ed25519);
     auto payload = is_ecdsa(s) ? test::sha256("session actor")
                                : std::vector<uint8_t>{'h', 'i'};
-    auto raw = call<raw_signature>(
+    auto sig = call<signature_result>(
       caf::make_message(sign_atom::value, *rec, payload));
-    ASSERT_TRUE(raw) << describe(raw.error());
-    EXPECT_TRUE(
-      crypto::finish_signature(s, rec->public_key, payload, raw->bytes))
+    ASSERT_TRUE(sig) << describe(sig.error());
+    // Finished and verified in the session: check it independently too.
+    EXPECT_EQ(sig->key_id, "sess-key");
+    EXPECT_TRUE(crypto::verify(s, rec->public_key, payload, sig->sig.raw))
       << to_string(s);
+    EXPECT_EQ(sig->sig.recovery_id.has_value(), is_ecdsa(s));
   }
 }
 
@@ -88,13 +90,13 @@ TEST_F(HsmSessionTest, SessionLevelFailureIsAnsweredThenEndsTheActor) {
   test::shared_plan()->before_sign = [](int) -> CK_RV {
     return CKR_SESSION_CLOSED;
   };
-  auto first = call<raw_signature>(
+  auto first = call<signature_result>(
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
   ASSERT_FALSE(first);
   EXPECT_EQ(first.error(), hsm_errc::reopen_session);
   test::shared_plan()->before_sign = nullptr;
   // The actor ended: the next request finds no receiver.
-  auto second = call<raw_signature>(
+  auto second = call<signature_result>(
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
   ASSERT_FALSE(second);
   EXPECT_EQ(second.error(), caf::sec::request_receiver_down);
@@ -105,13 +107,32 @@ TEST_F(HsmSessionTest, KeyErrorsAreAnsweredAndTheSessionStays) {
     generate_atom::value, std::string{"bad-blob"}, scheme::p256));
   ASSERT_TRUE(rec);
   rec->key_blob[5] ^= 0xFF;
-  auto bad = call<raw_signature>(
+  auto bad = call<signature_result>(
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
   ASSERT_FALSE(bad);
   EXPECT_EQ(bad.error(), key_errc::key_corrupted);
   rec->key_blob[5] ^= 0xFF;
-  auto good = call<raw_signature>(
+  auto good = call<signature_result>(
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  EXPECT_TRUE(good) << describe(good.error());
+}
+
+TEST_F(HsmSessionTest, SignatureThatDoesNotVerifyIsRefusedInTheSession) {
+  auto rec = call<key_record>(caf::make_message(
+    generate_atom::value, std::string{"other-pub"}, scheme::p256));
+  ASSERT_TRUE(rec);
+  auto other = call<key_record>(caf::make_message(
+    generate_atom::value, std::string{"other-key"}, scheme::p256));
+  ASSERT_TRUE(other);
+  // The blob of one key under the public key of another: the token signs,
+  // the session's check refuses to release it, and the session stays.
+  rec->public_key = other->public_key;
+  auto bad = call<signature_result>(
+    caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error(), key_errc::signature_mismatch);
+  auto good = call<signature_result>(
+    caf::make_message(sign_atom::value, *other, test::sha256("x")));
   EXPECT_TRUE(good) << describe(good.error());
 }
 

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <latch>
 #include <memory>
 #include <string>
@@ -137,6 +139,44 @@ struct sqlite_traits {
   static std::string table_count(const location& db, const std::string& table) {
     return scalar(db, "SELECT COUNT(*) FROM sqlite_schema WHERE name = '"
                         + table + "'");
+  }
+
+  /// Commit frames in the WAL file (synchronous=FULL: one fsync each). The
+  /// store keeps the database open, so the WAL is not checkpointed away
+  /// under the test: the auto-checkpoint waits for 1000 pages. Frames of an
+  /// earlier WAL generation (other salts) end the count; checksums are not
+  /// checked (no crash tears a frame in these tests).
+  static int64_t commits(const location& db) {
+    std::ifstream in{db.string() + "-wal", std::ios::binary};
+    if (!in)
+      return 0;
+    std::vector<unsigned char> wal{std::istreambuf_iterator<char>{in},
+                                   std::istreambuf_iterator<char>{}};
+    constexpr size_t header_size = 32;
+    constexpr size_t frame_header_size = 24;
+    auto be32 = [&wal](size_t at) {
+      return uint32_t{wal[at]} << 24 | uint32_t{wal[at + 1]} << 16
+             | uint32_t{wal[at + 2]} << 8 | uint32_t{wal[at + 3]};
+    };
+    if (wal.size() < header_size)
+      return 0;
+    size_t page_size = be32(8);
+    // 1 stands for 65536, which does not fit the field.
+    if (page_size == 1)
+      page_size = 65536;
+    if (page_size < 512)
+      return -1;
+    int64_t count = 0;
+    for (size_t at = header_size;
+         at + frame_header_size + page_size <= wal.size();
+         at += frame_header_size + page_size) {
+      if (be32(at + 8) != be32(16) || be32(at + 12) != be32(20))
+        break;
+      // Non-zero "database size after commit": the last frame of a commit.
+      if (be32(at + 4) != 0)
+        ++count;
+    }
+    return count;
   }
 
   /// The CHECK constraint guards the column; switch it off to damage it.

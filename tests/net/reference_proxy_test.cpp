@@ -322,6 +322,44 @@ TEST_F(ReferenceProxyTest, ResultIsAcceptedOnceThenConflicts) {
   EXPECT_EQ(s["leased"], 0);
 }
 
+TEST_F(ReferenceProxyTest, PollTellsHowLongTheLeaseLasts) {
+  start();
+  enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto reqs = poll(client(), 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  ASSERT_TRUE(reqs[0]["lease_ms"].is_number_integer());
+  EXPECT_GT(reqs[0]["lease_ms"].get<int64_t>(), 0);
+}
+
+TEST_F(ReferenceProxyTest, BatchOfResultsGetsAStatusEach) {
+  start();
+  auto a = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  auto b = enqueue("sign", {{"key_id", "k2"}, {"payload", "00"}});
+  auto* c = client();
+  auto reqs = poll(c, 2, 1000ms);
+  ASSERT_EQ(reqs.size(), 2u);
+  auto stale = ok_result(reqs[1], "driver-a");
+  stale["lease"] = "not-the-lease";
+  json batch{{"driver_id", "driver-a"},
+             {"results",
+              {ok_result(reqs[0], "driver-a"), stale,
+               json{{"id", "x"}, {"lease", "y"}}}}};
+  auto reply = c->post_result(batch.dump());
+  ASSERT_TRUE(reply) << describe(reply.error());
+  ASSERT_EQ(reply->status, 200) << reply->body;
+  auto body = json::parse(reply->body);
+  ASSERT_EQ(body["results"].size(), 3u);
+  EXPECT_EQ(body["results"][0]["id"], reqs[0]["id"]);
+  EXPECT_EQ(body["results"][0]["status"], "accepted");
+  EXPECT_EQ(body["results"][1]["status"], "lease_not_current");
+  EXPECT_EQ(body["results"][2]["status"], "bad_request");
+  // One stale lease never failed the others.
+  EXPECT_EQ(state(reqs[0]["id"].get<std::string>()).second["state"], "done");
+  EXPECT_EQ(state(reqs[1]["id"].get<std::string>()).second["state"], "leased");
+  EXPECT_FALSE(a.empty());
+  EXPECT_FALSE(b.empty());
+}
+
 TEST_F(ReferenceProxyTest, ResultWithWrongLeaseConflicts) {
   start();
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <latch>
@@ -149,6 +150,19 @@ struct pg_traits {
     return ::scalar(url, "SELECT COUNT(*) FROM information_schema.tables "
                          "WHERE table_name = '"
                            + table + "'");
+  }
+
+  /// Transactions that wrote the rows of `keys`: each row's xmin is the id
+  /// of the transaction that inserted it.
+  static int64_t commits(const location& url) {
+    auto n = ::scalar(url, "SELECT COUNT(DISTINCT xmin::text) FROM keys");
+    int64_t out = -1;
+    auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), out);
+    if (ec != std::errc{} || end != n.data() + n.size()) {
+      ADD_FAILURE() << "counting transactions: " << n;
+      return -1;
+    }
+    return out;
   }
 
   /// The CHECK constraint guards the column; drop it to damage the row.
@@ -302,6 +316,24 @@ TEST_F(PgStoreTest, LostConnectionIsReopened) {
   ASSERT_TRUE(got->has_value());
   expect_same_key(**got, rec);
   EXPECT_EQ(store->connects(), 3u);
+}
+
+TEST_F(PgStoreTest, GroupIsRetriedWholeOnANewConnection) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->put(sample_key("before", hsm::scheme::p256, 1)));
+  terminate_other_backends();
+  auto group = hsm::test::sample_group("g-", 10, 2);
+  group.push_back(sample_key("before", hsm::scheme::p256, 3));
+  auto put = store->put_many(group);
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  ASSERT_EQ(put->size(), group.size());
+  for (size_t i = 0; i < 10; ++i)
+    EXPECT_TRUE((*put)[i].inserted) << group[i].key_id;
+  EXPECT_FALSE(put->back().inserted);
+  EXPECT_EQ(store->connects(), 2u);
+  EXPECT_EQ(sql("SELECT COUNT(*) FROM keys"), "11");
+  EXPECT_EQ(sql("SELECT COUNT(DISTINCT xmin::text) FROM keys"), "2");
 }
 
 TEST_F(PgStoreTest, PutsSucceedAcrossServerRestart) {

@@ -24,6 +24,9 @@
 //   std::string table_count(const location&, const std::string& table);
 //   std::string corrupt_scheme(const location&, const std::string& key_id);
 //                    // sets the key's scheme to 'schnorr'; "" or error
+//   int64_t commits(const location&);  // seen from outside the store: a
+//                    // count that grows by one with each committed
+//                    // transaction that wrote rows of `keys` (-1: error)
 //
 // SQL given to `exec` and `scalar` is the dialect both back ends accept.
 
@@ -33,6 +36,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -409,6 +413,195 @@ TYPED_TEST_P(KeyStoreContractTest, RacingStoresKeepOneRecordPerKeyId) {
             std::to_string(n));
 }
 
+// -- groups of puts -----------------------------------------------------------
+
+/// `n` records with distinct key ids `prefix0`, `prefix1`, ..., all schemes.
+inline std::vector<hsm::key_record> sample_group(const std::string& prefix,
+                                                 size_t n, uint8_t seed) {
+  std::vector<hsm::key_record> out;
+  for (size_t i = 0; i < n; ++i) {
+    auto rec = sample_key(prefix + std::to_string(i), hsm::all_schemes[i % 3],
+                          seed);
+    rec.public_key[1] = static_cast<uint8_t>(i);
+    out.push_back(std::move(rec));
+  }
+  return out;
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PutManyCommitsTheWholeGroup) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto group = sample_group("g-", 20, 3);
+  auto put = store->put_many(group);
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  ASSERT_EQ(put->size(), group.size());
+  for (size_t i = 0; i < group.size(); ++i) {
+    SCOPED_TRACE(group[i].key_id);
+    EXPECT_TRUE((*put)[i].inserted);
+    expect_same_key((*put)[i].record, group[i]);
+  }
+  // Visible to everyone once put_many returns: another connection sees all.
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "20");
+  auto other = this->open_store();
+  ASSERT_NE(other, nullptr);
+  for (const auto& rec : group) {
+    auto got = other->get(rec.key_id);
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    ASSERT_TRUE(got->has_value()) << rec.key_id;
+    expect_same_key(**got, rec);
+  }
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PutManyIsOneTransaction) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto before = TypeParam::commits(this->where);
+  ASSERT_GE(before, 0);
+  ASSERT_TRUE(store->put_many(sample_group("one-", 50, 1)));
+  EXPECT_EQ(TypeParam::commits(this->where), before + 1);
+  // The count is no constant: single puts commit one by one.
+  for (const auto& rec : sample_group("single-", 5, 2))
+    ASSERT_TRUE(store->put(rec));
+  EXPECT_EQ(TypeParam::commits(this->where), before + 6);
+  // Nothing to write, nothing committed.
+  auto none = store->put_many({});
+  ASSERT_TRUE(none) << hsm::describe(none.error());
+  EXPECT_TRUE(none->empty());
+  EXPECT_EQ(TypeParam::commits(this->where), before + 6);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "55");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PutManyFirstOfAKeyIdInTheGroupWins) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto a1 = sample_key("a", hsm::scheme::secp256k1, 1);
+  auto b = sample_key("b", hsm::scheme::p256, 2);
+  auto a2 = sample_key("a", hsm::scheme::ed25519, 3);
+  auto put = store->put_many({a1, b, a2, a1});
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  ASSERT_EQ(put->size(), 4u);
+  EXPECT_TRUE((*put)[0].inserted);
+  expect_same_key((*put)[0].record, a1);
+  EXPECT_TRUE((*put)[1].inserted);
+  expect_same_key((*put)[1].record, b);
+  EXPECT_FALSE((*put)[2].inserted);
+  expect_same_key((*put)[2].record, a1);
+  EXPECT_FALSE((*put)[3].inserted);
+  expect_same_key((*put)[3].record, a1);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "2");
+  auto got = store->get("a");
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_key(**got, a1);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PutManyAnswersStoredKeyIdsWithStoredRecord) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto x1 = sample_key("x", hsm::scheme::p256, 1);
+  ASSERT_TRUE(store->put(x1));
+  auto x2 = sample_key("x", hsm::scheme::p256, 2);
+  auto y = sample_key("y", hsm::scheme::ed25519, 3);
+  auto put = store->put_many({x2, y, x2});
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  ASSERT_EQ(put->size(), 3u);
+  EXPECT_FALSE((*put)[0].inserted);
+  expect_same_key((*put)[0].record, x1);
+  EXPECT_TRUE((*put)[1].inserted);
+  expect_same_key((*put)[1].record, y);
+  EXPECT_FALSE((*put)[2].inserted);
+  expect_same_key((*put)[2].record, x1);
+  // The same group again: nothing new.
+  auto again = store->put_many({x2, y});
+  ASSERT_TRUE(again) << hsm::describe(again.error());
+  ASSERT_EQ(again->size(), 2u);
+  EXPECT_FALSE((*again)[0].inserted);
+  expect_same_key((*again)[0].record, x1);
+  EXPECT_FALSE((*again)[1].inserted);
+  expect_same_key((*again)[1].record, y);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "2");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, FailedPutManyWritesNothing) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->put(sample_key("damaged", hsm::scheme::p256, 1)));
+  ASSERT_EQ(TypeParam::corrupt_scheme(this->where, "damaged"), "");
+  // The damaged row is met after other records of the group were inserted
+  // (in group order, or in key id order: "a-..." sorts first).
+  auto group = sample_group("a-", 4, 5);
+  group.insert(group.begin() + 2, sample_key("damaged", hsm::scheme::p256, 2));
+  auto put = store->put_many(group);
+  ASSERT_FALSE(put);
+  EXPECT_TRUE(is_store_error(put.error(), hsm::store_errc::corrupt_row));
+  EXPECT_TRUE(contains(hsm::describe(put.error()), "damaged"));
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
+  for (size_t i = 0; i < 4; ++i) {
+    auto got = store->get("a-" + std::to_string(i));
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    EXPECT_FALSE(got->has_value()) << "a-" << i;
+  }
+  // The store goes on: the group without the damaged key lands.
+  group.erase(group.begin() + 2);
+  auto retry = store->put_many(group);
+  ASSERT_TRUE(retry) << hsm::describe(retry.error());
+  for (const auto& res : *retry)
+    EXPECT_TRUE(res.inserted);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "5");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, RacingGroupsKeepOneRecordPerKeyId) {
+  // Two stores put the same key ids in groups, in opposite orders.
+  constexpr size_t n = 200;
+  constexpr size_t group_size = 20;
+  auto store_a = this->open_store();
+  auto store_b = this->open_store();
+  ASSERT_NE(store_a, nullptr);
+  ASSERT_NE(store_b, nullptr);
+  auto recs_a = sample_group("race-", n, 0xA1);
+  auto recs_b = sample_group("race-", n, 0xB2);
+  std::reverse(recs_b.begin(), recs_b.end());
+  struct outcome {
+    std::vector<hsm::put_result> results;
+    std::vector<std::string> errors;
+  };
+  outcome out_a;
+  outcome out_b;
+  std::latch start{2};
+  auto run = [&](hsm::store::key_store& store,
+                 const std::vector<hsm::key_record>& recs, outcome& out) {
+    start.arrive_and_wait();
+    for (size_t i = 0; i < recs.size(); i += group_size) {
+      std::vector<hsm::key_record> group(recs.begin() + i,
+                                         recs.begin() + i + group_size);
+      auto res = store.put_many(group);
+      if (!res) {
+        out.errors.push_back(hsm::describe(res.error()));
+        continue;
+      }
+      for (auto& r : *res)
+        out.results.push_back(std::move(r));
+    }
+  };
+  std::thread a{run, std::ref(*store_a), std::cref(recs_a), std::ref(out_a)};
+  std::thread b{run, std::ref(*store_b), std::cref(recs_b), std::ref(out_b)};
+  a.join();
+  b.join();
+  ASSERT_TRUE(out_a.errors.empty()) << out_a.errors.front();
+  ASSERT_TRUE(out_b.errors.empty()) << out_b.errors.front();
+  ASSERT_EQ(out_a.results.size(), n);
+  ASSERT_EQ(out_b.results.size(), n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& ra = out_a.results[i];
+    const auto& rb = out_b.results[n - 1 - i];
+    SCOPED_TRACE(ra.record.key_id);
+    ASSERT_EQ(ra.record.key_id, rb.record.key_id);
+    EXPECT_EQ(ra.record.public_key, rb.record.public_key);
+    EXPECT_NE(ra.inserted, rb.inserted);
+  }
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), std::to_string(n));
+}
+
 // -- canary -------------------------------------------------------------------
 
 TYPED_TEST_P(KeyStoreContractTest, CanaryIsAbsentThenFirstPutWins) {
@@ -443,6 +636,9 @@ REGISTER_TYPED_TEST_SUITE_P(
   PutThenGetRoundTripsEveryField, ResidentKeyRoundTrips, EmptyBlobRoundTrips,
   SecondPutWithSameKeyIdReturnsFirstRecord, GetOfUnknownKeyIdIsNullopt,
   CorruptSchemeIsCorruptRow, RacingStoresKeepOneRecordPerKeyId,
-  CanaryIsAbsentThenFirstPutWins);
+  PutManyCommitsTheWholeGroup, PutManyIsOneTransaction,
+  PutManyFirstOfAKeyIdInTheGroupWins,
+  PutManyAnswersStoredKeyIdsWithStoredRecord, FailedPutManyWritesNothing,
+  RacingGroupsKeepOneRecordPerKeyId, CanaryIsAbsentThenFirstPutWins);
 
 } // namespace hsm::test

@@ -140,5 +140,60 @@ TEST(WireTest, ResultsEncodeAsTheProtocolSays) {
   EXPECT_FALSE(ok["result"].contains("public_key_compressed"));
 }
 
+TEST(WireTest, LeaseTimeSetsTheJobsDeadline) {
+  auto received = std::chrono::steady_clock::time_point{}
+                  + std::chrono::hours{1};
+  auto parsed = keys::read_poll(
+    poll_body({{{"id", "r1"},
+                {"lease", "l1"},
+                {"lease_ms", 30000},
+                {"kind", "generate_key"},
+                {"params", {{"key_id", "k1"}, {"scheme", "p256"}}}},
+               {{"id", "r2"},
+                {"lease", "l2"},
+                {"kind", "generate_key"},
+                {"params", {{"key_id", "k2"}, {"scheme", "p256"}}}}}),
+    received);
+  ASSERT_TRUE(parsed);
+  ASSERT_EQ(parsed->jobs.size(), 2u);
+  EXPECT_EQ(parsed->jobs[0].lease_deadline,
+            received + std::chrono::milliseconds{30000});
+  // No lease time: no deadline.
+  EXPECT_EQ(parsed->jobs[1].lease_deadline,
+            std::chrono::steady_clock::time_point{});
+}
+
+TEST(WireTest, BatchOfResultsEncodesAndItsStatusesDecode) {
+  job a;
+  a.id = "a";
+  a.lease = "la";
+  job b;
+  b.id = "b";
+  b.lease = "lb";
+  std::vector<job_result> sent{answer(a, caf::make_error(key_errc::unknown_key,
+                                                         std::string{"x"})),
+                               answer(b, caf::make_error(hsm_errc::retryable))};
+  auto body = json::parse(net::encode_results(sent, "d1"));
+  EXPECT_EQ(body["driver_id"], "d1");
+  ASSERT_EQ(body["results"].size(), 2u);
+  EXPECT_EQ(body["results"][0]["id"], "a");
+  EXPECT_EQ(body["results"][1]["lease"], "lb");
+  EXPECT_EQ(body["results"][1]["error"]["retryable"], true);
+  // Statuses are matched by id, whatever their order; a missing one is a
+  // refusal.
+  auto st = net::decode_result_statuses(
+    R"({"results":[{"id":"b","status":"lease_not_current"},)"
+    R"({"id":"a","status":"accepted"}]})",
+    sent);
+  ASSERT_TRUE(st);
+  EXPECT_EQ((*st)[0], net::result_status::accepted);
+  EXPECT_EQ((*st)[1], net::result_status::lease_not_current);
+  auto partial = net::decode_result_statuses(
+    R"({"results":[{"id":"a","status":"accepted"}]})", sent);
+  ASSERT_TRUE(partial);
+  EXPECT_EQ((*partial)[1], net::result_status::refused);
+  EXPECT_FALSE(net::decode_result_statuses("[]", sent));
+}
+
 } // namespace
 } // namespace hsm

@@ -20,6 +20,8 @@ packages=(
   libcurl4-openssl-dev libcpp-httplib-dev curl
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
+  # `hsm-driver bench --plot`: renders the session sweep as a PNG
+  gnuplot-nox
   # process helpers used by the test scripts
   procps jq
   # deploy/check-format.sh (run by deploy/run-tests.sh); Debian 12: version 14

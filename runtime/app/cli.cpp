@@ -142,6 +142,12 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
                   num(default_sessions)},
                  f.sessions);
   add_documented(cmd,
+                 {"--pipeline", "",
+                  "leases held per healthy session, 1-16 (the next request "
+                  "is fetched and looked up while one is in the HSM)",
+                  "", num(default_pipeline)},
+                 f.pipeline);
+  add_documented(cmd,
                  {"--hsm-timeout", "", "deadline of one HSM call, ms", "",
                   num(default_hsm_timeout_ms)},
                  f.hsm_timeout_ms);
@@ -294,6 +300,15 @@ int run_cli(int argc, char** argv) {
                         "lease duration [default: "
                           + std::to_string(default_proxy_lease_ms) + "]");
 
+  bench_flags bf;
+  auto* bench_cmd = app.add_subcommand(
+    "bench", "measure a deployment: the raw PKCS#11 rate and the full "
+             "system's (reference proxy + driver) with the same sessions, and "
+             "their ratio; or a session sweep through a latency shim. "
+             "Without --pkcs11-module it makes a SoftHSMv2 token of its own "
+             "(bench/README.md)");
+  add_bench_options(bench_cmd, bf, footer);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -310,6 +325,8 @@ int run_cli(int argc, char** argv) {
     return exit_usage;
   }
 
+  if (bench_cmd->parsed())
+    return cmd_bench(raw, bf);
   if (run_cmd->parsed() || dev_cmd->parsed() || proxy_cmd->parsed())
     block_stop_signals(); // before any thread exists
   if (proxy_cmd->parsed()) {

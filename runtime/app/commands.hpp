@@ -2,15 +2,21 @@
 
 // The subcommands of `hsm-driver` (README, "Command line"), one file per
 // group: cmd_keys.cpp, cmd_master_key.cpp, cmd_token.cpp, cmd_probe.cpp,
-// cmd_run.cpp, cmd_proxy.cpp, cmd_dev.cpp. `cli.cpp` parses the command line
-// and calls one of them. Each prints its JSON result on stdout (output.hpp)
-// and returns the process exit code. Main thread only.
+// cmd_run.cpp, cmd_proxy.cpp, cmd_dev.cpp, cmd_bench.cpp. `cli.cpp` parses
+// the command line and calls one of them. Each prints its JSON result on
+// stdout (output.hpp; `bench` prints a table) and returns the process exit
+// code. Main thread only.
 
 #include "runtime/app/config.hpp"
 #include "runtime/app/run_options.hpp"
 
+#include <cstddef>
 #include <string>
 #include <string_view>
+
+namespace CLI {
+class App;
+} // namespace CLI
 
 namespace hsm {
 
@@ -84,5 +90,86 @@ inline constexpr std::string_view default_dev_data_dir = "hsm-driver-dev";
 /// `resident_given` false, Ed25519 keys are token-resident.
 int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
             bool resident_given);
+
+// -- bench --------------------------------------------------------------------
+
+/// Default `bench --sessions`.
+inline constexpr std::string_view default_bench_sessions = "1,2";
+/// Default `bench --schemes`.
+/// (ed25519 is skipped with a note where the token serves it not.)
+inline constexpr std::string_view default_bench_schemes
+  = "secp256k1,p256,ed25519";
+/// Default `bench --kinds`.
+inline constexpr std::string_view default_bench_kinds = "generate,sign";
+/// Default `bench --requests`.
+inline constexpr size_t default_bench_requests = 500;
+/// Default `bench --raw-seconds`.
+inline constexpr double default_bench_raw_seconds = 2.0;
+/// Default `bench --sign-keys`.
+inline constexpr size_t default_bench_sign_keys = 64;
+/// Default `bench --sweep-scheme` and `--sweep-kind`.
+inline constexpr std::string_view default_bench_sweep_scheme = "p256";
+inline constexpr std::string_view default_bench_sweep_kind = "sign";
+/// Default `bench --sweep-requests` (per session).
+inline constexpr size_t default_bench_sweep_requests = 20;
+/// Default `bench --latency-spec` (HSM_SHIM_SPEC) per kind: delays on the
+/// calls of that kind's path only, 200 ms per request in all, so that the
+/// CPU is not what limits the sweep (64 sessions ask for 320 requests/s;
+/// at about 2 ms of CPU per request for the driver and the proxy together,
+/// a third of a 2-CPU machine).
+inline constexpr std::string_view default_bench_sign_spec
+  = "delay=C_UnwrapKey:50ms,C_Sign:150ms";
+inline constexpr std::string_view default_bench_generate_spec
+  = "delay=C_GenerateKeyPair:150ms,C_WrapKey:50ms";
+/// The shim's file name; `--latency-module` defaults to it next to the
+/// hsm-driver binary (the build puts it there).
+inline constexpr std::string_view bench_shim_file = "libhsm_pkcs11_shim.so";
+
+/// `bench` options as given (bench/README.md).
+struct bench_flags {
+  /// `--sessions`: session counts of the matrix.
+  std::string sessions{default_bench_sessions};
+  /// `--schemes`.
+  std::string schemes{default_bench_schemes};
+  /// `--kinds`: `generate`, `sign`.
+  std::string kinds{default_bench_kinds};
+  /// `--requests`: timed requests per full-system row.
+  size_t requests = default_bench_requests;
+  /// `--raw-ops`: operations per raw loop; 0 runs for `--raw-seconds`.
+  size_t raw_ops = 0;
+  /// `--raw-seconds`.
+  double raw_seconds = default_bench_raw_seconds;
+  /// `--sign-keys`: keys a sign row makes first and signs with in turn.
+  size_t sign_keys = default_bench_sign_keys;
+  /// `--sweep`: session counts of the sweep; empty for the matrix.
+  std::string sweep;
+  /// `--latency-module`: the PKCS#11 latency shim.
+  std::string latency_module;
+  /// `--latency-spec`: its HSM_SHIM_SPEC; empty for the kind's default.
+  std::string latency_spec;
+  /// `--sweep-scheme`, `--sweep-kind`.
+  std::string sweep_scheme{default_bench_sweep_scheme};
+  std::string sweep_kind{default_bench_sweep_kind};
+  /// `--sweep-requests`: timed requests per session at each sweep point.
+  size_t sweep_requests = default_bench_sweep_requests;
+  /// `--json`: where to write the results as JSON; empty for none.
+  std::string json_file;
+  /// `--plot`: where to render the sweep as a PNG; empty for none.
+  std::string plot_file;
+  /// `--keep-dir`: keep the temporary folder (token, PKI, logs).
+  bool keep_dir = false;
+};
+
+/// Declares the options of `bench` on `cmd`; its help ends with
+/// `shared_footer` (the key options) and what `bench` makes of them.
+void add_bench_options(CLI::App* cmd, bench_flags& flags,
+                       const std::string& shared_footer);
+
+/// `bench`: the raw PKCS#11 rate and the full system's rate (the reference
+/// proxy here, the driver as a child process) per store, scheme, kind and
+/// session count, or the session sweep through the latency shim; a table
+/// on stdout, progress on stderr. Takes the key options as given (`raw`):
+/// without `--pkcs11-module` it makes a SoftHSMv2 token of its own.
+int cmd_bench(const raw_options& raw, const bench_flags& flags);
 
 } // namespace hsm

@@ -143,6 +143,8 @@ std::optional<usage_error> check_flags(const bench_flags& f, bench_plan& p) {
     return usage_error{"--kinds", "give at least one kind"};
   if (f.requests < 1 || f.requests > 1000000)
     return usage_error{"--requests", "must be 1-1000000"};
+  if (f.pipeline < 1 || f.pipeline > 16)
+    return usage_error{"--pipeline", "must be 1-16"};
   if (f.raw_ops > 10000000)
     return usage_error{"--raw-ops", "must be 0-10000000"};
   if (!(f.raw_seconds > 0 && f.raw_seconds <= 3600))
@@ -486,7 +488,9 @@ bench::driver_launch launch_of(bench_context& ctx, const store_target& store,
             "--master-key-label",
             cfg.master_key_label,
             "--log-level",
-            cfg.log_level};
+            cfg.log_level,
+            "--pipeline",
+            std::to_string(ctx.flags->pipeline)};
   if (!cfg.resident_schemes.empty()) {
     std::string list;
     for (auto s : cfg.resident_schemes)
@@ -735,6 +739,11 @@ void add_bench_options(CLI::App* cmd, bench_flags& f,
                  "generate (key pair + wrap), sign (unwrap + sign)"
                    + dflt(default_bench_kinds))
     ->type_name("LIST");
+  cmd
+    ->add_option("--pipeline", f.pipeline,
+                 "the driver's leases per healthy session"
+                   + dflt(default_pipeline))
+    ->type_name("N");
   cmd
     ->add_option("--requests", f.requests,
                  "timed requests per full-system row, enqueued at once"

@@ -135,6 +135,8 @@ struct bench_flags {
   std::string kinds{default_bench_kinds};
   /// `--requests`: timed requests per full-system row.
   size_t requests = default_bench_requests;
+  /// `--pipeline`: the driver's leases per healthy session.
+  size_t pipeline = default_pipeline;
   /// `--raw-ops`: operations per raw loop; 0 runs for `--raw-seconds`.
   size_t raw_ops = 0;
   /// `--raw-seconds`.

@@ -11,6 +11,7 @@
 #include "runtime/app/bench_system.hpp"
 #include "runtime/app/commands.hpp"
 #include "runtime/app/daemon.hpp"
+#include "runtime/app/local_token.hpp"
 #include "runtime/app/output.hpp"
 #include "runtime/app/run_options.hpp"
 #include "runtime/app/token_setup.hpp"
@@ -245,26 +246,6 @@ std::vector<std::string> child_env(const std::vector<std::string>& extra) {
   return out;
 }
 
-/// A random lowercase hex string of `n` characters.
-std::string random_hex(size_t n) {
-  std::random_device rd;
-  const char* digits = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < n; ++i)
-    out += digits[rd() % 16];
-  return out;
-}
-
-/// Writes `text` into a new 0600 file.
-bool write_private_file(const fs::path& path, const char* data, size_t size) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0)
-    return false;
-  auto n = ::write(fd, data, size);
-  ::close(fd);
-  return n == static_cast<ssize_t>(size);
-}
-
 /// The temporary folder of one run; removed on destruction unless kept.
 struct temp_dir {
   fs::path path;
@@ -356,42 +337,11 @@ struct bench_token {
 caf::expected<bench_token> fresh_token(const driver_config& cfg,
                                        const fs::path& load_path,
                                        const fs::path& dir) {
-  std::error_code ec;
-  fs::create_directories(dir / "tokens", ec);
-  if (ec)
-    return caf::make_error(config_errc::bad_file, dir.string(), ec.message());
-  {
-    std::ofstream conf{dir / "softhsm2.conf"};
-    conf << "directories.tokendir = " << (dir / "tokens").string() << "\n"
-         << "objectstore.backend = file\nlog.level = ERROR\n"
-         << "slots.removable = false\n";
-  }
-  ::setenv("SOFTHSM2_CONF", (dir / "softhsm2.conf").c_str(), 1);
-  for (auto name : {"so.pin", "user.pin"}) {
-    auto pin = random_hex(24) + "\n";
-    if (!write_private_file(dir / name, pin.data(), pin.size()))
-      return caf::make_error(config_errc::bad_file, (dir / name).string(),
-                             std::string{"cannot write"});
-  }
-  auto so = pkcs11::secret_pin::from_file((dir / "so.pin").string());
-  auto user = pkcs11::secret_pin::from_file((dir / "user.pin").string());
-  if (!so || !user)
-    return !so ? so.error() : user.error();
-  auto mod = pkcs11::module::load(load_path);
-  if (!mod)
-    return mod.error();
-  if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so, *user))
-    return err;
-  auto tok = open_token(std::move(*mod), cfg, *user);
-  if (!tok)
-    return tok.error();
-  bool created = false;
-  auto mk = pkcs11::create_master_key(tok->sess, cfg.master_key_label,
-                                      &created);
-  if (!mk)
-    return mk.error();
-  bench_token out{std::move(*tok),  *mk,       std::move(*user),
-                  dir / "user.pin", load_path, {}};
+  auto t = prepare_local_token(cfg, load_path, dir);
+  if (!t)
+    return t.error();
+  bench_token out{std::move(t->tok), t->master, std::move(t->pin),
+                  dir / "user.pin",  load_path, {}};
   return out;
 }
 

@@ -4,6 +4,7 @@
 
 #include "runtime/app/commands.hpp"
 #include "runtime/app/daemon.hpp"
+#include "runtime/app/local_token.hpp"
 #include "runtime/app/output.hpp"
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
@@ -33,65 +34,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
-
-/// Writes a random 24-hex-character PIN into a 0600 file.
-caf::error write_random_pin(const fs::path& path) {
-  std::random_device rd;
-  std::string pin;
-  const char* digits = "0123456789abcdef";
-  for (int i = 0; i < 24; ++i)
-    pin += digits[rd() % 16];
-  auto old = ::umask(077);
-  std::ofstream out{path};
-  out << pin << "\n";
-  ::umask(old);
-  if (!out)
-    return caf::make_error(config_errc::bad_file, path.string(),
-                           std::string{"cannot write"});
-  return caf::none;
-}
-
-/// A SoftHSMv2 configuration of our own under `dir`, named by
-/// SOFTHSM2_CONF for the module this process loads.
-void use_own_softhsm_conf(const fs::path& dir) {
-  auto conf = dir / "softhsm2.conf";
-  if (!fs::exists(conf)) {
-    std::ofstream out{conf};
-    out << "directories.tokendir = " << (dir / "tokens").string() << "\n"
-        << "objectstore.backend = file\nlog.level = ERROR\n"
-        << "slots.removable = false\n";
-  }
-  ::setenv("SOFTHSM2_CONF", conf.c_str(), 1);
-}
-
-/// Creates the token (first run) and its master key if missing. The module
-/// is finalised again on return: the daemon loads it itself.
-caf::error prepare_token(const driver_config& cfg, const fs::path& dir) {
-  auto so = pkcs11::secret_pin::from_file((dir / "so.pin").string());
-  auto user = pkcs11::secret_pin::from_file((dir / "user.pin").string());
-  if (!so || !user)
-    return !so ? so.error() : user.error();
-  auto mod = pkcs11::module::load(cfg.pkcs11_module);
-  if (!mod)
-    return mod.error();
-  if (!mod->find_token(cfg.token_label)) {
-    logger("runtime")->info("creating token '{}' under {}", cfg.token_label,
-                            dir.string());
-    if (auto err = pkcs11::init_token(*mod, cfg.token_label, *so, *user))
-      return err;
-  }
-  auto tok = open_token(std::move(*mod), cfg, *user);
-  if (!tok)
-    return tok.error();
-  bool created = false;
-  auto mk = pkcs11::create_master_key(tok->sess, cfg.master_key_label,
-                                      &created);
-  if (!mk)
-    return mk.error();
-  if (created)
-    logger("runtime")->info("created master key '{}'", cfg.master_key_label);
-  return caf::none;
-}
 
 /// Waits until the reference proxy reports `id` done; nullopt on timeout.
 std::optional<nlohmann::json> await_done(net::reference_proxy& proxy,
@@ -153,23 +95,19 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
             bool resident_given) {
   fs::path dir = data_dir.empty() ? fs::path{default_dev_data_dir}
                                   : fs::path{data_dir};
-  std::error_code ec;
-  fs::create_directories(dir / "tokens", ec);
   dir = fs::absolute(dir);
-  use_own_softhsm_conf(dir);
   cfg.sqlite_path = dir / "keys.db";
   if (!resident_given)
     cfg.resident_schemes = {scheme::ed25519};
-  if (!fs::exists(dir / "user.pin")) {
-    if (auto err = write_random_pin(dir / "user.pin"))
-      return fail(err);
-    if (auto err = write_random_pin(dir / "so.pin"))
-      return fail(err);
+  {
+    // The module is finalised again at the end of this block: the daemon
+    // loads it itself.
+    auto token = prepare_local_token(cfg, cfg.pkcs11_module, dir);
+    if (!token)
+      return fail(token.error());
   }
   ::unsetenv("USER_PIN");
   ::setenv("USER_PIN_FILE", (dir / "user.pin").c_str(), 1);
-  if (auto err = prepare_token(cfg, dir))
-    return fail(err);
   auto pki = net::make_dev_pki(dir / "pki");
   if (!pki)
     return fail(pki.error());

@@ -12,20 +12,14 @@
 #include "runtime/crypto/signature.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
-#include "runtime/pkcs11/module.hpp"
-#include "runtime/pkcs11/secret_pin.hpp"
-#include "runtime/pkcs11/token_admin.hpp"
 
 #include <openssl/sha.h>
-#include <sys/stat.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <optional>
-#include <random>
 #include <thread>
 
 namespace hsm {

@@ -250,28 +250,28 @@ struct reference_proxy::impl {
     reply(res, 200, json{{"requests", std::move(out)}});
   }
 
-  /// One result entry's outcome, or why it is malformed.
-  static caf::expected<request_outcome> parse_outcome(const json& entry) {
-    auto bad = [](std::string why) {
-      return caf::make_error(net_errc::bad_response, std::move(why));
-    };
+  /// Reads one result entry into `outcome`; what is wrong with it, if
+  /// anything.
+  static std::optional<std::string> parse_outcome(const json& entry,
+                                                  request_outcome& outcome) {
+    if (!entry.is_object())
+      return "a result must be an object";
     for (auto key : {"id", "lease"}) {
       auto it = entry.find(key);
       if (it == entry.end() || !it->is_string()
           || it->get_ref<const std::string&>().empty())
-        return bad(std::string{"\""} + key + "\" must be a non-empty string");
+        return std::string{"\""} + key + "\" must be a non-empty string";
     }
     auto ok_it = entry.find("ok");
     if (ok_it == entry.end() || !ok_it->is_boolean())
-      return bad("\"ok\" must be a boolean");
-    request_outcome outcome;
+      return "\"ok\" must be a boolean";
     outcome.ok = ok_it->get<bool>();
     if (outcome.ok) {
       auto it = entry.find("result");
       if (it == entry.end() || !it->is_object())
-        return bad("\"result\" must be an object when \"ok\" is true");
+        return "\"result\" must be an object when \"ok\" is true";
       outcome.body = dump(*it);
-      return outcome;
+      return std::nullopt;
     }
     auto it = entry.find("error");
     auto valid = it != entry.end() && it->is_object();
@@ -285,11 +285,11 @@ struct reference_proxy::impl {
         outcome.retryable = rt->get<bool>();
     }
     if (!valid)
-      return bad("\"error\" must be an object with a string \"code\", a "
-                 "string \"message\" and a boolean \"retryable\" when "
-                 "\"ok\" is false");
+      return "\"error\" must be an object with a string \"code\", a "
+             "string \"message\" and a boolean \"retryable\" when "
+             "\"ok\" is false";
     outcome.body = dump(*it);
-    return outcome;
+    return std::nullopt;
   }
 
   /// Records one well-formed result; under `mtx`.
@@ -321,15 +321,11 @@ struct reference_proxy::impl {
         json status{{"id", entry.is_object() && entry.contains("id")
                              ? entry["id"]
                              : json{}}};
-        auto outcome = entry.is_object()
-                         ? parse_outcome(entry)
-                         : caf::expected<request_outcome>{caf::make_error(
-                           net_errc::bad_response,
-                           std::string{"a result must be an object"})};
-        if (!outcome) {
+        request_outcome outcome;
+        if (auto complaint = parse_outcome(entry, outcome)) {
           status["status"] = "bad_request";
-          status["message"] = describe(outcome.error());
-        } else if (auto done = record(entry, std::move(*outcome));
+          status["message"] = std::move(*complaint);
+        } else if (auto done = record(entry, std::move(outcome));
                    done != completion::accepted) {
           status["status"] = "lease_not_current";
           status["message"] = refusal(done);
@@ -342,16 +338,13 @@ struct reference_proxy::impl {
       reply(res, 200, json{{"results", std::move(statuses)}});
       return;
     }
-    auto outcome = parse_outcome(*body);
-    if (!outcome) {
-      auto msg = outcome.error().context().empty()
-                   ? describe(outcome.error())
-                   : outcome.error().context().get_as<std::string>(0);
-      reply_error(res, 400, "bad_request", msg);
+    request_outcome outcome;
+    if (auto complaint = parse_outcome(*body, outcome)) {
+      reply_error(res, 400, "bad_request", *complaint);
       return;
     }
     std::unique_lock<std::mutex> lock{mtx};
-    auto done = record(*body, std::move(*outcome));
+    auto done = record(*body, std::move(outcome));
     lock.unlock();
     if (done != completion::accepted) {
       reply_error(res, 409, "lease_not_current", refusal(done));

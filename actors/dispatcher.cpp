@@ -230,8 +230,16 @@ void run_generate(dispatcher_ptr self, hold h, ready_job rj) {
               report_stored(self, rj.j, put.record, put.inserted);
             },
             [=](caf::error& err) {
+              // The put may still commit (the store works through its
+              // mailbox after this timeout; a PostgreSQL commit can be in
+              // doubt): a resident key stays on the token. Reconciliation
+              // removes it later only if the store, read again, does not
+              // name it.
               if (rec.resident())
-                self->send(session, destroy_atom::value, rec);
+                logger("dispatch")
+                  ->warn("key '{}': the store did not confirm the put ({}); "
+                         "its resident key stays on the token",
+                         rec.key_id, describe(err));
               report(self, answer(rj.j, store_failure(err)));
             });
       },

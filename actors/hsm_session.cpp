@@ -15,7 +15,7 @@ namespace {
 struct session_state {
   std::shared_ptr<const session_context> ctx;
   std::optional<pkcs11::session> sess;
-  CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
+  keys::key_handles keys;
   size_t index = 0;
 };
 
@@ -48,10 +48,10 @@ caf::error open_session(session_state& st) {
       ctx.pin_rejected->store(true);
     return err;
   }
-  auto master = pkcs11::find_master_key(*st.sess, ctx.master_key_label);
-  if (!master)
-    return master.error();
-  st.master = *master;
+  auto keys = keys::find_key_handles(*st.sess, ctx.master_key_label);
+  if (!keys)
+    return keys.error();
+  st.keys = std::move(*keys);
   return caf::none;
 }
 
@@ -72,7 +72,7 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
     [=](generate_atom, const std::string& key_id,
         scheme s) -> caf::result<key_record> {
       auto& state = self->state;
-      auto rec = keys::make_key(*state.sess, state.master, s, key_id,
+      auto rec = keys::make_key(*state.sess, state.keys, s, key_id,
                                 state.ctx->caps.of(s).resident);
       if (!rec)
         return fail<key_record>(self, rec.error());
@@ -81,7 +81,7 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
     [=](sign_atom, const key_record& rec,
         const std::vector<uint8_t>& payload) -> caf::result<signature_result> {
       auto& state = self->state;
-      auto raw = keys::sign_with(*state.sess, state.master, rec, payload);
+      auto raw = keys::sign_with(*state.sess, state.keys, rec, payload);
       if (!raw)
         return fail<signature_result>(self, raw.error());
       // Verified before released (invariant 3), on this session's thread.

@@ -38,6 +38,8 @@ std::string to_string(key_errc x) {
       return "master_key_mismatch";
     case key_errc::master_key_missing:
       return "master_key_missing";
+    case key_errc::master_key_weak:
+      return "master_key_weak";
   }
   return "key_errc(" + std::to_string(static_cast<int>(x)) + ")";
 }

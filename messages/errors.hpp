@@ -51,6 +51,9 @@ enum class key_errc : uint8_t {
   master_key_mismatch,
   /// The master key object is missing from the token.
   master_key_missing,
+  /// The master key's attributes let a blob leave the HSM (extractable,
+  /// modifiable, no unwrap template, ...).
+  master_key_weak,
 };
 
 /// Errors of the key store.

@@ -21,6 +21,11 @@ inline constexpr std::string_view resident_mechanism = "token-resident";
 /// The mechanism the driver wraps with (RFC 5649).
 inline constexpr std::string_view aes_key_wrap_pad = "CKM_AES_KEY_WRAP_PAD";
 
+/// The row format the driver writes: a format version, the master key the
+/// blob is wrapped under, and a MAC made inside the HSM over the whole row.
+/// Rows of format 1 (before the MAC) are not served until sealed.
+inline constexpr int current_row_format = 2;
+
 /// One key. Never holds plaintext private key material.
 struct key_record {
   /// The proxy's name for the key; unique.
@@ -35,6 +40,15 @@ struct key_record {
   std::string wrap_mechanism;
   /// Creation time, milliseconds since the Unix epoch (UTC).
   int64_t created_at_ms = 0;
+  /// The row format (`current_row_format`; 1 for rows from before the MAC).
+  int format_version = current_row_format;
+  /// The label of the master key `key_blob` is wrapped under; empty for a
+  /// token-resident key.
+  std::string master_key_id;
+  /// HMAC-SHA256, computed by the HSM's row-MAC key, over the key id,
+  /// scheme, public key, wrap mechanism, master key id, format and blob
+  /// (`keys::row_mac_input`). Empty in a format-1 row.
+  std::vector<uint8_t> row_mac;
 
   /// True for a token-resident key.
   bool resident() const {

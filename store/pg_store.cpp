@@ -51,12 +51,14 @@ constexpr const char* insert_migration_sql
 
 constexpr const char* insert_key_sql
   = "INSERT INTO keys (key_id, scheme, public_key, key_blob, wrap_mechanism, "
-    "created_at_ms) VALUES ($1, $2, $3, $4, $5, $6) "
+    "created_at_ms, format_version, master_key_id, row_mac) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
     "ON CONFLICT (key_id) DO NOTHING";
 
 constexpr const char* select_key_sql
   = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
-    "created_at_ms FROM keys WHERE key_id = $1";
+    "created_at_ms, format_version, master_key_id, row_mac FROM keys "
+    "WHERE key_id = $1";
 
 constexpr const char* insert_canary_sql
   = "INSERT INTO master_key_canary (id, public_key, wrapped_key, "
@@ -261,6 +263,9 @@ caf::expected<key_record> read_key_row(const pqxx::row& row,
   rec.key_blob = column_bytes(row[3]);
   rec.wrap_mechanism = row[4].as<std::string>();
   rec.created_at_ms = row[5].as<int64_t>();
+  rec.format_version = row[6].as<int>();
+  rec.master_key_id = row[7].as<std::string>();
+  rec.row_mac = column_bytes(row[8]);
   return rec;
 }
 
@@ -297,7 +302,9 @@ bool same_key(const key_record& x, const key_record& y) {
   return x.key_id == y.key_id && x.scheme == y.scheme
          && x.public_key == y.public_key && x.key_blob == y.key_blob
          && x.wrap_mechanism == y.wrap_mechanism
-         && x.created_at_ms == y.created_at_ms;
+         && x.created_at_ms == y.created_at_ms
+         && x.format_version == y.format_version
+         && x.master_key_id == y.master_key_id && x.row_mac == y.row_mac;
 }
 
 // -- migrations ---------------------------------------------------------------
@@ -542,7 +549,9 @@ pg_store::put_many(const std::vector<key_record>& recs) {
         auto scheme_name = std::string{to_string(rec.scheme)};
         auto res = tx.exec_prepared(insert_key.name, rec.key_id, scheme_name,
                                     bytea(rec.public_key), bytea(rec.key_blob),
-                                    rec.wrap_mechanism, rec.created_at_ms);
+                                    rec.wrap_mechanism, rec.created_at_ms,
+                                    rec.format_version, rec.master_key_id,
+                                    bytea(rec.row_mac));
         if (res.affected_rows() != 0) {
           out[i] = put_result{rec, true};
           continue;

@@ -51,12 +51,14 @@ constexpr const char* insert_migration_sql
 
 constexpr const char* insert_key_sql
   = "INSERT INTO keys (key_id, scheme, public_key, key_blob, wrap_mechanism, "
-    "created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6) "
+    "created_at_ms, format_version, master_key_id, row_mac) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
     "ON CONFLICT (key_id) DO NOTHING";
 
 constexpr const char* select_key_sql
   = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
-    "created_at_ms FROM keys WHERE key_id = ?1";
+    "created_at_ms, format_version, master_key_id, row_mac FROM keys "
+    "WHERE key_id = ?1";
 
 constexpr const char* insert_canary_sql
   = "INSERT INTO master_key_canary (id, public_key, wrapped_key, "
@@ -245,7 +247,8 @@ std::vector<uint8_t> column_blob(sqlite3_stmt* stmt, int index) {
 caf::expected<key_record> read_key_row(sqlite3_stmt* stmt,
                                        std::string_view key_id) {
   if (!has_types(stmt, {SQLITE_TEXT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_BLOB,
-                        SQLITE_TEXT, SQLITE_INTEGER}))
+                        SQLITE_TEXT, SQLITE_INTEGER, SQLITE_INTEGER,
+                        SQLITE_TEXT, SQLITE_BLOB}))
     return make_corrupt_row("key '" + std::string{key_id}
                             + "': a column has the wrong type");
   auto scheme_name = column_text(stmt, 1);
@@ -260,6 +263,9 @@ caf::expected<key_record> read_key_row(sqlite3_stmt* stmt,
   rec.key_blob = column_blob(stmt, 3);
   rec.wrap_mechanism = column_text(stmt, 4);
   rec.created_at_ms = sqlite3_column_int64(stmt, 5);
+  rec.format_version = sqlite3_column_int(stmt, 6);
+  rec.master_key_id = column_text(stmt, 7);
+  rec.row_mac = column_blob(stmt, 8);
   return rec;
 }
 
@@ -640,7 +646,10 @@ sqlite_store::put_many(const std::vector<key_record>& recs) {
                                  .blob(3, rec.public_key)
                                  .blob(4, rec.key_blob)
                                  .text(5, rec.wrap_mechanism)
-                                 .int64(6, rec.created_at_ms);
+                                 .int64(6, rec.created_at_ms)
+                                 .int64(7, rec.format_version)
+                                 .text(8, rec.master_key_id)
+                                 .blob(9, rec.row_mac);
                              });
     if (!written)
       return std::move(written.error());

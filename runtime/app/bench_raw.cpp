@@ -22,6 +22,8 @@ struct shared_state {
   const std::atomic<bool>* stop = nullptr;
   /// The key of a sign loop.
   const key_record* sign_key = nullptr;
+  /// The master key and the row-MAC key.
+  keys::key_handles keys;
   std::vector<uint8_t> payload;
   /// Opens the window; set before `go` is counted down.
   steady::time_point deadline;
@@ -48,7 +50,7 @@ caf::error one_op(shared_state& st, pkcs11::session& sess, size_t thread,
   if (plan.kind == op_kind::generate) {
     auto id = plan.key_id_prefix + "-" + std::to_string(thread) + "-"
               + std::to_string(n);
-    auto rec = keys::make_key(sess, st.target->master, plan.s, id,
+    auto rec = keys::make_key(sess, st.keys, plan.s, id,
                               plan.resident);
     if (!rec)
       return rec.error();
@@ -56,7 +58,7 @@ caf::error one_op(shared_state& st, pkcs11::session& sess, size_t thread,
       made.push_back(std::move(*rec));
     return caf::none;
   }
-  auto sig = keys::sign_with(sess, st.target->master, *st.sign_key, st.payload);
+  auto sig = keys::sign_with(sess, st.keys, *st.sign_key, st.payload);
   return sig ? caf::none : sig.error();
 }
 
@@ -115,9 +117,15 @@ raw_result run_raw(const raw_target& target, const raw_plan& plan,
   st.plan = &plan;
   st.stop = &stop;
   st.payload = keys::fixed_payload(plan.s, "hsm-driver bench");
+  auto handles = keys::find_key_handles(*target.setup, target.master_label);
+  if (!handles) {
+    out.error = describe(handles.error());
+    return out;
+  }
+  st.keys = std::move(*handles);
   std::optional<key_record> sign_key;
   if (plan.kind == op_kind::sign) {
-    auto rec = keys::make_key(*target.setup, target.master, plan.s,
+    auto rec = keys::make_key(*target.setup, st.keys, plan.s,
                               plan.key_id_prefix + "-sign", plan.resident);
     if (!rec) {
       out.error = "making the key to sign with: " + describe(rec.error());

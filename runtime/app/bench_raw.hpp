@@ -53,7 +53,8 @@ struct raw_target {
   const pkcs11::module* mod = nullptr;
   CK_SLOT_ID slot = 0;
   const pkcs11::secret_pin* pin = nullptr;
-  CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
+  /// The master key's label (its row-MAC key is found beside it).
+  std::string master_label;
   pkcs11::session* setup = nullptr;
 };
 

@@ -67,6 +67,12 @@ CLI::Option* add_documented(CLI::App* cmd, const option_doc& doc, T& field) {
   return opt;
 }
 
+/// The help of `--allow-weak-master-key`.
+constexpr std::string_view weak_master_key_help
+  = "start with a master key whose attributes let a blob leave the HSM (a "
+    "legacy key, until every row is re-wrapped under a sound one); logged "
+    "as an error [env: HSM_ALLOW_WEAK_MASTER_KEY=1]";
+
 /// An option every subcommand takes (before or after the subcommand).
 struct shared_option {
   option_doc doc;
@@ -115,6 +121,7 @@ std::string shared_options_footer() {
     name.resize(std::max<size_t>(name.size() + 1, 25), ' ');
     out += "  " + name + env_and_default(opt.doc) + "\n";
   }
+  out += "  --allow-weak-master-key  [env: HSM_ALLOW_WEAK_MASTER_KEY=1]\n";
   return out + std::string{pin_note} + "\n";
 }
 
@@ -199,6 +206,8 @@ int run_cli(int argc, char** argv) {
   raw_options raw;
   for (auto& opt : shared_options())
     add_documented(&app, opt.doc, raw.*opt.field);
+  app.add_flag("--allow-weak-master-key", raw.allow_weak_master_key,
+               std::string{weak_master_key_help});
   auto footer = shared_options_footer();
 
   // The subcommands that work on the configured token, with their handlers.

@@ -408,7 +408,7 @@ bench::raw_target raw_target_of(bench_context& ctx) {
   t.mod = &ctx.token->tok.mod;
   t.slot = ctx.token->tok.slot;
   t.pin = &ctx.token->pin;
-  t.master = ctx.token->master;
+  t.master_label = ctx.cfg->master_key_label;
   t.setup = &ctx.token->tok.sess;
   return t;
 }

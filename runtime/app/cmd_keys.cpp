@@ -25,7 +25,7 @@ int with_key_service(const driver_config& cfg, F&& f) {
   auto setup = set_up_keys(tok->sess, cfg);
   if (!setup)
     return fail(setup.error());
-  keys::key_service svc{tok->sess, setup->master, *setup->store, setup->caps};
+  keys::key_service svc{tok->sess, setup->keys, *setup->store, setup->caps};
   return f(svc);
 }
 

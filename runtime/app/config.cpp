@@ -130,6 +130,17 @@ caf::expected<driver_config> resolve(const raw_options& raw,
   auto [lvl, lvl_src] = pick(raw.log_level, "--log-level", {"HSM_LOG_LEVEL"},
                              env);
   cfg.log_level = lvl.empty() ? std::string{default_log_level} : lvl;
+  cfg.allow_weak_master_key = raw.allow_weak_master_key;
+  if (auto v = env("HSM_ALLOW_WEAK_MASTER_KEY"); v && !v->empty()) {
+    if (*v == "1" || *v == "true")
+      cfg.allow_weak_master_key = true;
+    else if (*v != "0" && *v != "false")
+      return caf::make_error(config_errc::invalid_option,
+                             std::string{"HSM_ALLOW_WEAK_MASTER_KEY"},
+                             "HSM_ALLOW_WEAK_MASTER_KEY is 1, true, 0 or "
+                             "false, not '"
+                               + *v + "'");
+  }
   return cfg;
 }
 

@@ -52,6 +52,8 @@ struct raw_options {
   std::string postgres_url;
   std::string resident_schemes;
   std::string log_level;
+  /// `--allow-weak-master-key` was given.
+  bool allow_weak_master_key = false;
 };
 
 /// Options after checking.
@@ -74,6 +76,10 @@ struct driver_config {
   std::set<scheme> resident_schemes;
   /// spdlog level name.
   std::string log_level;
+  /// Start with a master key whose attributes let a blob leave the HSM
+  /// (`--allow-weak-master-key` or `HSM_ALLOW_WEAK_MASTER_KEY=1`): for a
+  /// legacy key until its rows are re-wrapped; logged as an error at start.
+  bool allow_weak_master_key = false;
 };
 
 /// Checks `raw` and fills in defaults and environment variables. Flags win

@@ -3,6 +3,7 @@
 #include "runtime/app/store_open.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/master_key_guard.hpp"
+#include "runtime/pkcs11/key_policy.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 
 namespace hsm {
@@ -57,13 +58,39 @@ void log_capabilities(const keys::capabilities& caps) {
   }
 }
 
+caf::error check_master_key_policy(pkcs11::session& sess,
+                                   CK_OBJECT_HANDLE master,
+                                   const driver_config& cfg) {
+  auto weak = pkcs11::inspect_master_key(sess, master);
+  if (!weak)
+    return weak.error();
+  if (weak->empty())
+    return caf::none;
+  auto what = "the master key '" + cfg.master_key_label
+              + "' lets a wrapped key leave the HSM: "
+              + pkcs11::describe(*weak);
+  if (!cfg.allow_weak_master_key)
+    return caf::make_error(key_errc::master_key_weak,
+                           what + "; " + pkcs11::weak_master_key_advice());
+  logger("runtime")->error("{} -- started anyway because of "
+                           "--allow-weak-master-key: anyone holding the user "
+                           "PIN and a database dump can read private keys "
+                           "until every row is re-wrapped under a sound "
+                           "master key",
+                           what);
+  return caf::none;
+}
+
 caf::expected<key_setup>
 set_up_keys(pkcs11::session& sess, const driver_config& cfg, key_steps steps) {
   key_setup out;
-  auto master = pkcs11::find_master_key(sess, cfg.master_key_label);
-  if (!master)
-    return master.error();
-  out.master = *master;
+  auto keys = keys::find_key_handles(sess, cfg.master_key_label);
+  if (!keys)
+    return keys.error();
+  out.keys = std::move(*keys);
+  out.master = out.keys.master;
+  if (auto err = check_master_key_policy(sess, out.master, cfg))
+    return err;
   if (steps.guard) {
     auto st = open_store(cfg);
     if (!st)

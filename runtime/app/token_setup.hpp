@@ -9,6 +9,7 @@
 #include "messages/errors.hpp"
 #include "runtime/app/config.hpp"
 #include "runtime/keys/capabilities.hpp"
+#include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
 #include "runtime/pkcs11/session.hpp"
@@ -62,6 +63,8 @@ struct key_steps {
 struct key_setup {
   /// The master key on the token.
   CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
+  /// The master key and the row-MAC key.
+  keys::key_handles keys;
   /// The key store, opened and migrated, its canary checked; null without
   /// `key_steps::guard`.
   std::unique_ptr<store::key_store> store;
@@ -69,11 +72,19 @@ struct key_setup {
   keys::capabilities caps;
 };
 
-/// Finds the master key, opens the store, runs the master-key guard (which
-/// records the canary on first use) and the capability probe on `sess`, and
-/// logs which schemes are served; `steps` leaves some out. A token whose
-/// master key does not match the store is refused here, before anything is
-/// served.
+/// Reads the master key's attributes (`pkcs11::inspect_master_key`): a key
+/// that lets a blob leave the HSM is `key_errc::master_key_weak`, naming
+/// each weak attribute, unless `cfg.allow_weak_master_key`, which logs the
+/// same as an error and goes on.
+[[nodiscard]] caf::error check_master_key_policy(pkcs11::session& sess,
+                                                 CK_OBJECT_HANDLE master,
+                                                 const driver_config& cfg);
+
+/// Finds the master key, checks its policy, opens the store, runs the
+/// master-key guard (which records the canary on first use) and the capability
+/// probe on `sess`, and logs which schemes are served; `steps` leaves some out.
+/// A token whose master key does not match the store is refused here, before
+/// anything is served.
 [[nodiscard]] caf::expected<key_setup> set_up_keys(pkcs11::session& sess,
                                                    const driver_config& cfg,
                                                    key_steps steps = {});

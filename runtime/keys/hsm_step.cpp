@@ -2,8 +2,12 @@
 
 #include "runtime/base/clock.hpp"
 #include "runtime/crypto/hex.hpp"
+#include "runtime/crypto/signature.hpp"
+#include "runtime/keys/requests.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
+#include "runtime/pkcs11/token_admin.hpp"
 
+#include <openssl/crypto.h>
 #include <openssl/sha.h>
 
 #include <array>
@@ -24,8 +28,91 @@ std::string resident_label(std::string_view key_id) {
 
 } // namespace
 
+caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
+                                            std::string_view master_label) {
+  auto master = pkcs11::find_master_key(sess, master_label);
+  if (!master)
+    return master.error();
+  auto mac = pkcs11::find_row_mac_key(sess, master_label);
+  if (!mac)
+    return mac.error();
+  return key_handles{*master, *mac, std::string{master_label}};
+}
+
+namespace {
+
+void append_field(std::vector<uint8_t>& out, std::span<const uint8_t> field) {
+  auto n = static_cast<uint32_t>(field.size());
+  for (int shift = 24; shift >= 0; shift -= 8)
+    out.push_back(static_cast<uint8_t>(n >> shift));
+  out.insert(out.end(), field.begin(), field.end());
+}
+
+void append_text(std::vector<uint8_t>& out, std::string_view text) {
+  append_field(out,
+               {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+}
+
+caf::error row_refused(const key_record& rec, std::string why) {
+  return caf::make_error(key_errc::key_corrupted,
+                         "key '" + rec.key_id + "': " + std::move(why));
+}
+
+caf::expected<std::vector<uint8_t>> compute_row_mac(pkcs11::session& sess,
+                                                    const key_handles& keys,
+                                                    const key_record& rec) {
+  return sess.sign(CKM_SHA256_HMAC, keys.row_mac, row_mac_input(rec));
+}
+
+} // namespace
+
+std::vector<uint8_t> row_mac_input(const key_record& rec) {
+  std::vector<uint8_t> out;
+  out.reserve(64 + rec.key_id.size() + rec.public_key.size()
+              + rec.key_blob.size() + rec.master_key_id.size());
+  append_text(out, "hsm-driver key row");
+  append_text(out, std::to_string(rec.format_version));
+  append_text(out, rec.key_id);
+  append_text(out, to_string(rec.scheme));
+  append_field(out, rec.public_key);
+  append_text(out, rec.wrap_mechanism);
+  append_text(out, rec.master_key_id);
+  append_field(out, rec.key_blob);
+  return out;
+}
+
+caf::error check_row(pkcs11::session& sess, const key_handles& keys,
+                     const key_record& rec) {
+  if (rec.format_version != current_row_format)
+    return row_refused(rec, "row format " + std::to_string(rec.format_version)
+                              + " is not served (this driver reads format "
+                              + std::to_string(current_row_format)
+                              + "; a format-1 row is sealed with "
+                                "'hsm-driver master-key seal')");
+  if (!rec.resident()) {
+    if (rec.wrap_mechanism != aes_key_wrap_pad)
+      return row_refused(rec, "unknown wrap mechanism '"
+                                + printable(rec.wrap_mechanism) + "'");
+    if (rec.master_key_id != keys.master_key_id)
+      return row_refused(
+        rec, "wrapped under master key '" + printable(rec.master_key_id)
+               + "'; this driver holds '" + keys.master_key_id + "'");
+  } else if (!rec.master_key_id.empty()) {
+    return row_refused(rec, "a token-resident row names a master key");
+  }
+  auto mac = compute_row_mac(sess, keys, rec);
+  if (!mac)
+    return mac.error();
+  if (rec.row_mac.size() != mac->size()
+      || CRYPTO_memcmp(rec.row_mac.data(), mac->data(), mac->size()) != 0)
+    return row_refused(rec, "the row MAC does not match: the row was changed "
+                            "or belongs to another key id; nothing was "
+                            "unwrapped");
+  return caf::none;
+}
+
 caf::expected<key_record> make_key(pkcs11::session& sess,
-                                   CK_OBJECT_HANDLE master, scheme s,
+                                   const key_handles& keys, scheme s,
                                    std::string_view key_id, bool resident,
                                    CK_OBJECT_HANDLE* resident_handle) {
   if (resident_handle != nullptr)
@@ -34,6 +121,7 @@ caf::expected<key_record> make_key(pkcs11::session& sess,
   rec.key_id = std::string{key_id};
   rec.scheme = s;
   rec.created_at_ms = now_ms();
+  rec.format_version = current_row_format;
   if (resident) {
     auto label = resident_label(key_id);
     std::vector<uint8_t> id{key_id.begin(), key_id.end()};
@@ -46,25 +134,45 @@ caf::expected<key_record> make_key(pkcs11::session& sess,
     if (resident_handle != nullptr)
       *resident_handle = key->handle;
   } else {
-    auto key = pkcs11::generate_wrapped(sess, master, s);
+    auto key = pkcs11::generate_wrapped(sess, keys.master, s);
     if (!key)
       return key.error();
     rec.public_key = std::move(key->public_key);
     rec.key_blob = std::move(key->wrapped_key);
     rec.wrap_mechanism = std::string{aes_key_wrap_pad};
+    rec.master_key_id = keys.master_key_id;
   }
+  auto mac = compute_row_mac(sess, keys, rec);
+  if (!mac)
+    return mac.error();
+  rec.row_mac = std::move(*mac);
+  // The key proves itself through the path a real signature takes.
+  auto payload = fixed_payload(s, "hsm-driver new key self-test");
+  auto raw = sign_with(sess, keys, rec, payload);
+  if (!raw)
+    return raw.error();
+  if (auto sig = crypto::finish_signature(s, rec.public_key, payload, *raw);
+      !sig)
+    return caf::make_error(hsm_errc::retryable,
+                           "key '" + rec.key_id
+                             + "': the new key's self-test signature does not "
+                               "verify against its public key: "
+                             + describe(sig.error()));
   return rec;
 }
 
 caf::expected<std::vector<uint8_t>>
-sign_with(pkcs11::session& sess, CK_OBJECT_HANDLE master, const key_record& rec,
+sign_with(pkcs11::session& sess, const key_handles& keys, const key_record& rec,
           std::span<const uint8_t> payload) {
+  if (auto err = check_row(sess, keys, rec))
+    return err;
   if (rec.resident()) {
     std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
     std::string label{rec.key_blob.begin(), rec.key_blob.end()};
     return pkcs11::sign_resident(sess, rec.scheme, id, label, payload);
   }
-  return pkcs11::sign_wrapped(sess, master, rec.scheme, rec.key_blob, payload);
+  return pkcs11::sign_wrapped(sess, keys.master, rec.scheme, rec.key_blob,
+                              payload);
 }
 
 caf::error destroy_resident_key(pkcs11::session& sess, const key_record& rec) {

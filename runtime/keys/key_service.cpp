@@ -34,20 +34,20 @@ caf::expected<key_result> key_service::generate(std::string_view key_id,
   if (auto err = check_served(caps_, *s))
     return err;
   CK_OBJECT_HANDLE resident_handle = CK_INVALID_HANDLE;
-  auto rec = make_key(sess_, master_, *s, key_id, caps_.of(*s).resident,
+  auto rec = make_key(sess_, keys_, *s, key_id, caps_.of(*s).resident,
                       &resident_handle);
   if (!rec)
     return rec.error();
   // Durable before visible: the answer is built from what the store
   // committed.
   auto put = store_.put(*rec);
-  if (!put || !put->inserted) {
-    // The store failed, or another generation won: ours is never reported.
-    if (resident_handle != CK_INVALID_HANDLE)
-      static_cast<void>(sess_.destroy(resident_handle));
-    if (!put)
-      return put.error();
-  }
+  // A failed put may still have committed (an answer lost on the way): a
+  // resident key then stays, never destroyed on an ambiguous outcome. Only
+  // another generation's committed win makes ours certainly unused.
+  if (!put)
+    return put.error();
+  if (!put->inserted && resident_handle != CK_INVALID_HANDLE)
+    static_cast<void>(sess_.destroy(resident_handle));
   return answer_stored(put->record, *s, put->inserted);
 }
 
@@ -60,7 +60,7 @@ key_service::sign(std::string_view key_id, std::span<const uint8_t> payload) {
     return err;
   if (auto err = check_served(caps_, rec->scheme))
     return err;
-  auto raw = sign_with(sess_, master_, *rec, payload);
+  auto raw = sign_with(sess_, keys_, *rec, payload);
   if (!raw)
     return raw.error();
   auto sig = crypto::finish_signature(rec->scheme, rec->public_key, payload,

@@ -9,6 +9,7 @@
 #include "messages/errors.hpp"
 #include "messages/results.hpp"
 #include "runtime/keys/capabilities.hpp"
+#include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/session.hpp"
 #include "store/key_store.hpp"
 
@@ -21,9 +22,9 @@ namespace hsm::keys {
 /// Synchronous key path over one session and one store. Not thread-safe.
 class key_service {
 public:
-  key_service(pkcs11::session& sess, CK_OBJECT_HANDLE master,
-              store::key_store& st, capabilities caps)
-    : sess_(sess), master_(master), store_(st), caps_(caps) {
+  key_service(pkcs11::session& sess, key_handles keys, store::key_store& st,
+              capabilities caps)
+    : sess_(sess), keys_(std::move(keys)), store_(st), caps_(caps) {
     // nop
   }
 
@@ -44,7 +45,7 @@ private:
   caf::expected<key_record> lookup(std::string_view key_id);
 
   pkcs11::session& sess_;
-  CK_OBJECT_HANDLE master_;
+  key_handles keys_;
   store::key_store& store_;
   capabilities caps_;
 };

@@ -1,8 +1,14 @@
+#include "runtime/crypto/hex.hpp"
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/keys/hsm_step.hpp"
+#include "runtime/keys/requests.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/rv.hpp"
+
+#include <openssl/rand.h>
+
+#include <array>
 
 namespace hsm::keys {
 
@@ -65,9 +71,21 @@ caf::error probe_wrapped(pkcs11::session& sess, CK_OBJECT_HANDLE master,
   return sig ? caf::none : sig.error();
 }
 
-/// One resident round trip: generate, sign, verify, destroy.
+/// The CKA_ID and CKA_LABEL of the probe's own resident key: outside the
+/// key-id alphabet (a space), under the reserved prefix, and new on every
+/// run, so that it can never name a customer's key nor an old leftover.
+std::string probe_object_id(scheme s) {
+  std::array<uint8_t, 8> nonce{};
+  if (RAND_bytes(nonce.data(), static_cast<int>(nonce.size())) != 1)
+    nonce.fill(0);
+  return std::string{reserved_key_id_prefix} + "probe "
+         + std::string{to_string(s)} + " " + crypto::to_hex(nonce);
+}
+
+/// One resident round trip: generate, sign, verify, destroy -- the probe's
+/// own object, by its handle, and nothing else.
 caf::error probe_resident(pkcs11::session& sess, scheme s) {
-  std::string id = "hsm-driver-probe-" + std::string{to_string(s)};
+  auto id = probe_object_id(s);
   std::vector<uint8_t> id_bytes{id.begin(), id.end()};
   auto key = pkcs11::generate_resident(sess, s, id_bytes, id);
   if (!key)
@@ -82,7 +100,7 @@ caf::error probe_resident(pkcs11::session& sess, scheme s) {
              !sig) {
     result = sig.error();
   }
-  if (auto err = pkcs11::destroy_resident(sess, id_bytes); err && !result)
+  if (auto err = sess.destroy(key->handle); err && !result)
     result = err;
   return result;
 }

@@ -5,10 +5,6 @@
 
 namespace hsm::keys {
 
-namespace {
-
-/// Request text fit for an error message and a log line: at most 40
-/// characters, anything unprintable as '?'.
 std::string printable(std::string_view text) {
   std::string out{text.substr(0, 40)};
   for (auto& c : out)
@@ -16,6 +12,8 @@ std::string printable(std::string_view text) {
       c = '?';
   return out;
 }
+
+namespace {
 
 /// The lease times of `j`, from a lease of `lease_ms` that began at
 /// `received`.
@@ -41,6 +39,11 @@ caf::error validate_key_id(std::string_view key_id) {
                            "key_id is longer than "
                              + std::to_string(max_key_id_length)
                              + " characters");
+  if (key_id.starts_with(reserved_key_id_prefix))
+    return caf::make_error(key_errc::invalid_request,
+                           "key ids starting with '"
+                             + std::string{reserved_key_id_prefix}
+                             + "' are reserved for the driver's own objects");
   for (char c : key_id) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
               || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == ':'

@@ -22,6 +22,15 @@ namespace hsm::keys {
 /// Longest key id accepted.
 inline constexpr size_t max_key_id_length = 128;
 
+/// Untrusted text (a request's, a row's) fit for an error message and a
+/// log line: at most 40 characters, anything unprintable as '?'.
+[[nodiscard]] std::string printable(std::string_view text);
+
+/// Key ids starting with this are refused: the driver's own token objects
+/// (the capability probe's) live under it, so that cleaning them up can
+/// never touch a customer's key.
+inline constexpr std::string_view reserved_key_id_prefix = "hsm-driver-";
+
 /// Key ids are 1..128 characters of `A-Z a-z 0-9 . _ : -`; anything else is
 /// `key_errc::invalid_request`.
 [[nodiscard]] caf::error validate_key_id(std::string_view key_id);

@@ -123,4 +123,17 @@ CK_RV forwarding_table::sign(CK_SESSION_HANDLE session, CK_BYTE* data,
   return inner_->sign(session, data, data_len, signature, signature_len);
 }
 
+CK_RV forwarding_table::set_attribute_value(CK_SESSION_HANDLE session,
+                                            CK_OBJECT_HANDLE object,
+                                            CK_ATTRIBUTE* tmpl,
+                                            CK_ULONG count) {
+  return inner_->set_attribute_value(session, object, tmpl, count);
+}
+
+CK_RV forwarding_table::copy_object(CK_SESSION_HANDLE session,
+                                    CK_OBJECT_HANDLE object, CK_ATTRIBUTE* tmpl,
+                                    CK_ULONG count, CK_OBJECT_HANDLE* copy) {
+  return inner_->copy_object(session, object, tmpl, count, copy);
+}
+
 } // namespace hsm::pkcs11

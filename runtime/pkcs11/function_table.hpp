@@ -94,6 +94,14 @@ public:
                      CK_ULONG data_len, CK_BYTE* signature,
                      CK_ULONG* signature_len)
     = 0;
+  virtual CK_RV set_attribute_value(CK_SESSION_HANDLE session,
+                                    CK_OBJECT_HANDLE object, CK_ATTRIBUTE* tmpl,
+                                    CK_ULONG count)
+    = 0;
+  virtual CK_RV copy_object(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+                            CK_ATTRIBUTE* tmpl, CK_ULONG count,
+                            CK_OBJECT_HANDLE* copy)
+    = 0;
 };
 
 /// Forwards every call to another table. Derive from it and override only
@@ -150,6 +158,11 @@ public:
                   CK_OBJECT_HANDLE key) override;
   CK_RV sign(CK_SESSION_HANDLE session, CK_BYTE* data, CK_ULONG data_len,
              CK_BYTE* signature, CK_ULONG* signature_len) override;
+  CK_RV set_attribute_value(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+                            CK_ATTRIBUTE* tmpl, CK_ULONG count) override;
+  CK_RV copy_object(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE object,
+                    CK_ATTRIBUTE* tmpl, CK_ULONG count,
+                    CK_OBJECT_HANDLE* copy) override;
 
 private:
   std::unique_ptr<function_table> inner_;

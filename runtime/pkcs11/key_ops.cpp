@@ -50,15 +50,32 @@ attributes public_template(scheme s) {
   return t;
 }
 
-/// The private half; minimal on purpose (some tokens refuse EC templates
-/// carrying CKA_WRAP/CKA_UNWRAP).
-attributes private_template(bool token, bool extractable) {
-  attributes t;
-  t.add_bool(CKA_TOKEN, token)
-    .add_bool(CKA_PRIVATE, true)
+/// What every private key the driver makes or unwraps may do: sign, and
+/// nothing else; never readable, changeable or copyable. No CKA_WRAP or
+/// CKA_UNWRAP at all: some tokens refuse EC templates carrying them.
+void restrict_private(attributes& t) {
+  t.add_bool(CKA_PRIVATE, true)
     .add_bool(CKA_SENSITIVE, true)
-    .add_bool(CKA_EXTRACTABLE, extractable)
-    .add_bool(CKA_SIGN, true);
+    .add_bool(CKA_SIGN, true)
+    .add_bool(CKA_DERIVE, false)
+    .add_bool(CKA_COPYABLE, false);
+}
+
+/// The private half of a new key pair. A key to be wrapped must be
+/// extractable; with `wrap_with_trusted` only a trusted key (the master
+/// key, where the token marks it so) may wrap it.
+attributes private_template(bool token, bool extractable,
+                            bool wrap_with_trusted) {
+  attributes t;
+  t.add_bool(CKA_TOKEN, token).add_bool(CKA_EXTRACTABLE, extractable);
+  restrict_private(t);
+  // Not on the unwrap template: SoftHSMv2 applies a template in order, and
+  // once CKA_MODIFIABLE is false it refuses the rest of an unwrap's
+  // attributes (CKR_ATTRIBUTE_READ_ONLY). An unwrapped key is a session
+  // object destroyed after one signature.
+  t.add_bool(CKA_MODIFIABLE, false);
+  if (wrap_with_trusted)
+    t.add_bool(CKA_WRAP_WITH_TRUSTED, true);
   return t;
 }
 
@@ -82,10 +99,11 @@ caf::error unwrap_failure(const caf::error& err) {
 
 } // namespace
 
-caf::expected<generated_key>
-generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s) {
+caf::expected<generated_key> generate_wrapped(session& sess,
+                                              CK_OBJECT_HANDLE master, scheme s,
+                                              bool wrap_with_trusted) {
   auto pub_tmpl = public_template(s);
-  auto priv_tmpl = private_template(false, true);
+  auto priv_tmpl = private_template(false, true, wrap_with_trusted);
   auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);
   if (!pair)
     return pair.error();
@@ -107,10 +125,8 @@ sign_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
   tmpl.add_ulong(CKA_CLASS, CKO_PRIVATE_KEY)
     .add_ulong(CKA_KEY_TYPE, key_type(s))
     .add_bool(CKA_TOKEN, false)
-    .add_bool(CKA_PRIVATE, true)
-    .add_bool(CKA_SENSITIVE, true)
-    .add_bool(CKA_EXTRACTABLE, false)
-    .add_bool(CKA_SIGN, true);
+    .add_bool(CKA_EXTRACTABLE, false);
+  restrict_private(tmpl);
   auto key = sess.unwrap(CKM_AES_KEY_WRAP_PAD, master, blob, tmpl);
   if (!key)
     return unwrap_failure(key.error());
@@ -151,7 +167,7 @@ caf::expected<resident_key> generate_resident(session& sess, scheme s,
                                               std::span<const uint8_t> id,
                                               std::string_view label) {
   auto pub_tmpl = public_template(s);
-  auto priv_tmpl = private_template(true, false);
+  auto priv_tmpl = private_template(true, false, false);
   priv_tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label);
   auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);
   if (!pair)

@@ -30,9 +30,13 @@ struct generated_key {
 };
 
 /// Generates a key pair of `s` on the token as session objects, wraps the
-/// private key with `master`, destroys both objects.
+/// private key with `master`, destroys both objects. The private key may
+/// sign and nothing else, is sensitive, not modifiable, not copyable; with
+/// `wrap_with_trusted` (a master key the token marks `CKA_TRUSTED`) only a
+/// trusted key may wrap it.
 [[nodiscard]] caf::expected<generated_key>
-generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s);
+generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
+                 bool wrap_with_trusted = false);
 
 /// Unwraps `blob` into a non-extractable session key, signs `payload` with
 /// the scheme's mechanism (CKM_ECDSA over the hash, CKM_EDDSA over the

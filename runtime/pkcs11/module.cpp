@@ -102,6 +102,14 @@ public:
              CK_ULONG* sig_len) override {
     return f_->C_Sign(s, data, len, sig, sig_len);
   }
+  CK_RV set_attribute_value(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
+                            CK_ATTRIBUTE* t, CK_ULONG n) override {
+    return f_->C_SetAttributeValue(s, o, t, n);
+  }
+  CK_RV copy_object(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE* t,
+                    CK_ULONG n, CK_OBJECT_HANDLE* copy) override {
+    return f_->C_CopyObject(s, o, t, n, copy);
+  }
 
 private:
   CK_FUNCTION_LIST* f_;

@@ -42,6 +42,20 @@ attributes& attributes::add_text(CK_ATTRIBUTE_TYPE type,
   return *this;
 }
 
+attributes& attributes::add_template(CK_ATTRIBUTE_TYPE type,
+                                     attributes nested) {
+  // The nested array moves with its vector's buffer: the pointer stays
+  // valid for as long as this object lives.
+  auto& kept = nested_.emplace_back(std::move(nested));
+  CK_ATTRIBUTE attr{};
+  attr.type = type;
+  attr.pValue = kept.attrs_.empty() ? nullptr : kept.attrs_.data();
+  attr.ulValueLen = static_cast<CK_ULONG>(kept.attrs_.size()
+                                          * sizeof(CK_ATTRIBUTE));
+  attrs_.push_back(attr);
+  return *this;
+}
+
 // -- session ------------------------------------------------------------------
 
 namespace {
@@ -136,6 +150,45 @@ caf::expected<std::vector<uint8_t>> session::attribute(CK_OBJECT_HANDLE obj,
     return rv_error("C_GetAttributeValue", rv);
   value.resize(attr.ulValueLen);
   return value;
+}
+
+caf::expected<std::vector<attribute_value>>
+session::template_attribute(CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type) {
+  // Three calls: the number of entries, the length of each, the values.
+  CK_ATTRIBUTE outer{type, nullptr, 0};
+  if (auto rv = fns_->get_attribute_value(handle_, obj, &outer, 1);
+      rv != CKR_OK)
+    return rv_error("C_GetAttributeValue", rv);
+  if (outer.ulValueLen == CK_UNAVAILABLE_INFORMATION)
+    return rv_error("C_GetAttributeValue", CKR_ATTRIBUTE_TYPE_INVALID);
+  std::vector<CK_ATTRIBUTE> entries(outer.ulValueLen / sizeof(CK_ATTRIBUTE));
+  outer.pValue = entries.data();
+  outer.ulValueLen = ulong_size(entries.size() * sizeof(CK_ATTRIBUTE));
+  if (auto rv = fns_->get_attribute_value(handle_, obj, &outer, 1);
+      rv != CKR_OK)
+    return rv_error("C_GetAttributeValue", rv);
+  std::vector<attribute_value> out(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].ulValueLen == CK_UNAVAILABLE_INFORMATION)
+      return rv_error("C_GetAttributeValue", CKR_ATTRIBUTE_TYPE_INVALID);
+    out[i].type = entries[i].type;
+    out[i].value.resize(entries[i].ulValueLen);
+    entries[i].pValue = out[i].value.empty() ? nullptr : out[i].value.data();
+  }
+  if (!entries.empty()) {
+    if (auto rv = fns_->get_attribute_value(handle_, obj, &outer, 1);
+        rv != CKR_OK)
+      return rv_error("C_GetAttributeValue", rv);
+  }
+  return out;
+}
+
+caf::error session::set_attributes(CK_OBJECT_HANDLE obj, attributes& tmpl) {
+  if (auto rv = fns_->set_attribute_value(handle_, obj, tmpl.data(),
+                                          tmpl.size());
+      rv != CKR_OK)
+    return rv_error("C_SetAttributeValue", rv);
+  return caf::none;
 }
 
 caf::expected<CK_OBJECT_HANDLE> session::generate_key(CK_MECHANISM_TYPE mech,

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -39,6 +40,9 @@ public:
   attributes& add_bytes(CK_ATTRIBUTE_TYPE type, std::span<const uint8_t> value);
   /// Adds a text attribute (label).
   attributes& add_text(CK_ATTRIBUTE_TYPE type, std::string_view value);
+  /// Adds an attribute whose value is itself a template
+  /// (`CKA_UNWRAP_TEMPLATE`, `CKA_WRAP_TEMPLATE`); this object keeps it.
+  attributes& add_template(CK_ATTRIBUTE_TYPE type, attributes nested);
 
   CK_ATTRIBUTE* data() noexcept {
     return attrs_.data();
@@ -52,6 +56,13 @@ private:
 
   std::vector<CK_ATTRIBUTE> attrs_;
   std::deque<std::vector<uint8_t>> values_; // stable addresses
+  std::list<attributes> nested_;            // their arrays stay put
+};
+
+/// One attribute as read back from the token: its type and raw value.
+struct attribute_value {
+  CK_ATTRIBUTE_TYPE type = 0;
+  std::vector<uint8_t> value;
 };
 
 /// A logged-in (or not yet) session. Move-only.
@@ -83,6 +94,16 @@ public:
   /// The value of one attribute.
   [[nodiscard]] caf::expected<std::vector<uint8_t>>
   attribute(CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type);
+
+  /// The value of a template-valued attribute (`CKA_UNWRAP_TEMPLATE`): its
+  /// entries. A token that does not have the attribute on the object
+  /// answers `CKR_ATTRIBUTE_TYPE_INVALID` (an error, as from `attribute`).
+  [[nodiscard]] caf::expected<std::vector<attribute_value>>
+  template_attribute(CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type);
+
+  /// C_SetAttributeValue.
+  [[nodiscard]] caf::error set_attributes(CK_OBJECT_HANDLE obj,
+                                          attributes& tmpl);
 
   /// C_GenerateKey.
   [[nodiscard]] caf::expected<CK_OBJECT_HANDLE>

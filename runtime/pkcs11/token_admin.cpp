@@ -1,6 +1,11 @@
 #include "runtime/pkcs11/token_admin.hpp"
 
+#include "runtime/pkcs11/key_policy.hpp"
 #include "runtime/pkcs11/rv.hpp"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #include <array>
 #include <cstring>
@@ -78,23 +83,6 @@ caf::expected<CK_OBJECT_HANDLE> find_master_key(session& s,
 
 namespace {
 
-/// The attributes every master key carries, generated or imported.
-attributes master_key_template(std::string_view label) {
-  attributes tmpl;
-  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
-    .add_ulong(CKA_KEY_TYPE, CKK_AES)
-    .add_text(CKA_LABEL, label)
-    .add_bool(CKA_TOKEN, true)
-    .add_bool(CKA_PRIVATE, true)
-    .add_bool(CKA_SENSITIVE, true)
-    .add_bool(CKA_EXTRACTABLE, false)
-    .add_bool(CKA_WRAP, true)
-    .add_bool(CKA_UNWRAP, true)
-    .add_bool(CKA_ENCRYPT, false)
-    .add_bool(CKA_DECRYPT, false);
-  return tmpl;
-}
-
 /// The master key under `label` if the token holds one (`*created` false),
 /// else the key `make(template)` creates (`*created` true).
 template <class Make>
@@ -117,8 +105,54 @@ find_or_make_master_key(session& s, std::string_view label, bool* created,
 
 } // namespace
 
+std::string row_mac_key_label(std::string_view master_label) {
+  return std::string{master_label} + "-row-mac";
+}
+
+caf::expected<CK_OBJECT_HANDLE>
+find_row_mac_key(session& s, std::string_view master_label) {
+  auto label = row_mac_key_label(master_label);
+  attributes tmpl;
+  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_text(CKA_LABEL, label);
+  auto found = s.find(tmpl, 2);
+  if (!found)
+    return found.error();
+  if (found->empty())
+    return caf::make_error(key_errc::master_key_missing,
+                           "no row-MAC key labelled '" + label
+                             + "' on the token (it is made beside the master "
+                               "key by 'hsm-driver master-key init')");
+  if (found->size() > 1)
+    return caf::make_error(hsm_errc::fatal, std::string{"C_FindObjects"},
+                           "several secret keys are labelled '" + label + "'");
+  return found->front();
+}
+
+namespace {
+
+/// The row-MAC key under `master_label`'s MAC label, made by `make` from
+/// the template if the token has none.
+template <class Make>
+caf::expected<CK_OBJECT_HANDLE>
+find_or_make_row_mac_key(session& s, std::string_view master_label, Make make) {
+  auto existing = find_row_mac_key(s, master_label);
+  if (existing)
+    return *existing;
+  if (existing.error() != key_errc::master_key_missing)
+    return existing.error();
+  return make(row_mac_key_template(row_mac_key_label(master_label)));
+}
+
+} // namespace
+
 caf::expected<CK_OBJECT_HANDLE>
 create_master_key(session& s, std::string_view label, bool* created) {
+  auto mac = find_or_make_row_mac_key(s, label, [&](attributes tmpl) {
+    tmpl.add_ulong(CKA_VALUE_LEN, 32);
+    return s.generate_key(CKM_GENERIC_SECRET_KEY_GEN, tmpl);
+  });
+  if (!mac)
+    return mac.error();
   return find_or_make_master_key(s, label, created, [&](attributes tmpl) {
     tmpl.add_ulong(CKA_VALUE_LEN, 32);
     return s.generate_key(CKM_AES_KEY_GEN, tmpl);
@@ -133,6 +167,21 @@ import_master_key(session& s, std::string_view label,
                            std::string{"--test-value-file"},
                            "a master key value is 32 bytes (64 hex "
                            "characters)");
+  // The row-MAC key of a test token follows from the same value, so that
+  // two test tokens share it as they share the master key.
+  std::array<uint8_t, 32> mac_value{};
+  unsigned int mac_len = 0;
+  static constexpr std::string_view info = "hsm-driver test row-MAC key";
+  HMAC(EVP_sha256(), value.data(), static_cast<int>(value.size()),
+       reinterpret_cast<const unsigned char*>(info.data()), info.size(),
+       mac_value.data(), &mac_len);
+  auto mac = find_or_make_row_mac_key(s, label, [&](attributes tmpl) {
+    tmpl.add_bytes(CKA_VALUE, mac_value);
+    return s.create(tmpl);
+  });
+  OPENSSL_cleanse(mac_value.data(), mac_value.size());
+  if (!mac)
+    return mac.error();
   return find_or_make_master_key(s, label, created, [&](attributes tmpl) {
     tmpl.add_bytes(CKA_VALUE, value);
     return s.create(tmpl);

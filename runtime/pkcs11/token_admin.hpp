@@ -28,9 +28,19 @@ namespace hsm::pkcs11 {
 [[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
 find_master_key(session& s, std::string_view label);
 
-/// Creates the token AES-256 master key: token object, private, sensitive,
-/// not extractable, wrap/unwrap only. Returns nullopt-free handle; if a key
-/// with that label exists, returns it and sets `*created` to false.
+/// The label of the row-MAC key that goes with the master key `label`.
+[[nodiscard]] std::string row_mac_key_label(std::string_view master_label);
+
+/// The row-MAC key (HMAC-SHA256, sign/verify only) beside the master key
+/// labelled `master_label`; `key_errc::master_key_missing` when absent.
+[[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
+find_row_mac_key(session& s, std::string_view master_label);
+
+/// Creates the token AES-256 master key and, beside it, the row-MAC key
+/// (each only if missing; `key_policy.hpp` has their attributes): token object,
+/// private, sensitive, not extractable, wrap/unwrap only. Returns nullopt-free
+/// handle; if a key with that label exists, returns it and sets `*created` to
+/// false.
 [[nodiscard]] caf::expected<CK_OBJECT_HANDLE>
 create_master_key(session& s, std::string_view label, bool* created);
 

@@ -24,7 +24,49 @@ struct fake_world {
   /// What the supervisor was told.
   std::vector<size_t> replaced;
   std::vector<size_t> ok_after_failure;
+  /// Resident keys a session was told to destroy.
+  int destroyed = 0;
 };
+
+/// A store whose puts fail or lose a race, as `put_fails` says: a failure
+/// looks like an answer lost after the commit (the row may be there).
+store_actor::behavior_type racy_store(store_actor::pointer, bool put_fails) {
+  return {
+    [](caf::get_atom, const std::string&) -> caf::result<key_lookup> {
+      return key_lookup{};
+    },
+    [=](caf::put_atom, const key_record& r) -> caf::result<put_result> {
+      if (put_fails)
+        return caf::make_error(store_errc::unavailable,
+                               std::string{"connection lost during COMMIT"});
+      auto winner = r;
+      winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
+      return put_result{winner, false};
+    },
+  };
+}
+
+/// A session that makes token-resident keys and counts destroys.
+hsm_session_actor::behavior_type
+resident_session(hsm_session_actor::pointer, std::shared_ptr<fake_world> w) {
+  return {
+    [=](generate_atom, const std::string& id,
+        scheme s) -> caf::result<key_record> {
+      key_record rec;
+      rec.key_id = id;
+      rec.scheme = s;
+      rec.public_key.assign(32, 9);
+      rec.key_blob.assign({'g', 'e', 'n', '1'});
+      rec.wrap_mechanism = std::string{resident_mechanism};
+      return rec;
+    },
+    [=](sign_atom, const key_record&,
+        const std::vector<uint8_t>&) -> caf::result<signature_result> {
+      return caf::make_error(hsm_errc::fatal);
+    },
+    [=](destroy_atom, const key_record&) { ++w->destroyed; },
+  };
+}
 
 store_actor::behavior_type fake_store(store_actor::pointer) {
   return {
@@ -207,6 +249,46 @@ TEST_F(DispatcherTest, NoHealthySessionMeansNoCreditUntilOneComesUp) {
   ASSERT_FALSE(self->mailbox().empty());
   second.receive([&](int64_t n) { EXPECT_EQ(n, 0); },
                  [&](caf::error& err) { ADD_FAILURE() << describe(err); });
+}
+
+TEST_F(DispatcherTest, ResidentKeyStaysWhenThePutOutcomeIsInDoubt) {
+  self->send_exit(store, caf::exit_reason::user_shutdown);
+  store = sys.spawn(racy_store, true);
+  spawn_dispatcher_with(1);
+  self->send(dispatcher, session_up_atom::value, size_t{0},
+             sys.spawn(resident_session, world));
+  sched.run();
+  job j;
+  j.id = "g1";
+  j.lease = "lease-g1";
+  j.kind = job_kind::generate_key;
+  j.key_id = "res-1";
+  j.scheme = scheme::p256;
+  self->send(dispatcher, job_atom::value, j);
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_TRUE(error_of(world->posted[0]).retryable)
+    << error_of(world->posted[0]).code;
+  EXPECT_EQ(world->destroyed, 0) << "a key that may be stored was destroyed";
+}
+
+TEST_F(DispatcherTest, ResidentKeyThatLostTheRaceIsDestroyed) {
+  self->send_exit(store, caf::exit_reason::user_shutdown);
+  store = sys.spawn(racy_store, false);
+  spawn_dispatcher_with(1);
+  self->send(dispatcher, session_up_atom::value, size_t{0},
+             sys.spawn(resident_session, world));
+  sched.run();
+  job j;
+  j.id = "g2";
+  j.lease = "lease-g2";
+  j.kind = job_kind::generate_key;
+  j.key_id = "res-2";
+  j.scheme = scheme::p256;
+  self->send(dispatcher, job_atom::value, j);
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_EQ(world->destroyed, 1);
 }
 
 TEST_F(DispatcherTest, PipelineLooksUpTheNextJobWhileTheSessionIsBusy) {

@@ -5,6 +5,7 @@
 #include "actors/hsm_session.hpp"
 
 #include "runtime/crypto/signature.hpp"
+#include "runtime/keys/hsm_step.hpp"
 #include "runtime/keys/key_service.hpp"
 #include "tests/support/actor_fixture.hpp"
 #include "tests/support/openssl_verify.hpp"
@@ -124,9 +125,16 @@ TEST_F(HsmSessionTest, SignatureThatDoesNotVerifyIsRefusedInTheSession) {
   auto other = call<key_record>(caf::make_message(
     generate_atom::value, std::string{"other-key"}, scheme::p256));
   ASSERT_TRUE(other);
-  // The blob of one key under the public key of another: the token signs,
-  // the session's check refuses to release it, and the session stays.
+  // The blob of one key under the public key of another, with a row MAC
+  // made for that row (as a PIN holder could): the token signs, the
+  // session's check refuses to release it, and the session stays.
   rec->public_key = other->public_key;
+  auto keys = keys::find_key_handles(token->sess, "hsm-driver-master");
+  ASSERT_TRUE(keys) << describe(keys.error());
+  auto mac = token->sess.sign(CKM_SHA256_HMAC, keys->row_mac,
+                              keys::row_mac_input(*rec));
+  ASSERT_TRUE(mac) << describe(mac.error());
+  rec->row_mac = *mac;
   auto bad = call<signature_result>(
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
   ASSERT_FALSE(bad);

@@ -72,7 +72,13 @@ protected:
   keys::key_service service(std::set<scheme> resident = {scheme::ed25519}) {
     auto caps = keys::probe(token->sess, token->master, resident);
     EXPECT_TRUE(caps) << describe(caps.error());
-    return keys::key_service{token->sess, token->master, *st, *caps};
+    return keys::key_service{token->sess, handles(), *st, *caps};
+  }
+
+  keys::key_handles handles() {
+    auto h = keys::find_key_handles(token->sess, "hsm-driver-master");
+    EXPECT_TRUE(h) << describe(h.error());
+    return h ? *h : keys::key_handles{};
   }
 
   std::unique_ptr<test::test_token> token;
@@ -91,7 +97,7 @@ TEST_F(KeyServiceTest, ProbeServesEcdsaWrappedAndRefusesWrappedEd25519) {
   EXPECT_NE(caps->of(scheme::ed25519).detail.find("CKR_KEY_NOT_WRAPPABLE"),
             std::string::npos)
     << caps->of(scheme::ed25519).detail;
-  keys::key_service svc{token->sess, token->master, *st, *caps};
+  keys::key_service svc{token->sess, handles(), *st, *caps};
   auto res = svc.generate("ed-refused", "ed25519");
   ASSERT_FALSE(res);
   EXPECT_EQ(res.error(), key_errc::scheme_unsupported);
@@ -110,6 +116,41 @@ TEST_F(KeyServiceTest, ProbeWithResidentOptInServesEd25519) {
   auto found = token->sess.find(tmpl, 16);
   ASSERT_TRUE(found);
   EXPECT_TRUE(found->empty());
+}
+
+TEST_F(KeyServiceTest, ProbeLeavesResidentKeysItDidNotMake) {
+  // A resident key under the id the probe used to take (and destroy by id
+  // at every start), and one under a customer's id.
+  std::string old_probe_id = "hsm-driver-probe-ed25519";
+  std::vector<uint8_t> old_id{old_probe_id.begin(), old_probe_id.end()};
+  auto theirs = pkcs11::generate_resident(token->sess, scheme::ed25519, old_id,
+                                          "customer-gen-1");
+  ASSERT_TRUE(theirs) << describe(theirs.error());
+  std::vector<uint8_t> cust_id{'c', 'u', 's', 't'};
+  auto cust = pkcs11::generate_resident(token->sess, scheme::p256, cust_id,
+                                        "cust-gen-1");
+  ASSERT_TRUE(cust) << describe(cust.error());
+  for (int run = 0; run < 2; ++run) {
+    auto caps = keys::probe(token->sess, token->master,
+                            {scheme::ed25519, scheme::p256});
+    ASSERT_TRUE(caps) << describe(caps.error());
+    EXPECT_TRUE(caps->of(scheme::ed25519).served);
+    EXPECT_TRUE(caps->of(scheme::p256).served);
+  }
+  pkcs11::attributes tmpl;
+  tmpl.add_bool(CKA_TOKEN, true).add_ulong(CKA_CLASS, CKO_PRIVATE_KEY);
+  auto found = token->sess.find(tmpl, 16);
+  ASSERT_TRUE(found);
+  std::sort(found->begin(), found->end());
+  std::vector<CK_OBJECT_HANDLE> expected{theirs->handle, cust->handle};
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(*found, expected) << "the probe destroyed or left objects";
+  // And the driver refuses key ids under its reserved prefix.
+  auto svc = service();
+  auto res = svc.generate(old_probe_id, "p256");
+  ASSERT_FALSE(res);
+  EXPECT_EQ(res.error(), key_errc::invalid_request);
+  EXPECT_NE(describe(res.error()).find("reserved"), std::string::npos);
 }
 
 TEST_F(KeyServiceTest, EveryServedSchemeGeneratesSignsAndVerifies) {
@@ -289,17 +330,73 @@ TEST_F(KeyServiceTest, CorruptedBlobIsAnErrorAndChangesNothing) {
   EXPECT_EQ((*rec)->public_key, key->public_key);
 }
 
-TEST_F(KeyServiceTest, SwappedPublicKeyIsNeverReleased) {
+TEST_F(KeyServiceTest, SwappedPublicKeyIsRefusedBeforeTheUnwrap) {
   auto svc = service();
   auto a = svc.generate("swap-a", "p256");
   auto b = svc.generate("swap-b", "p256");
   ASSERT_TRUE(a && b);
-  // A row whose public key belongs to another key (invariant 3).
+  // A row whose public key belongs to another key.
   exec_sql(db, "UPDATE keys SET public_key = (SELECT public_key FROM keys "
                "WHERE key_id = 'swap-b') WHERE key_id = 'swap-a'");
+  auto unwraps = test::counts().unwrap_key.load();
   auto sig = svc.sign("swap-a", sha256("x"));
   ASSERT_FALSE(sig);
-  EXPECT_EQ(sig.error(), key_errc::signature_mismatch);
+  EXPECT_EQ(sig.error(), key_errc::key_corrupted) << describe(sig.error());
+  EXPECT_NE(describe(sig.error()).find("row MAC"), std::string::npos);
+  EXPECT_EQ(test::counts().unwrap_key.load(), unwraps);
+}
+
+TEST_F(KeyServiceTest, WholeRowSwapIsRefusedBeforeTheUnwrap) {
+  auto svc = service();
+  auto a = svc.generate("row-a", "secp256k1");
+  auto b = svc.generate("row-b", "secp256k1");
+  ASSERT_TRUE(a && b);
+  // Everything of B's row but its key id, MAC included, under A's id: the
+  // swap that would otherwise release B's signatures as A's.
+  exec_sql(db, "UPDATE keys SET (public_key, key_blob, wrap_mechanism, "
+               "master_key_id, format_version, row_mac) = (SELECT public_key, "
+               "key_blob, wrap_mechanism, master_key_id, format_version, "
+               "row_mac FROM keys WHERE key_id = 'row-b') WHERE key_id = "
+               "'row-a'");
+  auto unwraps = test::counts().unwrap_key.load();
+  auto sig = svc.sign("row-a", sha256("x"));
+  ASSERT_FALSE(sig);
+  EXPECT_EQ(sig.error(), key_errc::key_corrupted) << describe(sig.error());
+  EXPECT_NE(describe(sig.error()).find("row MAC"), std::string::npos);
+  EXPECT_EQ(test::counts().unwrap_key.load(), unwraps)
+    << "the HSM unwrapped a swapped row";
+  // B still signs under its own id.
+  EXPECT_TRUE(svc.sign("row-b", sha256("x")));
+}
+
+TEST_F(KeyServiceTest, RowsOfAnotherFormatOrMasterKeyAreRefused) {
+  auto svc = service();
+  ASSERT_TRUE(svc.generate("fmt", "p256"));
+  auto unwraps = test::counts().unwrap_key.load();
+  // A downgrade to the format without a MAC.
+  exec_sql(db, "UPDATE keys SET format_version = 1, row_mac = X'' WHERE "
+               "key_id = 'fmt'");
+  auto old = svc.sign("fmt", sha256("x"));
+  ASSERT_FALSE(old);
+  EXPECT_EQ(old.error(), key_errc::key_corrupted);
+  EXPECT_NE(describe(old.error()).find("format 1"), std::string::npos)
+    << describe(old.error());
+  // An unknown mechanism is never guessed to be AES-KWP.
+  exec_sql(db, "UPDATE keys SET format_version = 2, wrap_mechanism = "
+               "'CKM_AES_KEY_WRAP' WHERE key_id = 'fmt'");
+  auto mech = svc.sign("fmt", sha256("x"));
+  ASSERT_FALSE(mech);
+  EXPECT_NE(describe(mech.error()).find("unknown wrap mechanism"),
+            std::string::npos)
+    << describe(mech.error());
+  // Another master key's row.
+  exec_sql(db, "UPDATE keys SET wrap_mechanism = 'CKM_AES_KEY_WRAP_PAD', "
+               "master_key_id = 'other-master' WHERE key_id = 'fmt'");
+  auto other = svc.sign("fmt", sha256("x"));
+  ASSERT_FALSE(other);
+  EXPECT_NE(describe(other.error()).find("other-master"), std::string::npos)
+    << describe(other.error());
+  EXPECT_EQ(test::counts().unwrap_key.load(), unwraps);
 }
 
 TEST_F(KeyServiceTest, OtherMasterKeyIsRefusedAndWritesNothing) {

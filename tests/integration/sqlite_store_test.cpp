@@ -219,17 +219,19 @@ protected:
 
 // -- opening ------------------------------------------------------------------
 
-TEST_F(SqliteStoreTest, OpenCreatesPrivateWalDatabaseAtVersionOne) {
+TEST_F(SqliteStoreTest, OpenCreatesPrivateWalDatabaseAtTheLatestVersion) {
   auto store = open_store();
   ASSERT_NE(store, nullptr);
   auto version = store->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 1);
+  EXPECT_EQ(*version, 2);
   EXPECT_EQ(store->path(), db_path);
   raw_db raw{db_path};
   EXPECT_EQ(raw.scalar("PRAGMA journal_mode"), "wal");
-  EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "1");
-  EXPECT_EQ(raw.scalar("SELECT name FROM schema_migrations"), "0001_init.sql");
+  EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "2");
+  EXPECT_EQ(raw.scalar("SELECT group_concat(name, ' ') FROM (SELECT name "
+                       "FROM schema_migrations ORDER BY version)"),
+            "0001_init.sql 0002_row_mac.sql");
   EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM sqlite_schema "
                        "WHERE name IN ('keys', 'master_key_canary')"),
             "2");
@@ -258,7 +260,7 @@ TEST_F(SqliteStoreTest, ConcurrentOpensOfANewFileMigrateOnce) {
     EXPECT_EQ(errors[0], "");
     EXPECT_EQ(errors[1], "");
     raw_db raw{path};
-    EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "1");
+    EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "2");
     EXPECT_EQ(raw.scalar("PRAGMA journal_mode"), "wal");
   }
 }

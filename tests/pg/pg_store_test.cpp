@@ -233,15 +233,17 @@ protected:
 
 // -- opening and migrations ---------------------------------------------------
 
-TEST_F(PgStoreTest, OpenAppliesSchemaVersionOne) {
+TEST_F(PgStoreTest, OpenAppliesTheLatestSchemaVersion) {
   auto store = open_store();
   ASSERT_NE(store, nullptr);
   auto version = store->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 1);
+  EXPECT_EQ(*version, 2);
   EXPECT_EQ(store->connects(), 1u);
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "1");
-  EXPECT_EQ(sql("SELECT name FROM schema_migrations"), "0001_init.sql");
+  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "2");
+  EXPECT_EQ(sql("SELECT string_agg(name, ' ' ORDER BY version) FROM "
+                "schema_migrations"),
+            "0001_init.sql 0002_row_mac.sql");
   EXPECT_EQ(sql("SELECT COUNT(*) FROM information_schema.tables "
                 "WHERE table_name IN ('keys', 'master_key_canary')"),
             "2");
@@ -268,8 +270,8 @@ TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
       t.join();
     for (const auto& e : errors)
       EXPECT_EQ(e, "");
-    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "1");
-    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "1");
+    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "2");
+    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "2");
     if (round != 0)
       hsm::test::drop_database(db);
   }

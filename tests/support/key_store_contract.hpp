@@ -72,6 +72,15 @@ inline ::testing::AssertionResult contains(const std::string& text,
          << "'" << text << "' does not contain '" << part << "'";
 }
 
+/// The highest migration version `Traits` ships.
+template <class Traits>
+int latest_version() {
+  int v = 0;
+  for (const auto& m : Traits::migrations())
+    v = std::max(v, static_cast<int>(m.version));
+  return v;
+}
+
 /// A plausible wrapped key of `s` (the blob holds zero bytes on purpose).
 inline hsm::key_record sample_key(std::string key_id, hsm::scheme s,
                                   uint8_t seed) {
@@ -88,6 +97,8 @@ inline hsm::key_record sample_key(std::string key_id, hsm::scheme s,
     rec.key_blob.push_back(static_cast<uint8_t>(i * seed));
   rec.wrap_mechanism = std::string{hsm::aes_key_wrap_pad};
   rec.created_at_ms = 1'700'000'000'000 + seed;
+  rec.master_key_id = "master-" + std::to_string(seed);
+  rec.row_mac.assign(32, static_cast<uint8_t>(seed + 7));
   return rec;
 }
 
@@ -112,6 +123,9 @@ inline void expect_same_key(const hsm::key_record& x,
   EXPECT_EQ(x.key_blob, y.key_blob);
   EXPECT_EQ(x.wrap_mechanism, y.wrap_mechanism);
   EXPECT_EQ(x.created_at_ms, y.created_at_ms);
+  EXPECT_EQ(x.format_version, y.format_version);
+  EXPECT_EQ(x.master_key_id, y.master_key_id);
+  EXPECT_EQ(x.row_mac, y.row_mac);
 }
 
 /// Expects every field of `x` and `y` to be equal.
@@ -189,25 +203,27 @@ TYPED_TEST_P(KeyStoreContractTest, ReopenKeepsVersionAndData) {
     ASSERT_NE(store, nullptr);
     auto version = store->schema_version();
     ASSERT_TRUE(version) << hsm::describe(version.error());
-    EXPECT_EQ(*version, 1);
+    EXPECT_EQ(*version, latest_version<TypeParam>());
     auto got = store->get("k1");
     ASSERT_TRUE(got) << hsm::describe(got.error());
     ASSERT_TRUE(got->has_value());
     expect_same_key(**got, rec);
   }
-  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM schema_migrations"), "1");
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM schema_migrations"),
+            std::to_string(latest_version<TypeParam>()));
 }
 
 TYPED_TEST_P(KeyStoreContractTest, AppliesNewMigrationsOnReopen) {
   ASSERT_NE(this->open_store(), nullptr);
   auto migrations = TypeParam::migrations();
+  auto next = latest_version<TypeParam>() + 1;
   migrations.push_back(hsm::store::migration{
-    2, "0002_extra.sql", "CREATE TABLE extra (x INTEGER);"});
+    next, "0099_extra.sql", "CREATE TABLE extra (x INTEGER);"});
   auto store = this->open(migrations);
   ASSERT_TRUE(store) << hsm::describe(store.error());
   auto version = (*store)->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 2);
+  EXPECT_EQ(*version, next);
   EXPECT_EQ(this->table_count("extra"), "1");
   store->reset();
   // An older build now refuses the database.
@@ -219,14 +235,16 @@ TYPED_TEST_P(KeyStoreContractTest, AppliesNewMigrationsOnReopen) {
 TYPED_TEST_P(KeyStoreContractTest, FailedMigrationAppliesNothing) {
   ASSERT_NE(this->open_store(), nullptr);
   auto migrations = TypeParam::migrations();
-  migrations.push_back(hsm::store::migration{2, "0002_broken.sql",
+  migrations.push_back(hsm::store::migration{latest_version<TypeParam>() + 1,
+                                             "0002_broken.sql",
                                              "CREATE TABLE extra (x INTEGER);"
                                              "SELECT nonsense FROM nowhere;"});
   auto store = this->open(migrations);
   ASSERT_FALSE(store);
   EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::query_failed));
   EXPECT_TRUE(contains(hsm::describe(store.error()), "0002_broken.sql"));
-  EXPECT_EQ(this->sql("SELECT MAX(version) FROM schema_migrations"), "1");
+  EXPECT_EQ(this->sql("SELECT MAX(version) FROM schema_migrations"),
+            std::to_string(latest_version<TypeParam>()));
   EXPECT_EQ(this->table_count("extra"), "0");
 }
 
@@ -244,7 +262,8 @@ TYPED_TEST_P(KeyStoreContractTest, NewerSchemaIsRefused) {
   EXPECT_TRUE(is_store_error(store.error(), hsm::store_errc::schema_too_new));
   auto text = hsm::describe(store.error());
   EXPECT_TRUE(contains(text, "99"));
-  EXPECT_TRUE(contains(text, "migration 1"));
+  EXPECT_TRUE(
+    contains(text, "migration " + std::to_string(latest_version<TypeParam>())));
   // Not retried: the answer will not change.
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds{5});
   // Nothing was written.

@@ -5,7 +5,9 @@
 #include "runtime/keys/requests.hpp"
 
 #include <deque>
+#include <functional>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 namespace hsm {
@@ -30,6 +32,14 @@ struct ready_job {
   std::optional<key_record> rec;
 };
 
+using clock_time = caf::actor_clock::time_point;
+
+/// A request in flight and what to do if it is not answered in time.
+struct pending_call {
+  clock_time deadline;
+  std::function<void()> on_timeout;
+};
+
 struct dispatcher_state {
   dispatcher_config cfg;
   store_actor store;
@@ -49,6 +59,16 @@ struct dispatcher_state {
   std::vector<caf::typed_response_promise<bool>> drained;
   /// Credit questions waiting for credit.
   std::vector<caf::typed_response_promise<int64_t>> credit_waiters;
+  /// Requests in flight by call id, each with its deadline. The requests
+  /// themselves go out without a CAF timeout: CAF 0.17 keeps a request's
+  /// timeout in its clock until it expires even after the answer came
+  /// (memory grows with the request rate times the timeout) and wakes the
+  /// clock thread for each one. One deadline message at a time does it.
+  std::unordered_map<uint64_t, pending_call> calls;
+  uint64_t next_call = 0;
+  /// The deadline message on its way: its sequence number and time.
+  uint64_t deadline_seq = 0;
+  std::optional<clock_time> deadline_at;
 };
 
 using dispatcher_ptr = dispatcher_actor::stateful_pointer<dispatcher_state>;
@@ -60,6 +80,64 @@ struct hold {
 };
 
 void pump(dispatcher_ptr self);
+
+/// Makes sure a deadline message arrives by `when` at the latest.
+void arm_deadline(dispatcher_ptr self, clock_time when) {
+  auto& st = self->state;
+  if (st.deadline_at && *st.deadline_at <= when)
+    return;
+  st.deadline_at = when;
+  auto delay = std::max(when - self->clock().now(), clock_time::duration{0});
+  self->delayed_send(self, delay, deadline_atom::value, ++st.deadline_seq);
+}
+
+/// Registers a call that must be answered within `timeout`; returns its
+/// id. `on_timeout` runs (once) if the deadline passes first.
+uint64_t begin_call(dispatcher_ptr self, caf::timespan timeout,
+                    std::function<void()> on_timeout) {
+  auto& st = self->state;
+  auto id = ++st.next_call;
+  auto deadline = self->clock().now() + timeout;
+  st.calls.emplace(id, pending_call{deadline, std::move(on_timeout)});
+  arm_deadline(self, deadline);
+  return id;
+}
+
+/// True (and forgets the call) if call `id` is still waiting for its
+/// answer; false if its deadline already passed (a late answer: ignored).
+bool end_call(dispatcher_ptr self, uint64_t id) {
+  return self->state.calls.erase(id) > 0;
+}
+
+/// The deadline message `seq` arrived: every call due by its time has
+/// timed out. A stale message (a sooner one was armed since) is ignored.
+void on_deadline(dispatcher_ptr self, uint64_t seq) {
+  auto& st = self->state;
+  if (seq != st.deadline_seq || !st.deadline_at)
+    return;
+  auto due = std::max(*st.deadline_at, self->clock().now());
+  st.deadline_at.reset();
+  std::vector<std::function<void()>> expired;
+  std::optional<clock_time> next;
+  for (auto i = st.calls.begin(); i != st.calls.end();) {
+    if (i->second.deadline <= due) {
+      expired.push_back(std::move(i->second.on_timeout));
+      i = st.calls.erase(i);
+    } else {
+      if (!next || i->second.deadline < *next)
+        next = i->second.deadline;
+      ++i;
+    }
+  }
+  if (next)
+    arm_deadline(self, *next);
+  for (auto& f : expired)
+    f();
+}
+
+caf::error timed_out() {
+  return caf::make_error(caf::sec::request_timeout);
+}
 
 size_t healthy(const dispatcher_state& st) {
   size_t n = 0;
@@ -113,9 +191,17 @@ void report(dispatcher_ptr self, job_result r) {
     notify_credit(self);
     check_drained(self);
   };
-  self
-    ->request(st.poster, st.cfg.post_timeout, result_atom::value, std::move(r))
-    .then([=](bool) { posted(); }, [=](caf::error&) { posted(); });
+  auto call = begin_call(self, st.cfg.post_timeout, posted);
+  self->request(st.poster, caf::infinite, result_atom::value, std::move(r))
+    .then(
+      [=](bool) {
+        if (end_call(self, call))
+          posted();
+      },
+      [=](caf::error&) {
+        if (end_call(self, call))
+          posted();
+      });
 }
 
 /// Frees the session if `h` still holds it, and starts the next job.
@@ -197,53 +283,79 @@ void report_stored(dispatcher_ptr self, const job& j, const key_record& rec,
 void run_sign(dispatcher_ptr self, hold h, ready_job rj) {
   auto& st = self->state;
   auto session = st.sessions[h.index].handle;
-  self
-    ->request(session, st.cfg.hsm_timeout, sign_atom::value, *rj.rec,
-              rj.j.payload)
+  auto call = begin_call(self, st.cfg.hsm_timeout, [=] {
+    hsm_failed(self, h, session, rj, timed_out());
+  });
+  self->request(session, caf::infinite, sign_atom::value, *rj.rec, rj.j.payload)
     .then(
       [=](signature_result& sig) {
+        if (!end_call(self, call))
+          return;
         session_ok(self, h);
         release(self, h);
         report(self, answer(rj.j, std::move(sig)));
       },
-      [=](caf::error& err) { hsm_failed(self, h, session, rj, err); });
+      [=](caf::error& err) {
+        if (end_call(self, call))
+          hsm_failed(self, h, session, rj, err);
+      });
+}
+
+/// Stores a freshly generated `rec` and reports what the store committed
+/// (durable before visible).
+void store_generated(dispatcher_ptr self, hsm_session_actor session,
+                     ready_job rj, key_record rec) {
+  auto& st = self->state;
+  auto on_error = [=](const caf::error& err) {
+    // The put may still commit (the store works through its mailbox after
+    // this deadline; a PostgreSQL commit can be in doubt): a resident key
+    // stays on the token. Reconciliation removes it later only if the
+    // store, read again, does not name it.
+    if (rec.resident())
+      logger("dispatch")
+        ->warn("key '{}': the store did not confirm the put ({}); its "
+               "resident key stays on the token",
+               rec.key_id, describe(err));
+    report(self, answer(rj.j, store_failure(err)));
+  };
+  auto call = begin_call(self, st.cfg.store_timeout,
+                         [=] { on_error(timed_out()); });
+  self->request(st.store, caf::infinite, caf::put_atom::value, rec)
+    .then(
+      [=](put_result& put) {
+        if (!end_call(self, call))
+          return;
+        if (!put.inserted && rec.resident())
+          self->send(session, destroy_atom::value, rec);
+        report_stored(self, rj.j, put.record, put.inserted);
+      },
+      [=](caf::error& err) {
+        if (end_call(self, call))
+          on_error(err);
+      });
 }
 
 void run_generate(dispatcher_ptr self, hold h, ready_job rj) {
   auto& st = self->state;
   auto session = st.sessions[h.index].handle;
   const auto& j = rj.j;
+  auto call = begin_call(self, st.cfg.hsm_timeout, [=] {
+    hsm_failed(self, h, session, rj, timed_out());
+  });
   self
-    ->request(session, st.cfg.hsm_timeout, generate_atom::value, j.key_id,
-              j.scheme)
+    ->request(session, caf::infinite, generate_atom::value, j.key_id, j.scheme)
     .then(
       [=](key_record& rec) {
+        if (!end_call(self, call))
+          return;
         session_ok(self, h);
         release(self, h);
-        auto& ds = self->state;
-        // Durable before visible: report what the store committed.
-        self->request(ds.store, ds.cfg.store_timeout, caf::put_atom::value, rec)
-          .then(
-            [=](put_result& put) {
-              if (!put.inserted && rec.resident())
-                self->send(session, destroy_atom::value, rec);
-              report_stored(self, rj.j, put.record, put.inserted);
-            },
-            [=](caf::error& err) {
-              // The put may still commit (the store works through its
-              // mailbox after this timeout; a PostgreSQL commit can be in
-              // doubt): a resident key stays on the token. Reconciliation
-              // removes it later only if the store, read again, does not
-              // name it.
-              if (rec.resident())
-                logger("dispatch")
-                  ->warn("key '{}': the store did not confirm the put ({}); "
-                         "its resident key stays on the token",
-                         rec.key_id, describe(err));
-              report(self, answer(rj.j, store_failure(err)));
-            });
+        store_generated(self, session, rj, std::move(rec));
       },
-      [=](caf::error& err) { hsm_failed(self, h, session, rj, err); });
+      [=](caf::error& err) {
+        if (end_call(self, call))
+          hsm_failed(self, h, session, rj, err);
+      });
 }
 
 /// True when `j`'s lease ends too soon to start it.
@@ -323,15 +435,23 @@ void accept(dispatcher_ptr self, job& j) {
   if (st.ready.size() + st.looking_up >= st.cfg.max_queue)
     return report(self, answer(j, keys::queue_full()));
   ++st.looking_up;
-  self->request(st.store, st.cfg.store_timeout, caf::get_atom::value, j.key_id)
+  auto failed = [=](const caf::error& err) {
+    --self->state.looking_up;
+    report(self, answer(j, store_failure(err)));
+  };
+  auto call = begin_call(self, st.cfg.store_timeout,
+                         [=] { failed(timed_out()); });
+  self->request(st.store, caf::infinite, caf::get_atom::value, j.key_id)
     .then(
       [=](key_lookup& found) {
+        if (!end_call(self, call))
+          return;
         --self->state.looking_up;
         looked_up(self, j, found);
       },
       [=](caf::error& err) {
-        --self->state.looking_up;
-        report(self, answer(j, store_failure(err)));
+        if (end_call(self, call))
+          failed(err);
       });
 }
 
@@ -376,6 +496,7 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
     [=](session_down_atom, size_t index) {
       self->state.sessions[index].up = false;
     },
+    [=](deadline_atom, uint64_t seq) { on_deadline(self, seq); },
     [=](drain_atom) -> caf::result<bool> {
       auto rp = self->make_response_promise<bool>();
       self->state.drained.push_back(rp);

@@ -129,6 +129,7 @@ using dispatcher_actor = caf::typed_actor<
   caf::replies_to<credit_atom>::with<int64_t>,
   caf::reacts_to<session_up_atom, size_t, hsm_session_actor>,
   caf::reacts_to<session_down_atom, size_t>,
+  caf::reacts_to<deadline_atom, uint64_t>,
   caf::replies_to<drain_atom>::with<bool>, caf::reacts_to<stop_atom>,
   caf::replies_to<close_atom>::with<size_t>,
   caf::replies_to<stuck_atom>::with<size_t>,

@@ -53,5 +53,6 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_ATOM(hsm_driver, hsm, close_atom, "close")
   CAF_ADD_ATOM(hsm_driver, hsm, stuck_atom, "stuck")
   CAF_ADD_ATOM(hsm_driver, hsm, flush_atom, "flush")
+  CAF_ADD_ATOM(hsm_driver, hsm, deadline_atom, "deadline")
 
 CAF_END_TYPE_ID_BLOCK(hsm_driver)

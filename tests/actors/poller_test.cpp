@@ -107,6 +107,7 @@ credit_dispatcher(dispatcher_actor::pointer self,
       w->parked.clear();
     },
     [](session_down_atom, size_t) {},
+    [](deadline_atom, uint64_t) {},
     [](drain_atom) { return true; },
     [](stop_atom) {},
     [](close_atom) { return size_t{0}; },

@@ -121,6 +121,7 @@ recording_dispatcher(dispatcher_actor::pointer,
     [=](session_down_atom, size_t index) {
       w->events.push_back("down " + std::to_string(index));
     },
+    [](deadline_atom, uint64_t) {},
     [](drain_atom) { return true; },
     [](stop_atom) {},
     [](close_atom) { return size_t{0}; },

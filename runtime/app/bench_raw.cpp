@@ -50,8 +50,7 @@ caf::error one_op(shared_state& st, pkcs11::session& sess, size_t thread,
   if (plan.kind == op_kind::generate) {
     auto id = plan.key_id_prefix + "-" + std::to_string(thread) + "-"
               + std::to_string(n);
-    auto rec = keys::make_key(sess, st.keys, plan.s, id,
-                              plan.resident);
+    auto rec = keys::make_key(sess, st.keys, plan.s, id, plan.resident);
     if (!rec)
       return rec.error();
     if (rec->resident())

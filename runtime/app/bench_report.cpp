@@ -45,6 +45,7 @@ json e2e_json(const e2e_result& r) {
            {"proxy_cpu_us_per_request", r.proxy_cpu_us_per_request},
            {"host_cpu_pct", r.host_cpu_pct},
            {"driver_peak_rss_mib", r.peak_rss_mib},
+           {"driver_rss_mib", r.rss_mib},
            {"errors", r.errors},
            {"redelivered", r.redelivered}};
   if (!r.first_error.empty())
@@ -126,23 +127,98 @@ void print_sweep(std::ostream& out, const sweep_result& sweep) {
   out << fmt::format("per-request HSM time (raw loop, 1 session, {} ops): "
                      "{:.2f} ms\n",
                      sweep.raw.ops, sweep.hsm_ms_per_request);
-  out << fmt::format("{:>8} {:>8} {:>9} {:>11} {:>10} {:>7} {:>7} {:>9}\n",
-                     "sessions", "requests", "ops/s", "ideal ops/s",
-                     "efficiency", "p50 ms", "p99 ms", "host CPU");
+  constexpr auto header = "{:>8} {:>8} {:>9} {:>11} {:>10} {:>7} {:>7} {:>9} "
+                          "{:>8}\n";
+  out << fmt::format(header, "sessions", "requests", "ops/s", "ideal ops/s",
+                     "efficiency", "p50 ms", "p99 ms", "host CPU", "peak RSS");
+  out << fmt::format(header, "", "", "", "", "", "", "", "", "MiB");
   for (auto& p : sweep.points) {
     if (!p.e2e.error.empty()) {
       out << fmt::format("{:>8}  failed: {}\n", p.sessions, p.e2e.error);
       continue;
     }
     out << fmt::format("{:>8} {:>8} {:>9.1f} {:>11.1f} {:>10.3f} {:>7.1f} "
-                       "{:>7.1f} {:>8.0f}%",
+                       "{:>7.1f} {:>8.0f}% {:>8.1f}",
                        p.sessions, p.e2e.requests, p.e2e.ops_per_s,
                        p.ideal_ops_per_s, p.efficiency, p.e2e.latency.p50,
-                       p.e2e.latency.p99, p.e2e.host_cpu_pct);
+                       p.e2e.latency.p99, p.e2e.host_cpu_pct,
+                       p.e2e.peak_rss_mib);
     if (p.e2e.errors > 0)
       out << fmt::format("  ({} requests failed)", p.e2e.errors);
     out << "\n";
   }
+}
+
+std::string verdict_line(const soak_verdict& v) {
+  return fmt::format("VmRSS {:.1f} MiB after the first chunk ({} requests), "
+                     "{:.1f} MiB after the last ({}), max {:.1f} MiB (after "
+                     "{}); growth {:+.2f} MiB per 10^5 requests (first to "
+                     "last; least-squares {:+.2f}, second half {:+.2f}); "
+                     "peak VmHWM {:.1f} MiB",
+                     v.first_rss_mib, v.first_requests, v.last_rss_mib,
+                     v.last_requests, v.max_rss_mib, v.max_at_requests,
+                     v.growth_mib_per_1e5, v.slope_mib_per_1e5,
+                     v.late_slope_mib_per_1e5, v.peak_hwm_mib);
+}
+
+std::string soak_progress_line(const soak_result& soak) {
+  if (soak.samples.empty())
+    return "soak: no sample yet";
+  auto& s = soak.samples.back();
+  auto line = fmt::format("soak: {}/{} requests, driver VmRSS {:.1f} MiB, "
+                          "VmHWM {:.1f} MiB",
+                          s.requests_done, soak.requests, s.rss_mib, s.hwm_mib);
+  if (!s.chunk) {
+    line += " (after the keys and the warm-up)";
+    return line;
+  }
+  line += fmt::format(", {:.0f} req/s", s.chunk->ops_per_s);
+  if (s.chunk->errors > 0)
+    line += fmt::format(", {} failed", s.chunk->errors);
+  if (s.requests_done > 0 && s.requests_done < soak.requests) {
+    auto left = s.elapsed_s / static_cast<double>(s.requests_done)
+                * static_cast<double>(soak.requests - s.requests_done);
+    line += left < 120 ? fmt::format(", about {:.0f} s left", left)
+                       : fmt::format(", about {:.0f} min left", left / 60.0);
+  }
+  return line;
+}
+
+void print_soak(std::ostream& out, const soak_result& soak) {
+  out << fmt::format("soak: {} {} on {}, {} session(s), {} requests in "
+                     "chunks of {}\n",
+                     to_string(soak.scheme), to_string(soak.kind), soak.store,
+                     soak.sessions, soak.requests, soak.chunk);
+  constexpr auto header = "{:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9} "
+                          "{:>9}\n";
+  out << fmt::format(header, "requests", "VmRSS", "VmHWM", "req/s", "p50 ms",
+                     "p99 ms", "errors", "driver", "bench RSS");
+  out << fmt::format(header, "done", "MiB", "MiB", "(chunk)", "", "", "",
+                     "CPU µs/req", "MiB");
+  for (auto& s : soak.samples) {
+    if (!s.chunk) {
+      out << fmt::format("{:>9} {:>9.1f} {:>9.1f} {:>9} {:>7} {:>7} {:>7} "
+                         "{:>9} {:>9.1f}  (after the keys and the warm-up)\n",
+                         s.requests_done, s.rss_mib, s.hwm_mib, "", "", "", "",
+                         "", s.bench_rss_mib);
+      continue;
+    }
+    auto& c = *s.chunk;
+    out << fmt::format("{:>9} {:>9.1f} {:>9.1f} {:>9.0f} {:>7.2f} {:>7.2f} "
+                       "{:>7} {:>9.0f} {:>9.1f}\n",
+                       s.requests_done, s.rss_mib, s.hwm_mib, c.ops_per_s,
+                       c.latency.p50, c.latency.p99, c.errors,
+                       c.driver_cpu_us_per_request, s.bench_rss_mib);
+  }
+  if (!soak.error.empty())
+    out << "soak stopped early: " << soak.error << "\n";
+  if (soak.errors > 0 || !soak.first_error.empty())
+    out << fmt::format("{} requests failed; first: {}\n", soak.errors,
+                       soak.first_error);
+  if (auto v = verdict_of(soak.samples))
+    out << "verdict: " << verdict_line(*v) << "\n";
+  else
+    out << "verdict: none (no chunk done)\n";
 }
 
 json to_json(const report& r) {
@@ -187,6 +263,46 @@ json to_json(const report& r) {
                         {"raw", raw_json(s.raw)},
                         {"hsm_ms_per_request", s.hsm_ms_per_request},
                         {"points", points}};
+  }
+  if (r.soak) {
+    auto& s = *r.soak;
+    json samples = json::array();
+    for (auto& x : s.samples) {
+      json j{{"requests_done", x.requests_done},
+             {"elapsed_s", x.elapsed_s},
+             {"driver_rss_mib", x.rss_mib},
+             {"driver_hwm_mib", x.hwm_mib},
+             {"bench_rss_mib", x.bench_rss_mib}};
+      if (x.chunk)
+        j["chunk"] = e2e_json(*x.chunk);
+      samples.push_back(std::move(j));
+    }
+    json soak{{"store", s.store},
+              {"scheme", std::string{to_string(s.scheme)}},
+              {"kind", std::string{to_string(s.kind)}},
+              {"sessions", s.sessions},
+              {"requests", s.requests},
+              {"chunk", s.chunk},
+              {"requests_done", s.requests_done()},
+              {"errors", s.errors},
+              {"samples", samples}};
+    if (!s.first_error.empty())
+      soak["first_error"] = s.first_error;
+    if (!s.error.empty())
+      soak["error"] = s.error;
+    if (auto v = verdict_of(s.samples))
+      soak["verdict"] = json{{"first_rss_mib", v->first_rss_mib},
+                             {"first_requests", v->first_requests},
+                             {"last_rss_mib", v->last_rss_mib},
+                             {"last_requests", v->last_requests},
+                             {"max_rss_mib", v->max_rss_mib},
+                             {"max_at_requests", v->max_at_requests},
+                             {"growth_mib_per_1e5", v->growth_mib_per_1e5},
+                             {"slope_mib_per_1e5", v->slope_mib_per_1e5},
+                             {"late_slope_mib_per_1e5",
+                              v->late_slope_mib_per_1e5},
+                             {"peak_hwm_mib", v->peak_hwm_mib}};
+    out["soak"] = soak;
   }
   return out;
 }

@@ -1,8 +1,9 @@
 #pragma once
 
-// `hsm-driver bench`: what a run found, and how it is shown: a table on
-// stdout, a JSON document (`--json FILE`), a PNG of the sweep rendered by
-// gnuplot (`--plot FILE`). Main thread only.
+// `hsm-driver bench`: what a run found (the matrix, the sweep or the
+// soak), and how it is shown: a table on stdout, a JSON document (`--json
+// FILE`), a PNG of the sweep rendered by gnuplot (`--plot FILE`). Main thread
+// only.
 
 #include "messages/scheme.hpp"
 #include "runtime/app/bench_stats.hpp"
@@ -80,6 +81,7 @@ struct report {
   std::vector<skipped_scheme> skipped;
   std::vector<matrix_row> rows;
   std::optional<sweep_result> sweep;
+  std::optional<soak_result> soak;
 };
 
 /// The matrix as a table (one line per row; failures listed below it).
@@ -87,6 +89,17 @@ void print_matrix(std::ostream& out, const std::vector<matrix_row>& rows);
 
 /// The sweep as a table.
 void print_sweep(std::ostream& out, const sweep_result& sweep);
+
+/// The soak as a table (one line per sample) and its verdict.
+void print_soak(std::ostream& out, const soak_result& soak);
+
+/// The soak's verdict as one line (no newline): VmRSS after the first
+/// chunk, after the last, the largest, and the growth per 10^5 requests.
+std::string verdict_line(const soak_verdict& v);
+
+/// One soak sample as a progress line (no newline): requests done, VmRSS,
+/// VmHWM, the chunk's rate, and the time left at that rate.
+std::string soak_progress_line(const soak_result& soak);
 
 /// The whole report as JSON.
 nlohmann::ordered_json to_json(const report& r);

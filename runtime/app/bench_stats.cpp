@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <thread>
 
@@ -78,19 +79,95 @@ std::optional<double> proc_cpu_us(pid_t pid) {
   return static_cast<double>(utime + stime) * 1e6 / static_cast<double>(ticks);
 }
 
-std::optional<uint64_t> proc_peak_rss_kib(pid_t pid) {
+namespace {
+
+/// A `<field>: <n> kB` line of /proc/<pid>/status, KiB.
+std::optional<uint64_t> proc_status_kib(pid_t pid, std::string_view field) {
   std::ifstream in{"/proc/" + std::to_string(pid) + "/status"};
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) != 0)
+    if (line.size() <= field.size() || line.compare(0, field.size(), field) != 0
+        || line[field.size()] != ':')
       continue;
-    std::istringstream fields{line.substr(6)};
+    std::istringstream fields{line.substr(field.size() + 1)};
     uint64_t kib = 0;
     if (fields >> kib)
       return kib;
     return std::nullopt;
   }
   return std::nullopt;
+}
+
+} // namespace
+
+std::optional<uint64_t> proc_peak_rss_kib(pid_t pid) {
+  return proc_status_kib(pid, "VmHWM");
+}
+
+std::optional<uint64_t> proc_rss_kib(pid_t pid) {
+  return proc_status_kib(pid, "VmRSS");
+}
+
+namespace {
+
+/// The least-squares slope of VmRSS over requests done among the samples
+/// [from, to), MiB per 10^5 requests; 0 with fewer than 2.
+template <class It>
+double slope_per_1e5(It from, It to) {
+  auto n = static_cast<double>(std::distance(from, to));
+  if (n < 2)
+    return 0.0;
+  double mx = 0;
+  double my = 0;
+  for (auto i = from; i != to; ++i) {
+    mx += static_cast<double>((*i)->requests_done);
+    my += (*i)->rss_mib;
+  }
+  mx /= n;
+  my /= n;
+  double sxy = 0;
+  double sxx = 0;
+  for (auto i = from; i != to; ++i) {
+    auto dx = static_cast<double>((*i)->requests_done) - mx;
+    sxy += dx * ((*i)->rss_mib - my);
+    sxx += dx * dx;
+  }
+  return sxx > 0 ? sxy / sxx * 1e5 : 0.0;
+}
+
+} // namespace
+
+std::optional<soak_verdict>
+verdict_of(const std::vector<soak_sample>& samples) {
+  std::vector<const soak_sample*> chunks;
+  for (auto& s : samples)
+    if (s.chunk)
+      chunks.push_back(&s);
+  if (chunks.empty())
+    return std::nullopt;
+  soak_verdict v;
+  auto& first = *chunks.front();
+  auto& last = *chunks.back();
+  v.first_rss_mib = first.rss_mib;
+  v.last_rss_mib = last.rss_mib;
+  v.first_requests = first.requests_done;
+  v.last_requests = last.requests_done;
+  for (auto* s : chunks)
+    if (s->rss_mib > v.max_rss_mib) {
+      v.max_rss_mib = s->rss_mib;
+      v.max_at_requests = s->requests_done;
+    }
+  v.peak_hwm_mib = samples.back().hwm_mib;
+  if (chunks.size() < 2 || last.requests_done <= first.requests_done)
+    return v;
+  auto span = static_cast<double>(last.requests_done - first.requests_done);
+  v.growth_mib_per_1e5 = (last.rss_mib - first.rss_mib) / span * 1e5;
+  v.slope_mib_per_1e5 = slope_per_1e5(chunks.begin(), chunks.end());
+  if (chunks.size() >= 4)
+    v.late_slope_mib_per_1e5 = slope_per_1e5(
+      chunks.begin() + static_cast<std::ptrdiff_t>(chunks.size() / 2),
+      chunks.end());
+  return v;
 }
 
 unsigned cpu_count() {

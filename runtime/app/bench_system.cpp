@@ -287,6 +287,11 @@ std::string payload_hex(size_t n) {
   return crypto::to_hex(digest);
 }
 
+/// The wire name of a request kind.
+const char* wire_kind(op_kind k) {
+  return k == op_kind::generate ? "generate_key" : "sign";
+}
+
 /// Waits until no long-poll is parked at the proxy (a stopped driver's
 /// last poll ends within its poll wait): a parked poll from a dead driver
 /// would lease the next run's requests and hold them a whole lease.
@@ -299,99 +304,128 @@ void await_no_polls(net::reference_proxy& proxy,
 
 } // namespace
 
-e2e_result run_e2e(net::reference_proxy& proxy, const driver_launch& launch,
-                   const e2e_plan& plan, const std::atomic<bool>& stop,
-                   std::vector<std::string>& key_ids) {
-  e2e_result out;
-  out.sessions = plan.sessions;
-  auto scheme_name = std::string{to_string(plan.s)};
-  await_no_polls(proxy, std::chrono::seconds{5});
-  auto args = launch.args;
-  args.push_back("--sessions");
-  args.push_back(std::to_string(plan.sessions));
-  auto child = child_process::spawn(args, launch.env, launch.log);
-  if (!child) {
-    out.error = describe(child.error());
-    return out;
+// -- e2e_driver ---------------------------------------------------------------
+
+e2e_driver::e2e_driver(net::reference_proxy& proxy, const driver_launch& launch,
+                       const e2e_plan& plan, const std::atomic<bool>& stop,
+                       std::vector<std::string>& key_ids)
+  : proxy_(proxy),
+    launch_(launch),
+    plan_(plan),
+    stop_(stop),
+    key_ids_(key_ids) {
+  // nop
+}
+
+pid_t e2e_driver::pid() const {
+  return child_ ? child_->pid() : -1;
+}
+
+std::string e2e_driver::failed(std::string why) {
+  if (child_ && child_->running())
+    child_->stop(plan_.stop_timeout);
+  return why + "; the driver's log (" + launch_.log.string() + ") ends:\n"
+         + log_tail(launch_.log);
+}
+
+std::vector<json> e2e_driver::gen_params(size_t from, size_t count,
+                                         const std::string& tag) {
+  auto scheme_name = std::string{to_string(plan_.s)};
+  std::vector<json> params;
+  params.reserve(count);
+  for (size_t i = from; i < from + count; ++i) {
+    auto id = plan_.key_prefix + "-" + tag + std::to_string(i);
+    key_ids_.push_back(id);
+    params.push_back(json{{"key_id", id}, {"scheme", scheme_name}});
   }
-  auto failed = [&](std::string why) {
-    out.error = std::move(why);
-    if (child->running())
-      child->stop(plan.stop_timeout);
-    out.error += "; the driver's log (" + launch.log.string() + ") ends:\n"
-                 + log_tail(launch.log);
-    return out;
-  };
+  return params;
+}
+
+std::vector<json> e2e_driver::kind_params(size_t count) {
+  if (plan_.kind == op_kind::generate) {
+    auto p = gen_params(next_gen_, count, "g");
+    next_gen_ += count;
+    return p;
+  }
+  std::vector<json> params;
+  params.reserve(count);
+  for (size_t i = 0; i < count; ++i, ++next_sign_)
+    params.push_back(
+      json{{"key_id", sign_keys_[next_sign_ % sign_keys_.size()]},
+           {"payload", payload_hex(next_sign_)}});
+  return params;
+}
+
+std::string e2e_driver::start() {
+  await_no_polls(proxy_, std::chrono::seconds{5});
+  auto args = launch_.args;
+  args.push_back("--sessions");
+  args.push_back(std::to_string(plan_.sessions));
+  auto child = child_process::spawn(args, launch_.env, launch_.log);
+  if (!child)
+    return describe(child.error());
+  child_.emplace(std::move(*child));
   // Ready when its first long-poll is parked (it polls once a session is
   // healthy).
-  auto ready_by = steady::now() + plan.start_timeout;
-  while (proxy.waiting_polls() == 0) {
-    if (stop)
+  auto ready_by = steady::now() + plan_.start_timeout;
+  while (proxy_.waiting_polls() == 0) {
+    if (stop_)
       return failed("interrupted");
-    if (!child->running())
+    if (!child_->running())
       return failed("the driver exited at start (status "
-                    + std::to_string(child->exit_status().value_or(-1)) + ")");
+                    + std::to_string(child_->exit_status().value_or(-1)) + ")");
     if (steady::now() > ready_by)
       return failed("the driver did not poll within "
-                    + std::to_string(plan.start_timeout.count() / 1000) + " s");
+                    + std::to_string(plan_.start_timeout.count() / 1000)
+                    + " s");
     std::this_thread::sleep_for(std::chrono::milliseconds{5});
   }
   // Untimed: the keys a sign run uses, then a warm-up of the run's kind.
-  auto gen_params = [&](size_t from, size_t count, const std::string& tag) {
-    std::vector<json> params;
-    for (size_t i = from; i < from + count; ++i) {
-      auto id = plan.key_prefix + "-" + tag + std::to_string(i);
-      key_ids.push_back(id);
-      params.push_back(json{{"key_id", id}, {"scheme", scheme_name}});
-    }
-    return params;
-  };
-  std::vector<std::string> sign_keys;
-  if (plan.kind == op_kind::sign) {
-    auto params = gen_params(0, std::max<size_t>(1, plan.sign_keys), "k");
+  if (plan_.kind == op_kind::sign) {
+    auto params = gen_params(0, std::max<size_t>(1, plan_.sign_keys), "k");
     for (auto& p : params)
-      sign_keys.push_back(p["key_id"].get<std::string>());
-    auto reqs = enqueue_all(proxy, "generate_key", params);
-    if (auto why = await_all(proxy, reqs, *child, stop, plan.stall_timeout);
+      sign_keys_.push_back(p["key_id"].get<std::string>());
+    auto reqs = enqueue_all(proxy_, "generate_key", params);
+    if (auto why = await_all(proxy_, reqs, *child_, stop_, plan_.stall_timeout);
         !why.empty())
       return failed("making the keys to sign with: " + why);
     if (auto err = first_error(reqs, nullptr); !err.empty())
       return failed("making the keys to sign with: " + err);
   }
-  size_t next_gen = 0;
-  size_t next_sign = 0;
-  auto kind_params = [&](size_t count) {
-    if (plan.kind == op_kind::generate) {
-      auto p = gen_params(next_gen, count, "g");
-      next_gen += count;
-      return p;
-    }
-    std::vector<json> params;
-    for (size_t i = 0; i < count; ++i, ++next_sign)
-      params.push_back(json{{"key_id", sign_keys[next_sign % sign_keys.size()]},
-                            {"payload", payload_hex(next_sign)}});
-    return params;
-  };
-  auto wire_kind = plan.kind == op_kind::generate ? "generate_key" : "sign";
-  if (plan.warmup > 0) {
-    auto reqs = enqueue_all(proxy, wire_kind, kind_params(plan.warmup));
-    if (auto why = await_all(proxy, reqs, *child, stop, plan.stall_timeout);
+  if (plan_.warmup > 0) {
+    auto reqs = enqueue_all(proxy_, wire_kind(plan_.kind),
+                            kind_params(plan_.warmup));
+    if (auto why = await_all(proxy_, reqs, *child_, stop_, plan_.stall_timeout);
         !why.empty())
       return failed("warm-up: " + why);
     if (auto err = first_error(reqs, nullptr); !err.empty())
       return failed("warm-up: " + err);
   }
-  // The timed window: every request enqueued at once, watched until done.
-  auto params = kind_params(plan.requests);
-  auto redelivered0 = proxy.stats().redelivered;
-  auto cpu0 = proc_cpu_us(child->pid());
+  return {};
+}
+
+e2e_result e2e_driver::window(size_t count) {
+  e2e_result out;
+  out.sessions = plan_.sessions;
+  if (!child_) {
+    out.error = "the driver was not started";
+    return out;
+  }
+  // Every request enqueued at once, watched until done.
+  auto params = kind_params(count);
+  auto redelivered0 = proxy_.stats().redelivered;
+  auto cpu0 = proc_cpu_us(child_->pid());
   auto self0 = self_cpu_us();
   auto t0 = steady::now();
-  auto reqs = enqueue_all(proxy, wire_kind, params);
-  if (auto why = await_all(proxy, reqs, *child, stop, plan.stall_timeout);
-      !why.empty())
-    return failed(why);
-  auto cpu1 = proc_cpu_us(child->pid());
+  auto reqs = enqueue_all(proxy_, wire_kind(plan_.kind), params);
+  params.clear();
+  params.shrink_to_fit();
+  if (auto why = await_all(proxy_, reqs, *child_, stop_, plan_.stall_timeout);
+      !why.empty()) {
+    out.error = failed(why);
+    return out;
+  }
+  auto cpu1 = proc_cpu_us(child_->pid());
   auto self1 = self_cpu_us();
   auto t_end = t0;
   std::vector<double> samples;
@@ -401,13 +435,16 @@ e2e_result run_e2e(net::reference_proxy& proxy, const driver_launch& launch,
     samples.push_back(
       std::chrono::duration<double, std::micro>(*r.done - *r.leased).count());
   }
-  auto rss = proc_peak_rss_kib(child->pid());
-  out.redelivered = proxy.stats().redelivered - redelivered0;
+  auto hwm = proc_peak_rss_kib(child_->pid());
+  auto rss = proc_rss_kib(child_->pid());
+  out.redelivered = proxy_.stats().redelivered - redelivered0;
   out.first_error = first_error(reqs, &out.errors);
   out.requests = reqs.size();
   out.seconds = std::chrono::duration<double>(t_end - t0).count();
-  if (out.seconds <= 0)
-    return failed("the window has no length");
+  if (out.seconds <= 0) {
+    out.error = failed("the window has no length");
+    return out;
+  }
   out.ops_per_s = static_cast<double>(out.requests) / out.seconds;
   out.latency = percentiles(samples);
   auto n = static_cast<double>(out.requests);
@@ -417,8 +454,94 @@ e2e_result run_e2e(net::reference_proxy& proxy, const driver_launch& launch,
   if (cpu0 && cpu1)
     out.host_cpu_pct = 100.0 * ((*cpu1 - *cpu0) + (self1 - self0))
                        / (out.seconds * 1e6 * cpu_count());
-  out.peak_rss_mib = rss ? static_cast<double>(*rss) / 1024.0 : 0.0;
-  auto status = child->stop(plan.stop_timeout);
+  out.peak_rss_mib = hwm ? static_cast<double>(*hwm) / 1024.0 : 0.0;
+  out.rss_mib = rss ? static_cast<double>(*rss) / 1024.0 : 0.0;
+  return out;
+}
+
+int e2e_driver::finish() {
+  if (!child_)
+    return -1;
+  return child_->stop(plan_.stop_timeout);
+}
+
+// -- run_e2e, run_soak --------------------------------------------------------
+
+e2e_result run_e2e(net::reference_proxy& proxy, const driver_launch& launch,
+                   const e2e_plan& plan, const std::atomic<bool>& stop,
+                   std::vector<std::string>& key_ids) {
+  e2e_driver driver{proxy, launch, plan, stop, key_ids};
+  if (auto why = driver.start(); !why.empty()) {
+    e2e_result out;
+    out.sessions = plan.sessions;
+    out.error = std::move(why);
+    return out;
+  }
+  auto out = driver.window(plan.requests);
+  if (!out.error.empty())
+    return out;
+  auto status = driver.finish();
+  if (status != 0)
+    out.first_error += (out.first_error.empty() ? "" : "; ")
+                       + std::string{"the driver exited with status "}
+                       + std::to_string(status) + " after SIGTERM";
+  return out;
+}
+
+soak_result run_soak(net::reference_proxy& proxy, const driver_launch& launch,
+                     const soak_plan& plan, const std::string& store,
+                     const std::atomic<bool>& stop,
+                     std::vector<std::string>& key_ids,
+                     const std::function<void(const soak_result&)>& on_sample) {
+  soak_result out;
+  out.store = store;
+  out.scheme = plan.base.s;
+  out.kind = plan.base.kind;
+  out.sessions = plan.base.sessions;
+  out.requests = plan.requests;
+  out.chunk = std::min(plan.chunk, plan.requests);
+  e2e_driver driver{proxy, launch, plan.base, stop, key_ids};
+  if (auto why = driver.start(); !why.empty()) {
+    out.error = std::move(why);
+    return out;
+  }
+  auto mib = [](std::optional<uint64_t> kib) {
+    return kib ? static_cast<double>(*kib) / 1024.0 : 0.0;
+  };
+  auto t0 = steady::now();
+  auto sample = [&](size_t done, std::optional<e2e_result> chunk) {
+    soak_sample s;
+    s.requests_done = done;
+    s.elapsed_s = std::chrono::duration<double>(steady::now() - t0).count();
+    s.rss_mib = mib(proc_rss_kib(driver.pid()));
+    s.hwm_mib = mib(proc_peak_rss_kib(driver.pid()));
+    s.bench_rss_mib = mib(proc_rss_kib(::getpid()));
+    s.chunk = std::move(chunk);
+    out.samples.push_back(std::move(s));
+    if (on_sample)
+      on_sample(out);
+  };
+  sample(0, std::nullopt);
+  size_t done = 0;
+  while (done < plan.requests) {
+    if (stop) {
+      out.error = "interrupted";
+      driver.finish();
+      return out;
+    }
+    auto n = std::min(out.chunk, plan.requests - done);
+    auto w = driver.window(n);
+    if (!w.error.empty()) {
+      out.error = "after " + std::to_string(done) + " requests: " + w.error;
+      return out;
+    }
+    done += w.requests;
+    if (w.errors > 0 && out.first_error.empty())
+      out.first_error = w.first_error;
+    out.errors += w.errors;
+    sample(done, std::move(w));
+  }
+  auto status = driver.finish();
   if (status != 0)
     out.first_error += (out.first_error.empty() ? "" : "; ")
                        + std::string{"the driver exited with status "}

@@ -4,7 +4,9 @@
 // system's rate with the same sessions (bench_system.hpp: the reference
 // proxy here, the driver as a child process), and their ratio. Or, with
 // `--sweep`, the full system at several session counts through the PKCS#11
-// latency shim, against the ideal that the 1-session raw loop sets.
+// latency shim, against the ideal that the 1-session raw loop sets. Or,
+// with `--soak N`, one driver serving N requests chunk by chunk, its
+// memory (VmRSS) read after each chunk.
 
 #include "runtime/app/bench_raw.hpp"
 #include "runtime/app/bench_report.hpp"
@@ -72,6 +74,38 @@ void progress(fmt::format_string<Ts...> format, Ts&&... xs) {
 
 // -- options ------------------------------------------------------------------
 
+/// Defaults of the soak's options.
+constexpr std::string_view default_soak_scheme = "p256";
+constexpr std::string_view default_soak_kind = "sign";
+constexpr size_t default_soak_chunk = 20000;
+constexpr size_t default_soak_sessions = 2;
+constexpr size_t max_soak_requests = 100000000;
+
+/// `bench --soak*` as given. They live here, next to their only reader,
+/// rather than in `bench_flags` (commands.hpp): `add_bench_options` binds
+/// them and `cmd_bench` reads them, both in this file, once per process.
+struct soak_flags {
+  /// `--soak`: timed requests in all; 0 for no soak.
+  size_t requests = 0;
+  std::string scheme{default_soak_scheme};
+  std::string kind{default_soak_kind};
+  size_t chunk = default_soak_chunk;
+  /// `--soak` and `--sessions`, to tell a given value from a default.
+  const CLI::Option* soak_option = nullptr;
+  const CLI::Option* sessions_option = nullptr;
+};
+
+soak_flags& soak_options() {
+  static soak_flags flags;
+  return flags;
+}
+
+/// `--soak` was given.
+bool soak_given() {
+  auto* o = soak_options().soak_option;
+  return o != nullptr && o->count() > 0;
+}
+
 /// A usage error: the option and what is wrong (exit 2).
 struct usage_error {
   std::string option;
@@ -117,7 +151,43 @@ struct bench_plan {
   fs::path latency_module;
   std::string latency_spec;
   std::optional<fs::path> gnuplot;
+  /// The soak: requests in all (0: no soak), per chunk, and what.
+  size_t soak = 0;
+  size_t soak_chunk = default_soak_chunk;
+  size_t soak_sessions = default_soak_sessions;
+  scheme soak_scheme = scheme::p256;
+  op_kind soak_kind = op_kind::sign;
 };
+
+/// The soak's options, checked into `p` (`--soak` was given).
+std::optional<usage_error> check_soak_flags(const soak_flags& sf,
+                                            bench_plan& p) {
+  if (sf.requests < 1 || sf.requests > max_soak_requests)
+    return usage_error{"--soak",
+                       "must be 1-" + std::to_string(max_soak_requests)};
+  if (sf.chunk < 1 || sf.chunk > 1000000)
+    return usage_error{"--soak-chunk", "must be 1-1000000"};
+  p.soak = sf.requests;
+  p.soak_chunk = std::min(sf.chunk, sf.requests);
+  auto s = parse_scheme(sf.scheme);
+  if (!s)
+    return usage_error{"--soak-scheme", "unknown scheme '" + sf.scheme
+                                          + "' (secp256k1, p256, ed25519)"};
+  p.soak_scheme = *s;
+  auto k = bench::parse_op_kind(sf.kind);
+  if (!k)
+    return usage_error{"--soak-kind",
+                       "unknown kind '" + sf.kind + "' (generate, sign)"};
+  p.soak_kind = *k;
+  if (sf.sessions_option != nullptr && sf.sessions_option->count() > 0) {
+    if (p.sessions.size() != 1)
+      return usage_error{"--sessions",
+                         "the soak takes one session count, e.g. --sessions "
+                         "2"};
+    p.soak_sessions = p.sessions.front();
+  }
+  return std::nullopt;
+}
 
 std::optional<usage_error> check_flags(const bench_flags& f, bench_plan& p) {
   if (auto err = parse_counts(f.sessions, "--sessions", p.sessions))
@@ -158,6 +228,8 @@ std::optional<usage_error> check_flags(const bench_flags& f, bench_plan& p) {
     if (!fs::is_directory(dir, ec))
       return usage_error{"--json", "no folder " + dir.string()};
   }
+  if (soak_given())
+    return check_soak_flags(soak_options(), p);
   if (f.sweep.empty())
     return std::nullopt;
   if (auto err = parse_counts(f.sweep, "--sweep", p.sweep))
@@ -626,6 +698,39 @@ void run_sweep(bench_context& ctx, const bench_plan& plan,
   rep.sweep = std::move(sw);
 }
 
+/// The soak: one driver (the real module, no shim) serving `--soak`
+/// requests chunk by chunk, its memory read after each chunk.
+void run_soak(bench_context& ctx, const bench_plan& plan,
+              const store_target& store, bench::report& rep) {
+  auto& f = *ctx.flags;
+  auto tag = row_tag(store.name + "-soak", plan.soak_scheme, plan.soak_kind,
+                     plan.soak_sessions);
+  bench::soak_plan sp;
+  sp.base.s = plan.soak_scheme;
+  sp.base.kind = plan.soak_kind;
+  sp.base.sessions = plan.soak_sessions;
+  sp.base.sign_keys = std::min(f.sign_keys, plan.soak);
+  sp.base.warmup = std::max<size_t>(2 * plan.soak_sessions, 8);
+  sp.base.key_prefix = "bench-" + ctx.run_id + "-" + tag;
+  sp.requests = plan.soak;
+  sp.chunk = plan.soak_chunk;
+  progress("soak: {}, {} {}, {} session(s), {} requests in chunks of {}...",
+           store.name, to_string(plan.soak_scheme), to_string(plan.soak_kind),
+           plan.soak_sessions, plan.soak, plan.soak_chunk);
+  std::vector<std::string> key_ids;
+  auto result = bench::run_soak(*ctx.proxy, launch_of(ctx, store, tag), sp,
+                                store.name, *ctx.stop, key_ids,
+                                [](const bench::soak_result& r) {
+                                  progress("{}", bench::soak_progress_line(r));
+                                });
+  remove_resident_keys(ctx, plan.soak_scheme, key_ids);
+  if (!result.error.empty())
+    progress("soak failed: {}", result.error);
+  else if (auto v = bench::verdict_of(result.samples))
+    progress("soak: {}", bench::verdict_line(*v));
+  rep.soak = std::move(result);
+}
+
 /// The local time, ISO 8601.
 std::string now_iso() {
   auto t = std::time(nullptr);
@@ -672,12 +777,13 @@ void add_bench_options(CLI::App* cmd, bench_flags& f,
     os << value;
     return " [default: " + os.str() + "]";
   };
-  cmd
-    ->add_option("--sessions", f.sessions,
-                 "comma-separated session counts; each runs the raw loop and "
-                 "the driver (--sessions) with that many"
-                   + dflt(default_bench_sessions))
-    ->type_name("LIST");
+  auto sessions_help = "comma-separated session counts; each runs the raw "
+                       "loop and the driver (--sessions) with that many; the "
+                       "soak takes one [default: "
+                       + std::string{default_bench_sessions} + "; soak: "
+                       + std::to_string(default_soak_sessions) + "]";
+  auto* sessions = cmd->add_option("--sessions", f.sessions, sessions_help)
+                     ->type_name("LIST");
   cmd
     ->add_option("--schemes", f.schemes,
                  "secp256k1, p256, ed25519 (ed25519 only if the token wraps "
@@ -752,6 +858,32 @@ void add_bench_options(CLI::App* cmd, bench_flags& f,
                    + dflt(default_bench_sweep_requests))
     ->type_name("N")
     ->needs(sweep);
+  auto& sf = soak_options();
+  auto* soak = cmd
+                 ->add_option("--soak", sf.requests,
+                              "instead of the matrix: N requests in all "
+                              "through one driver (the real module), in "
+                              "chunks, its VmRSS read after each chunk")
+                 ->type_name("N")
+                 ->excludes(sweep);
+  sf.soak_option = soak;
+  sf.sessions_option = sessions;
+  cmd
+    ->add_option("--soak-scheme", sf.scheme,
+                 "the soak's scheme" + dflt(default_soak_scheme))
+    ->type_name("SCHEME")
+    ->needs(soak);
+  cmd
+    ->add_option("--soak-kind", sf.kind,
+                 "the soak's kind" + dflt(default_soak_kind))
+    ->type_name("KIND")
+    ->needs(soak);
+  cmd
+    ->add_option("--soak-chunk", sf.chunk,
+                 "requests enqueued at once, between two memory samples"
+                   + dflt(default_soak_chunk))
+    ->type_name("N")
+    ->needs(soak);
   cmd
     ->add_option("--json", f.json_file,
                  "also write every number as JSON to FILE [default: none]")
@@ -843,6 +975,7 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
 
   // The module this process loads: in a sweep, the shim over the real one.
   bool sweep = !plan.sweep.empty();
+  bool soak = plan.soak > 0;
   auto load_path = cfg->pkcs11_module;
   std::vector<std::string> shim_env;
   if (sweep) {
@@ -903,6 +1036,12 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
                 << to_string(plan.sweep_scheme) << " is not served\n";
       return exit_usage;
     }
+  } else if (soak) {
+    if (!consider(plan.soak_scheme)) {
+      std::cerr << "hsm-driver bench: --soak-scheme: "
+                << to_string(plan.soak_scheme) << " is not served\n";
+      return exit_usage;
+    }
   } else {
     for (auto s : plan.schemes)
       if (consider(s))
@@ -915,10 +1054,11 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
   }
 
   // The stores: SQLite (a file in the run's folder) and, with
-  // --postgres-url, a schema of the run's own in that database.
+  // --postgres-url, a schema of the run's own in that database (the sweep
+  // and the soak run on one store: PostgreSQL when given).
   std::vector<store_target> stores;
   pg_schema schema;
-  if (!sweep || pg_url.empty())
+  if (!(sweep || soak) || pg_url.empty())
     stores.push_back(
       {"sqlite", {"--sqlite-path", (dir.path / "keys.db").string()}, {}});
   if (!pg_url.empty()) {
@@ -998,14 +1138,28 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
                "process), the driver a child process; latency = lease to "
                "result, seen by polling the proxy (every 1/20 of the latency "
                "seen, 0.1-5 ms); driver CPU = "
-               "/proc/<pid>/stat utime+stime; peak RSS = VmHWM."}};
+               "/proc/<pid>/stat utime+stime; peak RSS = VmHWM. soak: one "
+               "driver, the requests enqueued a chunk at a time, the next "
+               "chunk once the last is answered; driver VmRSS and VmHWM "
+               "from /proc/<pid>/status after each chunk."}};
   if (sweep)
     rep.context["options"]["sweep"] = json{{"sessions", plan.sweep},
                                            {"requests_per_session",
                                             flags.sweep_requests}};
 
+  if (soak)
+    rep.context["options"]["soak"] = json{
+      {"requests", plan.soak},
+      {"chunk", plan.soak_chunk},
+      {"sessions", plan.soak_sessions},
+      {"scheme", std::string{to_string(plan.soak_scheme)}},
+      {"kind", std::string{to_string(plan.soak_kind)}},
+      {"pipeline", flags.pipeline}};
+
   if (sweep)
     run_sweep(ctx, plan, stores.front(), rep);
+  else if (soak)
+    run_soak(ctx, plan, stores.front(), rep);
   else
     run_matrix(ctx, plan, stores, schemes, rep);
 
@@ -1022,6 +1176,8 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
     std::cout << s.scheme << " skipped: " << s.reason << "\n";
   if (rep.sweep)
     bench::print_sweep(std::cout, *rep.sweep);
+  else if (rep.soak)
+    bench::print_soak(std::cout, *rep.soak);
   else
     bench::print_matrix(std::cout, rep.rows);
   std::cout.flush();
@@ -1034,6 +1190,9 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
     for (auto& p : rep.sweep->points)
       ok = ok && p.e2e.error.empty() && p.e2e.errors == 0;
   }
+  if (rep.soak)
+    ok = ok && rep.soak->error.empty() && rep.soak->errors == 0
+         && rep.soak->first_error.empty();
   if (!flags.json_file.empty()) {
     std::ofstream out{flags.json_file};
     out << bench::to_json(rep).dump(2, ' ', false,

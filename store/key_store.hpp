@@ -81,6 +81,12 @@ public:
 
   /// The schema version the database is at.
   [[nodiscard]] virtual caf::expected<int> schema_version() = 0;
+
+  /// How many key rows are older than `current_row_format` (no row MAC):
+  /// they are not served until sealed.
+  [[nodiscard]] virtual caf::expected<uint64_t> unsealed_rows() {
+    return uint64_t{0};
+  }
 };
 
 /// Migrations for SQLite, from store/migrations/sqlite/ (generated).

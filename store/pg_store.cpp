@@ -646,6 +646,16 @@ caf::expected<int> pg_store::schema_version() {
     });
 }
 
+caf::expected<uint64_t> pg_store::unsealed_rows() {
+  return impl_->run<uint64_t>(
+    "count unsealed rows", [](pqxx::connection& c) -> caf::expected<uint64_t> {
+      pqxx::nontransaction q{c};
+      auto sql = "SELECT COUNT(*) FROM keys WHERE format_version < "
+                 + std::to_string(current_row_format);
+      return q.exec1(sql)[0].as<uint64_t>();
+    });
+}
+
 // -- properties ---------------------------------------------------------------
 
 uint64_t pg_store::connects() const noexcept {

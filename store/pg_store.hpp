@@ -81,6 +81,7 @@ public:
 
   /// The highest version in `schema_migrations`.
   [[nodiscard]] caf::expected<int> schema_version() override;
+  [[nodiscard]] caf::expected<uint64_t> unsealed_rows() override;
 
   /// Number of times a connection was (re-)opened; for tests and logs.
   [[nodiscard]] uint64_t connects() const noexcept;

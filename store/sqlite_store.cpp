@@ -748,6 +748,21 @@ caf::expected<int> sqlite_store::schema_version() {
   return sqlite3_column_int(stmt, 0);
 }
 
+caf::expected<uint64_t> sqlite_store::unsealed_rows() {
+  auto sql = "SELECT COUNT(*) FROM keys WHERE format_version < "
+             + std::to_string(current_row_format);
+  sqlite3_stmt* raw = nullptr;
+  auto rc = sqlite3_prepare_v2(conn_->db.get(), sql.c_str(), -1, &raw, nullptr);
+  if (rc != SQLITE_OK)
+    return sqlite_error(conn_->db.get(), rc, "count unsealed rows");
+  rc = sqlite3_step(raw);
+  auto n = rc == SQLITE_ROW ? sqlite3_column_int64(raw, 0) : 0;
+  sqlite3_finalize(raw);
+  if (rc != SQLITE_ROW)
+    return sqlite_error(conn_->db.get(), rc, "count unsealed rows");
+  return static_cast<uint64_t>(n);
+}
+
 // -- properties ---------------------------------------------------------------
 
 const std::filesystem::path& sqlite_store::path() const noexcept {

@@ -68,6 +68,7 @@ public:
 
   /// The highest version in `schema_migrations`.
   [[nodiscard]] caf::expected<int> schema_version() override;
+  [[nodiscard]] caf::expected<uint64_t> unsealed_rows() override;
 
   // -- properties -------------------------------------------------------------
 

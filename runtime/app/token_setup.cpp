@@ -99,6 +99,18 @@ set_up_keys(pkcs11::session& sess, const driver_config& cfg, key_steps steps) {
                                         **st, steps.may_create_canary);
     if (!guard)
       return guard.error();
+    auto unsealed = (*st)->unsealed_rows();
+    if (!unsealed)
+      return unsealed.error();
+    if (*unsealed > 0)
+      return caf::make_error(
+        key_errc::key_corrupted,
+        std::to_string(*unsealed) + " key row(s) in " + store_name(cfg)
+          + " predate the row MAC (format 1) and would be refused on every "
+            "sign: refusing to start rather than serve with keys that "
+            "cannot sign. Seal them ('hsm-driver master-key seal', which "
+            "checks each row before it MACs it) or restore the previous "
+            "release");
     if (*guard == keys::canary_state::created)
       logger("runtime")->info("recorded the master-key canary in {}",
                               store_name(cfg));

@@ -2,6 +2,7 @@
 
 #include "runtime/keys/key_service.hpp"
 
+#include "runtime/app/token_setup.hpp"
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/master_key_guard.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
@@ -397,6 +398,23 @@ TEST_F(KeyServiceTest, RowsOfAnotherFormatOrMasterKeyAreRefused) {
   EXPECT_NE(describe(other.error()).find("other-master"), std::string::npos)
     << describe(other.error());
   EXPECT_EQ(test::counts().unwrap_key.load(), unwraps);
+}
+
+TEST_F(KeyServiceTest, StartIsRefusedWhileRowsPredateTheMac) {
+  auto svc = service();
+  ASSERT_TRUE(svc.generate("legacy-row", "p256"));
+  driver_config cfg;
+  cfg.master_key_label = "hsm-driver-master";
+  cfg.sqlite_path = db;
+  auto ok = set_up_keys(token->sess, cfg, key_steps{.probe = false});
+  ASSERT_TRUE(ok) << describe(ok.error());
+  exec_sql(db, "UPDATE keys SET format_version = 1, row_mac = X'' WHERE "
+               "key_id = 'legacy-row'");
+  auto refused = set_up_keys(token->sess, cfg, key_steps{.probe = false});
+  ASSERT_FALSE(refused);
+  EXPECT_NE(describe(refused.error()).find("predate the row MAC"),
+            std::string::npos)
+    << describe(refused.error());
 }
 
 TEST_F(KeyServiceTest, OtherMasterKeyIsRefusedAndWritesNothing) {

@@ -649,8 +649,26 @@ TYPED_TEST_P(KeyStoreContractTest, CanaryIsAbsentThenFirstPutWins) {
   EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "1");
 }
 
+TYPED_TEST_P(KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->put(sample_key("sealed", hsm::scheme::p256, 1)));
+  auto none = store->unsealed_rows();
+  ASSERT_TRUE(none) << hsm::describe(none.error());
+  EXPECT_EQ(*none, 0u);
+  auto old = sample_key("old", hsm::scheme::p256, 2);
+  old.format_version = 1;
+  old.master_key_id.clear();
+  old.row_mac.clear();
+  ASSERT_TRUE(store->put(old));
+  auto one = store->unsealed_rows();
+  ASSERT_TRUE(one) << hsm::describe(one.error());
+  EXPECT_EQ(*one, 1u);
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
-  KeyStoreContractTest, ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
+  KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac,
+  ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
   FailedMigrationAppliesNothing, NewerSchemaIsRefused,
   PutThenGetRoundTripsEveryField, ResidentKeyRoundTrips, EmptyBlobRoundTrips,
   SecondPutWithSameKeyIdReturnsFirstRecord, GetOfUnknownKeyIdIsNullopt,

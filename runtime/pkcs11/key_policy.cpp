@@ -21,18 +21,29 @@ attributes wrap_policy() {
   return t;
 }
 
-attributes master_key_template(std::string_view label) {
+namespace {
+
+/// What the master key and the row-MAC key share: a secret key on the
+/// token, private, sensitive, never extractable, changeable or copyable.
+attributes sealed_secret_key(std::string_view label, CK_KEY_TYPE type) {
   attributes tmpl;
   tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
-    .add_ulong(CKA_KEY_TYPE, CKK_AES)
+    .add_ulong(CKA_KEY_TYPE, type)
     .add_text(CKA_LABEL, label)
     .add_bool(CKA_TOKEN, true)
     .add_bool(CKA_PRIVATE, true)
     .add_bool(CKA_SENSITIVE, true)
     .add_bool(CKA_EXTRACTABLE, false)
     .add_bool(CKA_MODIFIABLE, false)
-    .add_bool(CKA_COPYABLE, false)
-    .add_bool(CKA_WRAP, true)
+    .add_bool(CKA_COPYABLE, false);
+  return tmpl;
+}
+
+} // namespace
+
+attributes master_key_template(std::string_view label) {
+  auto tmpl = sealed_secret_key(label, CKK_AES);
+  tmpl.add_bool(CKA_WRAP, true)
     .add_bool(CKA_UNWRAP, true)
     .add_bool(CKA_ENCRYPT, false)
     .add_bool(CKA_DECRYPT, false)
@@ -45,17 +56,8 @@ attributes master_key_template(std::string_view label) {
 }
 
 attributes row_mac_key_template(std::string_view label) {
-  attributes tmpl;
-  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
-    .add_ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET)
-    .add_text(CKA_LABEL, label)
-    .add_bool(CKA_TOKEN, true)
-    .add_bool(CKA_PRIVATE, true)
-    .add_bool(CKA_SENSITIVE, true)
-    .add_bool(CKA_EXTRACTABLE, false)
-    .add_bool(CKA_MODIFIABLE, false)
-    .add_bool(CKA_COPYABLE, false)
-    .add_bool(CKA_SIGN, true)
+  auto tmpl = sealed_secret_key(label, CKK_GENERIC_SECRET);
+  tmpl.add_bool(CKA_SIGN, true)
     .add_bool(CKA_VERIFY, true)
     .add_bool(CKA_ENCRYPT, false)
     .add_bool(CKA_DECRYPT, false)

@@ -61,24 +61,36 @@ caf::error init_token(const module& mod, std::string_view label,
   return caf::none;
 }
 
-caf::expected<CK_OBJECT_HANDLE> find_master_key(session& s,
-                                                std::string_view label) {
+namespace {
+
+/// The one secret key labelled `label`: `missing` (a
+/// `key_errc::master_key_missing` text) when there is none, fatal when
+/// there are several (ambiguous).
+caf::expected<CK_OBJECT_HANDLE>
+find_secret_key(session& s, std::string_view label, std::string missing) {
   attributes tmpl;
   tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_text(CKA_LABEL, label);
   auto found = s.find(tmpl, 2);
   if (!found)
     return found.error();
   if (found->empty())
-    return caf::make_error(key_errc::master_key_missing,
-                           "no master key labelled '" + std::string{label}
-                             + "' on the token; create one with "
-                               "'hsm-driver master-key init' (test and dev "
-                               "tokens) or the HSM vendor's tools");
+    return caf::make_error(key_errc::master_key_missing, std::move(missing));
   if (found->size() > 1)
     return caf::make_error(hsm_errc::fatal, std::string{"C_FindObjects"},
                            "several secret keys are labelled '"
                              + std::string{label} + "'");
   return found->front();
+}
+
+} // namespace
+
+caf::expected<CK_OBJECT_HANDLE> find_master_key(session& s,
+                                                std::string_view label) {
+  return find_secret_key(s, label,
+                         "no master key labelled '" + std::string{label}
+                           + "' on the token; create one with "
+                             "'hsm-driver master-key init' (test and dev "
+                             "tokens) or the HSM vendor's tools");
 }
 
 namespace {
@@ -112,20 +124,10 @@ std::string row_mac_key_label(std::string_view master_label) {
 caf::expected<CK_OBJECT_HANDLE>
 find_row_mac_key(session& s, std::string_view master_label) {
   auto label = row_mac_key_label(master_label);
-  attributes tmpl;
-  tmpl.add_ulong(CKA_CLASS, CKO_SECRET_KEY).add_text(CKA_LABEL, label);
-  auto found = s.find(tmpl, 2);
-  if (!found)
-    return found.error();
-  if (found->empty())
-    return caf::make_error(key_errc::master_key_missing,
-                           "no row-MAC key labelled '" + label
-                             + "' on the token (it is made beside the master "
-                               "key by 'hsm-driver master-key init')");
-  if (found->size() > 1)
-    return caf::make_error(hsm_errc::fatal, std::string{"C_FindObjects"},
-                           "several secret keys are labelled '" + label + "'");
-  return found->front();
+  return find_secret_key(s, label,
+                         "no row-MAC key labelled '" + label
+                           + "' on the token (it is made beside the master "
+                             "key by 'hsm-driver master-key init')");
 }
 
 namespace {

@@ -217,6 +217,29 @@ protected:
     return j;
   }
 
+  store_actor racy_store_of(bool put_fails) {
+    return sys.spawn(racy_store, put_fails);
+  }
+
+  /// Runs one generate_key for `key_id` through a dispatcher on `racy`
+  /// with one session that makes resident keys.
+  void generate_resident_with(store_actor racy, const std::string& key_id) {
+    self->send_exit(store, caf::exit_reason::user_shutdown);
+    store = std::move(racy);
+    spawn_dispatcher_with(1);
+    self->send(dispatcher, session_up_atom::value, size_t{0},
+               sys.spawn(resident_session, world));
+    sched.run();
+    job j;
+    j.id = "gen-" + key_id;
+    j.lease = "lease-" + key_id;
+    j.kind = job_kind::generate_key;
+    j.key_id = key_id;
+    j.scheme = scheme::p256;
+    self->send(dispatcher, job_atom::value, j);
+    sched.run();
+  }
+
   std::shared_ptr<fake_world> world = std::make_shared<fake_world>();
   store_actor store;
   result_poster_actor poster;
@@ -252,20 +275,7 @@ TEST_F(DispatcherTest, NoHealthySessionMeansNoCreditUntilOneComesUp) {
 }
 
 TEST_F(DispatcherTest, ResidentKeyStaysWhenThePutOutcomeIsInDoubt) {
-  self->send_exit(store, caf::exit_reason::user_shutdown);
-  store = sys.spawn(racy_store, true);
-  spawn_dispatcher_with(1);
-  self->send(dispatcher, session_up_atom::value, size_t{0},
-             sys.spawn(resident_session, world));
-  sched.run();
-  job j;
-  j.id = "g1";
-  j.lease = "lease-g1";
-  j.kind = job_kind::generate_key;
-  j.key_id = "res-1";
-  j.scheme = scheme::p256;
-  self->send(dispatcher, job_atom::value, j);
-  sched.run();
+  generate_resident_with(racy_store_of(true), "res-1");
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_TRUE(error_of(world->posted[0]).retryable)
     << error_of(world->posted[0]).code;
@@ -273,20 +283,7 @@ TEST_F(DispatcherTest, ResidentKeyStaysWhenThePutOutcomeIsInDoubt) {
 }
 
 TEST_F(DispatcherTest, ResidentKeyThatLostTheRaceIsDestroyed) {
-  self->send_exit(store, caf::exit_reason::user_shutdown);
-  store = sys.spawn(racy_store, false);
-  spawn_dispatcher_with(1);
-  self->send(dispatcher, session_up_atom::value, size_t{0},
-             sys.spawn(resident_session, world));
-  sched.run();
-  job j;
-  j.id = "g2";
-  j.lease = "lease-g2";
-  j.kind = job_kind::generate_key;
-  j.key_id = "res-2";
-  j.scheme = scheme::p256;
-  self->send(dispatcher, job_atom::value, j);
-  sched.run();
+  generate_resident_with(racy_store_of(false), "res-2");
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_EQ(world->destroyed, 1);
 }

@@ -36,6 +36,42 @@ struct canary_record {
   int64_t created_at_ms = 0;
 };
 
+/// Where a master-key rotation stands.
+enum class rotation_phase {
+  /// Rows are being re-wrapped from `from_label` to `to_label`; drivers
+  /// serve rows under either key and wrap new keys under `to_label`.
+  running,
+  /// Every row is under `to_label`; rows naming `from_label` are refused.
+  complete,
+};
+
+/// The master-key rotation the store records (at most one: the latest).
+struct rotation_record {
+  /// The master key rows are moved off (its `CKA_LABEL`).
+  std::string from_label;
+  /// The master key rows are moved to.
+  std::string to_label;
+  rotation_phase phase = rotation_phase::running;
+  /// When the rotation began, milliseconds since the Unix epoch.
+  int64_t started_at_ms = 0;
+  /// When it was declared complete; 0 while running.
+  int64_t completed_at_ms = 0;
+
+  bool operator==(const rotation_record&) const = default;
+};
+
+/// How many key rows share a master key id, a format and a storage kind:
+/// one line of `master-key check`'s progress report.
+struct row_count {
+  std::string master_key_id;
+  int format_version = 0;
+  /// True for token-resident rows (`resident_mechanism`).
+  bool resident = false;
+  uint64_t rows = 0;
+
+  bool operator==(const row_count&) const = default;
+};
+
 /// One schema migration; applied in version order, each at most once.
 struct migration {
   /// 1, 2, ...: the schema version after this migration.
@@ -87,6 +123,56 @@ public:
   [[nodiscard]] virtual caf::expected<uint64_t> unsealed_rows() {
     return uint64_t{0};
   }
+
+  // -- master-key rotation ----------------------------------------------------
+  // Rotation is the one change a key row sees after it is written: its blob
+  // is re-wrapped under another master key (the key id, scheme, public key
+  // and creation time never change), and its MAC and format follow.
+
+  /// Every row grouped by (master_key_id, format_version, resident), sorted
+  /// by those fields.
+  [[nodiscard]] virtual caf::expected<std::vector<row_count>> count_rows() = 0;
+
+  /// Up to `limit` rows that are not yet done for a rotation to
+  /// `target_label`, in key id order, with key ids greater than
+  /// `after_key_id` ("" = from the start). A row is done when its
+  /// `format_version` is `current_row_format` and its `master_key_id` is
+  /// `target_label` (token-resident rows included: their MAC is made by the
+  /// row-MAC key of the master key they name).
+  [[nodiscard]] virtual caf::expected<std::vector<key_record>>
+  pending_rows(std::string_view target_label, std::string_view after_key_id,
+               size_t limit)
+    = 0;
+
+  /// Replaces the stored row `old_row` by `new_row` in one durable write, if
+  /// the stored row still is `old_row` (same key_blob, wrap_mechanism,
+  /// master_key_id, format_version and row_mac); returns false, changing
+  /// nothing, if it is not (another rotator, or the row is gone). Only
+  /// key_blob, wrap_mechanism, master_key_id, format_version and row_mac may
+  /// differ between the two; a `new_row` that changes the key id, scheme,
+  /// public key or creation time is `store_errc::query_failed`.
+  [[nodiscard]] virtual caf::expected<bool>
+  replace_row(const key_record& old_row, const key_record& new_row) = 0;
+
+  /// The recorded rotation, or nullopt if none was ever begun.
+  [[nodiscard]] virtual caf::expected<std::optional<rotation_record>>
+  get_rotation() = 0;
+
+  /// Writes `next` if the stored rotation equals `expected` (nullopt: none
+  /// is stored), durably; returns false, changing nothing, if it does not.
+  [[nodiscard]] virtual caf::expected<bool>
+  set_rotation(const std::optional<rotation_record>& expected,
+               const rotation_record& next)
+    = 0;
+
+  /// Replaces the canary `old_canary` by `next` (the canary re-wrapped
+  /// under a new master key) if the stored canary still equals
+  /// `old_canary` (same wrapped_key and master_key_label); false otherwise.
+  /// Public key and creation time must not change (else
+  /// `store_errc::query_failed`).
+  [[nodiscard]] virtual caf::expected<bool>
+  replace_canary(const canary_record& old_canary, const canary_record& next)
+    = 0;
 };
 
 /// Migrations for SQLite, from store/migrations/sqlite/ (generated).

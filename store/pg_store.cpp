@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -69,6 +70,58 @@ constexpr const char* select_canary_sql
   = "SELECT public_key, wrapped_key, wrap_mechanism, master_key_label, "
     "created_at_ms FROM master_key_canary WHERE id = 1";
 
+constexpr const char* count_rows_sql
+  = "SELECT master_key_id, format_version, wrap_mechanism = $1, COUNT(*) "
+    "FROM keys GROUP BY 1, 2, 3 "
+    "ORDER BY master_key_id COLLATE \"C\", 2, 3";
+
+/// Rows not yet done for a rotation to $3 (format $2 under $3 is done),
+/// after key id $1, in key id order. The database's collation, not "C":
+/// the primary key's index then serves the order and the bound.
+constexpr const char* pending_rows_sql
+  = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms, format_version, master_key_id, row_mac FROM keys "
+    "WHERE key_id > $1 AND NOT (format_version = $2 AND master_key_id = $3) "
+    "ORDER BY key_id LIMIT $4";
+
+/// Compare-and-swap of a key row: $1-$5 the new wrapping, $6-$14 the whole
+/// old row.
+constexpr const char* replace_key_sql
+  = "UPDATE keys SET key_blob = $1, wrap_mechanism = $2, master_key_id = $3, "
+    "format_version = $4, row_mac = $5 "
+    "WHERE key_id = $6 AND scheme = $7 AND public_key = $8 "
+    "AND created_at_ms = $9 AND key_blob = $10 AND wrap_mechanism = $11 "
+    "AND master_key_id = $12 AND format_version = $13 AND row_mac = $14";
+
+constexpr const char* select_rotation_sql
+  = "SELECT from_label, to_label, phase, started_at_ms, completed_at_ms "
+    "FROM master_key_rotation WHERE id = 1";
+
+constexpr const char* insert_rotation_sql
+  = "INSERT INTO master_key_rotation (id, from_label, to_label, phase, "
+    "started_at_ms, completed_at_ms) VALUES (1, $1, $2, $3, $4, $5) "
+    "ON CONFLICT (id) DO NOTHING";
+
+/// Compare-and-swap of the rotation: $1-$5 the next, $6-$10 the expected.
+constexpr const char* update_rotation_sql
+  = "UPDATE master_key_rotation SET from_label = $1, to_label = $2, "
+    "phase = $3, started_at_ms = $4, completed_at_ms = $5 "
+    "WHERE id = 1 AND from_label = $6 AND to_label = $7 AND phase = $8 "
+    "AND started_at_ms = $9 AND completed_at_ms = $10";
+
+/// Compare-and-swap of the canary: $1-$3 the new wrapping, $4-$8 the whole
+/// old canary.
+constexpr const char* replace_canary_sql
+  = "UPDATE master_key_canary SET wrapped_key = $1, wrap_mechanism = $2, "
+    "master_key_label = $3 WHERE id = 1 AND public_key = $4 "
+    "AND wrapped_key = $5 AND wrap_mechanism = $6 AND master_key_label = $7 "
+    "AND created_at_ms = $8";
+
+/// Raises the commit level of the transaction it runs in; see
+/// `key_write_commit_level`.
+constexpr const char* force_sync_commit_sql
+  = "SET LOCAL synchronous_commit TO on";
+
 /// A statement prepared on every new connection (libpqxx sends the PREPARE
 /// on first use, so preparing before the migrations ran is fine).
 struct statement {
@@ -82,8 +135,18 @@ constexpr statement insert_canary{"hsm_insert_canary", insert_canary_sql};
 constexpr statement select_canary{"hsm_select_canary", select_canary_sql};
 constexpr statement select_version{"hsm_select_version", select_version_sql};
 
+constexpr statement count_key_rows{"hsm_count_rows", count_rows_sql};
+constexpr statement select_pending{"hsm_pending_rows", pending_rows_sql};
+constexpr statement replace_key{"hsm_replace_key", replace_key_sql};
+constexpr statement select_rotation{"hsm_select_rotation", select_rotation_sql};
+constexpr statement insert_rotation{"hsm_insert_rotation", insert_rotation_sql};
+constexpr statement update_rotation{"hsm_update_rotation", update_rotation_sql};
+constexpr statement update_canary{"hsm_replace_canary", replace_canary_sql};
+
 constexpr statement prepared_statements[] = {
-  insert_key, select_key, insert_canary, select_canary, select_version,
+  insert_key,      select_key,      insert_canary,   select_canary,
+  select_version,  count_key_rows,  select_pending,  replace_key,
+  select_rotation, insert_rotation, update_rotation, update_canary,
 };
 
 // -- errors -------------------------------------------------------------------
@@ -135,6 +198,10 @@ struct conn_target {
   /// The passwords given in the string (`password`, `sslpassword`), which
   /// no message may contain.
   std::vector<std::string> secrets;
+  /// How many servers the string names (`host`, else `hostaddr`, else
+  /// PGHOST / PGHOSTADDR): more than one means a failover may move the
+  /// store to another server.
+  size_t host_count = 1;
 };
 
 std::string env_or(const char* name, std::string fallback) {
@@ -215,6 +282,9 @@ caf::expected<conn_target> make_target(const std::string& url,
   auto hosts = value_of(*info, "host");
   if (hosts.empty())
     hosts = value_of(*info, "hostaddr");
+  auto listed = hosts.empty() ? env_or("PGHOST", env_or("PGHOSTADDR", ""))
+                              : hosts;
+  out.host_count = listed.empty() ? 1 : pair_hosts(listed, "").size();
   if (info->find("target_session_attrs") == nullptr
       && std::getenv("PGTARGETSESSIONATTRS") == nullptr
       && hosts.find(',') != std::string::npos)
@@ -282,6 +352,73 @@ caf::expected<canary_record> read_canary_row(const pqxx::row& row) {
   return c;
 }
 
+/// The text of `p` in the `phase` column.
+std::string phase_name(rotation_phase p) {
+  return p == rotation_phase::complete ? "complete" : "running";
+}
+
+/// Reads a row of `select_rotation_sql`.
+caf::expected<rotation_record> read_rotation_row(const pqxx::row& row) {
+  if (auto col = null_column(row))
+    return make_corrupt_row("rotation: column " + *col + " is NULL");
+  rotation_record r;
+  r.from_label = row[0].as<std::string>();
+  r.to_label = row[1].as<std::string>();
+  auto phase = row[2].as<std::string>();
+  if (phase == "running")
+    r.phase = rotation_phase::running;
+  else if (phase == "complete")
+    r.phase = rotation_phase::complete;
+  else
+    return make_corrupt_row("rotation: unknown phase '" + phase + "'");
+  r.started_at_ms = row[3].as<int64_t>();
+  r.completed_at_ms = row[4].as<int64_t>();
+  return r;
+}
+
+/// `query_failed` if `new_row` is not `old_row` re-wrapped: only the blob,
+/// the mechanism, the master key id, the format and the MAC may change.
+caf::error check_row_replacement(const key_record& old_row,
+                                 const key_record& new_row,
+                                 const std::string& what) {
+  const char* field = nullptr;
+  if (new_row.key_id != old_row.key_id)
+    field = "key id";
+  else if (new_row.scheme != old_row.scheme)
+    field = "scheme";
+  else if (new_row.public_key != old_row.public_key)
+    field = "public key";
+  else if (new_row.created_at_ms != old_row.created_at_ms)
+    field = "creation time";
+  if (field == nullptr)
+    return {};
+  return make_query_failed(what + ": the new row changes the " + field
+                           + ", which a replacement must keep");
+}
+
+/// `query_failed` if `next` is not `old_canary` re-wrapped (public key and
+/// creation time kept).
+caf::error check_canary_replacement(const canary_record& old_canary,
+                                    const canary_record& next) {
+  const char* field = nullptr;
+  if (next.public_key != old_canary.public_key)
+    field = "public key";
+  else if (next.created_at_ms != old_canary.created_at_ms)
+    field = "creation time";
+  if (field == nullptr)
+    return {};
+  return make_query_failed(std::string{"replace canary: the new canary "
+                                       "changes the "}
+                           + field + ", which a replacement must keep");
+}
+
+bool same_canary(const canary_record& x, const canary_record& y) {
+  return x.public_key == y.public_key && x.wrapped_key == y.wrapped_key
+         && x.wrap_mechanism == y.wrap_mechanism
+         && x.master_key_label == y.master_key_label
+         && x.created_at_ms == y.created_at_ms;
+}
+
 /// True if the server has sent something on the idle connection `c`, or
 /// closed it. An idle backend sends nothing until it is terminated (the
 /// FATAL message, then EOF): a restart, pg_terminate_backend, a failover.
@@ -324,6 +461,14 @@ struct pg_store::impl {
   std::unique_ptr<pqxx::connection> conn;
   /// Successful (re-)connections.
   uint64_t connects = 0;
+  /// How key writes commit on the open connection (from its
+  /// `synchronous_commit`, read once after connecting).
+  key_write_commit commit_level;
+  /// The level last logged, so that it is logged once (again only if a
+  /// new connection lands on a server or role with another setting).
+  std::optional<key_write_commit> logged_level;
+  /// The warning `open` logged about replication, or "".
+  std::string replication_warning;
 
   /// `msg` without the passwords (libpq's messages never carry them, but a
   /// host name or an option echoed back might).
@@ -373,12 +518,37 @@ struct pg_store::impl {
         return make_unavailable("server " + server
                                 + " is read-only (SQLSTATE 25006, "
                                   "transaction_read_only = on)");
+      // The session's level, from the server, the role, the database or
+      // the URL's `options`: read once, raised per key write if weaker.
+      auto level = q.exec1("SHOW synchronous_commit")[0].as<std::string>();
+      commit_level = key_write_commit_level(level);
+      if (logged_level != commit_level) {
+        logged_level = commit_level;
+        if (commit_level.forced)
+          logger("store")->info("PostgreSQL at {}: key writes commit with "
+                                "synchronous_commit = on (the session's "
+                                "'{}' is raised for each key write)",
+                                server, level);
+        else
+          logger("store")->info("PostgreSQL at {}: key writes commit with "
+                                "the session's synchronous_commit = {}",
+                                server, commit_level.level);
+      }
     }
     for (const auto& s : prepared_statements)
       c->prepare(s.name, s.sql);
     conn = std::move(c);
     ++connects;
     return {};
+  }
+
+  /// Starts a key write in `tx`: raises `synchronous_commit` to `on` for
+  /// this transaction if the session's level is weaker, so that the
+  /// commit returns only once the row is flushed on the primary and on the
+  /// synchronous standbys, if any (invariant 1 across a failover).
+  void begin_key_write(pqxx::transaction_base& tx) const {
+    if (commit_level.forced)
+      tx.exec0(force_sync_commit_sql);
   }
 
   /// One attempt of `body`: connects if needed, runs it, and maps libpqxx's
@@ -514,6 +684,19 @@ pg_store::open(const std::string& url, pg_options opts,
   });
   if (!version)
     return std::move(version.error());
+  if (st.target.host_count > 1) {
+    auto names = st.run<std::string>(
+      "open", [](pqxx::connection& c) -> caf::expected<std::string> {
+        pqxx::nontransaction q{c};
+        return q.exec1("SHOW synchronous_standby_names")[0].as<std::string>();
+      });
+    if (!names)
+      return std::move(names.error());
+    st.replication_warning = failover_warning(st.target.host_count, *names);
+    if (!st.replication_warning.empty())
+      logger("store")->warn("PostgreSQL at {}: {}", st.target.where,
+                            st.replication_warning);
+  }
   return store;
 }
 
@@ -543,6 +726,7 @@ pg_store::put_many(const std::vector<key_record>& recs) {
   return impl_->run<std::vector<put_result>>(
     label, [&](pqxx::connection& c) -> caf::expected<std::vector<put_result>> {
       pqxx::work tx{c};
+      impl_->begin_key_write(tx);
       std::vector<put_result> out(recs.size());
       for (auto i : order) {
         const auto& rec = recs[i];
@@ -615,8 +799,10 @@ caf::expected<std::optional<canary_record>> pg_store::get_canary() {
 
 caf::expected<canary_record> pg_store::put_canary(const canary_record& c) {
   return impl_->run<canary_record>(
-    "put canary", [&c](pqxx::connection& conn) -> caf::expected<canary_record> {
+    "put canary",
+    [this, &c](pqxx::connection& conn) -> caf::expected<canary_record> {
       pqxx::work tx{conn};
+      impl_->begin_key_write(tx);
       auto res = tx.exec_prepared(insert_canary.name, bytea(c.public_key),
                                   bytea(c.wrapped_key), c.wrap_mechanism,
                                   c.master_key_label, c.created_at_ms);
@@ -656,10 +842,224 @@ caf::expected<uint64_t> pg_store::unsealed_rows() {
     });
 }
 
+// -- master-key rotation ------------------------------------------------------
+
+caf::expected<std::vector<row_count>> pg_store::count_rows() {
+  return impl_->run<std::vector<row_count>>(
+    "count rows",
+    [](pqxx::connection& c) -> caf::expected<std::vector<row_count>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(count_key_rows.name,
+                                  std::string{resident_mechanism});
+      std::vector<row_count> out;
+      out.reserve(rows.size());
+      for (const auto& row : rows) {
+        if (auto col = null_column(row))
+          return make_corrupt_row("count rows: column " + *col + " is NULL");
+        row_count n;
+        n.master_key_id = row[0].as<std::string>();
+        n.format_version = row[1].as<int>();
+        n.resident = row[2].as<bool>();
+        n.rows = row[3].as<uint64_t>();
+        out.push_back(std::move(n));
+      }
+      return out;
+    });
+}
+
+caf::expected<std::vector<key_record>>
+pg_store::pending_rows(std::string_view target_label,
+                       std::string_view after_key_id, size_t limit) {
+  if (limit == 0)
+    return std::vector<key_record>{};
+  auto what = "pending rows for '" + std::string{target_label} + "'";
+  auto target = std::string{target_label};
+  auto after = std::string{after_key_id};
+  auto n = static_cast<int64_t>(std::min<size_t>(
+    limit, static_cast<size_t>(std::numeric_limits<int64_t>::max())));
+  return impl_->run<std::vector<key_record>>(
+    what, [&](pqxx::connection& c) -> caf::expected<std::vector<key_record>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(select_pending.name, after,
+                                  current_row_format, target, n);
+      std::vector<key_record> out;
+      out.reserve(rows.size());
+      for (const auto& row : rows) {
+        auto id = row[0].is_null() ? std::string{"<null>"}
+                                   : row[0].as<std::string>();
+        auto rec = read_key_row(row, id);
+        if (!rec)
+          return std::move(rec.error());
+        out.push_back(std::move(*rec));
+      }
+      return out;
+    });
+}
+
+caf::expected<bool> pg_store::replace_row(const key_record& old_row,
+                                          const key_record& new_row) {
+  auto what = "replace key '" + old_row.key_id + "'";
+  if (auto err = check_row_replacement(old_row, new_row, what))
+    return err;
+  auto scheme_name = std::string{to_string(old_row.scheme)};
+  // As in put_many: set once a COMMIT went out whose outcome is unknown. If
+  // the retry then finds exactly `new_row` stored, that commit landed.
+  bool in_doubt = false;
+  return impl_->run<bool>(
+    what, [&](pqxx::connection& c) -> caf::expected<bool> {
+      pqxx::work tx{c};
+      impl_->begin_key_write(tx);
+      auto res = tx.exec_prepared(
+        replace_key.name, bytea(new_row.key_blob), new_row.wrap_mechanism,
+        new_row.master_key_id, new_row.format_version, bytea(new_row.row_mac),
+        old_row.key_id, scheme_name, bytea(old_row.public_key),
+        old_row.created_at_ms, bytea(old_row.key_blob), old_row.wrap_mechanism,
+        old_row.master_key_id, old_row.format_version, bytea(old_row.row_mac));
+      auto replaced = res.affected_rows() != 0;
+      if (!replaced && in_doubt) {
+        auto rows = tx.exec_prepared(select_key.name, old_row.key_id);
+        if (!rows.empty()) {
+          auto stored = read_key_row(rows[0], old_row.key_id);
+          replaced = stored && same_key(*stored, new_row);
+        }
+      }
+      in_doubt = true;
+      tx.commit();
+      in_doubt = false;
+      return replaced;
+    });
+}
+
+caf::expected<std::optional<rotation_record>> pg_store::get_rotation() {
+  return impl_->run<std::optional<rotation_record>>(
+    "get rotation",
+    [](pqxx::connection& c) -> caf::expected<std::optional<rotation_record>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(select_rotation.name);
+      if (rows.empty())
+        return std::optional<rotation_record>{};
+      auto r = read_rotation_row(rows[0]);
+      if (!r)
+        return std::move(r.error());
+      return std::optional<rotation_record>{std::move(*r)};
+    });
+}
+
+caf::expected<bool>
+pg_store::set_rotation(const std::optional<rotation_record>& expected,
+                       const rotation_record& next) {
+  bool in_doubt = false;
+  return impl_->run<bool>(
+    "set rotation", [&](pqxx::connection& c) -> caf::expected<bool> {
+      pqxx::work tx{c};
+      impl_->begin_key_write(tx);
+      auto phase = phase_name(next.phase);
+      pqxx::result res;
+      if (!expected)
+        res = tx.exec_prepared(insert_rotation.name, next.from_label,
+                               next.to_label, phase, next.started_at_ms,
+                               next.completed_at_ms);
+      else
+        res = tx.exec_prepared(update_rotation.name, next.from_label,
+                               next.to_label, phase, next.started_at_ms,
+                               next.completed_at_ms, expected->from_label,
+                               expected->to_label, phase_name(expected->phase),
+                               expected->started_at_ms,
+                               expected->completed_at_ms);
+      auto written = res.affected_rows() != 0;
+      if (!written && in_doubt) {
+        auto rows = tx.exec_prepared(select_rotation.name);
+        if (!rows.empty()) {
+          auto stored = read_rotation_row(rows[0]);
+          written = stored && *stored == next;
+        }
+      }
+      in_doubt = true;
+      tx.commit();
+      in_doubt = false;
+      return written;
+    });
+}
+
+caf::expected<bool> pg_store::replace_canary(const canary_record& old_canary,
+                                             const canary_record& next) {
+  if (auto err = check_canary_replacement(old_canary, next))
+    return err;
+  bool in_doubt = false;
+  return impl_->run<bool>(
+    "replace canary", [&](pqxx::connection& c) -> caf::expected<bool> {
+      pqxx::work tx{c};
+      impl_->begin_key_write(tx);
+      auto res = tx.exec_prepared(
+        update_canary.name, bytea(next.wrapped_key), next.wrap_mechanism,
+        next.master_key_label, bytea(old_canary.public_key),
+        bytea(old_canary.wrapped_key), old_canary.wrap_mechanism,
+        old_canary.master_key_label, old_canary.created_at_ms);
+      auto replaced = res.affected_rows() != 0;
+      if (!replaced && in_doubt) {
+        auto rows = tx.exec_prepared(select_canary.name);
+        if (!rows.empty()) {
+          auto stored = read_canary_row(rows[0]);
+          replaced = stored && same_canary(*stored, next);
+        }
+      }
+      in_doubt = true;
+      tx.commit();
+      in_doubt = false;
+      return replaced;
+    });
+}
+
+// -- durability ---------------------------------------------------------------
+
+key_write_commit key_write_commit_level(std::string_view session_level) {
+  std::string level;
+  for (auto ch : session_level)
+    if (std::isspace(static_cast<unsigned char>(ch)) == 0)
+      level += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  // `on` and its boolean spellings, and `remote_apply` (stronger: waits
+  // until the standbys have applied the commit) are kept. Anything else
+  // (`off`, `local`, `remote_write`, or a value this build does not know)
+  // commits key writes with `on`.
+  if (level == "on" || level == "true" || level == "yes" || level == "1")
+    return {"on", false};
+  if (level == "remote_apply")
+    return {"remote_apply", false};
+  return {"on", true};
+}
+
+std::string failover_warning(size_t host_count,
+                             std::string_view synchronous_standby_names) {
+  if (host_count < 2)
+    return {};
+  auto names = synchronous_standby_names;
+  while (!names.empty()
+         && std::isspace(static_cast<unsigned char>(names.front())) != 0)
+    names.remove_prefix(1);
+  while (!names.empty()
+         && std::isspace(static_cast<unsigned char>(names.back())) != 0)
+    names.remove_suffix(1);
+  if (!names.empty())
+    return {};
+  return "the connection string names " + std::to_string(host_count)
+         + " hosts, but the primary has no synchronous standby "
+           "(synchronous_standby_names is empty): replication is "
+           "asynchronous, so after a failover a key already reported may be "
+           "missing on the new primary, and a redelivered generate_key would "
+           "make a second key under its key id. Configure a synchronous "
+           "standby on the primary (e.g. synchronous_standby_names = "
+           "'ANY 1 (standby1, standby2)') with synchronous_commit = on, or "
+           "remote_apply if reads go to standbys";
+}
+
 // -- properties ---------------------------------------------------------------
 
 uint64_t pg_store::connects() const noexcept {
   return impl_->connects;
+}
+
+const std::string& pg_store::replication_warning() const noexcept {
+  return impl_->replication_warning;
 }
 
 } // namespace hsm::store

@@ -11,14 +11,18 @@
 // a read-only server (SQLSTATE 25006, e.g. an old primary after failover) is
 // dropped and re-opened, which with a multi-host URL and
 // `target_session_attrs=read-write` finds the new primary, as libpq
-// documents. libpqxx exceptions are caught here and mapped to `store_errc`.
-// One owner thread at a time, like every key_store.
+// documents. Key writes commit with `synchronous_commit` at least `on`
+// (`key_write_commit_level`); with a multi-host URL, `open` warns if the
+// primary has no synchronous standby (`failover_warning`). libpqxx
+// exceptions are caught here and mapped to `store_errc`. One owner thread
+// at a time, like every key_store.
 
 #include "store/key_store.hpp"
 
 #include <chrono>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace hsm::store {
@@ -33,6 +37,36 @@ struct pg_options {
   /// Longest pause between retries.
   std::chrono::milliseconds retry_max{2000};
 };
+
+/// How key writes (puts, row and canary replacements, the rotation record)
+/// commit on a connection.
+struct key_write_commit {
+  /// The `synchronous_commit` they commit with: `on` or `remote_apply`.
+  std::string level = "on";
+  /// True if the session's own level is weaker (`off`, `local`,
+  /// `remote_write`, or unknown) and each key-write transaction raises it
+  /// with `SET LOCAL synchronous_commit TO on`.
+  bool forced = false;
+
+  bool operator==(const key_write_commit&) const = default;
+};
+
+/// How key writes commit on a session whose `SHOW synchronous_commit` is
+/// `session_level`: with the session's level if it is `on` (or a boolean
+/// spelling of it) or `remote_apply`, else with `on`, forced. Without it, a
+/// commit acknowledged before the WAL is flushed (`off`), or flushed only
+/// locally (`local`) or only received by the standby (`remote_write`), can
+/// be lost by a crash or a failover after the key was reported.
+[[nodiscard]] key_write_commit
+key_write_commit_level(std::string_view session_level);
+
+/// The warning `pg_store::open` logs for a connection string naming
+/// `host_count` hosts on a primary whose `SHOW synchronous_standby_names`
+/// is `synchronous_standby_names`: "" with one host (no failover through
+/// the URL) or with a synchronous standby named; else why a failover can
+/// lose reported keys and what to configure.
+[[nodiscard]] std::string
+failover_warning(size_t host_count, std::string_view synchronous_standby_names);
 
 /// A key store in a PostgreSQL database.
 class pg_store final : public key_store {
@@ -83,8 +117,53 @@ public:
   [[nodiscard]] caf::expected<int> schema_version() override;
   [[nodiscard]] caf::expected<uint64_t> unsealed_rows() override;
 
+  // -- master-key rotation ----------------------------------------------------
+
+  /// Every row grouped by (master_key_id, format_version, resident), sorted
+  /// by those fields (text in byte order, `COLLATE "C"`).
+  [[nodiscard]] caf::expected<std::vector<row_count>> count_rows() override;
+
+  /// Up to `limit` rows not yet done for `target_label`, in key id order
+  /// after `after_key_id`. The order is the database's collation (the one
+  /// the primary key's index has, so a batch reads only its rows); paging
+  /// with the last key id of a batch visits every row once either way.
+  [[nodiscard]] caf::expected<std::vector<key_record>>
+  pending_rows(std::string_view target_label, std::string_view after_key_id,
+               size_t limit) override;
+
+  /// One compare-and-swap `UPDATE` (the stored row must equal `old_row` in
+  /// every column), committed as key writes are (`key_write_commit`). A
+  /// lost connection retries it; if the connection broke while committing
+  /// and the retry finds exactly `new_row` stored, the answer is true.
+  [[nodiscard]] caf::expected<bool>
+  replace_row(const key_record& old_row, const key_record& new_row) override;
+
+  /// The recorded rotation, or nullopt.
+  [[nodiscard]] caf::expected<std::optional<rotation_record>>
+  get_rotation() override;
+
+  /// Compare-and-swap of the rotation row, committed as key writes are;
+  /// retried like `replace_row`.
+  [[nodiscard]] caf::expected<bool>
+  set_rotation(const std::optional<rotation_record>& expected,
+               const rotation_record& next) override;
+
+  /// Compare-and-swap of the canary (the stored canary must equal
+  /// `old_canary` in every field), committed as key writes are; retried
+  /// like `replace_row`.
+  [[nodiscard]] caf::expected<bool>
+  replace_canary(const canary_record& old_canary,
+                 const canary_record& next) override;
+
+  // -- properties -------------------------------------------------------------
+
   /// Number of times a connection was (re-)opened; for tests and logs.
   [[nodiscard]] uint64_t connects() const noexcept;
+
+  /// The warning `open` logged because the connection string names several
+  /// hosts but the primary has no synchronous standby (`failover_warning`),
+  /// or "".
+  [[nodiscard]] const std::string& replication_warning() const noexcept;
 
 private:
   /// Used by `open` only.

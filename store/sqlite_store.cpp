@@ -13,6 +13,7 @@
 #include <chrono>
 #include <climits>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -68,6 +69,51 @@ constexpr const char* insert_canary_sql
 constexpr const char* select_canary_sql
   = "SELECT public_key, wrapped_key, wrap_mechanism, master_key_label, "
     "created_at_ms FROM master_key_canary WHERE id = 1";
+
+constexpr const char* count_rows_sql
+  = "SELECT master_key_id, format_version, wrap_mechanism = ?1, COUNT(*) "
+    "FROM keys GROUP BY 1, 2, 3 ORDER BY 1, 2, 3";
+
+/// Rows not yet done for a rotation to ?3 (format ?2 under ?3 is done),
+/// after key id ?1, in key id order (BINARY collation: byte order).
+constexpr const char* pending_rows_sql
+  = "SELECT key_id, scheme, public_key, key_blob, wrap_mechanism, "
+    "created_at_ms, format_version, master_key_id, row_mac FROM keys "
+    "WHERE key_id > ?1 AND NOT (format_version = ?2 AND master_key_id = ?3) "
+    "ORDER BY key_id LIMIT ?4";
+
+/// Compare-and-swap of a key row: ?1-?5 the new wrapping, ?6-?14 the whole
+/// old row.
+constexpr const char* replace_key_sql
+  = "UPDATE keys SET key_blob = ?1, wrap_mechanism = ?2, master_key_id = ?3, "
+    "format_version = ?4, row_mac = ?5 "
+    "WHERE key_id = ?6 AND scheme = ?7 AND public_key = ?8 "
+    "AND created_at_ms = ?9 AND key_blob = ?10 AND wrap_mechanism = ?11 "
+    "AND master_key_id = ?12 AND format_version = ?13 AND row_mac = ?14";
+
+constexpr const char* select_rotation_sql
+  = "SELECT from_label, to_label, phase, started_at_ms, completed_at_ms "
+    "FROM master_key_rotation WHERE id = 1";
+
+constexpr const char* insert_rotation_sql
+  = "INSERT INTO master_key_rotation (id, from_label, to_label, phase, "
+    "started_at_ms, completed_at_ms) VALUES (1, ?1, ?2, ?3, ?4, ?5) "
+    "ON CONFLICT (id) DO NOTHING";
+
+/// Compare-and-swap of the rotation: ?1-?5 the next, ?6-?10 the expected.
+constexpr const char* update_rotation_sql
+  = "UPDATE master_key_rotation SET from_label = ?1, to_label = ?2, "
+    "phase = ?3, started_at_ms = ?4, completed_at_ms = ?5 "
+    "WHERE id = 1 AND from_label = ?6 AND to_label = ?7 AND phase = ?8 "
+    "AND started_at_ms = ?9 AND completed_at_ms = ?10";
+
+/// Compare-and-swap of the canary: ?1-?3 the new wrapping, ?4-?8 the whole
+/// old canary.
+constexpr const char* replace_canary_sql
+  = "UPDATE master_key_canary SET wrapped_key = ?1, wrap_mechanism = ?2, "
+    "master_key_label = ?3 WHERE id = 1 AND public_key = ?4 "
+    "AND wrapped_key = ?5 AND wrap_mechanism = ?6 AND master_key_label = ?7 "
+    "AND created_at_ms = ?8";
 
 // -- RAII wrappers ------------------------------------------------------------
 
@@ -281,6 +327,67 @@ caf::expected<canary_record> read_canary_row(sqlite3_stmt* stmt) {
   c.master_key_label = column_text(stmt, 3);
   c.created_at_ms = sqlite3_column_int64(stmt, 4);
   return c;
+}
+
+/// The text of `p` in the `phase` column.
+std::string_view phase_name(rotation_phase p) {
+  return p == rotation_phase::complete ? "complete" : "running";
+}
+
+/// Reads a row of `select_rotation_sql`.
+caf::expected<rotation_record> read_rotation_row(sqlite3_stmt* stmt) {
+  if (!has_types(stmt, {SQLITE_TEXT, SQLITE_TEXT, SQLITE_TEXT, SQLITE_INTEGER,
+                        SQLITE_INTEGER}))
+    return make_corrupt_row("rotation: a column has the wrong type");
+  rotation_record r;
+  r.from_label = column_text(stmt, 0);
+  r.to_label = column_text(stmt, 1);
+  auto phase = column_text(stmt, 2);
+  if (phase == "running")
+    r.phase = rotation_phase::running;
+  else if (phase == "complete")
+    r.phase = rotation_phase::complete;
+  else
+    return make_corrupt_row("rotation: unknown phase '" + phase + "'");
+  r.started_at_ms = sqlite3_column_int64(stmt, 3);
+  r.completed_at_ms = sqlite3_column_int64(stmt, 4);
+  return r;
+}
+
+/// `query_failed` if `next` is not `old` re-wrapped: only the blob, the
+/// mechanism, the master key id, the format and the MAC may change.
+caf::error check_row_replacement(const key_record& old_row,
+                                 const key_record& new_row,
+                                 const std::string& what) {
+  const char* field = nullptr;
+  if (new_row.key_id != old_row.key_id)
+    field = "key id";
+  else if (new_row.scheme != old_row.scheme)
+    field = "scheme";
+  else if (new_row.public_key != old_row.public_key)
+    field = "public key";
+  else if (new_row.created_at_ms != old_row.created_at_ms)
+    field = "creation time";
+  if (field == nullptr)
+    return {};
+  return make_query_failed(what + ": the new row changes the " + field
+                           + ", which a replacement must keep");
+}
+
+/// `query_failed` if `next` is not `old` re-wrapped (public key and creation
+/// time kept).
+caf::error check_canary_replacement(const canary_record& old_canary,
+                                    const canary_record& next) {
+  const char* field = nullptr;
+  if (next.public_key != old_canary.public_key)
+    field = "public key";
+  else if (next.created_at_ms != old_canary.created_at_ms)
+    field = "creation time";
+  if (field == nullptr)
+    return {};
+  return make_query_failed(std::string{"replace canary: the new canary "
+                                       "changes the "}
+                           + field + ", which a replacement must keep");
 }
 
 // -- statements ---------------------------------------------------------------
@@ -552,6 +659,13 @@ struct sqlite_store::connection {
   stmt_ptr insert_canary;
   stmt_ptr select_canary;
   stmt_ptr select_version;
+  stmt_ptr count_rows;
+  stmt_ptr pending_rows;
+  stmt_ptr replace_key;
+  stmt_ptr select_rotation;
+  stmt_ptr insert_rotation;
+  stmt_ptr update_rotation;
+  stmt_ptr replace_canary;
 
   /// A transaction on the cached statements.
   write_transaction transaction() {
@@ -598,6 +712,13 @@ sqlite_store::open(const std::filesystem::path& path,
     {&connection::insert_canary, insert_canary_sql},
     {&connection::select_canary, select_canary_sql},
     {&connection::select_version, select_version_sql},
+    {&connection::count_rows, count_rows_sql},
+    {&connection::pending_rows, pending_rows_sql},
+    {&connection::replace_key, replace_key_sql},
+    {&connection::select_rotation, select_rotation_sql},
+    {&connection::insert_rotation, insert_rotation_sql},
+    {&connection::update_rotation, update_rotation_sql},
+    {&connection::replace_canary, replace_canary_sql},
   };
   for (const auto& s : statements) {
     auto stmt = prepare(db.get(), s.sql, true, where + ": " + s.sql);
@@ -761,6 +882,177 @@ caf::expected<uint64_t> sqlite_store::unsealed_rows() {
   if (rc != SQLITE_ROW)
     return sqlite_error(conn_->db.get(), rc, "count unsealed rows");
   return static_cast<uint64_t>(n);
+}
+
+// -- master-key rotation ------------------------------------------------------
+
+caf::expected<std::vector<row_count>> sqlite_store::count_rows() {
+  constexpr std::string_view what = "count rows";
+  auto stmt = conn_->count_rows.get();
+  stmt_scope scope{stmt};
+  binder args{stmt};
+  args.text(1, resident_mechanism);
+  if (args.rc() != SQLITE_OK)
+    return bind_error(args.rc(), what);
+  std::vector<row_count> out;
+  for (;;) {
+    auto rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE)
+      return out;
+    if (rc != SQLITE_ROW)
+      return sqlite_error(conn_->db.get(), rc, what);
+    if (!has_types(stmt, {SQLITE_TEXT, SQLITE_INTEGER, SQLITE_INTEGER,
+                          SQLITE_INTEGER}))
+      return make_corrupt_row("count rows: a column has the wrong type");
+    row_count c;
+    c.master_key_id = column_text(stmt, 0);
+    c.format_version = sqlite3_column_int(stmt, 1);
+    c.resident = sqlite3_column_int(stmt, 2) != 0;
+    c.rows = static_cast<uint64_t>(sqlite3_column_int64(stmt, 3));
+    out.push_back(std::move(c));
+  }
+}
+
+caf::expected<std::vector<key_record>>
+sqlite_store::pending_rows(std::string_view target_label,
+                           std::string_view after_key_id, size_t limit) {
+  std::vector<key_record> out;
+  if (limit == 0)
+    return out;
+  auto what = "pending rows for '" + std::string{target_label} + "'";
+  auto stmt = conn_->pending_rows.get();
+  stmt_scope scope{stmt};
+  binder args{stmt};
+  args.text(1, after_key_id)
+    .int64(2, current_row_format)
+    .text(3, target_label)
+    .int64(4,
+           static_cast<int64_t>(std::min<size_t>(
+             limit, static_cast<size_t>(std::numeric_limits<int64_t>::max()))));
+  if (args.rc() != SQLITE_OK)
+    return bind_error(args.rc(), what);
+  for (;;) {
+    auto rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE)
+      return out;
+    if (rc != SQLITE_ROW)
+      return sqlite_error(conn_->db.get(), rc, what);
+    auto rec = read_key_row(stmt, column_text(stmt, 0));
+    if (!rec)
+      return std::move(rec.error());
+    out.push_back(std::move(*rec));
+  }
+}
+
+caf::expected<bool> sqlite_store::replace_row(const key_record& old_row,
+                                              const key_record& new_row) {
+  auto what = "replace key '" + old_row.key_id + "'";
+  if (auto err = check_row_replacement(old_row, new_row, what))
+    return err;
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  auto scheme_name = to_string(old_row.scheme);
+  auto replaced = run_write(conn_->db.get(), conn_->replace_key.get(), what,
+                            [&](binder& args) {
+                              args.blob(1, new_row.key_blob)
+                                .text(2, new_row.wrap_mechanism)
+                                .text(3, new_row.master_key_id)
+                                .int64(4, new_row.format_version)
+                                .blob(5, new_row.row_mac)
+                                .text(6, old_row.key_id)
+                                .text(7, scheme_name)
+                                .blob(8, old_row.public_key)
+                                .int64(9, old_row.created_at_ms)
+                                .blob(10, old_row.key_blob)
+                                .text(11, old_row.wrap_mechanism)
+                                .text(12, old_row.master_key_id)
+                                .int64(13, old_row.format_version)
+                                .blob(14, old_row.row_mac);
+                            });
+  if (!replaced)
+    return std::move(replaced.error());
+  if (auto err = tx.commit(what))
+    return err;
+  return *replaced;
+}
+
+caf::expected<std::optional<rotation_record>> sqlite_store::get_rotation() {
+  auto stmt = conn_->select_rotation.get();
+  stmt_scope scope{stmt};
+  auto rc = sqlite3_step(stmt);
+  if (rc == SQLITE_DONE)
+    return std::optional<rotation_record>{};
+  if (rc != SQLITE_ROW)
+    return sqlite_error(conn_->db.get(), rc, "get rotation");
+  auto r = read_rotation_row(stmt);
+  if (!r)
+    return std::move(r.error());
+  return std::optional<rotation_record>{std::move(*r)};
+}
+
+caf::expected<bool>
+sqlite_store::set_rotation(const std::optional<rotation_record>& expected,
+                           const rotation_record& next) {
+  constexpr std::string_view what = "set rotation";
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  auto bind_next = [&next](binder& args) -> binder& {
+    return args.text(1, next.from_label)
+      .text(2, next.to_label)
+      .text(3, phase_name(next.phase))
+      .int64(4, next.started_at_ms)
+      .int64(5, next.completed_at_ms);
+  };
+  caf::expected<bool> written{false};
+  if (!expected) {
+    written = run_write(conn_->db.get(), conn_->insert_rotation.get(), what,
+                        bind_next);
+  } else {
+    const auto& old = *expected;
+    written = run_write(conn_->db.get(), conn_->update_rotation.get(), what,
+                        [&](binder& args) {
+                          bind_next(args)
+                            .text(6, old.from_label)
+                            .text(7, old.to_label)
+                            .text(8, phase_name(old.phase))
+                            .int64(9, old.started_at_ms)
+                            .int64(10, old.completed_at_ms);
+                        });
+  }
+  if (!written)
+    return std::move(written.error());
+  if (auto err = tx.commit(what))
+    return err;
+  return *written;
+}
+
+caf::expected<bool>
+sqlite_store::replace_canary(const canary_record& old_canary,
+                             const canary_record& next) {
+  constexpr std::string_view what = "replace canary";
+  if (auto err = check_canary_replacement(old_canary, next))
+    return err;
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  auto replaced = run_write(conn_->db.get(), conn_->replace_canary.get(), what,
+                            [&](binder& args) {
+                              args.blob(1, next.wrapped_key)
+                                .text(2, next.wrap_mechanism)
+                                .text(3, next.master_key_label)
+                                .blob(4, old_canary.public_key)
+                                .blob(5, old_canary.wrapped_key)
+                                .text(6, old_canary.wrap_mechanism)
+                                .text(7, old_canary.master_key_label)
+                                .int64(8, old_canary.created_at_ms);
+                            });
+  if (!replaced)
+    return std::move(replaced.error());
+  if (auto err = tx.commit(what))
+    return err;
+  return *replaced;
 }
 
 // -- properties ---------------------------------------------------------------

@@ -70,6 +70,40 @@ public:
   [[nodiscard]] caf::expected<int> schema_version() override;
   [[nodiscard]] caf::expected<uint64_t> unsealed_rows() override;
 
+  // -- master-key rotation ----------------------------------------------------
+
+  /// Every row grouped by (master_key_id, format_version, resident), sorted
+  /// by those fields (text in byte order).
+  [[nodiscard]] caf::expected<std::vector<row_count>> count_rows() override;
+
+  /// Up to `limit` rows not yet done for `target_label`, in key id order
+  /// (byte order), after `after_key_id`; `store_errc::corrupt_row` if one
+  /// of them does not parse.
+  [[nodiscard]] caf::expected<std::vector<key_record>>
+  pending_rows(std::string_view target_label, std::string_view after_key_id,
+               size_t limit) override;
+
+  /// One compare-and-swap `UPDATE` in a `BEGIN IMMEDIATE` transaction,
+  /// committed (synchronous=FULL) before returning. The stored row must
+  /// equal `old_row` in every column.
+  [[nodiscard]] caf::expected<bool>
+  replace_row(const key_record& old_row, const key_record& new_row) override;
+
+  /// The recorded rotation, or nullopt.
+  [[nodiscard]] caf::expected<std::optional<rotation_record>>
+  get_rotation() override;
+
+  /// Compare-and-swap of the rotation row, committed before returning.
+  [[nodiscard]] caf::expected<bool>
+  set_rotation(const std::optional<rotation_record>& expected,
+               const rotation_record& next) override;
+
+  /// Compare-and-swap of the canary (the stored canary must equal
+  /// `old_canary` in every field), committed before returning.
+  [[nodiscard]] caf::expected<bool>
+  replace_canary(const canary_record& old_canary,
+                 const canary_record& next) override;
+
   // -- properties -------------------------------------------------------------
 
   /// The database file, as given to `open` (for log messages).

@@ -88,7 +88,42 @@ public:
     return 1;
   }
 
+  // The storage actor never rotates: the rotation calls are not scripted.
+
+  caf::expected<std::vector<store::row_count>> count_rows() override {
+    return not_scripted("count_rows");
+  }
+
+  caf::expected<std::vector<key_record>>
+  pending_rows(std::string_view, std::string_view, size_t) override {
+    return not_scripted("pending_rows");
+  }
+
+  caf::expected<bool> replace_row(const key_record&,
+                                  const key_record&) override {
+    return not_scripted("replace_row");
+  }
+
+  caf::expected<std::optional<store::rotation_record>> get_rotation() override {
+    return not_scripted("get_rotation");
+  }
+
+  caf::expected<bool> set_rotation(const std::optional<store::rotation_record>&,
+                                   const store::rotation_record&) override {
+    return not_scripted("set_rotation");
+  }
+
+  caf::expected<bool> replace_canary(const store::canary_record&,
+                                     const store::canary_record&) override {
+    return not_scripted("replace_canary");
+  }
+
 private:
+  caf::error not_scripted(const char* call) {
+    log_->calls.push_back(call);
+    return store::make_query_failed(std::string{call} + ": not scripted");
+  }
+
   std::shared_ptr<store_log> log_;
 };
 

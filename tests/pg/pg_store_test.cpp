@@ -8,6 +8,7 @@
 
 #include "messages/errors.hpp"
 #include "messages/scheme.hpp"
+#include "store/pg_conninfo.hpp"
 #include "tests/support/key_store_contract.hpp"
 #include "tests/support/pg_cluster.hpp"
 
@@ -24,9 +25,19 @@
 #include <cstdint>
 #include <latch>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
+
+namespace hsm::store {
+
+/// Prints a commit level in test failures.
+void PrintTo(const key_write_commit& x, std::ostream* os) {
+  *os << "{" << x.level << (x.forced ? ", forced}" : "}");
+}
+
+} // namespace hsm::store
 
 namespace {
 
@@ -86,6 +97,36 @@ int unused_port() {
   }
   ::close(fd);
   return ntohs(addr.sin_port);
+}
+
+/// `url` with the libpq setting `keyword` = `value` added (`value` holds no
+/// quote, backslash, `&` or `%`).
+std::string with_option(const std::string& url, const std::string& keyword,
+                        const std::string& value) {
+  if (!hsm::store::is_conninfo_uri(url))
+    return url + " " + keyword + "='" + value + "'";
+  std::string encoded;
+  for (auto ch : value) {
+    if (ch == ' ')
+      encoded += "%20";
+    else if (ch == '=')
+      encoded += "%3D";
+    else
+      encoded += ch;
+  }
+  auto sep = url.find('?') == std::string::npos ? "?" : "&";
+  return url + sep + keyword + "=" + encoded;
+}
+
+/// `url` with a second host in front of its host list that nothing listens
+/// on (`postgresql://user@host:port/db` form), or "" for another form.
+std::string with_dead_host_first(const std::string& url) {
+  auto at = url.find('@');
+  if (!hsm::store::is_conninfo_uri(url) || at == std::string::npos
+      || url.find('/', at) == std::string::npos)
+    return {};
+  return url.substr(0, at + 1) + "127.0.0.1:" + std::to_string(unused_port())
+         + "," + url.substr(at + 1);
 }
 
 /// Short retry timing, for tests that expect a call to give up.
@@ -238,15 +279,16 @@ TEST_F(PgStoreTest, OpenAppliesTheLatestSchemaVersion) {
   ASSERT_NE(store, nullptr);
   auto version = store->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 2);
+  EXPECT_EQ(*version, 3);
   EXPECT_EQ(store->connects(), 1u);
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "2");
+  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "3");
   EXPECT_EQ(sql("SELECT string_agg(name, ' ' ORDER BY version) FROM "
                 "schema_migrations"),
-            "0001_init.sql 0002_row_mac.sql");
+            "0001_init.sql 0002_row_mac.sql 0003_rotation.sql");
   EXPECT_EQ(sql("SELECT COUNT(*) FROM information_schema.tables "
-                "WHERE table_name IN ('keys', 'master_key_canary')"),
-            "2");
+                "WHERE table_name IN ('keys', 'master_key_canary', "
+                "'master_key_rotation')"),
+            "3");
 }
 
 TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
@@ -270,8 +312,8 @@ TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
       t.join();
     for (const auto& e : errors)
       EXPECT_EQ(e, "");
-    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "2");
-    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "2");
+    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "3");
+    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "3");
     if (round != 0)
       hsm::test::drop_database(db);
   }
@@ -471,6 +513,178 @@ TEST_F(PgStoreTest, StoreLeavesAServerThatTurnedReadOnly) {
   auto again = store->put(sample_key("ro", hsm::scheme::p256, 1));
   ASSERT_TRUE(again) << hsm::describe(again.error());
   EXPECT_TRUE(again->inserted);
+}
+
+// -- durability ---------------------------------------------------------------
+
+TEST(PgDurabilityTest, KeyWritesCommitWithAtLeastOn) {
+  using hsm::store::key_write_commit;
+  using hsm::store::key_write_commit_level;
+  // Weaker levels are raised to `on` for key writes.
+  for (auto weak : {"off", "local", "remote_write", "OFF", "false", "0", "",
+                    "something_new"}) {
+    SCOPED_TRACE(weak);
+    EXPECT_EQ(key_write_commit_level(weak), (key_write_commit{"on", true}));
+  }
+  // `on` (in any spelling) and the stronger `remote_apply` are kept.
+  for (auto on : {"on", "ON", " on ", "true", "yes", "1"}) {
+    SCOPED_TRACE(on);
+    EXPECT_EQ(key_write_commit_level(on), (key_write_commit{"on", false}));
+  }
+  EXPECT_EQ(key_write_commit_level("remote_apply"),
+            (key_write_commit{"remote_apply", false}));
+}
+
+TEST(PgDurabilityTest, FailoverWarningNeedsSeveralHostsAndNoSyncStandby) {
+  using hsm::store::failover_warning;
+  // One host: a failover does not move the store; nothing to say.
+  EXPECT_EQ(failover_warning(1, ""), "");
+  EXPECT_EQ(failover_warning(0, ""), "");
+  // Several hosts and a synchronous standby: fine.
+  EXPECT_EQ(failover_warning(2, "ANY 1 (standby1, standby2)"), "");
+  EXPECT_EQ(failover_warning(3, "*"), "");
+  // Several hosts, asynchronous replication: say what is lost and what to
+  // configure.
+  for (auto names : {"", "  "}) {
+    auto text = failover_warning(2, names);
+    EXPECT_TRUE(contains(text, "synchronous_standby_names")) << text;
+    EXPECT_TRUE(contains(text, "ANY 1")) << text;
+    EXPECT_TRUE(contains(text, "synchronous_commit = on")) << text;
+    EXPECT_TRUE(contains(text, "remote_apply")) << text;
+    EXPECT_TRUE(contains(text, "second key")) << text;
+  }
+}
+
+/// Records, for every row written to the store's tables, the table and the
+/// `synchronous_commit` in force in the writing transaction (a trigger runs
+/// inside it).
+class PgCommitLevelTest : public PgStoreTest {
+protected:
+  /// Opens the store on `store_url` (its migrations make the tables), then
+  /// installs the triggers.
+  std::unique_ptr<pg_store> open_watched(const std::string& store_url) {
+    auto store = pg_store::open(store_url);
+    EXPECT_TRUE(store) << hsm::describe(store.error());
+    if (!store)
+      return nullptr;
+    auto out = sql(
+      "CREATE TABLE commit_levels (n SERIAL PRIMARY KEY, tbl TEXT, "
+      "level TEXT);"
+      "CREATE FUNCTION record_level() RETURNS trigger LANGUAGE plpgsql AS $$ "
+      "BEGIN INSERT INTO commit_levels (tbl, level) VALUES (TG_TABLE_NAME, "
+      "current_setting('synchronous_commit')); RETURN NEW; END $$;"
+      "CREATE TRIGGER w BEFORE INSERT OR UPDATE ON keys FOR EACH ROW "
+      "EXECUTE FUNCTION record_level();"
+      "CREATE TRIGGER w BEFORE INSERT OR UPDATE ON master_key_canary "
+      "FOR EACH ROW EXECUTE FUNCTION record_level();"
+      "CREATE TRIGGER w BEFORE INSERT OR UPDATE ON master_key_rotation "
+      "FOR EACH ROW EXECUTE FUNCTION record_level();");
+    EXPECT_FALSE(out.starts_with("<error")) << out;
+    return std::move(*store);
+  }
+
+  /// "table:level" of each recorded write, in order, then forgets them.
+  std::string take_levels() {
+    auto out = sql("SELECT COALESCE(string_agg(tbl || ':' || level, ' ' "
+                   "ORDER BY n), '') FROM commit_levels");
+    sql("DELETE FROM commit_levels");
+    return out;
+  }
+
+  /// Every kind of key write, once each.
+  void write_everything(pg_store& store) {
+    auto rec = sample_key("k1", hsm::scheme::p256, 1);
+    ASSERT_TRUE(store.put(rec));
+    ASSERT_TRUE(store.put_many({sample_key("k2", hsm::scheme::p256, 2)}));
+    auto next = rec;
+    next.key_blob.push_back(0x01);
+    next.master_key_id = "master-new";
+    auto swapped = store.replace_row(rec, next);
+    ASSERT_TRUE(swapped && *swapped);
+    auto canary = hsm::test::sample_canary(1);
+    ASSERT_TRUE(store.put_canary(canary));
+    auto moved = canary;
+    moved.master_key_label = "master-new";
+    auto replaced = store.replace_canary(canary, moved);
+    ASSERT_TRUE(replaced && *replaced);
+    hsm::store::rotation_record r{"master-1", "master-new",
+                                  hsm::store::rotation_phase::running, 1, 0};
+    auto set = store.set_rotation(std::nullopt, r);
+    ASSERT_TRUE(set && *set);
+  }
+
+  static constexpr const char* every_write
+    = "keys:{0} keys:{0} keys:{0} master_key_canary:{0} "
+      "master_key_canary:{0} master_key_rotation:{0}";
+
+  /// `every_write` with each level `level`.
+  static std::string every_write_at(const std::string& level) {
+    std::string out = every_write;
+    for (auto pos = out.find("{0}"); pos != std::string::npos;
+         pos = out.find("{0}", pos))
+      out.replace(pos, 3, level);
+    return out;
+  }
+};
+
+TEST_F(PgCommitLevelTest, KeyWritesCommitWithOnWhenTheUrlTurnsItOff) {
+  auto off_url = with_option(url, "options", "-c synchronous_commit=off");
+  auto store = open_watched(off_url);
+  ASSERT_NE(store, nullptr);
+  // The URL's setting reaches the session, and the trigger sees it: a
+  // plain insert on such a connection records `off`.
+  {
+    pqxx::connection raw{off_url};
+    pqxx::nontransaction tx{raw};
+    EXPECT_EQ(tx.exec1("SHOW synchronous_commit")[0].as<std::string>(), "off");
+    tx.exec0("INSERT INTO keys (key_id, scheme, public_key, key_blob, "
+             "wrap_mechanism, created_at_ms) VALUES ('raw', 'p256', '', '', "
+             "'x', 0)");
+  }
+  EXPECT_EQ(take_levels(), "keys:off");
+  write_everything(*store);
+  EXPECT_EQ(take_levels(), every_write_at("on"));
+  // A new connection (after a lost one) reads the session's level again.
+  terminate_other_backends();
+  ASSERT_TRUE(store->put(sample_key("k3", hsm::scheme::p256, 3)));
+  EXPECT_GE(store->connects(), 2u);
+  EXPECT_EQ(take_levels(), "keys:on");
+}
+
+TEST_F(PgCommitLevelTest, KeyWritesKeepAStrongerLevelFromTheUrl) {
+  // remote_apply waits for nothing on a server without synchronous
+  // standbys, like this one; it must not be lowered to `on`.
+  auto strong_url = with_option(url, "options",
+                                "-c synchronous_commit=remote_apply");
+  auto store = open_watched(strong_url);
+  ASSERT_NE(store, nullptr);
+  write_everything(*store);
+  EXPECT_EQ(take_levels(), every_write_at("remote_apply"));
+}
+
+TEST_F(PgCommitLevelTest, KeyWritesCommitWithTheServersOnByDefault) {
+  ASSERT_EQ(sql("SHOW synchronous_commit"), "on");
+  auto store = open_watched(url);
+  ASSERT_NE(store, nullptr);
+  write_everything(*store);
+  EXPECT_EQ(take_levels(), every_write_at("on"));
+}
+
+TEST_F(PgStoreTest, MultiHostUrlWithoutSynchronousStandbyIsWarnedAtOpen) {
+  // The test server replicates to nobody.
+  ASSERT_EQ(sql("SHOW synchronous_standby_names"), "");
+  auto one = open_store();
+  ASSERT_NE(one, nullptr);
+  EXPECT_EQ(one->replication_warning(), "");
+  auto multi = with_dead_host_first(url);
+  ASSERT_FALSE(multi.empty()) << url;
+  auto store = pg_store::open(multi, short_budget(5s));
+  ASSERT_TRUE(store) << hsm::describe(store.error());
+  auto warning = (*store)->replication_warning();
+  EXPECT_TRUE(contains(warning, "synchronous_standby_names")) << warning;
+  EXPECT_TRUE(contains(warning, "2 hosts")) << warning;
+  // The store works all the same.
+  ASSERT_TRUE((*store)->put(sample_key("multi", hsm::scheme::p256, 1)));
 }
 
 } // namespace

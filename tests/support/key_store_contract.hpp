@@ -43,6 +43,7 @@
 #include <functional>
 #include <latch>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -666,6 +667,404 @@ TYPED_TEST_P(KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac) {
   EXPECT_EQ(*one, 1u);
 }
 
+// -- master-key rotation ------------------------------------------------------
+
+/// `sample_key(key_id, p256, seed)` under `master` in `format` (a format-1
+/// row has no MAC), token-resident if `resident`.
+inline hsm::key_record rotation_key(std::string key_id, uint8_t seed,
+                                    std::string master, int format,
+                                    bool resident = false) {
+  auto rec = sample_key(std::move(key_id), hsm::scheme::p256, seed);
+  rec.master_key_id = std::move(master);
+  rec.format_version = format;
+  if (format < hsm::current_row_format)
+    rec.row_mac.clear();
+  if (resident) {
+    rec.wrap_mechanism = std::string{hsm::resident_mechanism};
+    rec.key_blob = {'g', 'e', 'n', '-', seed};
+  }
+  return rec;
+}
+
+/// `rec` re-wrapped under `master`: another blob and MAC, the current
+/// format, the same key.
+inline hsm::key_record rewrapped(hsm::key_record rec, std::string master) {
+  rec.master_key_id = std::move(master);
+  rec.format_version = hsm::current_row_format;
+  for (auto& b : rec.key_blob)
+    b = static_cast<uint8_t>(b ^ 0x5a);
+  rec.key_blob.push_back(0x01);
+  rec.row_mac.assign(32, static_cast<uint8_t>(rec.master_key_id.size()));
+  return rec;
+}
+
+/// The key ids of `recs`, in order.
+inline std::vector<std::string>
+ids_of(const std::vector<hsm::key_record>& recs) {
+  std::vector<std::string> out;
+  for (const auto& rec : recs)
+    out.push_back(rec.key_id);
+  return out;
+}
+
+/// The stored record under `key_id`, or a record with an empty key id.
+inline hsm::key_record stored_key(hsm::store::key_store& store,
+                                  const std::string& key_id) {
+  auto got = store.get(key_id);
+  EXPECT_TRUE(got) << hsm::describe(got.error());
+  if (!got || !*got) {
+    ADD_FAILURE() << "no row under '" << key_id << "'";
+    return {};
+  }
+  return **got;
+}
+
+TYPED_TEST_P(KeyStoreContractTest, CountRowsGroupsAndSorts) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto none = store->count_rows();
+  ASSERT_TRUE(none) << hsm::describe(none.error());
+  EXPECT_TRUE(none->empty());
+  // Put in an order that sorts differently; "Z-upper" sorts before "m-a" in
+  // byte order (and after it in most locales' collations).
+  ASSERT_TRUE(store->put_many({
+    rotation_key("a", 1, "m-b", 2),
+    rotation_key("b", 2, "m-a", 2),
+    rotation_key("c", 3, "m-a", 2, true),
+    rotation_key("d", 4, "m-a", 2),
+    rotation_key("e", 5, "", 1),
+    rotation_key("f", 6, "m-a", 1),
+    rotation_key("g", 7, "Z-upper", 2),
+    rotation_key("h", 8, "m-a", 2),
+  }));
+  auto counts = store->count_rows();
+  ASSERT_TRUE(counts) << hsm::describe(counts.error());
+  using hsm::store::row_count;
+  std::vector<row_count> expected{
+    row_count{"", 1, false, 1},    row_count{"Z-upper", 2, false, 1},
+    row_count{"m-a", 1, false, 1}, row_count{"m-a", 2, false, 3},
+    row_count{"m-a", 2, true, 1},  row_count{"m-b", 2, false, 1},
+  };
+  ASSERT_EQ(counts->size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    SCOPED_TRACE("line " + std::to_string(i));
+    EXPECT_EQ((*counts)[i].master_key_id, expected[i].master_key_id);
+    EXPECT_EQ((*counts)[i].format_version, expected[i].format_version);
+    EXPECT_EQ((*counts)[i].resident, expected[i].resident);
+    EXPECT_EQ((*counts)[i].rows, expected[i].rows);
+  }
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PendingRowsAreTheRowsNotDoneForTheTarget) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  std::vector<hsm::key_record> rows{
+    rotation_key("k1", 1, "new-mk", 2),       // done
+    rotation_key("k2", 2, "new-mk", 1),       // format 1
+    rotation_key("k3", 3, "old-mk", 2),       // another master key
+    rotation_key("k4", 4, "old-mk", 2, true), // resident, names another
+    rotation_key("k5", 5, "new-mk", 2, true), // resident, done
+    rotation_key("k6", 6, "", 1),             // format 1, no master key
+    rotation_key("k7", 7, "new-mk-2", 2),     // a label with the target's
+                                              // prefix is another key
+  };
+  ASSERT_TRUE(store->put_many(rows));
+  auto pending = store->pending_rows("new-mk", "", 100);
+  ASSERT_TRUE(pending) << hsm::describe(pending.error());
+  EXPECT_EQ(ids_of(*pending),
+            (std::vector<std::string>{"k2", "k3", "k4", "k6", "k7"}));
+  // Whole records, read back field by field.
+  for (const auto& rec : *pending) {
+    SCOPED_TRACE(rec.key_id);
+    auto i = static_cast<size_t>(rec.key_id[1] - '1');
+    expect_same_key(rec, rows[i]);
+  }
+  // Towards the other key, the other rows are pending.
+  auto back = store->pending_rows("old-mk", "", 100);
+  ASSERT_TRUE(back) << hsm::describe(back.error());
+  EXPECT_EQ(ids_of(*back),
+            (std::vector<std::string>{"k1", "k2", "k5", "k6", "k7"}));
+  // Nothing is pending once every row is done.
+  ASSERT_TRUE(this
+                ->exec("UPDATE keys SET format_version = 2, "
+                       "master_key_id = 'new-mk'")
+                .empty());
+  auto done = store->pending_rows("new-mk", "", 100);
+  ASSERT_TRUE(done) << hsm::describe(done.error());
+  EXPECT_TRUE(done->empty()) << done->size() << " rows";
+}
+
+TYPED_TEST_P(KeyStoreContractTest, PendingRowsPageInKeyIdOrder) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  // Pending rows p0..p6 put out of order, with done rows between them.
+  std::vector<hsm::key_record> rows;
+  for (int i : {4, 0, 6, 2, 5, 1, 3})
+    rows.push_back(rotation_key("p" + std::to_string(i),
+                                static_cast<uint8_t>(i + 1), "old-mk", 2));
+  for (auto id : {"p0x", "p3x", "p9"})
+    rows.push_back(rotation_key(id, 20, "new-mk", 2));
+  ASSERT_TRUE(store->put_many(rows));
+  auto page = [&](const std::string& after, size_t limit) {
+    auto got = store->pending_rows("new-mk", after, limit);
+    EXPECT_TRUE(got) << hsm::describe(got.error());
+    return got ? ids_of(*got) : std::vector<std::string>{"<error>"};
+  };
+  using ids = std::vector<std::string>;
+  EXPECT_EQ(page("", 3), (ids{"p0", "p1", "p2"}));
+  EXPECT_EQ(page("p2", 3), (ids{"p3", "p4", "p5"}));
+  EXPECT_EQ(page("p5", 3), (ids{"p6"}));
+  EXPECT_EQ(page("p6", 3), ids{});
+  // The bound is exclusive and need not be a stored key id.
+  EXPECT_EQ(page("p3", 1), (ids{"p4"}));
+  EXPECT_EQ(page("p35", 10), (ids{"p4", "p5", "p6"}));
+  EXPECT_EQ(page("", 1), (ids{"p0"}));
+  EXPECT_EQ(page("", 0), ids{});
+  EXPECT_EQ(page("", 100).size(), 7u);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ReplaceRowSwapsOnce) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto old_row = rotation_key("r1", 1, "old-mk", 2);
+  auto other = rotation_key("r2", 2, "old-mk", 2);
+  ASSERT_TRUE(store->put_many({old_row, other}));
+  auto new_row = rewrapped(old_row, "new-mk");
+  auto first = store->replace_row(old_row, new_row);
+  ASSERT_TRUE(first) << hsm::describe(first.error());
+  EXPECT_TRUE(*first);
+  expect_same_key(stored_key(*store, "r1"), new_row);
+  // Seen by another connection: committed.
+  auto reader = this->open_store();
+  ASSERT_NE(reader, nullptr);
+  expect_same_key(stored_key(*reader, "r1"), new_row);
+  // The same swap again finds the row changed: nothing happens.
+  auto second = store->replace_row(old_row, new_row);
+  ASSERT_TRUE(second) << hsm::describe(second.error());
+  EXPECT_FALSE(*second);
+  expect_same_key(stored_key(*store, "r1"), new_row);
+  // The other row is untouched, and no row was added.
+  expect_same_key(stored_key(*store, "r2"), other);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "2");
+  // A row that is not stored is not replaced (nor created).
+  auto ghost = rotation_key("ghost", 3, "old-mk", 2);
+  auto missing = store->replace_row(ghost, rewrapped(ghost, "new-mk"));
+  ASSERT_TRUE(missing) << hsm::describe(missing.error());
+  EXPECT_FALSE(*missing);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "2");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ReplaceRowSealsAFormatOneRow) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  // No MAC and no master key id: empty values must compare equal.
+  auto legacy = rotation_key("legacy", 1, "", 1);
+  ASSERT_TRUE(legacy.row_mac.empty());
+  ASSERT_TRUE(store->put(legacy));
+  auto read = store->pending_rows("mk", "", 10);
+  ASSERT_TRUE(read) << hsm::describe(read.error());
+  ASSERT_EQ(read->size(), 1u);
+  auto sealed = rewrapped(read->front(), "mk");
+  auto swapped = store->replace_row(read->front(), sealed);
+  ASSERT_TRUE(swapped) << hsm::describe(swapped.error());
+  EXPECT_TRUE(*swapped);
+  expect_same_key(stored_key(*store, "legacy"), sealed);
+  auto left = store->pending_rows("mk", "", 10);
+  ASSERT_TRUE(left) << hsm::describe(left.error());
+  EXPECT_TRUE(left->empty());
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ReplaceRowLosesToAConcurrentChange) {
+  auto store_a = this->open_store();
+  auto store_b = this->open_store();
+  ASSERT_NE(store_a, nullptr);
+  ASSERT_NE(store_b, nullptr);
+  auto old_row = rotation_key("race", 1, "old-mk", 2);
+  ASSERT_TRUE(store_a->put(old_row));
+  // Both rotators read the row; B swaps first.
+  auto b_row = rewrapped(old_row, "mk-b");
+  auto a_row = rewrapped(old_row, "mk-a");
+  auto b = store_b->replace_row(old_row, b_row);
+  ASSERT_TRUE(b) << hsm::describe(b.error());
+  EXPECT_TRUE(*b);
+  auto a = store_a->replace_row(old_row, a_row);
+  ASSERT_TRUE(a) << hsm::describe(a.error());
+  EXPECT_FALSE(*a);
+  expect_same_key(stored_key(*store_a, "race"), b_row);
+  // Each column of the old row is compared: a stale old row that differs
+  // in only one of them loses too.
+  auto stale_mac = b_row;
+  stale_mac.row_mac[0] ^= 1;
+  auto stale_blob = b_row;
+  stale_blob.key_blob[0] ^= 1;
+  auto stale_format = b_row;
+  stale_format.format_version = 1;
+  auto stale_master = b_row;
+  stale_master.master_key_id = "mk-c";
+  auto stale_mech = b_row;
+  stale_mech.wrap_mechanism = "CKM_AES_KEY_WRAP";
+  for (const auto& stale :
+       {stale_mac, stale_blob, stale_format, stale_master, stale_mech}) {
+    auto next = rewrapped(stale, "mk-d");
+    auto res = store_a->replace_row(stale, next);
+    ASSERT_TRUE(res) << hsm::describe(res.error());
+    EXPECT_FALSE(*res);
+  }
+  expect_same_key(stored_key(*store_a, "race"), b_row);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ReplaceRowRefusesToChangeTheKey) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto old_row = rotation_key("fixed", 1, "old-mk", 2);
+  ASSERT_TRUE(store->put(old_row));
+  auto new_key_id = rewrapped(old_row, "new-mk");
+  new_key_id.key_id = "fixed-2";
+  auto new_public_key = rewrapped(old_row, "new-mk");
+  new_public_key.public_key[5] ^= 1;
+  auto new_scheme = rewrapped(old_row, "new-mk");
+  new_scheme.scheme = hsm::scheme::secp256k1;
+  auto new_created = rewrapped(old_row, "new-mk");
+  new_created.created_at_ms += 1;
+  for (const auto& bad :
+       {new_key_id, new_public_key, new_scheme, new_created}) {
+    auto res = store->replace_row(old_row, bad);
+    ASSERT_FALSE(res) << "replaced with " << bad.key_id;
+    EXPECT_TRUE(is_store_error(res.error(), hsm::store_errc::query_failed));
+  }
+  expect_same_key(stored_key(*store, "fixed"), old_row);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
+  // The same replacement with the key kept goes through.
+  auto ok = store->replace_row(old_row, rewrapped(old_row, "new-mk"));
+  ASSERT_TRUE(ok) << hsm::describe(ok.error());
+  EXPECT_TRUE(*ok);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, RotationIsCompareAndSwap) {
+  using hsm::store::rotation_phase;
+  using hsm::store::rotation_record;
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto none = store->get_rotation();
+  ASSERT_TRUE(none) << hsm::describe(none.error());
+  EXPECT_FALSE(none->has_value());
+  rotation_record begun{"mk-1", "mk-2", rotation_phase::running,
+                        1'700'000'000'123, 0};
+  // Expecting a rotation where none is stored fails and writes nothing.
+  auto early = store->set_rotation(begun, begun);
+  ASSERT_TRUE(early) << hsm::describe(early.error());
+  EXPECT_FALSE(*early);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_rotation"), "0");
+  auto first = store->set_rotation(std::nullopt, begun);
+  ASSERT_TRUE(first) << hsm::describe(first.error());
+  EXPECT_TRUE(*first);
+  auto got = store->get_rotation();
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ(**got, begun);
+  // A second "begin" loses.
+  rotation_record other{"mk-1", "mk-3", rotation_phase::running,
+                        1'700'000'000'999, 0};
+  auto again = store->set_rotation(std::nullopt, other);
+  ASSERT_TRUE(again) << hsm::describe(again.error());
+  EXPECT_FALSE(*again);
+  rotation_record done{"mk-1", "mk-2", rotation_phase::complete,
+                       1'700'000'000'123, 1'700'000'555'000};
+  // An expectation that differs in any one field loses.
+  auto from = begun;
+  from.from_label = "mk-0";
+  auto to = begun;
+  to.to_label = "mk-3";
+  auto phase = begun;
+  phase.phase = rotation_phase::complete;
+  auto started = begun;
+  started.started_at_ms += 1;
+  auto completed = begun;
+  completed.completed_at_ms = 1;
+  for (const auto& wrong : {from, to, phase, started, completed}) {
+    auto res = store->set_rotation(wrong, done);
+    ASSERT_TRUE(res) << hsm::describe(res.error());
+    EXPECT_FALSE(*res);
+  }
+  got = store->get_rotation();
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ(**got, begun);
+  // The right expectation wins, and every field of `next` round-trips,
+  // seen from another connection too.
+  auto completed_ok = store->set_rotation(begun, done);
+  ASSERT_TRUE(completed_ok) << hsm::describe(completed_ok.error());
+  EXPECT_TRUE(*completed_ok);
+  auto reader = this->open_store();
+  ASSERT_NE(reader, nullptr);
+  auto final_state = reader->get_rotation();
+  ASSERT_TRUE(final_state) << hsm::describe(final_state.error());
+  ASSERT_TRUE(final_state->has_value());
+  EXPECT_EQ((*final_state)->from_label, "mk-1");
+  EXPECT_EQ((*final_state)->to_label, "mk-2");
+  EXPECT_EQ((*final_state)->phase, rotation_phase::complete);
+  EXPECT_EQ((*final_state)->started_at_ms, 1'700'000'000'123);
+  EXPECT_EQ((*final_state)->completed_at_ms, 1'700'000'555'000);
+  EXPECT_EQ(this->sql("SELECT phase FROM master_key_rotation"), "complete");
+  // Swapping from a stale value fails now.
+  auto stale = store->set_rotation(begun, other);
+  ASSERT_TRUE(stale) << hsm::describe(stale.error());
+  EXPECT_FALSE(*stale);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_rotation"), "1");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, ReplaceCanaryIsCompareAndSwap) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto old_canary = sample_canary(1);
+  auto next = old_canary;
+  next.wrapped_key.assign(48, 0x33);
+  next.master_key_label = "master-new";
+  // No canary stored: nothing to replace, nothing created.
+  auto empty = store->replace_canary(old_canary, next);
+  ASSERT_TRUE(empty) << hsm::describe(empty.error());
+  EXPECT_FALSE(*empty);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "0");
+  ASSERT_TRUE(store->put_canary(old_canary));
+  // Changing the canary's key or creation time is refused.
+  auto other_key = next;
+  other_key.public_key[3] ^= 1;
+  auto other_time = next;
+  other_time.created_at_ms += 1;
+  for (const auto& bad : {other_key, other_time}) {
+    auto res = store->replace_canary(old_canary, bad);
+    ASSERT_FALSE(res);
+    EXPECT_TRUE(is_store_error(res.error(), hsm::store_errc::query_failed));
+  }
+  // A stale expectation loses.
+  auto stale_label = old_canary;
+  stale_label.master_key_label = "master-9";
+  auto stale_blob = old_canary;
+  stale_blob.wrapped_key[0] ^= 1;
+  for (const auto& stale : {stale_label, stale_blob}) {
+    auto res = store->replace_canary(stale, next);
+    ASSERT_TRUE(res) << hsm::describe(res.error());
+    EXPECT_FALSE(*res);
+  }
+  auto unchanged = store->get_canary();
+  ASSERT_TRUE(unchanged && *unchanged);
+  expect_same_canary(**unchanged, old_canary);
+  // The right one wins once.
+  auto swapped = store->replace_canary(old_canary, next);
+  ASSERT_TRUE(swapped) << hsm::describe(swapped.error());
+  EXPECT_TRUE(*swapped);
+  auto twice = store->replace_canary(old_canary, next);
+  ASSERT_TRUE(twice) << hsm::describe(twice.error());
+  EXPECT_FALSE(*twice);
+  auto reader = this->open_store();
+  ASSERT_NE(reader, nullptr);
+  auto got = reader->get_canary();
+  ASSERT_TRUE(got) << hsm::describe(got.error());
+  ASSERT_TRUE(got->has_value());
+  expect_same_canary(**got, next);
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "1");
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
   KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac,
   ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
@@ -676,6 +1075,11 @@ REGISTER_TYPED_TEST_SUITE_P(
   PutManyCommitsTheWholeGroup, PutManyIsOneTransaction,
   PutManyFirstOfAKeyIdInTheGroupWins,
   PutManyAnswersStoredKeyIdsWithStoredRecord, FailedPutManyWritesNothing,
-  RacingGroupsKeepOneRecordPerKeyId, CanaryIsAbsentThenFirstPutWins);
+  RacingGroupsKeepOneRecordPerKeyId, CanaryIsAbsentThenFirstPutWins,
+  CountRowsGroupsAndSorts, PendingRowsAreTheRowsNotDoneForTheTarget,
+  PendingRowsPageInKeyIdOrder, ReplaceRowSwapsOnce,
+  ReplaceRowSealsAFormatOneRow, ReplaceRowLosesToAConcurrentChange,
+  ReplaceRowRefusesToChangeTheKey, RotationIsCompareAndSwap,
+  ReplaceCanaryIsCompareAndSwap);
 
 } // namespace hsm::test

@@ -25,6 +25,9 @@ struct key_result {
   std::vector<uint8_t> public_key;
   /// SEC1 compressed (EC only).
   std::vector<uint8_t> public_key_compressed;
+  /// `sha256:` + lowercase hex SHA-256 of `public_key`
+  /// (`crypto::public_key_fingerprint`).
+  std::string public_key_fingerprint;
   /// `CKM_AES_KEY_WRAP_PAD` or `token-resident`.
   std::string storage;
   int64_t created_at_ms = 0;
@@ -40,6 +43,10 @@ struct signature {
   std::optional<int> recovery_id;
   /// ECDSA only: the DER `ECDSA-Sig-Value` of (r, s).
   std::vector<uint8_t> der;
+  /// The fingerprint of the stored public key this signature was verified
+  /// against (as `key_result::public_key_fingerprint`), so that the platform
+  /// can cross-check which key signed. Set by `crypto::finish_signature`.
+  std::string public_key_fingerprint;
 };
 
 /// A released signature and the key that made it.

@@ -1,5 +1,6 @@
 // `hsm-driver keys generate | sign | show`: the key path on the command
-// line, after the master-key guard and the capability probe.
+// line, after the master-key guard and the capability probe; and
+// `keys reconcile`: token-resident key objects against the store.
 
 #include "runtime/app/commands.hpp"
 #include "runtime/app/output.hpp"
@@ -7,6 +8,7 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/keys/key_service.hpp"
+#include "runtime/keys/reconcile.hpp"
 #include "runtime/net/wire_codec.hpp"
 
 namespace hsm {
@@ -27,6 +29,17 @@ int with_key_service(const driver_config& cfg, F&& f) {
     return fail(setup.error());
   keys::key_service svc{tok->sess, setup->keys, *setup->store, setup->caps};
   return f(svc);
+}
+
+/// One class of a reconciliation report: its count, its key ids, and how
+/// many of them this run destroyed.
+json report_class(const keys::reconcile_report& rep, keys::resident_class x) {
+  json j;
+  j["count"] = rep.count(x);
+  j["key_ids"] = rep.key_ids(x);
+  if (x != keys::resident_class::kept)
+    j["destroyed"] = rep.destroyed(x);
+  return j;
 }
 
 } // namespace
@@ -77,6 +90,56 @@ int cmd_keys_show(const driver_config& cfg, const std::string& key_id) {
     print(json{{"ok", true}, {"key", key_json(*key)}});
     return exit_ok;
   });
+}
+
+int cmd_keys_reconcile(const driver_config& cfg, bool apply,
+                       bool include_orphans) {
+  if (include_orphans && !apply)
+    return fail(caf::make_error(config_errc::invalid_option,
+                                std::string{"--include-orphans"},
+                                std::string{"destroys orphans only with "
+                                            "--apply"}));
+  auto tok = open_token(cfg);
+  if (!tok)
+    return fail(tok.error());
+  // The store must be the one this master key protects (the canary), so
+  // that no key is judged against another database; no probe: it makes
+  // objects of its own and is not needed here.
+  auto setup = set_up_keys(
+    tok->sess, cfg, key_steps{.may_create_canary = false, .probe = false});
+  if (!setup)
+    return fail(setup.error());
+  using keys::resident_class;
+  auto rep = keys::reconcile_resident_keys(tok->sess, *setup->store,
+                                           {apply, include_orphans});
+  if (!rep)
+    return fail(rep.error());
+  auto losers = rep->count(resident_class::loser);
+  auto orphans = rep->count(resident_class::orphan);
+  auto log = logger("runtime");
+  if (!apply && losers + orphans > 0)
+    log->info("dry run: {} loser(s) and {} orphan(s) are left; '--apply' "
+              "destroys the losers, '--apply --include-orphans' the orphans "
+              "too (only with every driver on this token stopped)",
+              losers, orphans);
+  else if (apply)
+    log->info("destroyed {} loser(s) and {} orphan(s) of {} resident key "
+              "object(s)",
+              rep->destroyed(resident_class::loser),
+              rep->destroyed(resident_class::orphan), rep->objects.size());
+  json out;
+  out["ok"] = rep->failures.empty();
+  out["dry_run"] = !apply;
+  out["include_orphans"] = include_orphans;
+  out["kept"] = report_class(*rep, resident_class::kept);
+  out["losers"] = report_class(*rep, resident_class::loser);
+  out["orphans"] = report_class(*rep, resident_class::orphan);
+  out["ignored"] = rep->ignored;
+  out["failures"] = rep->failures;
+  for (const auto& f : rep->failures)
+    log->error("could not destroy {}", f);
+  print(out);
+  return rep->failures.empty() ? exit_ok : exit_failed;
 }
 
 } // namespace hsm

@@ -9,6 +9,7 @@
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/capabilities.hpp"
+#include "runtime/keys/reconcile.hpp"
 
 #include <pthread.h>
 #include <signal.h>
@@ -33,6 +34,50 @@ void keep_until_exit(std::unique_ptr<Ts>... parts) {
   static auto* kept = new std::vector<std::shared_ptr<void>>;
   std::lock_guard<std::mutex> guard{mtx};
   (kept->emplace_back(std::move(parts)), ...);
+}
+
+/// Reconciles the token-resident keys at start: destroys the losers of
+/// generation races (a row names another object under their key id; they
+/// can never be used), and reports orphans (no row at all) without
+/// touching them, since on a replicated token one may be another driver's
+/// generation whose put is still in flight; `keys reconcile` lists them.
+/// Never fails the start.
+void report_resident_keys(pkcs11::session& sess, store::key_store& st) {
+  auto log = logger("runtime");
+  keys::reconcile_options opts;
+  opts.apply = true;
+  opts.include_orphans = false;
+  auto rep = keys::reconcile_resident_keys(sess, st, opts);
+  if (!rep) {
+    log->warn("could not reconcile token-resident keys with the store: {}",
+              describe(rep.error()));
+    return;
+  }
+  using keys::resident_class;
+  auto kept = rep->count(resident_class::kept);
+  auto losers = rep->count(resident_class::loser);
+  auto orphans = rep->count(resident_class::orphan);
+  if (losers + orphans == 0) {
+    if (kept > 0)
+      log->info("token-resident keys: {} in use, none unused", kept);
+    return;
+  }
+  auto destroyed = rep->destroyed(resident_class::loser);
+  if (losers > 0)
+    log->info("token-resident keys: destroyed {} of {} loser(s) of "
+              "generation races (a row names another object under their key "
+              "id){}",
+              destroyed, losers,
+              rep->failures.empty() ? std::string{}
+                                    : "; not destroyed: "
+                                        + rep->failures.front());
+  if (orphans > 0)
+    log->warn("token-resident keys: {} in use, {} orphan(s) (no row: a put "
+              "that failed, or one still in flight on another driver), left "
+              "as they are; 'hsm-driver keys reconcile' lists them, and with "
+              "every driver on this token stopped '--apply "
+              "--include-orphans' destroys them",
+              kept, orphans);
 }
 
 } // namespace
@@ -79,6 +124,8 @@ daemon::start(const daemon_options& opts) {
   auto setup = set_up_keys(in.token->sess, opts.cfg);
   if (!setup)
     return setup.error();
+  if (setup->store)
+    report_resident_keys(in.token->sess, *setup->store);
   auto& caps = setup->caps;
   if (std::none_of(caps.schemes.begin(), caps.schemes.end(),
                    [](const keys::capability& c) { return c.served; }))
@@ -95,7 +142,7 @@ daemon::start(const daemon_options& opts) {
   ctx->mod = &in.token->mod;
   ctx->slot = in.token->slot;
   ctx->pin = shared_pin;
-  ctx->master_key_label = opts.cfg.master_key_label;
+  ctx->master_keys = setup->plan;
   ctx->caps = caps;
 
   in.sys_cfg = std::make_unique<caf::actor_system_config>();

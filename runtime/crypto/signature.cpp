@@ -1,5 +1,6 @@
 #include "runtime/crypto/signature.hpp"
 
+#include "runtime/crypto/fingerprint.hpp"
 #include "runtime/crypto/ossl.hpp"
 
 #include "caf/sec.hpp"
@@ -387,7 +388,10 @@ caf::expected<signature> finish_signature(scheme s,
       return mismatch(name
                       + ": signature does not verify against the stored"
                         " public key");
-    return signature{{from_token.begin(), from_token.end()}, std::nullopt, {}};
+    return signature{{from_token.begin(), from_token.end()},
+                     std::nullopt,
+                     {},
+                     public_key_fingerprint(public_key)};
   }
   if (!is_ecdsa(s))
     return caf::make_error(key_errc::scheme_unsupported,
@@ -415,7 +419,10 @@ caf::expected<signature> finish_signature(scheme s,
   if (der.empty())
     return caf::make_error(caf::sec::runtime_error,
                            name + ": OpenSSL cannot DER-encode the signature");
-  return signature{{sig->begin(), sig->end()}, *recid, std::move(der)};
+  return signature{{sig->begin(), sig->end()},
+                   *recid,
+                   std::move(der),
+                   public_key_fingerprint(public_key)};
 }
 
 } // namespace hsm::crypto

@@ -46,8 +46,9 @@ caf::expected<int> recovery_id(scheme s, std::span<const uint8_t> public_key,
                                std::span<const uint8_t> hash,
                                const raw_ecdsa& sig);
 
-/// Everything above in order: parse, normalise, verify, recovery id, DER.
-/// A signature that does not verify is `key_errc::signature_mismatch` and is
+/// Everything above in order: parse, normalise, verify, recovery id, DER;
+/// the result names `public_key` by its fingerprint (fingerprint.hpp). A
+/// signature that does not verify is `key_errc::signature_mismatch` and is
 /// never returned.
 caf::expected<signature> finish_signature(scheme s,
                                           std::span<const uint8_t> public_key,

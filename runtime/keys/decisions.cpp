@@ -1,6 +1,7 @@
 #include "runtime/keys/decisions.hpp"
 
 #include "runtime/crypto/ec.hpp"
+#include "runtime/crypto/fingerprint.hpp"
 
 #include <string>
 
@@ -11,6 +12,7 @@ caf::expected<key_result> make_key_result(const key_record& r, bool created) {
   v.key_id = r.key_id;
   v.scheme = r.scheme;
   v.public_key = r.public_key;
+  v.public_key_fingerprint = crypto::public_key_fingerprint(r.public_key);
   if (is_ecdsa(r.scheme)) {
     auto c = crypto::compress_public_key(r.scheme, r.public_key);
     if (!c)

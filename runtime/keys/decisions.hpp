@@ -14,7 +14,7 @@
 
 namespace hsm::keys {
 
-/// The public view of a stored record.
+/// The public view of a stored record, with its fingerprint.
 [[nodiscard]] caf::expected<key_result> make_key_result(const key_record& r,
                                                         bool created);
 

@@ -115,6 +115,8 @@ ordered_json to_json(const key_result& r) {
   res["public_key"] = crypto::to_hex(r.public_key);
   if (!r.public_key_compressed.empty())
     res["public_key_compressed"] = crypto::to_hex(r.public_key_compressed);
+  if (!r.public_key_fingerprint.empty())
+    res["public_key_fingerprint"] = r.public_key_fingerprint;
   res["storage"] = r.storage;
   return res;
 }
@@ -128,6 +130,8 @@ ordered_json to_json(const signature_result& r) {
     res["recovery_id"] = *r.sig.recovery_id;
   if (!r.sig.der.empty())
     res["der"] = crypto::to_hex(r.sig.der);
+  if (!r.sig.public_key_fingerprint.empty())
+    res["public_key_fingerprint"] = r.sig.public_key_fingerprint;
   return res;
 }
 

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <sqlite3.h>
 #include <sys/stat.h>
 
 #include <fstream>
@@ -91,6 +92,87 @@ TEST_F(CliTest, GenerateSignShowPrintJsonThatVerifies) {
     EXPECT_FALSE(a["key"]["created"].get<bool>());
     EXPECT_EQ(a["key"]["public_key"], g["key"]["public_key"]);
   }
+}
+
+TEST_F(CliTest, GenerateShowAndSignNameTheSameFingerprint) {
+  for (std::string s : {"p256", "ed25519"}) {
+    auto id = "fp-" + s;
+    auto gen = run({"--resident-schemes", "ed25519", "keys", "generate",
+                    "--scheme", s, "--key-id", id});
+    ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
+    auto g = json::parse(gen.out)["key"];
+    // Computed here, apart from the driver: SHA-256 of the public key bytes.
+    auto pub = unhex(g["public_key"]);
+    auto expected = "sha256:"
+                    + crypto::to_hex(test::sha256(std::string_view{
+                      reinterpret_cast<const char*>(pub.data()), pub.size()}));
+    EXPECT_EQ(g["public_key_fingerprint"], expected) << s;
+    auto show = run({"keys", "show", "--key-id", id});
+    ASSERT_EQ(show.exit_code, 0) << show.out << show.err;
+    EXPECT_EQ(json::parse(show.out)["key"]["public_key_fingerprint"], expected)
+      << s;
+    auto payload = s == "p256" ? crypto::to_hex(test::sha256("fp payload"))
+                               : std::string{"6670"};
+    auto sign = run({"--resident-schemes", "ed25519", "keys", "sign",
+                     "--key-id", id, "--payload", payload});
+    ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
+    auto j = json::parse(sign.out);
+    EXPECT_EQ(j["signature"]["public_key_fingerprint"], expected) << s;
+    EXPECT_EQ(j["key"]["public_key_fingerprint"], expected) << s;
+  }
+  // Two keys, two fingerprints.
+  auto a = json::parse(run({"keys", "show", "--key-id", "fp-p256"}).out);
+  auto b = json::parse(run({"keys", "show", "--key-id", "fp-ed25519"}).out);
+  EXPECT_NE(a["key"]["public_key_fingerprint"],
+            b["key"]["public_key_fingerprint"]);
+}
+
+TEST_F(CliTest, ReconcileDestroysOrphansOnlyWithApplyAndIncludeOrphans) {
+  for (std::string id : {"rc-kept", "rc-orphan"}) {
+    auto gen = run({"--resident-schemes", "ed25519", "keys", "generate",
+                    "--scheme", "ed25519", "--key-id", id});
+    ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
+  }
+  // A generation whose put never committed: its row is gone, its object
+  // stays.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir / "keys.db").c_str(), &db), SQLITE_OK);
+  EXPECT_EQ(sqlite3_exec(db, "DELETE FROM keys WHERE key_id = 'rc-orphan'",
+                         nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto report = [&](std::vector<std::string> flags) {
+    std::vector<std::string> args{"keys", "reconcile"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    auto res = run(args);
+    EXPECT_EQ(res.exit_code, 0) << res.out << res.err;
+    return json::parse(res.out);
+  };
+  auto dry = report({});
+  EXPECT_TRUE(dry["ok"].get<bool>());
+  EXPECT_TRUE(dry["dry_run"].get<bool>());
+  EXPECT_EQ(dry["kept"]["count"], 1);
+  EXPECT_EQ(dry["kept"]["key_ids"], json::array({"rc-kept"}));
+  EXPECT_EQ(dry["orphans"]["count"], 1);
+  EXPECT_EQ(dry["orphans"]["key_ids"], json::array({"rc-orphan"}));
+  EXPECT_EQ(dry["orphans"]["destroyed"], 0);
+  EXPECT_EQ(dry["losers"]["count"], 0);
+  // --include-orphans without --apply is a usage error, not a dry run.
+  auto alone = run({"keys", "reconcile", "--include-orphans"});
+  EXPECT_EQ(alone.exit_code, 2) << alone.out << alone.err;
+  auto losers_only = report({"--apply"});
+  EXPECT_FALSE(losers_only["dry_run"].get<bool>());
+  EXPECT_EQ(losers_only["orphans"]["count"], 1);
+  EXPECT_EQ(losers_only["orphans"]["destroyed"], 0);
+  auto with_orphans = report({"--apply", "--include-orphans"});
+  EXPECT_EQ(with_orphans["orphans"]["destroyed"], 1);
+  EXPECT_EQ(with_orphans["kept"]["count"], 1);
+  auto after = report({});
+  EXPECT_EQ(after["orphans"]["count"], 0);
+  EXPECT_EQ(after["kept"]["count"], 1);
+  auto sign = run({"--resident-schemes", "ed25519", "keys", "sign", "--key-id",
+                   "rc-kept", "--payload", "6b"});
+  EXPECT_EQ(sign.exit_code, 0) << sign.out << sign.err;
 }
 
 TEST_F(CliTest, Ed25519NeedsTheResidentOptInOnSoftHsm) {

@@ -1,4 +1,5 @@
 #include "runtime/crypto/ec.hpp"
+#include "runtime/crypto/fingerprint.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/crypto/ossl.hpp"
 #include "runtime/crypto/signature.hpp"
@@ -373,6 +374,8 @@ TEST(Eip155VectorTest, FinishNormalisesHighS) {
   EXPECT_EQ(from_der->raw, res->raw);
   EXPECT_EQ(from_der->recovery_id, res->recovery_id);
   EXPECT_EQ(from_der->der, res->der);
+  EXPECT_EQ(res->public_key_fingerprint,
+            hsm::crypto::public_key_fingerprint(v.public_key));
 }
 
 TEST(Eip155VectorTest, ConcurrentVerificationAgrees) {
@@ -805,6 +808,11 @@ TEST(Ed25519Test, Rfc8032TestVector1) {
                                            sig);
   ASSERT_TRUE(res) << describe(res.error());
   EXPECT_EQ(res->raw, sig);
+  // The result names the key it was verified against (value from
+  // `openssl dgst -sha256` over the public key, see FingerprintTest).
+  EXPECT_EQ(res->public_key_fingerprint,
+            "sha256:21fe31dfa154a261626bf854046fd227"
+            "1b7bed4b6abe45aa58877ef47f9721b9");
   // A one-byte message is not the empty one.
   EXPECT_FALSE(
     hsm::crypto::verify(scheme::ed25519, public_key, bytes{0x00}, sig));
@@ -844,6 +852,47 @@ TEST(Ed25519Test, RejectsTamperedSignatures) {
   auto recid = hsm::crypto::recovery_id(scheme::ed25519, key.public_key,
                                         message, raw_ecdsa{});
   EXPECT_FALSE(recid);
+}
+
+// -- public key fingerprints --------------------------------------------------
+
+// Expected values computed outside the driver, with the openssl command line:
+//   echo -n <hex> | xxd -r -p | openssl dgst -sha256
+
+TEST(FingerprintTest, KnownAnswerForTheSecp256k1GeneratorUncompressed) {
+  auto g = hsm::crypto::from_hex(
+    "0479be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+    "483ada7726a3c4655da4fbfc0e1108a8fd17b448a68554199c47d08ffb10d4b8");
+  ASSERT_TRUE(g);
+  ASSERT_EQ(g->size(), 65u);
+  EXPECT_EQ(hsm::crypto::public_key_fingerprint(*g),
+            "sha256:50929b74c1a04954b78b4b6035e97a5e"
+            "078a5a0f28ec96d547bfee9ace803ac0");
+}
+
+TEST(FingerprintTest, KnownAnswerForAnEd25519Key) {
+  // RFC 8032, section 7.1, TEST 1: the public key.
+  auto pub = hsm::crypto::from_hex(
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+  ASSERT_TRUE(pub);
+  EXPECT_EQ(hsm::crypto::public_key_fingerprint(*pub),
+            "sha256:21fe31dfa154a261626bf854046fd227"
+            "1b7bed4b6abe45aa58877ef47f9721b9");
+}
+
+TEST(FingerprintTest, DependsOnEveryByteAndOnTheForm) {
+  auto g = *hsm::crypto::from_hex(
+    "0479be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+    "483ada7726a3c4655da4fbfc0e1108a8fd17b448a68554199c47d08ffb10d4b8");
+  auto fp = hsm::crypto::public_key_fingerprint(g);
+  EXPECT_EQ(fp.size(), 7u + 64u);
+  auto last = g;
+  last.back() ^= 1;
+  EXPECT_NE(hsm::crypto::public_key_fingerprint(last), fp);
+  // The compressed form is another byte string: another fingerprint.
+  auto compressed = hsm::crypto::compress_public_key(scheme::secp256k1, g);
+  ASSERT_TRUE(compressed);
+  EXPECT_NE(hsm::crypto::public_key_fingerprint(*compressed), fp);
 }
 
 } // namespace

@@ -1,3 +1,6 @@
+#include "runtime/crypto/hex.hpp"
+#include "runtime/crypto/signature.hpp"
+#include "runtime/keys/decisions.hpp"
 #include "runtime/keys/requests.hpp"
 #include "runtime/net/wire_codec.hpp"
 
@@ -193,6 +196,53 @@ TEST(WireTest, BatchOfResultsEncodesAndItsStatusesDecode) {
   ASSERT_TRUE(partial);
   EXPECT_EQ((*partial)[1], net::result_status::refused);
   EXPECT_FALSE(net::decode_result_statuses("[]", sent));
+}
+
+/// RFC 8032, section 7.1, TEST 1: the public key, and its signature of the
+/// empty message. The key's fingerprint was computed with `openssl dgst
+/// -sha256` (see crypto_test).
+constexpr std::string_view rfc8032_public_key
+  = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+constexpr std::string_view rfc8032_signature
+  = "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb882"
+    "1590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b";
+constexpr std::string_view rfc8032_fingerprint
+  = "sha256:21fe31dfa154a261626bf854046fd2271b7bed4b6abe45aa58877ef47f9721b9";
+
+TEST(WireTest, KeyAndSignResultsCarryThePublicKeyFingerprint) {
+  job j;
+  j.id = "r1";
+  j.lease = "l1";
+  key_record rec;
+  rec.key_id = "fp";
+  rec.scheme = scheme::ed25519;
+  rec.public_key = *crypto::from_hex(rfc8032_public_key);
+  rec.wrap_mechanism = std::string{resident_mechanism};
+  // The key result, as the key path makes it from a stored row.
+  auto key = keys::make_key_result(rec, true);
+  ASSERT_TRUE(key) << describe(key.error());
+  auto k = json::parse(net::encode_result(answer(j, *key), "d1"));
+  ASSERT_TRUE(k["result"].contains("public_key_fingerprint")) << k.dump();
+  EXPECT_EQ(k["result"]["public_key_fingerprint"], rfc8032_fingerprint);
+  // The sign result, as the key path makes it: verified against the stored
+  // public key, which it names.
+  auto sig = crypto::finish_signature(scheme::ed25519, rec.public_key, {},
+                                      *crypto::from_hex(rfc8032_signature));
+  ASSERT_TRUE(sig) << describe(sig.error());
+  signature_result signed_result{rec.key_id, rec.scheme, *sig};
+  auto s = json::parse(net::encode_result(answer(j, signed_result), "d1"));
+  ASSERT_TRUE(s["result"].contains("public_key_fingerprint")) << s.dump();
+  EXPECT_EQ(s["result"]["public_key_fingerprint"], rfc8032_fingerprint);
+  EXPECT_EQ(s["result"]["signature"], rfc8032_signature);
+  // The same in a batch; another key has another fingerprint.
+  auto other = signed_result;
+  other.sig.public_key_fingerprint = "sha256:00";
+  auto batch = json::parse(
+    net::encode_results({answer(j, signed_result), answer(j, other)}, "d1"));
+  EXPECT_EQ(batch["results"][0]["result"]["public_key_fingerprint"],
+            rfc8032_fingerprint);
+  EXPECT_EQ(batch["results"][1]["result"]["public_key_fingerprint"],
+            "sha256:00");
 }
 
 } // namespace

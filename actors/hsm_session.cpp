@@ -48,7 +48,7 @@ caf::error open_session(session_state& st) {
       ctx.pin_rejected->store(true);
     return err;
   }
-  auto keys = keys::find_key_handles(*st.sess, ctx.master_key_label);
+  auto keys = keys::find_key_handles(*st.sess, ctx.master_keys);
   if (!keys)
     return keys.error();
   st.keys = std::move(*keys);
@@ -72,8 +72,9 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
     [=](generate_atom, const std::string& key_id,
         scheme s) -> caf::result<key_record> {
       auto& state = self->state;
+      const auto& cap = state.ctx->caps.of(s);
       auto rec = keys::make_key(*state.sess, state.keys, s, key_id,
-                                state.ctx->caps.of(s).resident);
+                                cap.resident, nullptr, cap.params);
       if (!rec)
         return fail<key_record>(self, rec.error());
       return std::move(*rec);

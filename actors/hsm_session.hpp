@@ -10,6 +10,7 @@
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/keys/capabilities.hpp"
+#include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/secret_pin.hpp"
 
@@ -25,7 +26,8 @@ struct session_context {
   /// The PKCS#11 slot of the token.
   CK_SLOT_ID slot = 0;
   std::shared_ptr<const pkcs11::secret_pin> pin;
-  std::string master_key_label;
+  /// The master keys to serve (found again by every new session).
+  keys::master_key_plan master_keys;
   keys::capabilities caps;
   /// Set once the token rejected the PIN: no session tries again (each try
   /// brings the token closer to locking the PIN).

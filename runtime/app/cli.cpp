@@ -240,8 +240,26 @@ int run_cli(int argc, char** argv) {
   auto* mk_check = mk->add_subcommand(
     "check", "check that the token's master key matches the database");
   token_commands.emplace_back(mk_check, cmd_master_key_check);
+  rotate_options rotate;
+  auto* mk_rotate = mk->add_subcommand(
+    "rotate", "move every key row to another master key inside the HSM "
+              "(resumable; drivers keep serving); also seals rows from "
+              "before the row MAC");
+  mk_rotate->add_option("--to", rotate.to, "label of the new master key")
+    ->required();
+  mk_rotate->add_flag("--create", rotate.create,
+                      "create the new master key (and its row-MAC key) if "
+                      "the token lacks it");
+  mk_rotate->add_option("--batch", rotate.batch,
+                        "rows per batch [default: 100]");
+  mk_rotate->add_flag("--complete", rotate.complete,
+                      "declare the rotation complete: drivers refuse rows "
+                      "under the old key from their next start");
+  token_commands.emplace_back(mk_rotate, [&](const driver_config& cfg) {
+    return cmd_master_key_rotate(cfg, rotate);
+  });
 
-  auto* keys = add_group(app, "keys", "generate, sign, show");
+  auto* keys = add_group(app, "keys", "generate, sign, show, reconcile");
   std::string key_id;
   std::string scheme_name;
   std::string payload_hex;
@@ -263,6 +281,21 @@ int run_cli(int argc, char** argv) {
   });
   token_commands.emplace_back(show, [&](const driver_config& cfg) {
     return cmd_keys_show(cfg, key_id);
+  });
+  bool apply = false;
+  bool include_orphans = false;
+  auto* reconcile = keys->add_subcommand(
+    "reconcile", "compare token-resident key objects with the store; prints "
+                 "kept, losers (lost a generation race) and orphans (no "
+                 "row); a dry run unless --apply");
+  reconcile->add_flag("--apply", apply,
+                      "destroy the losers (safe while drivers run)");
+  reconcile->add_flag("--include-orphans", include_orphans,
+                      "with --apply, destroy the orphans too; only with "
+                      "every driver on this token stopped (an orphan may be "
+                      "a generation still storing its key)");
+  token_commands.emplace_back(reconcile, [&](const driver_config& cfg) {
+    return cmd_keys_reconcile(cfg, apply, include_orphans);
   });
 
   run_flags rf;

@@ -33,6 +33,13 @@ int cmd_keys_sign(const driver_config& cfg, const std::string& key_id,
 /// `keys show`: a key's public data.
 int cmd_keys_show(const driver_config& cfg, const std::string& key_id);
 
+/// `keys reconcile`: token-resident key objects against the store (README,
+/// "Reconciling token-resident keys"). Prints a report; with `apply`
+/// destroys the losers, and with `include_orphans` (only with `apply`) the
+/// orphans too.
+int cmd_keys_reconcile(const driver_config& cfg, bool apply,
+                       bool include_orphans);
+
 // -- the token and its master key ---------------------------------------------
 
 /// `token init`: initialises a free SoftHSMv2 slot as `--token-label`.
@@ -43,8 +50,25 @@ int cmd_token_init(const driver_config& cfg);
 int cmd_master_key_init(const driver_config& cfg,
                         const std::string& test_value_file);
 
-/// `master-key check`: the token's master key against the store's canary.
+/// `master-key check`: the token's master keys against the store's canary,
+/// their policy, the rotation's progress, and every row's MAC.
 int cmd_master_key_check(const driver_config& cfg);
+
+/// The options of `master-key rotate`.
+struct rotate_options {
+  /// The master key rows move to.
+  std::string to;
+  /// Create it (and its row-MAC key) if the token lacks it.
+  bool create = false;
+  /// Rows per store read.
+  size_t batch = 100;
+  /// Declare the rotation complete (every row and the canary moved).
+  bool complete = false;
+};
+
+/// `master-key rotate`: moves every row to `opts.to` inside the HSM
+/// (resumable), or with `opts.complete` declares the rotation complete.
+int cmd_master_key_rotate(const driver_config& cfg, const rotate_options& opts);
 
 /// `probe`: the capability probe, per scheme.
 int cmd_probe(const driver_config& cfg);

@@ -63,8 +63,10 @@ struct key_steps {
 struct key_setup {
   /// The master key on the token.
   CK_OBJECT_HANDLE master = CK_INVALID_HANDLE;
-  /// The master key and the row-MAC key.
+  /// The master keys served and their row-MAC keys.
   keys::key_handles keys;
+  /// Which master keys those are (for the session actors to find).
+  keys::master_key_plan plan;
   /// The key store, opened and migrated, its canary checked; null without
   /// `key_steps::guard`.
   std::unique_ptr<store::key_store> store;
@@ -76,9 +78,17 @@ struct key_setup {
 /// that lets a blob leave the HSM is `key_errc::master_key_weak`, naming
 /// each weak attribute, unless `cfg.allow_weak_master_key`, which logs the
 /// same as an error and goes on.
-[[nodiscard]] caf::error check_master_key_policy(pkcs11::session& sess,
-                                                 CK_OBJECT_HANDLE master,
-                                                 const driver_config& cfg);
+[[nodiscard]] caf::error
+check_master_key_policy(pkcs11::session& sess, const keys::master_key_set& set,
+                        const driver_config& cfg);
+
+/// Which master keys to serve: the configured one, or, with a rotation
+/// recorded, its target (running: and its source too; complete: never its
+/// source). A configured label that fits neither is
+/// `config_errc::invalid_option` saying what to set.
+[[nodiscard]] caf::expected<keys::master_key_plan>
+plan_master_keys(const driver_config& cfg,
+                 const std::optional<store::rotation_record>& rotation);
 
 /// Finds the master key, checks its policy, opens the store, runs the
 /// master-key guard (which records the canary on first use) and the capability

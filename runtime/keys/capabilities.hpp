@@ -6,6 +6,7 @@
 
 #include "messages/errors.hpp"
 #include "messages/scheme.hpp"
+#include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/session.hpp"
 
 #include <array>
@@ -23,6 +24,8 @@ struct capability {
   bool resident = false;
   /// What the probe found, for the operator: `ok`, or the failing step.
   std::string detail;
+  /// Ed25519: the form of `CKA_EC_PARAMS` the token took.
+  pkcs11::ed25519_params params = pkcs11::ed25519_params::oid;
 };
 
 /// What the probe found for every scheme.
@@ -36,7 +39,10 @@ struct capabilities {
 /// Runs, per scheme, generate -> wrap -> unwrap -> sign -> verify -> destroy
 /// on the token (or generate -> sign -> verify -> destroy as token-resident
 /// keys for the schemes in `resident_opt_in`). A scheme whose round trip
-/// fails is not served. Only a session-level failure is an error.
+/// fails is not served. For Ed25519 a generation the token refuses for its
+/// curve parameters is tried again with the other form of `CKA_EC_PARAMS`
+/// (`pkcs11::ed25519_params`), and the form that works is kept. Only a
+/// session-level failure is an error.
 [[nodiscard]] caf::expected<capabilities>
 probe(pkcs11::session& sess, CK_OBJECT_HANDLE master,
       const std::set<scheme>& resident_opt_in);

@@ -5,6 +5,7 @@
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/requests.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
+#include "runtime/pkcs11/key_policy.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 
 #include <openssl/crypto.h>
@@ -28,15 +29,97 @@ std::string resident_label(std::string_view key_id) {
 
 } // namespace
 
-caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
-                                            std::string_view master_label) {
+caf::expected<master_key_set> find_key_set(pkcs11::session& sess,
+                                           std::string_view master_label) {
   auto master = pkcs11::find_master_key(sess, master_label);
   if (!master)
     return master.error();
   auto mac = pkcs11::find_row_mac_key(sess, master_label);
   if (!mac)
     return mac.error();
-  return key_handles{*master, *mac, std::string{master_label}};
+  return master_key_set{*master, *mac, std::string{master_label}};
+}
+
+caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
+                                            std::string_view master_label) {
+  master_key_plan plan;
+  plan.current = std::string{master_label};
+  return find_key_handles(sess, plan);
+}
+
+caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
+                                            const master_key_plan& plan) {
+  auto cur = find_key_set(sess, plan.current);
+  if (!cur)
+    return cur.error();
+  key_handles out;
+  out.master = cur->master;
+  out.row_mac = cur->row_mac;
+  out.master_key_id = cur->label;
+  out.retired = plan.retired;
+  out.allow_weak = plan.allow_weak;
+  if (!plan.previous.empty() && plan.previous != plan.current) {
+    // The source of a rotation may be a legacy key without a row-MAC key:
+    // its rows are then all of format 1, which are not served anyway.
+    auto prev = find_key_set(sess, plan.previous);
+    if (!prev && prev.error() == key_errc::master_key_missing) {
+      auto master = pkcs11::find_master_key(sess, plan.previous);
+      if (!master)
+        return master.error();
+      prev = master_key_set{*master, CK_INVALID_HANDLE, plan.previous};
+    }
+    if (!prev)
+      return prev.error();
+    out.others.push_back(std::move(*prev));
+  }
+  return out;
+}
+
+namespace {
+
+/// At most this many master keys found after start are kept: a rotation
+/// adds one; more means rows name keys nobody rotated to.
+constexpr size_t max_other_sets = 4;
+
+} // namespace
+
+caf::expected<master_key_set>
+key_set_for(pkcs11::session& sess, key_handles& keys, std::string_view label) {
+  if (label.empty() || label == keys.master_key_id)
+    return keys.current();
+  for (auto& set : keys.others)
+    if (set.label == label)
+      return set;
+  auto refused = [&](std::string why) {
+    return caf::make_error(key_errc::key_corrupted,
+                           "master key '" + printable(label) + "': " + why);
+  };
+  for (auto& r : keys.retired)
+    if (r == label)
+      return refused("retired by a completed rotation; its rows are not "
+                     "served");
+  if (keys.others.size() >= max_other_sets)
+    return refused("not one of the master keys this driver serves");
+  auto set = find_key_set(sess, label);
+  if (!set) {
+    if (set.error() == key_errc::master_key_missing)
+      return caf::make_error(key_errc::master_key_missing,
+                             "master key '" + printable(label)
+                               + "': this token does not hold it (or its "
+                                 "row-MAC key); a rotation moved rows to "
+                                 "it: put it on every driver's HSM");
+    return set.error();
+  }
+  auto weak = pkcs11::inspect_master_key(sess, set->master);
+  if (!weak)
+    return weak.error();
+  if (!weak->empty() && !keys.allow_weak)
+    return caf::make_error(key_errc::master_key_weak,
+                           "master key '" + printable(label)
+                             + "' lets a wrapped key leave the HSM: "
+                             + pkcs11::describe(*weak));
+  keys.others.push_back(*set);
+  return std::move(*set);
 }
 
 namespace {
@@ -58,13 +141,13 @@ caf::error row_refused(const key_record& rec, std::string why) {
                          "key '" + rec.key_id + "': " + std::move(why));
 }
 
-caf::expected<std::vector<uint8_t>> compute_row_mac(pkcs11::session& sess,
-                                                    const key_handles& keys,
-                                                    const key_record& rec) {
-  return sess.sign(CKM_SHA256_HMAC, keys.row_mac, row_mac_input(rec));
-}
-
 } // namespace
+
+caf::expected<std::vector<uint8_t>> compute_row_mac(pkcs11::session& sess,
+                                                    const master_key_set& set,
+                                                    const key_record& rec) {
+  return sess.sign(CKM_SHA256_HMAC, set.row_mac, row_mac_input(rec));
+}
 
 std::vector<uint8_t> row_mac_input(const key_record& rec) {
   std::vector<uint8_t> out;
@@ -81,26 +164,31 @@ std::vector<uint8_t> row_mac_input(const key_record& rec) {
   return out;
 }
 
-caf::error check_row(pkcs11::session& sess, const key_handles& keys,
-                     const key_record& rec) {
+caf::expected<master_key_set>
+check_row(pkcs11::session& sess, key_handles& keys, const key_record& rec) {
   if (rec.format_version != current_row_format)
     return row_refused(rec, "row format " + std::to_string(rec.format_version)
                               + " is not served (this driver reads format "
                               + std::to_string(current_row_format)
-                              + "; a format-1 row is sealed with "
-                                "'hsm-driver master-key seal')");
+                              + "; format-1 rows are sealed by 'hsm-driver "
+                                "master-key rotate')");
   if (!rec.resident()) {
     if (rec.wrap_mechanism != aes_key_wrap_pad)
       return row_refused(rec, "unknown wrap mechanism '"
                                 + printable(rec.wrap_mechanism) + "'");
-    if (rec.master_key_id != keys.master_key_id)
-      return row_refused(
-        rec, "wrapped under master key '" + printable(rec.master_key_id)
-               + "'; this driver holds '" + keys.master_key_id + "'");
-  } else if (!rec.master_key_id.empty()) {
-    return row_refused(rec, "a token-resident row names a master key");
+    if (rec.master_key_id.empty())
+      return row_refused(rec, "a wrapped row names no master key");
   }
-  auto mac = compute_row_mac(sess, keys, rec);
+  auto set = key_set_for(sess, keys, rec.master_key_id);
+  if (!set) {
+    if (set.error() == key_errc::key_corrupted)
+      return row_refused(rec, describe(set.error()));
+    return set.error();
+  }
+  if (set->row_mac == CK_INVALID_HANDLE)
+    return row_refused(rec, "master key '" + set->label
+                              + "' has no row-MAC key on this token");
+  auto mac = compute_row_mac(sess, *set, rec);
   if (!mac)
     return mac.error();
   if (rec.row_mac.size() != mac->size()
@@ -108,13 +196,13 @@ caf::error check_row(pkcs11::session& sess, const key_handles& keys,
     return row_refused(rec, "the row MAC does not match: the row was changed "
                             "or belongs to another key id; nothing was "
                             "unwrapped");
-  return caf::none;
+  return set;
 }
 
-caf::expected<key_record> make_key(pkcs11::session& sess,
-                                   const key_handles& keys, scheme s,
-                                   std::string_view key_id, bool resident,
-                                   CK_OBJECT_HANDLE* resident_handle) {
+caf::expected<key_record>
+make_key(pkcs11::session& sess, key_handles& keys, scheme s,
+         std::string_view key_id, bool resident,
+         CK_OBJECT_HANDLE* resident_handle, pkcs11::ed25519_params form) {
   if (resident_handle != nullptr)
     *resident_handle = CK_INVALID_HANDLE;
   key_record rec;
@@ -125,16 +213,17 @@ caf::expected<key_record> make_key(pkcs11::session& sess,
   if (resident) {
     auto label = resident_label(key_id);
     std::vector<uint8_t> id{key_id.begin(), key_id.end()};
-    auto key = pkcs11::generate_resident(sess, s, id, label);
+    auto key = pkcs11::generate_resident(sess, s, id, label, form);
     if (!key)
       return key.error();
     rec.public_key = std::move(key->public_key);
     rec.key_blob.assign(label.begin(), label.end());
     rec.wrap_mechanism = std::string{resident_mechanism};
+    rec.master_key_id = keys.master_key_id;
     if (resident_handle != nullptr)
       *resident_handle = key->handle;
   } else {
-    auto key = pkcs11::generate_wrapped(sess, keys.master, s);
+    auto key = pkcs11::generate_wrapped(sess, keys.master, s, false, form);
     if (!key)
       return key.error();
     rec.public_key = std::move(key->public_key);
@@ -142,7 +231,7 @@ caf::expected<key_record> make_key(pkcs11::session& sess,
     rec.wrap_mechanism = std::string{aes_key_wrap_pad};
     rec.master_key_id = keys.master_key_id;
   }
-  auto mac = compute_row_mac(sess, keys, rec);
+  auto mac = compute_row_mac(sess, keys.current(), rec);
   if (!mac)
     return mac.error();
   rec.row_mac = std::move(*mac);
@@ -162,16 +251,17 @@ caf::expected<key_record> make_key(pkcs11::session& sess,
 }
 
 caf::expected<std::vector<uint8_t>>
-sign_with(pkcs11::session& sess, const key_handles& keys, const key_record& rec,
+sign_with(pkcs11::session& sess, key_handles& keys, const key_record& rec,
           std::span<const uint8_t> payload) {
-  if (auto err = check_row(sess, keys, rec))
-    return err;
+  auto set = check_row(sess, keys, rec);
+  if (!set)
+    return set.error();
   if (rec.resident()) {
     std::vector<uint8_t> id{rec.key_id.begin(), rec.key_id.end()};
     std::string label{rec.key_blob.begin(), rec.key_blob.end()};
     return pkcs11::sign_resident(sess, rec.scheme, id, label, payload);
   }
-  return pkcs11::sign_wrapped(sess, keys.master, rec.scheme, rec.key_blob,
+  return pkcs11::sign_wrapped(sess, set->master, rec.scheme, rec.key_blob,
                               payload);
 }
 

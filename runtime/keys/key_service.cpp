@@ -35,7 +35,7 @@ caf::expected<key_result> key_service::generate(std::string_view key_id,
     return err;
   CK_OBJECT_HANDLE resident_handle = CK_INVALID_HANDLE;
   auto rec = make_key(sess_, keys_, *s, key_id, caps_.of(*s).resident,
-                      &resident_handle);
+                      &resident_handle, caps_.of(*s).params);
   if (!rec)
     return rec.error();
   // Durable before visible: the answer is built from what the store

@@ -59,8 +59,8 @@ std::string wrap_hint(scheme s, const caf::error& err) {
 
 /// One wrapped round trip: generate, wrap, unwrap, sign, verify, destroy.
 caf::error probe_wrapped(pkcs11::session& sess, CK_OBJECT_HANDLE master,
-                         scheme s) {
-  auto key = pkcs11::generate_wrapped(sess, master, s);
+                         scheme s, pkcs11::ed25519_params form) {
+  auto key = pkcs11::generate_wrapped(sess, master, s, false, form);
   if (!key)
     return key.error();
   auto payload = fixed_payload(s, "hsm-driver capability probe");
@@ -84,10 +84,11 @@ std::string probe_object_id(scheme s) {
 
 /// One resident round trip: generate, sign, verify, destroy -- the probe's
 /// own object, by its handle, and nothing else.
-caf::error probe_resident(pkcs11::session& sess, scheme s) {
+caf::error probe_resident(pkcs11::session& sess, scheme s,
+                          pkcs11::ed25519_params form) {
   auto id = probe_object_id(s);
   std::vector<uint8_t> id_bytes{id.begin(), id.end()};
-  auto key = pkcs11::generate_resident(sess, s, id_bytes, id);
+  auto key = pkcs11::generate_resident(sess, s, id_bytes, id, form);
   if (!key)
     return key.error();
   auto payload = fixed_payload(s, "hsm-driver capability probe");
@@ -105,6 +106,22 @@ caf::error probe_resident(pkcs11::session& sess, scheme s) {
   return result;
 }
 
+/// True if `err` is C_GenerateKeyPair refusing the curve parameters.
+bool params_refused(const caf::error& err) {
+  auto rv = pkcs11::rv_of(err);
+  if (!rv || pkcs11::function_of(err) != "C_GenerateKeyPair")
+    return false;
+  switch (*rv) {
+    case CKR_ATTRIBUTE_VALUE_INVALID:
+    case CKR_DOMAIN_PARAMS_INVALID:
+    case CKR_CURVE_NOT_SUPPORTED:
+    case CKR_TEMPLATE_INCONSISTENT:
+      return true;
+    default:
+      return false;
+  }
+}
+
 } // namespace
 
 caf::expected<capabilities> probe(pkcs11::session& sess,
@@ -116,8 +133,21 @@ caf::expected<capabilities> probe(pkcs11::session& sess,
     auto& c = caps.schemes[i];
     c.scheme = s;
     c.resident = resident_opt_in.count(s) > 0;
-    auto err = c.resident ? probe_resident(sess, s)
-                          : probe_wrapped(sess, master, s);
+    auto round_trip = [&](pkcs11::ed25519_params form) {
+      return c.resident ? probe_resident(sess, s, form)
+                        : probe_wrapped(sess, master, s, form);
+    };
+    auto err = round_trip(pkcs11::ed25519_params::oid);
+    if (err && s == scheme::ed25519 && params_refused(err)) {
+      auto second = round_trip(pkcs11::ed25519_params::curve_name);
+      if (!second) {
+        c.params = pkcs11::ed25519_params::curve_name;
+        err = caf::none;
+      } else if (!params_refused(second)) {
+        // The name got further than the OID: its failure says more.
+        err = second;
+      }
+    }
     if (err && is_session_failure(err))
       return err;
     c.served = !err;

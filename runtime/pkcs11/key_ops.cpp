@@ -8,14 +8,17 @@ namespace hsm::pkcs11 {
 namespace {
 
 /// DER-encoded `CKA_EC_PARAMS` for key generation (the curve OID).
-const std::vector<uint8_t>& ec_params(scheme x) {
+const std::vector<uint8_t>& ec_params(scheme x, ed25519_params form) {
   // OID 1.3.132.0.10 (secp256k1), 1.2.840.10045.3.1.7 (prime256v1),
-  // 1.3.101.112 (Ed25519, RFC 8410).
+  // 1.3.101.112 (Ed25519, RFC 8410), or PrintableString "edwards25519".
   static const std::vector<uint8_t> k1{0x06, 0x05, 0x2B, 0x81,
                                        0x04, 0x00, 0x0A};
   static const std::vector<uint8_t> r1{0x06, 0x08, 0x2A, 0x86, 0x48,
                                        0xCE, 0x3D, 0x03, 0x01, 0x07};
   static const std::vector<uint8_t> ed{0x06, 0x03, 0x2B, 0x65, 0x70};
+  static const std::vector<uint8_t> ed_name{0x13, 0x0C, 'e', 'd', 'w',
+                                            'a',  'r',  'd', 's', '2',
+                                            '5',  '5',  '1', '9'};
   switch (x) {
     case scheme::secp256k1:
       return k1;
@@ -24,7 +27,7 @@ const std::vector<uint8_t>& ec_params(scheme x) {
     case scheme::ed25519:
       break;
   }
-  return ed;
+  return form == ed25519_params::curve_name ? ed_name : ed;
 }
 
 CK_MECHANISM_TYPE keygen_mechanism(scheme s) {
@@ -41,12 +44,12 @@ CK_KEY_TYPE key_type(scheme s) {
 }
 
 /// Public half: a session object we only read CKA_EC_POINT from.
-attributes public_template(scheme s) {
+attributes public_template(scheme s, ed25519_params form) {
   attributes t;
   t.add_bool(CKA_TOKEN, false)
     .add_bool(CKA_PRIVATE, false)
     .add_bool(CKA_VERIFY, true)
-    .add_bytes(CKA_EC_PARAMS, ec_params(s));
+    .add_bytes(CKA_EC_PARAMS, ec_params(s, form));
   return t;
 }
 
@@ -99,10 +102,10 @@ caf::error unwrap_failure(const caf::error& err) {
 
 } // namespace
 
-caf::expected<generated_key> generate_wrapped(session& sess,
-                                              CK_OBJECT_HANDLE master, scheme s,
-                                              bool wrap_with_trusted) {
-  auto pub_tmpl = public_template(s);
+caf::expected<generated_key>
+generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
+                 bool wrap_with_trusted, ed25519_params form) {
+  auto pub_tmpl = public_template(s, form);
   auto priv_tmpl = private_template(false, true, wrap_with_trusted);
   auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);
   if (!pair)
@@ -163,10 +166,10 @@ caf::error destroy_resident(session& sess, std::span<const uint8_t> id,
   return destroy_matching(sess, tmpl);
 }
 
-caf::expected<resident_key> generate_resident(session& sess, scheme s,
-                                              std::span<const uint8_t> id,
-                                              std::string_view label) {
-  auto pub_tmpl = public_template(s);
+caf::expected<resident_key>
+generate_resident(session& sess, scheme s, std::span<const uint8_t> id,
+                  std::string_view label, ed25519_params form) {
+  auto pub_tmpl = public_template(s, form);
   auto priv_tmpl = private_template(true, false, false);
   priv_tmpl.add_bytes(CKA_ID, id).add_text(CKA_LABEL, label);
   auto pair = sess.generate_key_pair(keygen_mechanism(s), pub_tmpl, priv_tmpl);

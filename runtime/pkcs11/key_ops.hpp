@@ -21,6 +21,15 @@
 
 namespace hsm::pkcs11 {
 
+/// How `CKA_EC_PARAMS` names the Ed25519 curve: the RFC 8410 OID
+/// (1.3.101.112, what SoftHSMv2 takes), or the PKCS#11 3.0 PrintableString
+/// "edwards25519" (what Thales Luna wants). The capability probe finds the
+/// one the token takes. Other schemes always use their curve OID.
+enum class ed25519_params {
+  oid,
+  curve_name,
+};
+
 /// A new key as the store will keep it.
 struct generated_key {
   /// Canonical public key (SEC1 uncompressed, or 32 bytes for Ed25519).
@@ -36,7 +45,8 @@ struct generated_key {
 /// trusted key may wrap it.
 [[nodiscard]] caf::expected<generated_key>
 generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
-                 bool wrap_with_trusted = false);
+                 bool wrap_with_trusted = false,
+                 ed25519_params form = ed25519_params::oid);
 
 /// Unwraps `blob` into a non-extractable session key, signs `payload` with
 /// the scheme's mechanism (CKM_ECDSA over the hash, CKM_EDDSA over the
@@ -61,7 +71,8 @@ struct resident_key {
 /// a session object, destroyed here.
 [[nodiscard]] caf::expected<resident_key>
 generate_resident(session& sess, scheme s, std::span<const uint8_t> id,
-                  std::string_view label);
+                  std::string_view label,
+                  ed25519_params form = ed25519_params::oid);
 
 /// Signs with the token-resident private key with CKA_ID = `id` and
 /// CKA_LABEL = `label`. A missing object is `key_errc::key_corrupted` (the

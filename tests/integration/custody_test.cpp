@@ -86,29 +86,6 @@ struct attacker {
   }
 };
 
-/// A master key as tokens were set up before the policy: wrap/unwrap,
-/// sensitive, not extractable, and nothing else said.
-CK_OBJECT_HANDLE make_legacy_master_key(pkcs11::session& sess,
-                                        std::string_view label) {
-  pkcs11::attributes t;
-  t.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
-    .add_ulong(CKA_KEY_TYPE, CKK_AES)
-    .add_text(CKA_LABEL, label)
-    .add_bool(CKA_TOKEN, true)
-    .add_bool(CKA_PRIVATE, true)
-    .add_bool(CKA_SENSITIVE, true)
-    .add_bool(CKA_EXTRACTABLE, false)
-    .add_bool(CKA_WRAP, true)
-    .add_bool(CKA_UNWRAP, true)
-    .add_bool(CKA_ENCRYPT, false)
-    .add_bool(CKA_DECRYPT, false)
-    .add_ulong(CKA_VALUE_LEN, 32);
-  auto key = sess.generate_key(CKM_AES_KEY_GEN, t);
-  if (!key)
-    throw std::runtime_error("legacy master key: " + describe(key.error()));
-  return *key;
-}
-
 /// True if `der` is a PKCS#8 PrivateKeyInfo OpenSSL can read: the
 /// plaintext private key.
 bool is_pkcs8_private_key(const bytes& der) {
@@ -161,7 +138,7 @@ TEST(CustodyTest, MasterKeyFromInitRefusesEveryExtractionAttempt) {
 
 TEST(CustodyTest, LegacyMasterKeyLeaksAndIsNamedWeak) {
   auto tok = test::make_token(test::unique_label("legacy"));
-  auto legacy = make_legacy_master_key(tok.sess, "legacy-master");
+  auto legacy = test::make_legacy_master_key(tok.sess, "legacy-master");
   attacker a{tok.sess};
 
   auto k1 = pkcs11::generate_wrapped(tok.sess, legacy, scheme::p256);

@@ -30,7 +30,7 @@ protected:
     ASSERT_TRUE(slot);
     ctx->slot = *slot;
     ctx->pin = std::make_shared<const pkcs11::secret_pin>(test::user_pin);
-    ctx->master_key_label = "hsm-driver-master";
+    ctx->master_keys.current = "hsm-driver-master";
     ctx->caps = *caps;
     session = spawn_hsm_session(sys, ctx, 0, 7,
                                 caf::actor_cast<session_supervisor_actor>(

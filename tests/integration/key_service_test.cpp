@@ -16,6 +16,7 @@
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <iterator>
 
@@ -117,6 +118,46 @@ TEST_F(KeyServiceTest, ProbeWithResidentOptInServesEd25519) {
   auto found = token->sess.find(tmpl, 16);
   ASSERT_TRUE(found);
   EXPECT_TRUE(found->empty());
+}
+
+TEST_F(KeyServiceTest, Ed25519FallsBackToTheCurveNameWhereTheOidIsRefused) {
+  // A token that wants the PKCS#11 3.0 PrintableString "edwards25519"
+  // (Thales Luna) refuses the RFC 8410 OID: stand in for it by refusing
+  // every Ed25519 generation whose CKA_EC_PARAMS is the OID.
+  static const std::vector<uint8_t> oid{0x06, 0x03, 0x2B, 0x65, 0x70};
+  std::atomic<int> refused{0};
+  test::shared_plan()->check_public_template = [&](const CK_ATTRIBUTE* pub,
+                                                   CK_ULONG n) -> CK_RV {
+    for (CK_ULONG i = 0; i < n; ++i) {
+      if (pub[i].type != CKA_EC_PARAMS)
+        continue;
+      auto* p = static_cast<const uint8_t*>(pub[i].pValue);
+      if (std::vector<uint8_t>(p, p + pub[i].ulValueLen) == oid) {
+        ++refused;
+        return CKR_CURVE_NOT_SUPPORTED;
+      }
+    }
+    return CKR_OK;
+  };
+  auto caps = keys::probe(token->sess, token->master, {scheme::ed25519});
+  ASSERT_TRUE(caps) << describe(caps.error());
+  auto& ed = caps->of(scheme::ed25519);
+  EXPECT_TRUE(ed.served) << ed.detail;
+  EXPECT_EQ(ed.params, pkcs11::ed25519_params::curve_name);
+  EXPECT_EQ(refused.load(), 1);
+  // Keys are then made with the form the probe found, and sign.
+  keys::key_service svc{token->sess, handles(), *st, *caps};
+  auto key = svc.generate("ed-by-name", "ed25519");
+  ASSERT_TRUE(key) << describe(key.error());
+  std::vector<uint8_t> msg{'h', 'i'};
+  auto sig = svc.sign("ed-by-name", msg);
+  test::shared_plan()->check_public_template = nullptr;
+  ASSERT_TRUE(sig) << describe(sig.error());
+  EXPECT_EQ(refused.load(), 1);
+  // A token that takes the OID keeps it.
+  auto plain = keys::probe(token->sess, token->master, {scheme::ed25519});
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->of(scheme::ed25519).params, pkcs11::ed25519_params::oid);
 }
 
 TEST_F(KeyServiceTest, ProbeLeavesResidentKeysItDidNotMake) {

@@ -32,6 +32,9 @@ public:
     if (plan_->before_generate_key_pair)
       if (auto rv = plan_->before_generate_key_pair(n); rv != CKR_OK)
         return rv;
+    if (plan_->check_public_template)
+      if (auto rv = plan_->check_public_template(pub, npub); rv != CKR_OK)
+        return rv;
     return forwarding_table::generate_key_pair(h, m, pub, npub, priv, npriv,
                                                hpub, hpriv);
   }

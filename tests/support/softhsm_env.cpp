@@ -116,6 +116,27 @@ test_token make_token(const std::string& label, std::string_view master_label) {
   return test_token{label, std::move(*sess), *master};
 }
 
+CK_OBJECT_HANDLE make_legacy_master_key(pkcs11::session& sess,
+                                        std::string_view label) {
+  pkcs11::attributes t;
+  t.add_ulong(CKA_CLASS, CKO_SECRET_KEY)
+    .add_ulong(CKA_KEY_TYPE, CKK_AES)
+    .add_text(CKA_LABEL, label)
+    .add_bool(CKA_TOKEN, true)
+    .add_bool(CKA_PRIVATE, true)
+    .add_bool(CKA_SENSITIVE, true)
+    .add_bool(CKA_EXTRACTABLE, false)
+    .add_bool(CKA_WRAP, true)
+    .add_bool(CKA_UNWRAP, true)
+    .add_bool(CKA_ENCRYPT, false)
+    .add_bool(CKA_DECRYPT, false)
+    .add_ulong(CKA_VALUE_LEN, 32);
+  auto key = sess.generate_key(CKM_AES_KEY_GEN, t);
+  if (!key)
+    throw std::runtime_error("legacy master key: " + describe(key.error()));
+  return *key;
+}
+
 } // namespace hsm::test
 
 int main(int argc, char** argv) {

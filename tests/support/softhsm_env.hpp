@@ -62,4 +62,10 @@ struct test_token {
 test_token make_token(const std::string& label,
                       std::string_view master_label = "hsm-driver-master");
 
+/// A master key as tokens were set up before the master-key policy:
+/// AES-256, wrap/unwrap, sensitive, not extractable, and nothing else said
+/// (no unwrap template; modifiable, copyable). No row-MAC key.
+CK_OBJECT_HANDLE make_legacy_master_key(pkcs11::session& sess,
+                                        std::string_view label);
+
 } // namespace hsm::test

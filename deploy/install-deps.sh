@@ -9,7 +9,7 @@ packages=(
   # actor framework (0.17 API)
   libcaf-dev
   # crypto: host-side verification, TLS, PKI tooling
-  libssl-dev openssl libsecp256k1-dev
+  libssl-dev openssl libsecp256k1-dev libsodium-dev
   # PKCS#11 header and the software token used by dev mode and tests
   libp11-kit-dev softhsm2
   # key stores

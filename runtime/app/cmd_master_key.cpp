@@ -267,7 +267,7 @@ int cmd_master_key_rotate(const driver_config& cfg,
     auto master = pkcs11::find_master_key(sess, from);
     if (!master)
       return fail(master.error());
-    from_set = keys::master_key_set{*master, CK_INVALID_HANDLE, from};
+    from_set = keys::master_key_set{*master, CK_INVALID_HANDLE, from, false};
   }
   if (!from_set)
     return fail(from_set.error());

@@ -68,9 +68,9 @@ void report_resident_keys(pkcs11::session& sess, store::key_store& st) {
               "generation races (a row names another object under their key "
               "id){}",
               destroyed, losers,
-              rep->failures.empty() ? std::string{}
-                                    : "; not destroyed: "
-                                        + rep->failures.front());
+              rep->failures.empty()
+                ? std::string{}
+                : "; not destroyed: " + rep->failures.front());
   if (orphans > 0)
     log->warn("token-resident keys: {} in use, {} orphan(s) (no row: a put "
               "that failed, or one still in flight on another driver), left "

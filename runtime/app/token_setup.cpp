@@ -138,7 +138,9 @@ set_up_keys(pkcs11::session& sess, const driver_config& cfg, key_steps steps) {
   // A weak master key is named before anything else is asked of it.
   if (auto master = pkcs11::find_master_key(sess, plan->current); master)
     if (auto err = check_master_key_policy(
-          sess, keys::master_key_set{*master, CK_INVALID_HANDLE, plan->current},
+          sess,
+          keys::master_key_set{*master, CK_INVALID_HANDLE, plan->current,
+                               false},
           cfg))
       return err;
   auto keys = keys::find_key_handles(sess, *plan);

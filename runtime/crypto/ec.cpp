@@ -6,6 +6,7 @@
 #include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/obj_mac.h>
+#include <sodium.h>
 
 #include <memory>
 #include <string>
@@ -65,6 +66,15 @@ caf::expected<std::vector<uint8_t>> reencode(scheme s,
   return out;
 }
 
+/// libsodium's check: a canonical encoding of a point on the curve, in the
+/// prime-order subgroup, not of small order (32 zero bytes, the identity,
+/// ... are refused).
+bool valid_ed25519_point(std::span<const uint8_t> point) {
+  static const bool ready = sodium_init() >= 0;
+  return ready && point.size() == crypto_core_ed25519_BYTES
+         && crypto_core_ed25519_is_valid_point(point.data()) == 1;
+}
+
 } // namespace
 
 caf::expected<std::vector<uint8_t>>
@@ -79,6 +89,11 @@ parse_ec_point(scheme s, std::span<const uint8_t> ec_point) {
     else if (size != ed25519_size)
       return corrupted(name + ": CKA_EC_POINT has " + std::to_string(size)
                        + " bytes, expected 32 or 34");
+    if (!valid_ed25519_point(ec_point))
+      return corrupted(name
+                       + ": the public key is not a valid point (off "
+                         "the curve, not canonical, or of small "
+                         "order)");
     return std::vector<uint8_t>(ec_point.begin(), ec_point.end());
   }
   if (!is_ecdsa(s))

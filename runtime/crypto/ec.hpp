@@ -16,7 +16,8 @@ namespace hsm::crypto {
 /// SEC1 uncompressed (65 bytes, `04 X Y`) for the ECDSA schemes, 32 raw bytes
 /// for ed25519. Accepts the DER OCTET STRING form (`04 41 04 ...`,
 /// `04 20 ...`) and the bare point some tokens return. A point that is not on
-/// the curve is `key_errc::key_corrupted`.
+/// the curve (for Ed25519 also: not canonical, or of small order, such as 32
+/// zero bytes) is `key_errc::key_corrupted`.
 caf::expected<std::vector<uint8_t>>
 parse_ec_point(scheme s, std::span<const uint8_t> ec_point);
 

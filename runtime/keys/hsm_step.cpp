@@ -37,7 +37,10 @@ caf::expected<master_key_set> find_key_set(pkcs11::session& sess,
   auto mac = pkcs11::find_row_mac_key(sess, master_label);
   if (!mac)
     return mac.error();
-  return master_key_set{*master, *mac, std::string{master_label}};
+  auto trusted = pkcs11::is_trusted(sess, *master);
+  if (!trusted)
+    return trusted.error();
+  return master_key_set{*master, *mac, std::string{master_label}, *trusted};
 }
 
 caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
@@ -56,6 +59,7 @@ caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
   out.master = cur->master;
   out.row_mac = cur->row_mac;
   out.master_key_id = cur->label;
+  out.master_trusted = cur->trusted;
   out.retired = plan.retired;
   out.allow_weak = plan.allow_weak;
   if (!plan.previous.empty() && plan.previous != plan.current) {
@@ -66,7 +70,7 @@ caf::expected<key_handles> find_key_handles(pkcs11::session& sess,
       auto master = pkcs11::find_master_key(sess, plan.previous);
       if (!master)
         return master.error();
-      prev = master_key_set{*master, CK_INVALID_HANDLE, plan.previous};
+      prev = master_key_set{*master, CK_INVALID_HANDLE, plan.previous, false};
     }
     if (!prev)
       return prev.error();
@@ -223,7 +227,8 @@ make_key(pkcs11::session& sess, key_handles& keys, scheme s,
     if (resident_handle != nullptr)
       *resident_handle = key->handle;
   } else {
-    auto key = pkcs11::generate_wrapped(sess, keys.master, s, false, form);
+    auto key = pkcs11::generate_wrapped(sess, keys.master, s,
+                                        keys.master_trusted, form);
     if (!key)
       return key.error();
     rec.public_key = std::move(key->public_key);

@@ -39,6 +39,9 @@ struct master_key_set {
   CK_OBJECT_HANDLE row_mac = CK_INVALID_HANDLE;
   /// The master key's label: what a row's `master_key_id` says.
   std::string label;
+  /// The token marks the master key `CKA_TRUSTED`: new keys get
+  /// `CKA_WRAP_WITH_TRUSTED`, so that only a trusted key can wrap them.
+  bool trusted = false;
 };
 
 /// The token objects serving keys: the current master key and the row-MAC
@@ -48,6 +51,8 @@ struct key_handles {
   CK_OBJECT_HANDLE row_mac = CK_INVALID_HANDLE;
   /// The current master key's label: what a new row's `master_key_id` says.
   std::string master_key_id;
+  /// The current master key is `CKA_TRUSTED` (`master_key_set::trusted`).
+  bool master_trusted = false;
   /// Other master keys this driver serves rows of: the source of a running
   /// rotation, and keys a rotation that began after start moved rows to
   /// (found on the token by the label a row names, when the row comes).
@@ -59,7 +64,7 @@ struct key_handles {
 
   /// The current set.
   master_key_set current() const {
-    return {master, row_mac, master_key_id};
+    return {master, row_mac, master_key_id, master_trusted};
   }
 };
 

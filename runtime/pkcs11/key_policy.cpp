@@ -84,6 +84,17 @@ caf::expected<std::optional<bool>> read_bool(session& s, CK_OBJECT_HANDLE key,
   return std::optional<bool>{(*v)[0] != CK_FALSE};
 }
 
+} // namespace
+
+caf::expected<bool> is_trusted(session& s, CK_OBJECT_HANDLE key) {
+  auto v = read_bool(s, key, CKA_TRUSTED);
+  if (!v)
+    return v.error();
+  return v->value_or(false);
+}
+
+namespace {
+
 const char* text(bool b) {
   return b ? "TRUE" : "FALSE";
 }

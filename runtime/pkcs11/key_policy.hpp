@@ -56,6 +56,11 @@ struct weakness {
 [[nodiscard]] caf::expected<std::vector<weakness>>
 inspect_master_key(session& s, CK_OBJECT_HANDLE key);
 
+/// True if the token marks `key` `CKA_TRUSTED` (set by the security
+/// officer): keys generated with `CKA_WRAP_WITH_TRUSTED` may then be wrapped
+/// by it, and by no untrusted key. False where the token does not report it.
+[[nodiscard]] caf::expected<bool> is_trusted(session& s, CK_OBJECT_HANDLE key);
+
 /// One line naming every weakness, for the refusal and for the warning
 /// under `--allow-weak-master-key`.
 [[nodiscard]] std::string describe(const std::vector<weakness>& found);

@@ -768,6 +768,35 @@ TEST(Ed25519PointTest, AcceptsWrappedAndRawForms) {
     hsm::crypto::compress_public_key(scheme::ed25519, key.public_key));
 }
 
+TEST(Ed25519PointTest, RefusesPointsThatAreNotValidPublicKeys) {
+  // 32 zero bytes (y = 0: a point of order 4), the identity (y = 1), y = -1
+  // (order 2), y = p (not canonical), and y = 2 (no x on the curve): none
+  // is the public key of any private key.
+  bytes zero(32, 0);
+  bytes identity(32, 0);
+  identity[0] = 1;
+  bytes minus_one(32, 0xff);
+  minus_one[0] = 0xec;
+  minus_one[31] = 0x7f;
+  bytes p(32, 0xff);
+  p[0] = 0xed;
+  p[31] = 0x7f;
+  bytes two(32, 0);
+  two[0] = 2;
+  for (const auto& input : {zero, identity, minus_one, p, two}) {
+    auto parsed = hsm::crypto::parse_ec_point(scheme::ed25519, input);
+    ASSERT_FALSE(parsed) << hsm::crypto::to_hex(input);
+    EXPECT_EQ(parsed.error(), key_errc::key_corrupted);
+    EXPECT_NE(describe(parsed.error()).find("not a valid point"),
+              std::string::npos);
+  }
+  // A real key passes (RFC 8032, test 1).
+  auto rfc = hsm::crypto::from_hex(
+    "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+  ASSERT_TRUE(rfc);
+  EXPECT_TRUE(hsm::crypto::parse_ec_point(scheme::ed25519, *rfc));
+}
+
 // -- Ed25519 ------------------------------------------------------------------
 
 TEST(Ed25519Test, FinishesOpenSslSignatures) {

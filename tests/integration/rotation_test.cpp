@@ -142,6 +142,23 @@ protected:
 TEST_F(RotationTest, MovesLegacyRowsToASoundKeyAndRetiresTheOldOne) {
   record_canary();
   put_format_1_rows(6);
+  // And a token-resident key of that release: sealed, not re-wrapped.
+  std::string rid = "resident-0";
+  std::string rlabel = rid + "/0123456789abcdef";
+  auto resident = pkcs11::generate_resident(
+    token->sess, scheme::p256, std::vector<uint8_t>(rid.begin(), rid.end()),
+    rlabel);
+  ASSERT_TRUE(resident) << describe(resident.error());
+  key_record rrec;
+  rrec.key_id = rid;
+  rrec.scheme = scheme::p256;
+  rrec.public_key = resident->public_key;
+  rrec.key_blob.assign(rlabel.begin(), rlabel.end());
+  rrec.wrap_mechanism = std::string{resident_mechanism};
+  rrec.created_at_ms = 1;
+  rrec.format_version = 1;
+  ASSERT_TRUE(st->put(rrec));
+  public_keys[rid] = rrec.public_key;
   // The legacy key is refused at start, naming what is weak.
   auto refused = run({"--master-key-label", std::string{old_label}, "keys",
                       "sign", "--key-id", "old-0", "--payload",
@@ -157,11 +174,12 @@ TEST_F(RotationTest, MovesLegacyRowsToASoundKeyAndRetiresTheOldOne) {
   ASSERT_EQ(rotated.exit_code, 0) << rotated.out << rotated.err;
   auto out = json::parse(rotated.out);
   EXPECT_EQ(out["rewrapped"], 6);
+  EXPECT_EQ(out["resealed"], 1);
   EXPECT_EQ(out["rows_left"], 0);
   EXPECT_TRUE(out["canary_moved"].get<bool>());
   EXPECT_EQ(out["rotation"]["phase"], "running");
   EXPECT_EQ(census(),
-            (std::map<std::string, uint64_t>{{std::string{new_label}, 6}}));
+            (std::map<std::string, uint64_t>{{std::string{new_label}, 7}}));
 
   // Every key signs under the new key, for the public key it always had.
   auto handles = keys::find_key_handles(token->sess, new_label);
@@ -178,7 +196,7 @@ TEST_F(RotationTest, MovesLegacyRowsToASoundKeyAndRetiresTheOldOne) {
     {"--master-key-label", std::string{new_label}, "master-key", "check"});
   ASSERT_EQ(check.exit_code, 0) << check.out << check.err;
   auto c = json::parse(check.out);
-  EXPECT_EQ(c["row_macs"]["checked"], 6);
+  EXPECT_EQ(c["row_macs"]["checked"], 7);
   EXPECT_EQ(c["row_macs"]["failed"], 0);
   EXPECT_EQ(c["rotation"]["rows_left"], 0);
   EXPECT_TRUE(c["master_keys"][0]["sound"].get<bool>());

@@ -40,6 +40,8 @@ std::string to_string(key_errc x) {
       return "master_key_missing";
     case key_errc::master_key_weak:
       return "master_key_weak";
+    case key_errc::key_not_on_this_hsm:
+      return "key_not_on_this_hsm";
   }
   return "key_errc(" + std::to_string(static_cast<int>(x)) + ")";
 }
@@ -139,6 +141,8 @@ std::string describe(const caf::error& err) {
 bool is_retryable(const caf::error& err) {
   if (in_category<hsm_errc>(err))
     return err.code() != static_cast<uint8_t>(hsm_errc::fatal);
+  if (in_category<key_errc>(err))
+    return err.code() == static_cast<uint8_t>(key_errc::key_not_on_this_hsm);
   if (in_category<net_errc>(err))
     return err.code() == static_cast<uint8_t>(net_errc::unreachable)
            || err.code() == static_cast<uint8_t>(net_errc::http_status);

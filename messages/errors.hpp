@@ -54,6 +54,10 @@ enum class key_errc : uint8_t {
   /// The master key's attributes let a blob leave the HSM (extractable,
   /// modifiable, no unwrap template, ...).
   master_key_weak,
+  /// This driver's HSM does not hold what the row names (a token-resident
+  /// key, or the master key a rotation moved it to): retryable, so that a
+  /// driver whose HSM holds it serves the request.
+  key_not_on_this_hsm,
 };
 
 /// Errors of the key store.

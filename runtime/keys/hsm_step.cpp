@@ -107,7 +107,7 @@ key_set_for(pkcs11::session& sess, key_handles& keys, std::string_view label) {
   auto set = find_key_set(sess, label);
   if (!set) {
     if (set.error() == key_errc::master_key_missing)
-      return caf::make_error(key_errc::master_key_missing,
+      return caf::make_error(key_errc::key_not_on_this_hsm,
                              "master key '" + printable(label)
                                + "': this token does not hold it (or its "
                                  "row-MAC key); a rotation moved rows to "

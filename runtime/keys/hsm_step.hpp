@@ -86,7 +86,8 @@ find_key_handles(pkcs11::session& sess, const master_key_plan& plan);
 /// on the token, its policy checked (`pkcs11::inspect_master_key`; a weak
 /// key is `key_errc::master_key_weak` unless `allow_weak`) and kept in
 /// `others`. A retired label is `key_errc::key_corrupted`, one the token
-/// lacks `key_errc::master_key_missing`, each naming it.
+/// lacks `key_errc::key_not_on_this_hsm` (retryable: another driver's HSM
+/// may hold it), each naming it.
 [[nodiscard]] caf::expected<master_key_set>
 key_set_for(pkcs11::session& sess, key_handles& keys, std::string_view label);
 

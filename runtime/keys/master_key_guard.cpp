@@ -5,6 +5,7 @@
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/key_ops.hpp"
+#include "runtime/pkcs11/rv.hpp"
 
 namespace hsm::keys {
 
@@ -55,7 +56,12 @@ check_master_key(pkcs11::session& sess, CK_OBJECT_HANDLE master,
   auto raw = pkcs11::sign_wrapped(sess, master, scheme::p256, c.wrapped_key,
                                   payload);
   if (!raw) {
-    if (raw.error() == key_errc::key_corrupted)
+    // Another master key shows as any unwrap failure (SoftHSMv2 answers
+    // CKR_GENERAL_ERROR), unless the session or token itself went away.
+    auto rv = pkcs11::rv_of(raw.error());
+    bool unwrap_step = pkcs11::function_of(raw.error()) == "C_UnwrapKey";
+    if (raw.error() == key_errc::key_corrupted
+        || (unwrap_step && rv && !pkcs11::session_lost(*rv)))
       return mismatch("it cannot unwrap the canary");
     return raw.error();
   }

@@ -148,8 +148,15 @@ caf::expected<capabilities> probe(pkcs11::session& sess,
         err = second;
       }
     }
-    if (err && is_session_failure(err))
-      return err;
+    // A round trip that fails is a scheme not served, even where the token
+    // answers with a device or general error (SoftHSMv2 answers
+    // CKR_FUNCTION_FAILED to an Ed25519 unwrap); only a lost session or
+    // token stops the probe.
+    if (err && is_session_failure(err)) {
+      auto rv = pkcs11::rv_of(err);
+      if (!rv || pkcs11::session_lost(*rv))
+        return err;
+    }
     c.served = !err;
     c.detail = err ? wrap_hint(s, err) : "ok";
   }

@@ -90,11 +90,12 @@ read_public_key(session& sess, CK_OBJECT_HANDLE pub, scheme s) {
   return crypto::parse_ec_point(s, *point);
 }
 
-/// Maps an unwrap failure: session-level classes pass through (the caller
-/// retries on another session); anything else means the blob is unusable.
-/// The CK_RV stays in the error (`rv_of`).
+/// Maps an unwrap failure: a refusal of the blob itself (`blob_refused`)
+/// is `key_errc::key_corrupted`; anything else keeps its class (a device
+/// or general error is retried on a new session). The CK_RV stays in the
+/// error (`rv_of`).
 caf::error unwrap_failure(const caf::error& err) {
-  if (err == hsm_errc::fatal)
+  if (auto rv = rv_of(err); rv && blob_refused(*rv))
     return rv_error_as(key_errc::key_corrupted,
                        "the token cannot unwrap the stored key", err);
   return err;
@@ -196,13 +197,15 @@ sign_resident(session& sess, scheme s, std::span<const uint8_t> id,
   auto found = sess.find(tmpl, 2);
   if (!found)
     return found.error();
+  if (found->empty())
+    return caf::make_error(key_errc::key_not_on_this_hsm,
+                           std::string{"this HSM holds no resident key with "
+                                       "this key id and label (it lives in "
+                                       "the HSM that made it)"});
   if (found->size() != 1)
     return caf::make_error(key_errc::key_corrupted,
-                           found->empty()
-                             ? std::string{"the token holds no resident key "
-                                           "with this key id and label"}
-                             : std::string{"the token holds several resident "
-                                           "keys with this key id and label"});
+                           std::string{"the token holds several resident "
+                                       "keys with this key id and label"});
   return sess.sign(sign_mechanism(s), found->front(), payload);
 }
 

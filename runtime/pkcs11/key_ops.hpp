@@ -51,7 +51,8 @@ generate_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
 /// Unwraps `blob` into a non-extractable session key, signs `payload` with
 /// the scheme's mechanism (CKM_ECDSA over the hash, CKM_EDDSA over the
 /// message), destroys the key. Returns the token's raw signature. An unwrap
-/// the token refuses for a non-session reason is `key_errc::key_corrupted`.
+/// that refuses the blob itself (`blob_refused`) is `key_errc::key_corrupted`;
+/// other failures keep their class (`classify`).
 [[nodiscard]] caf::expected<std::vector<uint8_t>>
 sign_wrapped(session& sess, CK_OBJECT_HANDLE master, scheme s,
              std::span<const uint8_t> blob, std::span<const uint8_t> payload);
@@ -75,8 +76,9 @@ generate_resident(session& sess, scheme s, std::span<const uint8_t> id,
                   ed25519_params form = ed25519_params::oid);
 
 /// Signs with the token-resident private key with CKA_ID = `id` and
-/// CKA_LABEL = `label`. A missing object is `key_errc::key_corrupted` (the
-/// store names a key this token does not hold).
+/// CKA_LABEL = `label`. A missing object is `key_errc::key_not_on_this_hsm`
+/// (retryable: the key lives in another driver's HSM); two are
+/// `key_errc::key_corrupted`.
 [[nodiscard]] caf::expected<std::vector<uint8_t>>
 sign_resident(session& sess, scheme s, std::span<const uint8_t> id,
               std::string_view label, std::span<const uint8_t> payload);

@@ -27,7 +27,7 @@ caf::expected<std::vector<uint8_t>> rewrap(session& sess, CK_OBJECT_HANDLE from,
                     "it unwraps non-extractable, so no key under it can be "
                     "re-wrapped under another master key (PKCS#11 has no "
                     "operation for it, by design); its keys stay under it"});
-    if (key.error() == hsm_errc::fatal)
+    if (rv && blob_refused(*rv))
       return rv_error_as(key_errc::key_corrupted,
                          "the token cannot unwrap the stored key", key.error());
     return key.error();

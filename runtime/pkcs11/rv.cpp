@@ -216,9 +216,18 @@ hsm_errc classify(CK_RV rv) {
     // The session is dead or stuck; a new session (and login) fixes it.
     case CKR_SESSION_HANDLE_INVALID:
     case CKR_SESSION_CLOSED:
-    case CKR_DEVICE_ERROR:
     case CKR_OPERATION_ACTIVE:
     case CKR_USER_NOT_LOGGED_IN:
+    // A handle went stale (an HSM reconnect, a key object replaced): a new
+    // session finds the master key and the row-MAC key again.
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID:
+    // The device or the module failed this call: not the request's fault.
+    // A new session retries it; the supervisor's backoff and restart limit,
+    // and the proxy's delivery count, bound the retries.
+    case CKR_DEVICE_ERROR:
+    case CKR_GENERAL_ERROR:
+    case CKR_FUNCTION_FAILED:
       return hsm_errc::reopen_session;
     // The module lost the token or its own state.
     case CKR_CRYPTOKI_NOT_INITIALIZED:
@@ -230,6 +239,37 @@ hsm_errc classify(CK_RV rv) {
     // Everything else, wrong PINs first, is not retried.
     default:
       return hsm_errc::fatal;
+  }
+}
+
+bool session_lost(CK_RV rv) {
+  switch (rv) {
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+    case CKR_SLOT_ID_INVALID:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool blob_refused(CK_RV rv) {
+  switch (rv) {
+    case CKR_WRAPPED_KEY_INVALID:
+    case CKR_WRAPPED_KEY_LEN_RANGE:
+    case CKR_ENCRYPTED_DATA_INVALID:
+    case CKR_ENCRYPTED_DATA_LEN_RANGE:
+    case CKR_DATA_INVALID:
+    case CKR_DATA_LEN_RANGE:
+    case CKR_TEMPLATE_INCONSISTENT:
+      return true;
+    default:
+      return false;
   }
 }
 

@@ -32,6 +32,19 @@ std::string rv_name(CK_RV rv);
 /// The class of a failing return value (see the file comment).
 hsm_errc classify(CK_RV rv);
 
+/// True if `rv` says the session or the token is gone (not that this call
+/// failed on a live session): where a call's failure is otherwise judged
+/// by what it was asked (the probe, the master-key guard), these still end
+/// the attempt as session failures.
+bool session_lost(CK_RV rv);
+
+/// True if `rv`, from C_UnwrapKey, says the blob itself is bad (not the
+/// device, not a handle): the only unwrap failures that make a key
+/// `key_errc::key_corrupted`. SoftHSMv2 also answers CKR_GENERAL_ERROR
+/// for a corrupt blob, but a blob reaches the unwrap only after its row
+/// MAC held, so there that means the HSM failed, not the row.
+bool blob_refused(CK_RV rv);
+
 /// `make_error(classify(rv), function, rv_name(rv), uint64_t{rv})`: the
 /// context is (function, CKR name, CK_RV); `describe` shows the names only,
 /// e.g. `hsm: fatal (C_Login: CKR_PIN_INCORRECT)`.

@@ -7,6 +7,8 @@
 #include "runtime/crypto/signature.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/keys/key_service.hpp"
+#include "runtime/pkcs11/key_ops.hpp"
+#include "runtime/pkcs11/rv.hpp"
 #include "tests/support/actor_fixture.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
@@ -46,6 +48,7 @@ protected:
 
   void TearDown() override {
     test::shared_plan()->before_sign = nullptr;
+    test::shared_plan()->before_unwrap = nullptr;
     self->send_exit(session, caf::exit_reason::user_shutdown);
     sched.run();
   }
@@ -101,6 +104,65 @@ TEST_F(HsmSessionTest, SessionLevelFailureIsAnsweredThenEndsTheActor) {
     caf::make_message(sign_atom::value, *rec, test::sha256("x")));
   ASSERT_FALSE(second);
   EXPECT_EQ(second.error(), caf::sec::request_receiver_down);
+}
+
+TEST_F(HsmSessionTest, UnwrapFailuresAreClassedByTheirCkr) {
+  // The row MAC holds, so the blob is the stored one: an unwrap that then
+  // fails is the HSM's fault (retried on a new session), unless the token
+  // names the blob itself as bad.
+  struct row {
+    CK_RV rv;
+    caf::error expected;
+    bool session_ends;
+  };
+  const row rows[] = {
+    {CKR_WRAPPED_KEY_INVALID, key_errc::key_corrupted, false},
+    {CKR_ENCRYPTED_DATA_INVALID, key_errc::key_corrupted, false},
+    {CKR_GENERAL_ERROR, hsm_errc::reopen_session, true},
+    {CKR_FUNCTION_FAILED, hsm_errc::reopen_session, true},
+    {CKR_DEVICE_ERROR, hsm_errc::reopen_session, true},
+    {CKR_KEY_HANDLE_INVALID, hsm_errc::reopen_session, true},
+  };
+  for (auto& r : rows) {
+    if (r.session_ends)
+      SetUp(); // a fresh session actor for each case that ends one
+    auto rec = call<key_record>(caf::make_message(
+      generate_atom::value, std::string{"unwrap-fault"}, scheme::p256));
+    ASSERT_TRUE(rec) << describe(rec.error());
+    auto rv = r.rv;
+    test::shared_plan()->before_unwrap = [rv](int) { return rv; };
+    auto sig = call<signature_result>(
+      caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+    test::shared_plan()->before_unwrap = nullptr;
+    ASSERT_FALSE(sig) << pkcs11::rv_name(rv);
+    EXPECT_EQ(sig.error(), r.expected)
+      << pkcs11::rv_name(rv) << ": " << describe(sig.error());
+    EXPECT_EQ(is_retryable(sig.error()), r.session_ends) << pkcs11::rv_name(rv);
+    auto again = call<signature_result>(
+      caf::make_message(sign_atom::value, *rec, test::sha256("x")));
+    if (r.session_ends)
+      EXPECT_EQ(again.error(), caf::sec::request_receiver_down)
+        << pkcs11::rv_name(rv);
+    else
+      EXPECT_TRUE(again) << pkcs11::rv_name(rv);
+  }
+}
+
+TEST_F(HsmSessionTest, AResidentKeyThisHsmLacksIsRetryableForAnotherDriver) {
+  auto rec = call<key_record>(caf::make_message(
+    generate_atom::value, std::string{"elsewhere"}, scheme::ed25519));
+  ASSERT_TRUE(rec) << describe(rec.error());
+  ASSERT_TRUE(rec->resident());
+  // The key lives in another driver's HSM: here it is gone.
+  std::vector<uint8_t> id{rec->key_id.begin(), rec->key_id.end()};
+  ASSERT_FALSE(pkcs11::destroy_resident(token->sess, id));
+  auto sig = call<signature_result>(
+    caf::make_message(sign_atom::value, *rec, std::vector<uint8_t>{'h', 'i'}));
+  ASSERT_FALSE(sig);
+  EXPECT_EQ(sig.error(), key_errc::key_not_on_this_hsm)
+    << describe(sig.error());
+  EXPECT_TRUE(is_retryable(sig.error()));
+  EXPECT_EQ(wire_code(sig.error()), "key_not_on_this_hsm");
 }
 
 TEST_F(HsmSessionTest, KeyErrorsAreAnsweredAndTheSessionStays) {

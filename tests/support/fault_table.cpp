@@ -42,7 +42,10 @@ public:
   CK_RV unwrap_key(CK_SESSION_HANDLE h, CK_MECHANISM* m, CK_OBJECT_HANDLE u,
                    CK_BYTE* b, CK_ULONG n, CK_ATTRIBUTE* t, CK_ULONG c,
                    CK_OBJECT_HANDLE* k) override {
-    ++plan_->counts.unwrap_key;
+    auto count = ++plan_->counts.unwrap_key;
+    if (plan_->before_unwrap)
+      if (auto rv = plan_->before_unwrap(count); rv != CKR_OK)
+        return rv;
     return forwarding_table::unwrap_key(h, m, u, b, n, t, c, k);
   }
 

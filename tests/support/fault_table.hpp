@@ -33,6 +33,8 @@ struct fault_plan {
   call_counts counts;
   fault_hook before_sign;
   fault_hook before_generate_key_pair;
+  /// Before C_UnwrapKey; same contract.
+  fault_hook before_unwrap;
   /// Sees the public-key template of C_GenerateKeyPair (after
   /// `before_generate_key_pair` let the call through); same contract.
   std::function<CK_RV(const CK_ATTRIBUTE* pub, CK_ULONG count)>

@@ -26,13 +26,21 @@ TEST(RvTest, ClassifiesPerFieldNotes) {
     {CKR_PIN_INCORRECT, hsm_errc::fatal},
     {CKR_PIN_LOCKED, hsm_errc::fatal},
     {CKR_PIN_EXPIRED, hsm_errc::fatal},
-    {CKR_GENERAL_ERROR, hsm_errc::fatal},
     {CKR_MECHANISM_INVALID, hsm_errc::fatal},
     {CKR_TEMPLATE_INCOMPLETE, hsm_errc::fatal},
     {CKR_KEY_NOT_WRAPPABLE, hsm_errc::fatal},
     {CKR_SESSION_HANDLE_INVALID, hsm_errc::reopen_session},
     {CKR_SESSION_CLOSED, hsm_errc::reopen_session},
     {CKR_DEVICE_ERROR, hsm_errc::reopen_session},
+    // Device and module failures of one call: a new session retries.
+    {CKR_GENERAL_ERROR, hsm_errc::reopen_session},
+    {CKR_FUNCTION_FAILED, hsm_errc::reopen_session},
+    // Stale handles after an HSM reconnect: a new session finds keys again.
+    {CKR_OBJECT_HANDLE_INVALID, hsm_errc::reopen_session},
+    {CKR_KEY_HANDLE_INVALID, hsm_errc::reopen_session},
+    // What a request or a blob causes is not retried.
+    {CKR_WRAPPED_KEY_INVALID, hsm_errc::fatal},
+    {CKR_ENCRYPTED_DATA_INVALID, hsm_errc::fatal},
     {CKR_USER_NOT_LOGGED_IN, hsm_errc::reopen_session},
     {CKR_TOKEN_NOT_PRESENT, hsm_errc::reinit_module},
     {CKR_CRYPTOKI_NOT_INITIALIZED, hsm_errc::reinit_module},
@@ -43,6 +51,28 @@ TEST(RvTest, ClassifiesPerFieldNotes) {
   };
   for (auto& r : rows)
     EXPECT_EQ(classify(r.rv), r.cls) << rv_name(r.rv);
+}
+
+TEST(RvTest, OnlyBlobRefusalsMakeAKeyCorrupted) {
+  for (CK_RV rv : {CKR_WRAPPED_KEY_INVALID, CKR_WRAPPED_KEY_LEN_RANGE,
+                   CKR_ENCRYPTED_DATA_INVALID, CKR_ENCRYPTED_DATA_LEN_RANGE,
+                   CKR_TEMPLATE_INCONSISTENT})
+    EXPECT_TRUE(blob_refused(rv)) << rv_name(rv);
+  for (CK_RV rv :
+       {CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED, CKR_DEVICE_ERROR,
+        CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID,
+        CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_REMOVED, CKR_HOST_MEMORY})
+    EXPECT_FALSE(blob_refused(rv)) << rv_name(rv);
+}
+
+TEST(RvTest, SessionLostIsTheSessionOrTokenGoneNotACallFailing) {
+  for (CK_RV rv :
+       {CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED, CKR_DEVICE_REMOVED,
+        CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED})
+    EXPECT_TRUE(session_lost(rv)) << rv_name(rv);
+  for (CK_RV rv : {CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED, CKR_DEVICE_ERROR,
+                   CKR_WRAPPED_KEY_INVALID, CKR_KEY_HANDLE_INVALID})
+    EXPECT_FALSE(session_lost(rv)) << rv_name(rv);
 }
 
 TEST(RvTest, ErrorCarriesFunctionAndName) {

@@ -275,6 +275,13 @@ caf::expected<conn_target> make_target(const std::string& url,
                                        max_connect_timeout_s);
     add("connect_timeout=" + std::to_string(seconds));
   }
+  // A server that stops answering must not hold the store actor for the
+  // kernel's TCP timeout (minutes): keepalives find a dead peer, and
+  // tcp_user_timeout bounds a write nobody acknowledges. Each only if the
+  // URL does not say otherwise.
+  for (auto [keyword, value] : pg_socket_defaults)
+    if (info->find(keyword) == nullptr)
+      add(std::string{keyword} + "=" + std::string{value});
   // With several hosts, let libpq skip read-only ones (standbys, an old
   // primary after failover) itself; reconnecting alone would land on the
   // same first reachable host again. One host needs no choice: the check
@@ -518,6 +525,14 @@ struct pg_store::impl {
         return make_unavailable("server " + server
                                 + " is read-only (SQLSTATE 25006, "
                                   "transaction_read_only = on)");
+      // Statement, lock and idle-transaction deadlines, unless the server,
+      // the role or the URL's `options` set one (0 is "none").
+      for (auto [setting, value] : pg_session_deadlines) {
+        auto now = q.exec1("SHOW " + std::string{setting})[0].as<std::string>();
+        if (now == "0")
+          q.exec0("SET " + std::string{setting} + " = '" + std::string{value}
+                  + "'");
+      }
       // The session's level, from the server, the role, the database or
       // the URL's `options`: read once, raised per key write if weaker.
       auto level = q.exec1("SHOW synchronous_commit")[0].as<std::string>();

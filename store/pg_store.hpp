@@ -23,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace hsm::store {
@@ -36,6 +37,28 @@ struct pg_options {
   std::chrono::milliseconds retry_min{50};
   /// Longest pause between retries.
   std::chrono::milliseconds retry_max{2000};
+};
+
+/// Socket settings added to a connection string that does not name them:
+/// TCP keepalives (idle 10 s, then every 5 s, 3 probes) and a TCP user
+/// timeout of 15 s, so that a server that stops answering is found dead in
+/// seconds, not after the kernel's TCP timeout.
+inline constexpr std::pair<std::string_view, std::string_view>
+  pg_socket_defaults[] = {
+    {"keepalives", "1"},           {"keepalives_idle", "10"},
+    {"keepalives_interval", "5"},  {"keepalives_count", "3"},
+    {"tcp_user_timeout", "15000"},
+};
+
+/// Deadlines set on every session whose server, role or URL `options`
+/// leave them at 0 (none): a statement 10 s, a lock wait 5 s, a transaction
+/// left idle 60 s (the server ends it, and with it any lock it held). Set
+/// them in the URL (`options=-c statement_timeout=30s`) to change them.
+inline constexpr std::pair<std::string_view, std::string_view>
+  pg_session_deadlines[] = {
+    {"statement_timeout", "10s"},
+    {"lock_timeout", "5s"},
+    {"idle_in_transaction_session_timeout", "60s"},
 };
 
 /// How key writes (puts, row and canary replacements, the rotation record)

@@ -696,3 +696,68 @@ namespace hsm::test {
 INSTANTIATE_TYPED_TEST_SUITE_P(Postgres, KeyStoreContractTest, pg_traits);
 
 } // namespace hsm::test
+
+// -- deadlines ----------------------------------------------------------------
+
+namespace {
+
+class PgDeadlineTest : public PgStoreTest {
+protected:
+  /// Records the deadlines of the session that writes a key row.
+  void watch_deadlines() {
+    auto out = sql(
+      "CREATE TABLE seen (n SERIAL PRIMARY KEY, d TEXT);"
+      "CREATE FUNCTION record_deadlines() RETURNS trigger LANGUAGE plpgsql "
+      "AS $$ BEGIN INSERT INTO seen (d) VALUES ("
+      "current_setting('statement_timeout') || ' ' || "
+      "current_setting('lock_timeout') || ' ' || "
+      "current_setting('idle_in_transaction_session_timeout')); RETURN NEW; "
+      "END $$;"
+      "CREATE TRIGGER d BEFORE INSERT ON keys FOR EACH ROW EXECUTE FUNCTION "
+      "record_deadlines();");
+    ASSERT_FALSE(out.starts_with("<error")) << out;
+  }
+};
+
+TEST_F(PgDeadlineTest, EverySessionHasStatementLockAndIdleDeadlines) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  watch_deadlines();
+  ASSERT_TRUE(store->put(sample_key("d1", hsm::scheme::p256, 1)));
+  EXPECT_EQ(sql("SELECT d FROM seen"), "10s 5s 1min");
+}
+
+TEST_F(PgDeadlineTest, TheUrlOverridesADeadline) {
+  auto opened = pg_store::open(
+    with_option(url, "options", "-c lock_timeout=250ms"), pg_options{});
+  ASSERT_TRUE(opened) << hsm::describe(opened.error());
+  auto& store = *opened;
+  watch_deadlines();
+  ASSERT_TRUE(store->put(sample_key("d1", hsm::scheme::p256, 1)));
+  EXPECT_EQ(sql("SELECT d FROM seen"), "10s 250ms 1min");
+}
+
+TEST_F(PgDeadlineTest, ALockHeldForeverFailsAPutInsteadOfBlockingIt) {
+  pg_options opts;
+  opts.retry_budget = std::chrono::milliseconds{1500};
+  auto opened = pg_store::open(
+    with_option(url, "options", "-c lock_timeout=200ms"), opts);
+  ASSERT_TRUE(opened) << hsm::describe(opened.error());
+  auto& store = *opened;
+  // Another session holds the table and never lets go.
+  pqxx::connection holder{url};
+  pqxx::work tx{holder};
+  tx.exec0("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE");
+  auto start = std::chrono::steady_clock::now();
+  auto put = store->put(sample_key("blocked", hsm::scheme::p256, 1));
+  auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_FALSE(put);
+  EXPECT_EQ(put.error().category(), caf::atom("store"))
+    << hsm::describe(put.error());
+  EXPECT_LT(took, std::chrono::seconds{10});
+  tx.abort();
+  // Once the lock is gone the same store writes again.
+  EXPECT_TRUE(store->put(sample_key("after", hsm::scheme::p256, 2)));
+}
+
+} // namespace

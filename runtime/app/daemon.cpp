@@ -80,6 +80,38 @@ void report_resident_keys(pkcs11::session& sess, store::key_store& st) {
               kept, orphans);
 }
 
+/// Watches the actors the driver cannot serve without (store, poster,
+/// dispatcher, poller; the session supervisor is linked to the dispatcher).
+/// One that ends for any reason but a stop the daemon asked for is fatal: a
+/// process that stays up without it answers nothing and tells nobody, so
+/// `on_fatal` makes it exit non-zero for systemd to restart it.
+caf::actor spawn_watchdog(caf::actor_system& sys,
+                          std::vector<std::pair<std::string, caf::actor>> parts,
+                          std::shared_ptr<std::atomic<bool>> stopping,
+                          std::function<void(const std::string&)> on_fatal) {
+  return sys.spawn([parts = std::move(parts), stopping = std::move(stopping),
+                    on_fatal = std::move(on_fatal)](
+                     caf::event_based_actor* self) -> caf::behavior {
+    for (auto& part : parts)
+      self->monitor(part.second);
+    self->set_down_handler([=](caf::down_msg& dm) {
+      if (stopping->load())
+        return;
+      std::string name = "an actor";
+      for (auto& part : parts)
+        if (part.second.address() == dm.source)
+          name = "the " + part.first;
+      auto why = name + " ended (" + to_string(dm.reason)
+                 + "); the driver cannot serve without it";
+      if (on_fatal)
+        on_fatal(why);
+      else
+        logger("runtime")->critical("{}", why);
+    });
+    return {[](stop_atom) {}};
+  });
+}
+
 } // namespace
 
 struct daemon::impl {
@@ -94,6 +126,8 @@ struct daemon::impl {
   poller_actor poller;
   result_poster_actor poster;
   store_actor store;
+  /// Turns the death of any actor above into `opts.on_fatal`.
+  caf::actor watchdog;
   /// Set first on stop: the poller hands back what a poll in progress
   /// leases.
   std::shared_ptr<std::atomic<bool>> poll_stopping
@@ -180,6 +214,13 @@ daemon::start(const daemon_options& opts) {
   in.poller = spawn_poller(
     sys, pcfg, std::shared_ptr<net::proxy_link>(std::move(*poll_client)),
     in.dispatcher);
+  in.watchdog = spawn_watchdog(
+    sys,
+    {{"store", caf::actor_cast<caf::actor>(in.store)},
+     {"result poster", caf::actor_cast<caf::actor>(in.poster)},
+     {"dispatcher", caf::actor_cast<caf::actor>(in.dispatcher)},
+     {"poller", caf::actor_cast<caf::actor>(in.poller)}},
+    in.poll_stopping, opts.on_fatal);
   log->info("serving: driver {} polls {} with {} session(s)",
             opts.proxy.driver_id, opts.proxy.proxy_addr, opts.sessions);
   return d;
@@ -250,11 +291,13 @@ stop_status daemon::stop() {
       in.stopped = stop_status::hsm_call_stuck;
       return *in.stopped;
     }
+    self->send_exit(in.watchdog, caf::exit_reason::user_shutdown);
     self->send_exit(in.poller, caf::exit_reason::user_shutdown);
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
     self->send_exit(in.dispatcher, caf::exit_reason::user_shutdown);
     self->send_exit(in.store, caf::exit_reason::user_shutdown);
   }
+  in.watchdog = nullptr;
   in.poller = nullptr;
   in.poster = nullptr;
   in.dispatcher = nullptr;
@@ -263,6 +306,25 @@ stop_status daemon::stop() {
   in.token.reset(); // the start-up session, then C_Finalize last
   log->info("stopped");
   return *in.stopped;
+}
+
+caf::error daemon::kill_part_for_test(std::string_view part) {
+  if (!impl_ || impl_->stopped)
+    return caf::make_error(caf::sec::invalid_argument);
+  auto& in = *impl_;
+  caf::actor target;
+  if (part == "store")
+    target = caf::actor_cast<caf::actor>(in.store);
+  else if (part == "result poster")
+    target = caf::actor_cast<caf::actor>(in.poster);
+  else if (part == "dispatcher")
+    target = caf::actor_cast<caf::actor>(in.dispatcher);
+  else if (part == "poller")
+    target = caf::actor_cast<caf::actor>(in.poller);
+  else
+    return caf::make_error(caf::sec::invalid_argument);
+  caf::anon_send_exit(target, caf::exit_reason::kill);
+  return caf::none;
 }
 
 caf::expected<dispatcher_stats> daemon::stats() {

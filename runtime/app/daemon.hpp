@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 namespace hsm {
 
@@ -65,6 +66,11 @@ public:
   /// Drains and stops. Idempotent: a second call returns the first
   /// outcome.
   [[nodiscard]] stop_status stop();
+
+  /// Fault tests only: ends one of the daemon's actors (`store`, `result
+  /// poster`, `dispatcher`, `poller`) as a crash would, to show that the
+  /// daemon does not go on without it (`daemon_options::on_fatal`).
+  [[nodiscard]] caf::error kill_part_for_test(std::string_view part);
 
   /// The dispatcher's counters.
   [[nodiscard]] caf::expected<dispatcher_stats> stats();

@@ -25,6 +25,7 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <regex>
@@ -452,6 +453,35 @@ TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
   EXPECT_EQ(plan->counts.sign.load(), hsm_signs); // none reached the HSM
   auto ok = await_done(enqueue_sign("good", test::sha256("still serving")));
   EXPECT_TRUE(ok["ok"].get<bool>()) << ok.dump();
+}
+
+TEST_F(EngineTest, AnActorThatDiesEndsTheDriverInsteadOfLeavingItSilent) {
+  for (std::string part : {"store", "result poster", "dispatcher", "poller"}) {
+    auto why = std::make_shared<std::string>();
+    auto calls = std::make_shared<std::atomic<int>>(0);
+    auto mutex = std::make_shared<std::mutex>();
+    auto o = options();
+    o.on_fatal = [why, calls, mutex](const std::string& text) {
+      std::lock_guard<std::mutex> guard{*mutex};
+      *why = text;
+      ++*calls;
+    };
+    start_daemon(o);
+    // It serves first.
+    auto done = generate("watch-" + std::to_string(part.size()), "p256");
+    ASSERT_TRUE(done["ok"].get<bool>()) << done.dump();
+    ASSERT_FALSE(drv->kill_part_for_test(part));
+    ASSERT_TRUE(test::wait_until([&] { return calls->load() > 0; }, 10s,
+                                 "on_fatal after the " + part + " died"));
+    {
+      std::lock_guard<std::mutex> guard{*mutex};
+      EXPECT_NE(why->find("the " + part + " ended"), std::string::npos) << *why;
+    }
+    // The daemon still stops (what run does next), and says so once.
+    static_cast<void>(drv->stop());
+    EXPECT_EQ(calls->load(), 1) << part;
+    drv.reset();
+  }
 }
 
 TEST_F(EngineTest, WrongPinRefusesToStartAndLogsInOnce) {

@@ -4,6 +4,9 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/decisions.hpp"
 #include "runtime/keys/requests.hpp"
+#include "runtime/net/wire_codec.hpp"
+
+#include <algorithm>
 
 namespace hsm {
 
@@ -25,7 +28,10 @@ bool stopping(const poller_state& st) {
 void poll_once(poller_ptr self, int64_t credit) {
   auto& st = self->state;
   auto log = logger("poller");
-  auto reply = st.link->poll(static_cast<size_t>(credit), st.cfg.poll_wait);
+  // At most `max_poll_requests` at a time, so that an answer stays within
+  // the response cap; with more credit the next poll follows at once.
+  auto max = std::min(static_cast<size_t>(credit), net::max_poll_requests);
+  auto reply = st.link->poll(max, st.cfg.poll_wait);
   if (!reply || reply->status != 200) {
     st.backoff = std::clamp(st.backoff * 2, st.cfg.backoff_min,
                             st.cfg.backoff_max);
@@ -37,19 +43,24 @@ void poll_once(poller_ptr self, int64_t credit) {
     return;
   }
   st.backoff = std::chrono::milliseconds{0};
-  auto polled = keys::read_poll(reply->body);
+  auto polled = keys::read_poll(reply->body, max);
   if (!polled) {
     log->warn("bad poll response: {}", describe(polled.error()));
     self->delayed_send(self, st.cfg.backoff_min, poll_atom::value);
     return;
   }
-  if (polled->unanswerable > 0)
-    log->warn("{} request(s) without id or lease ignored (left for "
-              "redelivery)",
-              polled->unanswerable);
+  // One line per poll for everything a broken proxy sent beyond what can be
+  // served; none of it is echoed (ids and leases that fail the checks are
+  // not fit for a log).
+  if (polled->unanswerable + polled->excess + polled->duplicates > 0)
+    log->warn("poll answer ignored in part (left for redelivery): {} "
+              "request(s) without a valid id or lease, {} beyond the {} "
+              "asked for, {} duplicate(s)",
+              polled->unanswerable, polled->excess, max, polled->duplicates);
   for (auto& r : polled->rejected) {
+    // The id passed the id checks; the message may quote the request.
     log->info("[req={}] rejected: {}", r.id,
-              std::get<error_result>(r.outcome).message);
+              net::printable(std::get<error_result>(r.outcome).message, 200));
     self->send(st.dispatcher, result_atom::value, std::move(r));
   }
   for (auto& j : polled->jobs) {

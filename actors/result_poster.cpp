@@ -78,7 +78,7 @@ std::vector<outcome> post(poster_state& st,
   if (reply->status != 200) {
     log->error("{} result(s) refused with HTTP {}: {}; dropped (the requests "
                "will be redelivered)",
-               batch.size(), reply->status, reply->body.substr(0, 200));
+               batch.size(), reply->status, net::printable(reply->body, 200));
     return all(outcome::refused);
   }
   if (single)

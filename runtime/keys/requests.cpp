@@ -1,16 +1,13 @@
 #include "runtime/keys/requests.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 
 namespace hsm::keys {
 
 std::string printable(std::string_view text) {
-  std::string out{text.substr(0, 40)};
-  for (auto& c : out)
-    if (c < 0x20 || c > 0x7E)
-      c = '?';
-  return out;
+  return net::printable(text, 40);
 }
 
 namespace {
@@ -108,11 +105,19 @@ caf::expected<job> to_job(const net::wire_request& req,
 caf::expected<polled>
 read_poll(std::string_view body,
           std::chrono::steady_clock::time_point received) {
-  auto decoded = net::decode_poll(body);
+  return read_poll(body, std::numeric_limits<size_t>::max(), received);
+}
+
+caf::expected<polled>
+read_poll(std::string_view body, size_t max,
+          std::chrono::steady_clock::time_point received) {
+  auto decoded = net::decode_poll(body, max);
   if (!decoded)
     return decoded.error();
   polled out;
   out.unanswerable = decoded->unanswerable;
+  out.excess = decoded->excess;
+  out.duplicates = decoded->duplicates;
   for (auto& req : decoded->requests) {
     auto j = to_job(req, received);
     if (j) {

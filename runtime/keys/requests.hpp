@@ -23,7 +23,8 @@ namespace hsm::keys {
 inline constexpr size_t max_key_id_length = 128;
 
 /// Untrusted text (a request's, a row's) fit for an error message and a
-/// log line: at most 40 characters, anything unprintable as '?'.
+/// log line: at most 40 characters, anything unprintable as '?'
+/// (`net::printable`).
 [[nodiscard]] std::string printable(std::string_view text);
 
 /// Key ids starting with this are refused: the driver's own token objects
@@ -59,14 +60,31 @@ struct polled {
   /// Answers to invalid requests (malformed params, unknown kind, bad
   /// hex, oversized payload, ...), to post at once.
   std::vector<job_result> rejected;
-  /// Requests without a usable id or lease: they cannot be answered and are
-  /// left for redelivery (their lease expires); counted for the log.
+  /// Requests without a usable id or lease (see `net::valid_request_id`,
+  /// `net::valid_lease`): they cannot be answered and are left for
+  /// redelivery (their lease expires); counted for the log, never echoed.
   size_t unanswerable = 0;
+  /// Requests after the `max`-th (more than the poll asked for): not read,
+  /// left for redelivery; counted for the log.
+  size_t excess = 0;
+  /// Requests whose id came earlier in the same answer: dropped; counted
+  /// for the log.
+  size_t duplicates = 0;
 };
 
-/// Decodes `{"requests":[...]}` and checks each request. A body that is not
-/// that shape is `net_errc::bad_response`; single bad requests end up in
-/// `rejected`.
+/// Decodes the answer to a poll that asked for at most `max` requests and
+/// checks each request (`net::decode_poll`: at most `max` requests are
+/// read, the rest counted as `excess`). A body that is not `{"requests":[...]}`
+/// (or is too large or too deep) is `net_errc::bad_response`; single bad
+/// requests end up in `rejected`.
+[[nodiscard]] caf::expected<polled>
+read_poll(std::string_view body, size_t max,
+          std::chrono::steady_clock::time_point received
+          = std::chrono::steady_clock::now());
+
+/// `read_poll` without a bound on the number of requests read, for a body
+/// the caller made itself (tools, benchmarks); the driver's answers to its
+/// own polls go through the overload with `max`.
 [[nodiscard]] caf::expected<polled>
 read_poll(std::string_view body, std::chrono::steady_clock::time_point received
                                  = std::chrono::steady_clock::now());

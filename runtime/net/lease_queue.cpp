@@ -98,6 +98,25 @@ completion lease_queue::complete(const std::string& id,
   return completion::accepted;
 }
 
+bool lease_queue::give_back(const std::string& id, const std::string& lease) {
+  expire();
+  auto it = requests_.find(id);
+  if (it == requests_.end())
+    return false;
+  auto& e = it->second;
+  if (e.status != request_status::leased || e.lease != lease)
+    return false;
+  end_lease(id, e);
+  e.status = request_status::queued;
+  if (e.deliveries > 1)
+    --redelivered_;
+  if (e.deliveries > 0)
+    --e.deliveries;
+  queue_.push_front(id);
+  ++given_back_;
+  return true;
+}
+
 // -- time ---------------------------------------------------------------------
 
 size_t lease_queue::expire() {
@@ -153,6 +172,7 @@ queue_stats lease_queue::stats() {
   out.done = done_;
   out.redelivered = redelivered_;
   out.rejected_results = rejected_results_;
+  out.given_back = given_back_;
   out.in_flight = in_flight_;
   out.max_in_flight = max_in_flight_;
   return out;

@@ -107,6 +107,9 @@ struct queue_stats {
   size_t redelivered = 0;
   /// Answers refused (anything but `completion::accepted`).
   size_t rejected_results = 0;
+  /// Leases taken back before their driver could have seen them
+  /// (`lease_queue::give_back`).
+  size_t given_back = 0;
   /// Leases in flight now, per driver id.
   std::map<std::string, size_t> in_flight;
   /// Most leases ever in flight at once, per driver id.
@@ -139,6 +142,14 @@ public:
   /// that lease is current; it then ends the lease.
   completion complete(const std::string& id, const std::string& lease,
                       request_outcome outcome);
+
+  /// Takes back lease `lease` of request `id` as if it had never been handed
+  /// out, for a lease whose poll answer could not be written to its driver:
+  /// the request is visible again at the front of the queue and that
+  /// delivery is not counted. False (and nothing changes) if the lease is
+  /// not current. Give back the leases of one answer last to first to keep
+  /// their order.
+  bool give_back(const std::string& id, const std::string& lease);
 
   // -- time -------------------------------------------------------------------
 
@@ -192,6 +203,7 @@ private:
   size_t done_ = 0;
   size_t redelivered_ = 0;
   size_t rejected_results_ = 0;
+  size_t given_back_ = 0;
   std::map<std::string, size_t> in_flight_;
   std::map<std::string, size_t> max_in_flight_;
   uint64_t seq_ = 0;

@@ -1,11 +1,13 @@
 #include "runtime/net/proxy_client.hpp"
 
 #include "runtime/net/host_port.hpp"
+#include "runtime/net/wire_codec.hpp"
 
 #include <curl/curl.h>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -87,8 +89,10 @@ bool is_tls_error(CURLcode rc) {
 caf::error transport_error(CURLcode rc, const char* errbuf,
                            const std::string& what, bool fresh_connection) {
   std::string detail = curl_easy_strerror(rc);
+  // libcurl's message may quote the peer (a certificate's subject name):
+  // escaped, it goes into logs.
   if (errbuf[0] != '\0')
-    detail += ": " + std::string{errbuf};
+    detail += ": " + printable(errbuf, CURL_ERROR_SIZE);
   // With TLS 1.3 the server judges the client certificate after the client
   // considers the handshake done: its refusal (an alert such as "unknown
   // ca" or "certificate required") then surfaces on the first read or write.
@@ -114,10 +118,36 @@ bool dead_connection(CURLcode rc) {
          || rc == CURLE_GOT_NOTHING;
 }
 
+/// One call's response as it arrives.
+struct transfer {
+  /// The body so far.
+  std::string* body = nullptr;
+  /// Bytes of header lines and body that arrived.
+  size_t received = 0;
+  /// Set when the body would pass `max_response_bytes`.
+  bool too_large = false;
+};
+
+/// Appends body bytes up to `max_response_bytes`; past that it returns 0,
+/// which makes libcurl abort the transfer (CURLE_WRITE_ERROR) and close the
+/// connection, so a proxy can never make the driver buffer more.
 size_t on_data(char* ptr, size_t size, size_t nmemb, void* user) {
-  auto* out = static_cast<std::string*>(user);
-  out->append(ptr, size * nmemb);
-  return size * nmemb;
+  auto* t = static_cast<transfer*>(user);
+  auto n = size * nmemb;
+  t->received += n;
+  if (n > max_response_bytes - t->body->size()) {
+    t->too_large = true;
+    return 0;
+  }
+  t->body->append(ptr, n);
+  return n;
+}
+
+/// Counts header bytes (the status line included); the headers themselves
+/// are not kept.
+size_t on_header(char*, size_t size, size_t nitems, void* user) {
+  static_cast<transfer*>(user)->received += size * nitems;
+  return size * nitems;
 }
 
 long to_ms(std::chrono::milliseconds d) {
@@ -174,8 +204,12 @@ struct proxy_client::impl {
     set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
     set(CURLOPT_HTTPHEADER, headers);
     set(CURLOPT_WRITEFUNCTION, &on_data);
+    set(CURLOPT_HEADERFUNCTION, &on_header);
     set(CURLOPT_TCP_KEEPALIVE, 1L);
     // Reuse an idle connection only while the proxy still keeps it open.
+    // libcurl counts idle time in whole seconds (rounded down) and gives a
+    // connection up once that count exceeds this: reuse is possible for up
+    // to `max_idle` + 1 s (see proxy_client_config::max_idle).
     set(CURLOPT_MAXAGE_CONN, static_cast<long>(cfg.max_idle.count()));
     set(CURLOPT_TCP_NODELAY, 1L);
     set(CURLOPT_CONNECTTIMEOUT_MS, to_ms(cfg.connect_timeout));
@@ -201,6 +235,8 @@ struct proxy_client::impl {
                                  std::chrono::milliseconds timeout) {
     auto url = base_url + path;
     http_reply out;
+    transfer t;
+    t.body = &out.body;
     errbuf[0] = '\0';
     CURLcode rc = CURLE_OK;
     auto set = [&rc, this](CURLoption opt, auto value) {
@@ -211,15 +247,20 @@ struct proxy_client::impl {
     set(CURLOPT_POSTFIELDS, payload.data());
     set(CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(payload.size()));
     set(CURLOPT_TIMEOUT_MS, to_ms(timeout));
-    set(CURLOPT_WRITEDATA, static_cast<void*>(&out.body));
+    set(CURLOPT_WRITEDATA, static_cast<void*>(&t));
+    set(CURLOPT_HEADERDATA, static_cast<void*>(&t));
     long connects = 0;
     if (rc == CURLE_OK) {
       rc = curl_easy_perform(curl);
       curl_easy_getinfo(curl, CURLINFO_NUM_CONNECTS, &connects);
       // A kept-alive connection the proxy closed while it was idle fails on
       // first use: that is no failure of the proxy, so the call goes out
-      // again at once on a new connection, without a warning.
-      if (connects == 0 && dead_connection(rc)) {
+      // again at once on a new connection, without a warning. Only if not
+      // a byte of an answer came back: once one did, the proxy had the call
+      // and may have acted on it (a result recorded, requests leased), and
+      // the failure goes to the caller (the lease expires and the request is
+      // redelivered).
+      if (connects == 0 && t.received == 0 && dead_connection(rc)) {
         ++reconnects;
         out.body.clear();
         errbuf[0] = '\0';
@@ -229,6 +270,12 @@ struct proxy_client::impl {
     }
     // The body belongs to this call only.
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, static_cast<void*>(nullptr));
+    curl_easy_setopt(curl, CURLOPT_HEADERDATA, static_cast<void*>(nullptr));
+    if (t.too_large)
+      return caf::make_error(net_errc::bad_response, "POST " + url,
+                             "response body larger than "
+                               + std::to_string(max_response_bytes)
+                               + " bytes: transfer aborted");
     if (rc != CURLE_OK)
       return transport_error(rc, errbuf, "POST " + url, connects > 0);
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &out.status);
@@ -271,6 +318,7 @@ caf::expected<http_reply> proxy_client::poll(size_t max,
                                              std::chrono::milliseconds wait) {
   if (wait.count() < 0)
     wait = std::chrono::milliseconds{0};
+  max = std::min(max, max_poll_requests);
   auto body = nlohmann::json{{"driver_id", impl_->cfg.driver_id},
                              {"max", max},
                              {"wait_ms", wait.count()}}

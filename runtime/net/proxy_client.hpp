@@ -6,7 +6,9 @@
 // curl easy handle, kept alive between calls): the poller owns one for the
 // long-poll and the result poster owns another, so a result never waits
 // behind a poll. Not thread-safe; blocking: call it from a detached actor or
-// a thread of its own.
+// a thread of its own. The proxy is not trusted with the driver's memory: a
+// response body is read up to `max_response_bytes` (wire_codec.hpp) and a
+// longer one aborts the transfer.
 
 #include "messages/errors.hpp"
 
@@ -42,9 +44,12 @@ struct proxy_client_config {
   std::chrono::milliseconds poll_grace{10000};
   /// Timeout of a result post.
   std::chrono::milliseconds post_timeout{15000};
-  /// An idle kept-alive connection is reused only this long; keep it below
-  /// the proxy's idle timeout (the reference proxy closes idle connections
-  /// after 2 s). A connection that died anyway is replaced at once.
+  /// An idle kept-alive connection is reused only this long. libcurl counts
+  /// idle time in whole seconds, rounded down, so a connection idle for
+  /// up to `max_idle` + 1 s (exclusive) is still reused: keep
+  /// `max_idle + 1 s` below the proxy's idle timeout (the reference proxy's
+  /// is 3 s: 1 + 1 < 3). A connection that died anyway is replaced at once,
+  /// if no byte of an answer came back on it.
   std::chrono::seconds max_idle{1};
 };
 
@@ -85,9 +90,11 @@ public:
   proxy_client(const proxy_client&) = delete;
   proxy_client& operator=(const proxy_client&) = delete;
 
-  /// `POST /v1/poll {"driver_id","max","wait_ms"}`. Returns the reply on any
-  /// HTTP status; transport failures are `net_errc::unreachable` (retry with
-  /// backoff) or `net_errc::tls_failed` (certificate problems).
+  /// `POST /v1/poll {"driver_id","max","wait_ms"}`, `max` cut to
+  /// `max_poll_requests`. Returns the reply on any HTTP status; transport
+  /// failures are `net_errc::unreachable` (retry with backoff) or
+  /// `net_errc::tls_failed` (certificate problems); a body longer than
+  /// `max_response_bytes` is `net_errc::bad_response` (back off too).
   [[nodiscard]] caf::expected<http_reply>
   poll(size_t max, std::chrono::milliseconds wait) override;
 
@@ -104,7 +111,10 @@ public:
   const proxy_client_config& config() const noexcept;
 
   /// Calls sent again at once because the kept-alive connection they went
-  /// out on had died while idle.
+  /// out on had died while idle: it failed on first use (send error,
+  /// receive error, nothing received) before any byte of an answer arrived.
+  /// A call that failed after part of an answer came is never sent again
+  /// (the proxy may have acted on it).
   [[nodiscard]] uint64_t reconnects() const noexcept;
 
 private:

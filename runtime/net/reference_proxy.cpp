@@ -6,13 +6,18 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -97,6 +102,75 @@ void block_sigpipe() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
+// -- the client's connection --------------------------------------------------
+
+/// The socket of a request's TLS connection; -1 if there is none.
+int socket_of(const SSL* ssl) {
+  return ssl != nullptr ? SSL_get_fd(ssl) : -1;
+}
+
+/// True if the client of `ssl`'s connection is gone: the kernel holds its
+/// FIN or RST (a driver killed with -9 closes its sockets as it dies), or
+/// the socket failed. While a long-poll waits its client sends nothing (one
+/// request at a time per connection), so anything but the end of the stream
+/// (a TLS alert, a pipelined request) does not count as gone.
+bool client_gone(const SSL* ssl) {
+  int fd = socket_of(ssl);
+  if (fd < 0)
+    return false;
+  pollfd p{};
+  p.fd = fd;
+  p.events = POLLIN | POLLRDHUP;
+  if (::poll(&p, 1, 0) <= 0)
+    return false;
+  if ((p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0)
+    return true;
+  if ((p.revents & POLLIN) == 0)
+    return false;
+  char c = 0;
+  auto n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0
+         || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK
+             && errno != EINTR);
+}
+
+/// Resets the connection of `ssl` (TCP RST) without closing the socket,
+/// which cpp-httplib still owns: `connect` with `AF_UNSPEC` disconnects a
+/// TCP socket, sending a reset from an established connection.
+void reset_connection(const SSL* ssl) {
+  int fd = socket_of(ssl);
+  if (fd < 0)
+    return;
+  sockaddr addr{};
+  addr.sa_family = AF_UNSPEC;
+  ::connect(fd, &addr, sizeof(addr));
+}
+
+/// Writes `text` to `sink`; false if the connection failed.
+bool write_all(httplib::DataSink& sink, std::string_view text) {
+  return text.empty() || sink.write(text.data(), text.size());
+}
+
+// -- faults -------------------------------------------------------------------
+
+constexpr std::array<poll_fault, 7> all_faults{
+  poll_fault::reset,
+  poll_fault::server_error,
+  poll_fault::slow_body,
+  poll_fault::garbage_body,
+  poll_fault::duplicate_delivery,
+  poll_fault::oversized_body,
+  poll_fault::over_delivery,
+};
+
+/// The body of `poll_fault::garbage_body`: markup, a terminal escape, a NUL,
+/// bytes that are not UTF-8.
+std::string garbage_text() {
+  static constexpr char text[] = "<html>\x1b[2J\x1b[31m502 Bad Gateway\r\n"
+                                 "\x00\xff\xfe{\"requests\":[</html>";
+  return std::string{text, sizeof(text) - 1};
+}
+
 // -- the queue's values as JSON -----------------------------------------------
 
 /// The outcome as the admin API shows it (`ok`, `result` or `error`).
@@ -134,8 +208,19 @@ json to_json(const proxy_stats& s) {
               {"done", s.done},
               {"redelivered", s.redelivered},
               {"rejected_results", s.rejected_results},
+              {"given_back", s.given_back},
+              {"dead_polls", s.dead_polls},
+              {"faulted_polls", s.faulted_polls},
               {"in_flight", s.in_flight},
               {"max_in_flight", s.max_in_flight}};
+}
+
+/// Queued faults as the admin API shows them.
+json to_json(const std::vector<poll_fault>& faults) {
+  auto names = json::array();
+  for (auto f : faults)
+    names.push_back(to_string(f));
+  return json{{"pending", std::move(names)}};
 }
 
 /// Why a result is refused, for the 409's message.
@@ -154,6 +239,33 @@ const char* refusal(completion x) {
 }
 
 } // namespace
+
+const char* to_string(poll_fault x) {
+  switch (x) {
+    case poll_fault::reset:
+      return "reset";
+    case poll_fault::server_error:
+      return "server_error";
+    case poll_fault::slow_body:
+      return "slow_body";
+    case poll_fault::garbage_body:
+      return "garbage_body";
+    case poll_fault::duplicate_delivery:
+      return "duplicate_delivery";
+    case poll_fault::oversized_body:
+      return "oversized_body";
+    case poll_fault::over_delivery:
+      return "over_delivery";
+  }
+  return "unknown";
+}
+
+std::optional<poll_fault> parse_poll_fault(std::string_view name) {
+  for (auto f : all_faults)
+    if (name == to_string(f))
+      return f;
+  return std::nullopt;
+}
 
 // -- impl ---------------------------------------------------------------------
 
@@ -189,6 +301,12 @@ struct reference_proxy::impl {
   /// Long-polls inside `on_poll`'s wait.
   size_t waiting = 0;
   lease_queue queue;
+  /// Faults for the next poll answers, next first.
+  std::deque<poll_fault> faults;
+  /// Long-polls whose client had gone.
+  size_t dead_polls = 0;
+  /// Poll answers that carried a fault.
+  size_t faulted_polls = 0;
 
   /// Enqueues under the lock and wakes the long-polls.
   std::string add(std::string kind, std::string params,
@@ -199,16 +317,28 @@ struct reference_proxy::impl {
     return out;
   }
 
-  /// Blocks until a request is visible, `wait` has passed on `clk`, or the
-  /// proxy stops; then leases up to `max` to `driver`. The wait is cut at
-  /// the next lease expiry so that a redelivery wakes it.
+  /// Blocks until a request is visible, `wait` has passed on `clk`, the
+  /// proxy stops or the client is gone (`gone`, checked every
+  /// `client_check_interval` and last right before leasing, under the lock);
+  /// then leases up to `max` to `driver`, unless the client is gone (`dead`
+  /// is then set) or the proxy stops. The wait is cut at the next lease
+  /// expiry so that a redelivery wakes it.
   std::vector<delivery> take(const std::string& driver, size_t max,
-                             std::chrono::milliseconds wait) {
+                             std::chrono::milliseconds wait,
+                             const std::function<bool()>& gone, bool& dead) {
     std::unique_lock<std::mutex> lock{mtx};
     auto deadline = clk.steady_now() + wait;
     ++waiting;
     for (;;) {
-      if (stopping || queue.has_work())
+      if (stopping)
+        break;
+      // Before any lease: a request leased to a dead driver's poll would
+      // wait out a whole lease before a live driver got it.
+      if (gone()) {
+        dead = true;
+        break;
+      }
+      if (queue.has_work())
         break;
       auto now = clk.steady_now();
       if (now >= deadline)
@@ -218,13 +348,136 @@ struct reference_proxy::impl {
         until = std::min(until, *expiry);
       // Real time stands in for `clk`'s here: a manual clock that moves
       // meanwhile comes with `clock_advanced`, which wakes this wait.
-      visible_cv.wait_for(lock, until - now);
+      visible_cv.wait_for(lock, std::min<std::chrono::steady_clock::duration>(
+                                  until - now, cfg.client_check_interval));
     }
     --waiting;
+    if (dead) {
+      ++dead_polls;
+      // Another poll may have slept through the wake-up this one took.
+      if (queue.has_work())
+        visible_cv.notify_all();
+    }
     // A stopping proxy hands out no more leases: nobody would take results.
-    if (stopping)
+    if (stopping || dead)
       return {};
     return queue.lease(driver, max);
+  }
+
+  /// Takes back the leases of an answer that could not be written.
+  void give_back(const std::vector<delivery>& leased) {
+    std::lock_guard<std::mutex> guard{mtx};
+    auto any = false;
+    for (auto it = leased.rbegin(); it != leased.rend(); ++it)
+      any = queue.give_back(it->id, it->lease) || any;
+    if (any)
+      visible_cv.notify_all();
+  }
+
+  /// The fault for the next poll answer, if any.
+  std::optional<poll_fault> next_fault() {
+    std::lock_guard<std::mutex> guard{mtx};
+    if (faults.empty())
+      return std::nullopt;
+    auto f = faults.front();
+    faults.pop_front();
+    ++faulted_polls;
+    return f;
+  }
+
+  bool is_stopping() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return stopping;
+  }
+
+  // -- poll answers -----------------------------------------------------------
+
+  /// Answers 200 with `body`. With leases in it, the body goes out through a
+  /// content provider so that a failed write is known: the leases are then
+  /// taken back (the driver cannot have read them all). With `pieces` > 1
+  /// it goes out in that many pieces, `pause` apart (`slow_body`).
+  void answer(httplib::Response& res, std::string body,
+              std::vector<delivery> leased, size_t pieces = 1,
+              std::chrono::milliseconds pause = std::chrono::milliseconds{0}) {
+    res.status = 200;
+    if (leased.empty() && pieces <= 1) {
+      res.set_content(body, json_type);
+      return;
+    }
+    auto text = std::make_shared<const std::string>(std::move(body));
+    auto size = text->size();
+    pieces = std::clamp<size_t>(pieces, 1, std::max<size_t>(size, 1));
+    res.set_content_provider(
+      size, json_type,
+      [this, text, pieces, pause](size_t offset, size_t,
+                                  httplib::DataSink& sink) {
+        auto piece = (text->size() + pieces - 1) / pieces;
+        while (offset < text->size()) {
+          if (offset > 0 && pause.count() > 0) {
+            if (is_stopping())
+              return false;
+            std::this_thread::sleep_for(pause);
+          }
+          auto n = std::min(piece, text->size() - offset);
+          if (!write_all(sink, std::string_view{*text}.substr(offset, n)))
+            return false;
+          offset += n;
+        }
+        return true;
+      },
+      [this, leased = std::move(leased)](bool success) {
+        if (!success && !leased.empty())
+          give_back(leased);
+      });
+  }
+
+  /// `poll_fault::reset`: half the body, then a reset. Leases kept.
+  static void answer_with_reset(httplib::Response& res, std::string body,
+                                const SSL* ssl) {
+    auto text = std::make_shared<const std::string>(std::move(body));
+    res.status = 200;
+    res.set_content_provider(
+      text->size(), json_type,
+      [text, ssl](size_t offset, size_t, httplib::DataSink& sink) {
+        auto half = std::max<size_t>(text->size() / 2, 1);
+        if (offset < half
+            && write_all(sink,
+                         std::string_view{*text}.substr(offset, half - offset)))
+          // A reset makes the peer's kernel drop what its reader has not
+          // taken yet: give the client time to read the half it got, so that
+          // it sees an answer cut short rather than none.
+          std::this_thread::sleep_for(std::chrono::milliseconds{100});
+        reset_connection(ssl);
+        return false;
+      });
+  }
+
+  /// `poll_fault::oversized_body`: a valid answer padded to
+  /// `oversized_body_bytes`, written in 64 KiB pieces. Leases kept.
+  void answer_oversized(httplib::Response& res, const json& requests) {
+    auto head = std::make_shared<const std::string>(
+      "{\"requests\":" + dump(requests) + ",\"padding\":\"");
+    static constexpr std::string_view tail = "\"}";
+    auto size = std::max(cfg.oversized_body_bytes, head->size() + tail.size());
+    res.status = 200;
+    res.set_content_provider(
+      size, json_type,
+      [head, size](size_t offset, size_t, httplib::DataSink& sink) {
+        static const std::string padding(64 * 1024, 'x');
+        auto pad_end = size - tail.size();
+        if (offset < head->size()) {
+          if (!write_all(sink, std::string_view{*head}.substr(offset)))
+            return false;
+          offset = head->size();
+        }
+        while (offset < pad_end) {
+          auto n = std::min(padding.size(), pad_end - offset);
+          if (!write_all(sink, std::string_view{padding}.substr(0, n)))
+            return false;
+          offset += n;
+        }
+        return write_all(sink, tail.substr(offset - pad_end));
+      });
   }
 
   // -- driver-facing handlers -------------------------------------------------
@@ -243,11 +496,51 @@ struct reference_proxy::impl {
     auto wait = std::min(std::chrono::milliseconds{static_cast<int64_t>(
                            std::min<uint64_t>(*wait_ms, INT32_MAX))},
                          cfg.max_wait);
-    auto got = take(driver, static_cast<size_t>(*max), wait);
+    auto fault = next_fault();
+    if (fault == poll_fault::server_error) {
+      reply_error(res, 503, "unavailable", "injected fault: server_error");
+      return;
+    }
+    auto n = static_cast<size_t>(*max);
+    if (fault == poll_fault::over_delivery)
+      n += cfg.over_delivery_extra;
+    const SSL* ssl = req.ssl;
+    bool dead = false;
+    auto got = take(
+      driver, n, wait, [ssl] { return client_gone(ssl); }, dead);
     auto out = json::array();
-    for (const auto& x : got)
+    for (const auto& x : got) {
       out.push_back(to_json(x, cfg.lease_duration));
-    reply(res, 200, json{{"requests", std::move(out)}});
+      if (fault == poll_fault::duplicate_delivery)
+        out.push_back(to_json(x, cfg.lease_duration));
+    }
+    if (dead || !fault) {
+      // Nobody reads the answer of a dead client; it is written all the
+      // same (the write fails and the connection closes).
+      answer(res, dump(json{{"requests", std::move(out)}}), std::move(got));
+      return;
+    }
+    switch (*fault) {
+      case poll_fault::reset:
+        answer_with_reset(res, dump(json{{"requests", std::move(out)}}), ssl);
+        return;
+      case poll_fault::garbage_body:
+        res.status = 200;
+        res.set_content(garbage_text(), json_type);
+        return;
+      case poll_fault::oversized_body:
+        answer_oversized(res, out);
+        return;
+      case poll_fault::slow_body:
+        answer(res, dump(json{{"requests", std::move(out)}}), std::move(got),
+               cfg.slow_body_pieces, cfg.slow_body_delay);
+        return;
+      case poll_fault::server_error:
+      case poll_fault::duplicate_delivery:
+      case poll_fault::over_delivery:
+        answer(res, dump(json{{"requests", std::move(out)}}), std::move(got));
+        return;
+    }
   }
 
   /// Reads one result entry into `outcome`; what is wrong with it, if
@@ -392,7 +685,58 @@ struct reference_proxy::impl {
 
   proxy_stats stats() {
     std::lock_guard<std::mutex> guard{mtx};
-    return queue.stats();
+    proxy_stats out;
+    static_cast<queue_stats&>(out) = queue.stats();
+    out.dead_polls = dead_polls;
+    out.faulted_polls = faulted_polls;
+    return out;
+  }
+
+  // -- faults -----------------------------------------------------------------
+
+  void inject(poll_fault fault, size_t polls) {
+    std::lock_guard<std::mutex> guard{mtx};
+    faults.insert(faults.end(), polls, fault);
+  }
+
+  void clear_faults() {
+    std::lock_guard<std::mutex> guard{mtx};
+    faults.clear();
+  }
+
+  std::vector<poll_fault> pending_faults() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return {faults.begin(), faults.end()};
+  }
+
+  /// `POST /v1/admin/faults {"fault","polls"?}`: queues a fault for the
+  /// next `polls` (default 1, at most 1000) poll answers.
+  void on_inject(const httplib::Request& req, httplib::Response& res) {
+    auto body = parse_object(req, res);
+    if (!body || !need_string(*body, "fault", res))
+      return;
+    auto fault = parse_poll_fault(
+      (*body)["fault"].get_ref<const std::string&>());
+    if (!fault) {
+      std::string names;
+      for (auto f : all_faults)
+        names += std::string{names.empty() ? "" : ", "} + to_string(f);
+      reply_error(res, 400, "bad_request", "\"fault\" must be one of " + names);
+      return;
+    }
+    uint64_t polls = 1;
+    if (body->contains("polls")) {
+      auto n = need_count(*body, "polls", 1, res);
+      if (!n)
+        return;
+      if (*n > 1000) {
+        reply_error(res, 400, "bad_request", "\"polls\" must be <= 1000");
+        return;
+      }
+      polls = *n;
+    }
+    inject(*fault, static_cast<size_t>(polls));
+    reply(res, 200, to_json(pending_faults()));
   }
 
   void on_stats(httplib::Response& res) {
@@ -466,6 +810,19 @@ struct reference_proxy::impl {
               [this](const httplib::Request&, httplib::Response& res) {
                 on_stats(res);
               });
+    admin.Post("/v1/admin/faults",
+               [this](const httplib::Request& req, httplib::Response& res) {
+                 on_inject(req, res);
+               });
+    admin.Get("/v1/admin/faults",
+              [this](const httplib::Request&, httplib::Response& res) {
+                reply(res, 200, to_json(pending_faults()));
+              });
+    admin.Delete("/v1/admin/faults",
+                 [this](const httplib::Request&, httplib::Response& res) {
+                   clear_faults();
+                   reply(res, 200, to_json(pending_faults()));
+                 });
   }
 
   caf::error load_tls() {
@@ -630,6 +987,18 @@ proxy_stats reference_proxy::stats() const {
 size_t reference_proxy::waiting_polls() const {
   std::lock_guard<std::mutex> guard{impl_->mtx};
   return impl_->waiting;
+}
+
+void reference_proxy::inject(poll_fault fault, size_t polls) {
+  impl_->inject(fault, polls);
+}
+
+void reference_proxy::clear_faults() {
+  impl_->clear_faults();
+}
+
+std::vector<poll_fault> reference_proxy::pending_faults() const {
+  return impl_->pending_faults();
 }
 
 void reference_proxy::clock_advanced() {

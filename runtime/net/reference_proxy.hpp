@@ -9,13 +9,20 @@
 // long-polls. Each leased request carries `lease_ms` (how long its lease
 // lasts); `POST /v1/results` takes one result, or a batch
 // `{"driver_id","results":[...]}` answered with a status per result
-// (`accepted`, `lease_not_current`, `bad_request`). Thread-safe: the servers
-// run on their own threads; the in-process methods may be called from any
-// thread.
+// (`accepted`, `lease_not_current`, `bad_request`). A long-poll whose client
+// has gone (closed or reset its connection: a driver killed with -9) gets
+// no lease: the proxy checks the connection every `client_check_interval`
+// while the poll waits and right before it leases, and takes the leases of
+// an answer back when the answer cannot be written. For tests of the
+// driver's side it injects faults into its poll answers on request
+// (`poll_fault`, in process or through `/v1/admin/faults`). Thread-safe:
+// the servers run on their own threads; the in-process methods may be
+// called from any thread.
 
 #include "messages/errors.hpp"
 #include "runtime/base/clock.hpp"
 #include "runtime/net/lease_queue.hpp"
+#include "runtime/net/wire_codec.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -25,6 +32,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace hsm::net {
 
@@ -54,16 +63,74 @@ struct reference_proxy_config {
   size_t worker_threads = 32;
   /// How long an idle kept-alive connection stays open. cpp-httplib checks
   /// for shutdown only between requests, so `stop()` may wait this long
-  /// for a connected but idle client.
-  std::chrono::seconds idle_timeout{2};
+  /// for a connected but idle client. The driver reuses an idle connection
+  /// for less than its `max_idle` + 1 s (libcurl counts whole seconds), so
+  /// this stays above that: 3 s against the driver's 1 + 1 s.
+  std::chrono::seconds idle_timeout{3};
+  /// How often a waiting long-poll checks that its client is still
+  /// connected (the check also runs right before any lease).
+  std::chrono::milliseconds client_check_interval{100};
+  /// `poll_fault::slow_body`: the answer goes out in this many pieces,
+  /// `slow_body_delay` apart.
+  size_t slow_body_pieces = 10;
+  std::chrono::milliseconds slow_body_delay{100};
+  /// `poll_fault::oversized_body`: the answer's size; by default 1 MiB more
+  /// than the driver reads (`max_response_bytes`).
+  size_t oversized_body_bytes = max_response_bytes + (1 << 20);
+  /// `poll_fault::over_delivery`: how many requests beyond the poll's `max`
+  /// it leases and lists.
+  size_t over_delivery_extra = 2;
   /// The clock of leases and long-poll deadlines; null for `real_clock()`.
   /// Must outlive the proxy. With a `manual_clock`, call
   /// `reference_proxy::clock_advanced` after moving it.
   const hsm::clock* clock = nullptr;
 };
 
-/// Queue counters (`GET /v1/admin/stats`).
-using proxy_stats = queue_stats;
+/// Queue and proxy counters (`GET /v1/admin/stats`).
+struct proxy_stats : queue_stats {
+  /// Long-polls that ended because their client had gone (closed or reset
+  /// its connection) before anything was leased to it.
+  size_t dead_polls = 0;
+  /// Poll answers that carried an injected fault.
+  size_t faulted_polls = 0;
+};
+
+/// A fault the reference proxy injects into one answer to `POST /v1/poll`,
+/// for tests of the driver's side. Each takes the place of one answer; the
+/// poll is otherwise served as usual (it waits for work, leases up to
+/// `max`). The faults that break the answer keep its leases, as a proxy
+/// would that does not know what the driver received: the requests are
+/// redelivered when the leases expire.
+enum class poll_fault : uint8_t {
+  /// Leases, sends the status line, the headers and half the body, then
+  /// resets the connection (TCP RST). Leases kept.
+  reset,
+  /// Answers 503 at once with a JSON error; leases nothing.
+  server_error,
+  /// Leases and sends a correct answer in `slow_body_pieces` pieces,
+  /// `slow_body_delay` apart. If the driver gave up meanwhile, the leases
+  /// are taken back like those of any answer that cannot be written.
+  slow_body,
+  /// Leases and answers 200 with a body that is not JSON (markup, control
+  /// characters, terminal escapes, a NUL, bytes that are not UTF-8).
+  /// Leases kept.
+  garbage_body,
+  /// Leases and lists every leased request twice (same id, same lease).
+  duplicate_delivery,
+  /// Leases and answers with a valid answer padded to
+  /// `oversized_body_bytes`. Leases kept.
+  oversized_body,
+  /// Leases `over_delivery_extra` requests more than the poll's `max` and
+  /// lists them all.
+  over_delivery,
+};
+
+/// The fault's name in the admin API: `reset`, `server_error`, `slow_body`,
+/// `garbage_body`, `duplicate_delivery`, `oversized_body`, `over_delivery`.
+const char* to_string(poll_fault x);
+
+/// The fault named `name`; nullopt for an unknown name.
+std::optional<poll_fault> parse_poll_fault(std::string_view name);
 
 /// The running proxy. Stops and joins its threads on destruction.
 class reference_proxy {
@@ -96,6 +163,18 @@ public:
 
   /// Long-polls waiting for work now (a test's way to know a poll arrived).
   size_t waiting_polls() const;
+
+  // -- fault injection (same as `/v1/admin/faults`) ---------------------------
+
+  /// Injects `fault` into the next `polls` answers to `POST /v1/poll`, after
+  /// the faults queued already (`POST /v1/admin/faults`).
+  void inject(poll_fault fault, size_t polls = 1);
+
+  /// Drops every queued fault (`DELETE /v1/admin/faults`).
+  void clear_faults();
+
+  /// The faults still queued, next first (`GET /v1/admin/faults`).
+  std::vector<poll_fault> pending_faults() const;
 
   /// Makes waiting long-polls read the clock again at once: with a
   /// `manual_clock`, call it after `advance` so that leases that expired and

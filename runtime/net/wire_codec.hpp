@@ -22,6 +22,60 @@ namespace hsm::net {
 /// Largest accepted payload, in bytes, before scheme checks.
 inline constexpr size_t max_payload_bytes = max_ed25519_message;
 
+// -- limits on what a proxy may send ------------------------------------------
+//
+// A broken or hostile proxy must not be able to run the driver out of memory
+// or write into its logs: every answer is bounded in size, in nesting and in
+// the number of requests taken from it, and ids and leases are short and
+// printable before they are used or logged.
+
+/// Most requests one poll asks for: `proxy_client::poll` sends at most this
+/// `max`. With more credit the poller polls again at once.
+inline constexpr size_t max_poll_requests = 32;
+
+/// Longest request id accepted; ids are 1..128 characters of
+/// `A-Z a-z 0-9 . _ : -` (the key-id alphabet).
+inline constexpr size_t max_request_id_length = 128;
+
+/// Longest lease accepted; leases are 1..256 characters of
+/// `A-Z a-z 0-9 . _ : - + / =` (the key-id alphabet plus base64's), so that
+/// an opaque base64 or base64url token passes.
+inline constexpr size_t max_lease_length = 256;
+
+/// Longest lease time believed (`lease_ms`); a longer one counts as this.
+inline constexpr int64_t max_lease_ms = 24 * 60 * 60 * 1000;
+
+/// Largest JSON text of one request the driver accepts: a payload of
+/// `max_payload_bytes` in hex, plus 4 KiB for the id, lease, key id, kind,
+/// field names and whatever else a proxy adds.
+inline constexpr size_t max_request_bytes = 2 * max_payload_bytes + 4096;
+
+/// Largest response body read from the proxy: `max_poll_requests` requests
+/// of `max_request_bytes`, plus 4 KiB for the envelope; 4,329,472 bytes
+/// (4.13 MiB). A longer body aborts the transfer (`net_errc::bad_response`).
+inline constexpr size_t max_response_bytes = max_poll_requests
+                                               * max_request_bytes
+                                             + 4096;
+
+/// Deepest nesting of arrays and objects accepted in a response; a poll
+/// answer needs 4 (the answer, `requests`, a request, its `params`).
+inline constexpr size_t max_json_depth = 32;
+
+/// True if `id` is a request id the driver may use and log: 1 to
+/// `max_request_id_length` characters of `A-Z a-z 0-9 . _ : -`.
+[[nodiscard]] bool valid_request_id(std::string_view id);
+
+/// True if `lease` is a lease the driver may use and log: 1 to
+/// `max_lease_length` characters of `A-Z a-z 0-9 . _ : - + / =`.
+[[nodiscard]] bool valid_lease(std::string_view lease);
+
+/// Untrusted text (a proxy's, a request's, a row's) fit for an error message
+/// and a log line: at most `max_chars` characters, anything outside
+/// printable ASCII (control characters, escape sequences, non-ASCII bytes)
+/// as '?'.
+[[nodiscard]] std::string printable(std::string_view text,
+                                    size_t max_chars = 40);
+
 /// One request of a poll response, decoded. When `error` is set the request
 /// is malformed (missing or mistyped field, unknown kind, bad hex, oversized
 /// payload) and must be answered with that error; the other fields are then
@@ -45,14 +99,30 @@ struct wire_request {
 struct decoded_poll {
   /// Requests with a usable id and lease, in order.
   std::vector<wire_request> requests;
-  /// Requests without a usable id or lease: they cannot be answered and are
-  /// left for redelivery (their lease expires); counted for the log.
+  /// Requests without a usable id or lease (missing, not a string, too
+  /// long, outside the alphabet), and entries that are not objects: they
+  /// cannot be answered and are left for redelivery (their lease expires);
+  /// counted for the log, never echoed.
   size_t unanswerable = 0;
+  /// Entries after the `max`-th request (more than the poll asked for):
+  /// not looked at, left for redelivery; counted for the log.
+  size_t excess = 0;
+  /// Requests whose id came earlier in the same answer: dropped (the first
+  /// is served; a copy takes none of the `max` places); counted for the
+  /// log.
+  size_t duplicates = 0;
 };
 
-/// Decodes `{"requests":[...]}`. A body that is not that shape is
-/// `net_errc::bad_response`; a single bad request carries its own error.
-[[nodiscard]] caf::expected<decoded_poll> decode_poll(std::string_view body);
+/// Decodes `{"requests":[...]}`, the answer to a poll that asked for at most
+/// `max` requests: entries are read in order until `max` requests (objects,
+/// second copies of an id not counted) are taken; the rest are `excess`. A
+/// body that is not that shape, is larger than `max_response_bytes` or
+/// nested deeper than `max_json_depth` is `net_errc::bad_response`; a
+/// single bad request carries its own error. Fields the protocol does not
+/// name are skipped while parsing, so that memory stays in proportion to
+/// what is used.
+[[nodiscard]] caf::expected<decoded_poll> decode_poll(std::string_view body,
+                                                      size_t max);
 
 /// The `result` object of a key (without its creation time).
 nlohmann::ordered_json to_json(const key_result& r);

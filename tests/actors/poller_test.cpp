@@ -284,7 +284,8 @@ TEST_F(PollerTest, ValidRequestsBecomeJobsInvalidOnesErrorResults) {
 }
 
 TEST_F(PollerTest, TransportErrorsAndServerErrorsBackOff) {
-  world->credits = {1, 1, 1, 1};
+  // The third poll asks for two requests (and gets them).
+  world->credits = {1, 1, 2, 1};
   link->replies.push_back(
     caf::make_error(net_errc::unreachable, std::string{"refused"}));
   link->replies.push_back(net::http_reply{500, "oops"});

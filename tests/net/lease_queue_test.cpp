@@ -324,6 +324,58 @@ TEST_F(LeaseQueueTest, NextExpiryIsTheEarliestLease) {
   EXPECT_EQ(queue.next_expiry(), t0 + 3s + lease_time);
 }
 
+// -- leases given back --------------------------------------------------------
+
+TEST_F(LeaseQueueTest, GivenBackLeasesAreQueuedFirstInOrderAndNotCounted) {
+  auto ids = enqueue_n(3);
+  auto got = queue.lease("dead", 2);
+  ASSERT_EQ(got.size(), 2u);
+  // Last to first, as the proxy gives back the leases of one answer.
+  EXPECT_TRUE(queue.give_back(got[1].id, got[1].lease));
+  EXPECT_TRUE(queue.give_back(got[0].id, got[0].lease));
+  auto s = queue.stats();
+  EXPECT_EQ(s.queued, 3u);
+  EXPECT_EQ(s.leased, 0u);
+  EXPECT_EQ(s.in_flight["dead"], 0u);
+  EXPECT_EQ(s.given_back, 2u);
+  EXPECT_EQ(s.redelivered, 0u);
+  EXPECT_EQ(queue.find(ids[0])->deliveries, 0u);
+  EXPECT_EQ(status_of(ids[0]), request_status::queued);
+  // The next poll gets them, in their first order, as first deliveries.
+  auto again = queue.lease("live", 3);
+  ASSERT_EQ(again.size(), 3u);
+  EXPECT_EQ(again[0].id, ids[0]);
+  EXPECT_EQ(again[1].id, ids[1]);
+  EXPECT_EQ(again[2].id, ids[2]);
+  EXPECT_EQ(queue.find(ids[0])->deliveries, 1u);
+  EXPECT_EQ(queue.stats().redelivered, 0u);
+  // The old lease is gone: its answer is refused.
+  EXPECT_EQ(queue.complete(got[0].id, got[0].lease, ok_outcome()),
+            completion::lease_not_current);
+}
+
+TEST_F(LeaseQueueTest, OnlyACurrentLeaseCanBeGivenBack) {
+  auto ids = enqueue_n(2);
+  auto got = queue.lease("a", 2);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_FALSE(queue.give_back(got[0].id, "not-the-lease"));
+  EXPECT_FALSE(queue.give_back("no-such-id", got[0].lease));
+  ASSERT_EQ(queue.complete(got[0].id, got[0].lease, ok_outcome()),
+            completion::accepted);
+  EXPECT_FALSE(queue.give_back(got[0].id, got[0].lease)); // answered
+  advance(lease_time);
+  EXPECT_FALSE(queue.give_back(got[1].id, got[1].lease)); // expired
+  // A redelivery given back counts as neither delivery nor redelivery.
+  auto again = queue.lease("b", 1);
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(queue.stats().redelivered, 1u);
+  EXPECT_TRUE(queue.give_back(again[0].id, again[0].lease));
+  EXPECT_EQ(queue.stats().redelivered, 0u);
+  EXPECT_EQ(queue.find(ids[1])->deliveries, 1u);
+  EXPECT_EQ(queue.stats().given_back, 1u);
+  EXPECT_EQ(status_of(ids[0]), request_status::done);
+}
+
 // -- stats --------------------------------------------------------------------
 
 TEST_F(LeaseQueueTest, InFlightIsCountedPerDriver) {

@@ -3,19 +3,30 @@
 #include "runtime/base/clock.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/proxy_client.hpp"
+#include "tests/support/wait.hpp"
 
 #include <curl/curl.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <openssl/ssl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <future>
 #include <memory>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
+
+extern char** environ;
 
 namespace hsm::net {
 namespace {
@@ -96,6 +107,89 @@ raw_reply raw_post(uint16_t port, const std::string& path,
   curl_slist_free_all(headers);
   return out;
 }
+
+/// The curl command line, if installed (deploy/install-deps.sh installs
+/// it): a client in a process of its own, to kill with -9.
+std::optional<std::filesystem::path> curl_command() {
+  const char* path = std::getenv("PATH");
+  std::istringstream dirs{path != nullptr ? path : "/usr/bin:/bin"};
+  std::string dir;
+  while (std::getline(dirs, dir, ':')) {
+    auto candidate = std::filesystem::path{dir} / "curl";
+    if (::access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+  }
+  return std::nullopt;
+}
+
+/// A long-poll held by another process (the curl command line with the
+/// driver's certificate), which the test kills with SIGKILL as an operator
+/// kills a driver with kill -9: the kernel closes its connection as the
+/// process dies, nothing is said at the TLS or HTTP level.
+class external_poll {
+public:
+  external_poll(const std::filesystem::path& curl, uint16_t port,
+                const dev_pki& pki, const std::string& driver,
+                std::chrono::milliseconds wait) {
+    std::vector<std::string> args{
+      curl.string(),
+      "--silent",
+      "--output",
+      "/dev/null",
+      "--max-time",
+      "120",
+      "--cacert",
+      pki.root_cert.string(),
+      "--cert",
+      pki.driver_chain.string(),
+      "--key",
+      pki.driver_key.string(),
+      "--header",
+      "Content-Type: application/json",
+      "--data",
+      json{{"driver_id", driver}, {"max", 1}, {"wait_ms", wait.count()}}.dump(),
+      "https://127.0.0.1:" + std::to_string(port) + "/v1/poll"};
+    std::vector<char*> argv;
+    for (auto& a : args)
+      argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null",
+                                     O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null",
+                                     O_WRONLY, 0);
+    if (::posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ)
+        != 0)
+      pid_ = -1;
+    posix_spawn_file_actions_destroy(&actions);
+  }
+
+  ~external_poll() {
+    kill9();
+  }
+
+  external_poll(const external_poll&) = delete;
+  external_poll& operator=(const external_poll&) = delete;
+
+  bool started() const {
+    return pid_ > 0;
+  }
+
+  /// SIGKILL, then reaps: once this returns the process is gone and its
+  /// sockets are closed.
+  void kill9() {
+    if (pid_ <= 0)
+      return;
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+
+private:
+  pid_t pid_ = -1;
+};
 
 json ok_result(const json& req, const std::string& driver) {
   return json{{"id", req["id"]},
@@ -773,6 +867,310 @@ TEST_F(ReferenceProxyTest, NegotiatesTls13) {
   curl_easy_cleanup(seen.curl);
   ASSERT_EQ(rc, CURLE_OK) << curl_easy_strerror(rc);
   EXPECT_EQ(seen.version, TLS1_3_VERSION);
+}
+
+// -- fault switches -----------------------------------------------------------
+
+TEST_F(ReferenceProxyTest, ServerErrorFaultAnswers503AndLeasesNothing) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::server_error);
+  auto r = raw_post(proxy_->port(), "/v1/poll",
+                    R"({"driver_id":"d","max":1,"wait_ms":0})", *pki_,
+                    pki_->driver_chain, pki_->driver_key);
+  ASSERT_EQ(r.rc, CURLE_OK) << curl_easy_strerror(r.rc);
+  EXPECT_EQ(r.status, 503);
+  EXPECT_TRUE(json::parse(r.body, nullptr, false).contains("error")) << r.body;
+  EXPECT_EQ(state(id).second["deliveries"], 0);
+  EXPECT_EQ(stats()["faulted_polls"], 1);
+  // One answer only: the next poll is served.
+  auto reqs = poll(client(), 1, 0ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+}
+
+TEST_F(ReferenceProxyTest, GarbageFaultAnswersNonJsonAndTheLeaseExpires) {
+  start_manual();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::garbage_body);
+  auto r = raw_post(proxy_->port(), "/v1/poll",
+                    R"({"driver_id":"d","max":1,"wait_ms":0})", *pki_,
+                    pki_->driver_chain, pki_->driver_key);
+  ASSERT_EQ(r.rc, CURLE_OK) << curl_easy_strerror(r.rc);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_TRUE(json::parse(r.body, nullptr, false).is_discarded()) << r.body;
+  EXPECT_NE(r.body.find('\0'), std::string::npos);
+  EXPECT_NE(r.body.find('\x1b'), std::string::npos);
+  // Leased all the same, as by a proxy that does not know what the driver
+  // made of its answer; redelivered when the lease expires.
+  EXPECT_EQ(state(id).second["state"], "leased");
+  advance(proxy_config().lease_duration);
+  auto again = poll(client(), 1, 0ms);
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0]["id"], id);
+  EXPECT_EQ(state(id).second["deliveries"], 2);
+}
+
+TEST_F(ReferenceProxyTest, DuplicateFaultListsEveryLeaseTwice) {
+  start();
+  enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  enqueue("sign", {{"key_id", "k2"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::duplicate_delivery);
+  auto reqs = poll(client(), 2, 0ms);
+  ASSERT_EQ(reqs.size(), 4u);
+  EXPECT_EQ(reqs[0], reqs[1]);
+  EXPECT_EQ(reqs[2], reqs[3]);
+  EXPECT_NE(reqs[0]["id"], reqs[2]["id"]);
+  EXPECT_EQ(stats()["leased"], 2);
+}
+
+TEST_F(ReferenceProxyTest, OverDeliveryFaultLeasesMoreThanMax) {
+  auto cfg = proxy_config();
+  cfg.over_delivery_extra = 2;
+  start(cfg);
+  for (int i = 0; i < 5; ++i)
+    enqueue("sign", {{"key_id", "k" + std::to_string(i)}, {"payload", "00"}});
+  proxy_->inject(poll_fault::over_delivery);
+  auto reqs = poll(client(), 1, 0ms);
+  EXPECT_EQ(reqs.size(), 3u);
+  EXPECT_EQ(stats()["in_flight"]["driver-a"], 3);
+}
+
+TEST_F(ReferenceProxyTest, OversizedFaultSendsAValidBodyOfTheSetSize) {
+  auto cfg = proxy_config();
+  cfg.oversized_body_bytes = 300000;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::oversized_body);
+  auto r = raw_post(proxy_->port(), "/v1/poll",
+                    R"({"driver_id":"d","max":1,"wait_ms":0})", *pki_,
+                    pki_->driver_chain, pki_->driver_key);
+  ASSERT_EQ(r.rc, CURLE_OK) << curl_easy_strerror(r.rc);
+  EXPECT_EQ(r.body.size(), cfg.oversized_body_bytes);
+  auto body = json::parse(r.body, nullptr, false);
+  ASSERT_TRUE(body.is_object()) << r.body.substr(0, 200);
+  ASSERT_EQ(body["requests"].size(), 1u);
+  EXPECT_EQ(body["requests"][0]["id"], id);
+  // The default is past what the driver reads.
+  EXPECT_GT(reference_proxy_config{}.oversized_body_bytes, max_response_bytes);
+}
+
+TEST_F(ReferenceProxyTest, SlowBodyFaultArrivesInPiecesAndWhole) {
+  auto cfg = proxy_config();
+  cfg.slow_body_pieces = 5;
+  cfg.slow_body_delay = 100ms;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::slow_body);
+  auto t0 = steady::now();
+  auto reqs = poll(client(), 1, 0ms);
+  // Four pauses between five pieces.
+  EXPECT_GE(elapsed_ms(t0), 400);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_EQ(stats()["given_back"], 0);
+}
+
+TEST_F(ReferenceProxyTest, SlowBodyTheClientGaveUpOnGivesTheLeaseBack) {
+  // The driver times out in the middle of a slow answer: the proxy's write
+  // fails and it takes the lease back at once, rather than letting it wait
+  // out the lease time (10 s here).
+  auto cfg = proxy_config();
+  cfg.slow_body_pieces = 20;
+  cfg.slow_body_delay = 100ms;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::slow_body);
+  auto impatient_cfg = client_config("impatient");
+  impatient_cfg.poll_grace = 300ms;
+  auto t0 = steady::now();
+  auto reply = client(impatient_cfg)->poll(1, 0ms);
+  ASSERT_FALSE(reply) << reply->body;
+  EXPECT_EQ(reply.error(), net_errc::unreachable) << describe(reply.error());
+  ASSERT_TRUE(test::wait_until([&] { return proxy_->stats().given_back == 1; },
+                               5s, "the proxy to take the lease back"));
+  auto st = state(id).second;
+  EXPECT_EQ(st["state"], "queued");
+  EXPECT_EQ(st["deliveries"], 0);
+  auto reqs = poll(client("patient"), 1, 0ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_LT(elapsed_ms(t0), 5000);
+  EXPECT_EQ(proxy_->stats().in_flight["impatient"], 0u);
+}
+
+TEST_F(ReferenceProxyTest, ResetFaultCutsTheAnswerAndKeepsTheLease) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  proxy_->inject(poll_fault::reset);
+  auto r = raw_post(proxy_->port(), "/v1/poll",
+                    R"({"driver_id":"d","max":1,"wait_ms":0})", *pki_,
+                    pki_->driver_chain, pki_->driver_key);
+  EXPECT_NE(r.rc, CURLE_OK) << r.body;
+  EXPECT_EQ(r.status, 200); // the headers came
+  EXPECT_TRUE(json::parse(r.body, nullptr, false).is_discarded()) << r.body;
+  EXPECT_EQ(state(id).second["state"], "leased");
+  EXPECT_EQ(stats()["given_back"], 0);
+}
+
+TEST_F(ReferenceProxyTest, FaultsQueueInOrderThroughTheAdminApi) {
+  start();
+  auto post = [this](const json& body) {
+    auto res = admin_->Post("/v1/admin/faults", body.dump(),
+                            "application/json");
+    EXPECT_TRUE(res);
+    return res ? std::pair{res->status, json::parse(res->body, nullptr, false)}
+               : std::pair{0, json{}};
+  };
+  EXPECT_EQ(post({{"fault", "server_error"}, {"polls", 2}}).first, 200);
+  auto [status, body] = post({{"fault", "garbage_body"}});
+  EXPECT_EQ(status, 200);
+  EXPECT_EQ(body["pending"],
+            (json{"server_error", "server_error", "garbage_body"}));
+  EXPECT_EQ(proxy_->pending_faults(),
+            (std::vector<poll_fault>{poll_fault::server_error,
+                                     poll_fault::server_error,
+                                     poll_fault::garbage_body}));
+  EXPECT_EQ(post({{"fault", "explode"}}).first, 400);
+  EXPECT_EQ(post({{"fault", "reset"}, {"polls", 0}}).first, 400);
+  EXPECT_EQ(post({{"polls", 1}}).first, 400);
+  // Every name round-trips.
+  for (auto name : {"reset", "server_error", "slow_body", "garbage_body",
+                    "duplicate_delivery", "oversized_body", "over_delivery"}) {
+    auto f = parse_poll_fault(name);
+    ASSERT_TRUE(f) << name;
+    EXPECT_STREQ(to_string(*f), name);
+  }
+  // The first queued fault takes the next poll.
+  auto* c = client();
+  auto reply = c->poll(1, 0ms);
+  ASSERT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(reply->status, 503);
+  auto listed = admin_->Get("/v1/admin/faults");
+  ASSERT_TRUE(listed);
+  EXPECT_EQ(json::parse(listed->body)["pending"],
+            (json{"server_error", "garbage_body"}));
+  auto cleared = admin_->Delete("/v1/admin/faults");
+  ASSERT_TRUE(cleared);
+  EXPECT_EQ(cleared->status, 200);
+  EXPECT_TRUE(proxy_->pending_faults().empty());
+  reply = c->poll(1, 0ms);
+  ASSERT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(reply->status, 200);
+  EXPECT_EQ(stats()["faulted_polls"], 1);
+}
+
+// -- a dead driver's long-poll ------------------------------------------------
+
+/// Settings for the dead-driver tests: long polls, long leases (a request
+/// leased to the dead driver would be stuck for 30 s).
+reference_proxy_config dead_driver_config(reference_proxy_config cfg) {
+  cfg.lease_duration = 30s;
+  cfg.max_wait = 30s;
+  return cfg;
+}
+
+TEST_F(ReferenceProxyTest, RequestAfterAKillNineGoesToTheLiveDriverAtOnce) {
+  // The issue's trial, four times: a driver long-polls, so does another;
+  // the first is killed with -9 and a request arrives right after. The live
+  // driver must get it within a second, not after the 30 s lease. The
+  // periodic check is off (a minute): only the check before leasing can
+  // see the dead client here.
+  auto curl = curl_command();
+  if (!curl)
+    GTEST_SKIP() << "no curl command line";
+  auto cfg = dead_driver_config(proxy_config());
+  cfg.client_check_interval = 60s;
+  start(cfg);
+  auto* live = client("live");
+  for (int trial = 0; trial < 4; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    external_poll dead{*curl, proxy_->port(), *pki_, "dead", 20s};
+    ASSERT_TRUE(dead.started());
+    ASSERT_TRUE(polls_waiting(1));
+    auto pending = std::async(std::launch::async,
+                              [live] { return poll(live, 1, 20000ms); });
+    ASSERT_TRUE(polls_waiting(2));
+    dead.kill9();
+    auto t0 = steady::now();
+    auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+    ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
+    auto reqs = pending.get();
+    ASSERT_EQ(reqs.size(), 1u);
+    EXPECT_EQ(reqs[0]["id"], id);
+    EXPECT_LT(elapsed_ms(t0), 1000);
+    EXPECT_EQ(state(id).second["deliveries"], 1);
+    EXPECT_EQ(post(live, ok_result(reqs[0], "live")), 200);
+    auto s = proxy_->stats();
+    EXPECT_EQ(s.in_flight["dead"], 0u);
+    EXPECT_EQ(s.max_in_flight["dead"], 0u);
+    // The dead poll is over (it woke for the request and found its client
+    // gone); only then does the next trial start.
+    ASSERT_TRUE(polls_waiting(0));
+    EXPECT_EQ(proxy_->stats().dead_polls, static_cast<size_t>(trial) + 1);
+  }
+}
+
+TEST_F(ReferenceProxyTest, RequestAfterAKillNineWaitsForTheNextLiveDriver) {
+  // Only the dead driver's poll waits when the request arrives: it must not
+  // take it (before the fix it did, deterministically), and the next poll
+  // of a live driver gets it at once.
+  auto curl = curl_command();
+  if (!curl)
+    GTEST_SKIP() << "no curl command line";
+  auto cfg = dead_driver_config(proxy_config());
+  cfg.client_check_interval = 60s;
+  start(cfg);
+  external_poll dead{*curl, proxy_->port(), *pki_, "dead", 20s};
+  ASSERT_TRUE(dead.started());
+  ASSERT_TRUE(polls_waiting(1));
+  dead.kill9();
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  ASSERT_TRUE(polls_waiting(0));
+  auto st = state(id).second;
+  EXPECT_EQ(st["state"], "queued");
+  EXPECT_EQ(st["deliveries"], 0);
+  EXPECT_EQ(proxy_->stats().dead_polls, 1u);
+  auto t0 = steady::now();
+  auto reqs = poll(client("live"), 1, 0ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_LT(elapsed_ms(t0), 1000);
+  EXPECT_EQ(state(id).second["deliveries"], 1);
+}
+
+TEST_F(ReferenceProxyTest, DeadDriversLongPollEndsWithoutARequest) {
+  // With no request at all, the waiting poll of a killed driver ends within
+  // the check interval instead of holding a server thread for its wait.
+  auto curl = curl_command();
+  if (!curl)
+    GTEST_SKIP() << "no curl command line";
+  auto cfg = dead_driver_config(proxy_config());
+  cfg.client_check_interval = 100ms;
+  start(cfg);
+  external_poll dead{*curl, proxy_->port(), *pki_, "dead", 20s};
+  ASSERT_TRUE(dead.started());
+  ASSERT_TRUE(polls_waiting(1));
+  dead.kill9();
+  auto t0 = steady::now();
+  ASSERT_TRUE(test::wait_until([&] { return proxy_->waiting_polls() == 0; }, 5s,
+                               "the dead driver's poll to end"));
+  EXPECT_LT(elapsed_ms(t0), 2000);
+  EXPECT_EQ(proxy_->stats().dead_polls, 1u);
+  // A live client's long-poll is not taken for dead.
+  auto* live = client("live");
+  auto pending = std::async(std::launch::async,
+                            [live] { return poll(live, 1, 20000ms); });
+  ASSERT_TRUE(polls_waiting(1));
+  // Not a synchronisation: the time for some five checks of a live client,
+  // which must all find it alive (else its poll would end empty).
+  std::this_thread::sleep_for(500ms);
+  auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
+  ASSERT_EQ(pending.wait_for(5s), std::future_status::ready);
+  auto reqs = pending.get();
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0]["id"], id);
+  EXPECT_EQ(proxy_->stats().dead_polls, 1u);
 }
 
 // -- start and stop -----------------------------------------------------------

@@ -7,6 +7,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <limits>
+#include <string>
+#include <vector>
+
 namespace hsm {
 namespace {
 
@@ -196,6 +200,208 @@ TEST(WireTest, BatchOfResultsEncodesAndItsStatusesDecode) {
   ASSERT_TRUE(partial);
   EXPECT_EQ((*partial)[1], net::result_status::refused);
   EXPECT_FALSE(net::decode_result_statuses("[]", sent));
+}
+
+// -- a hostile proxy ----------------------------------------------------------
+
+/// A valid generate_key request with id `id` and lease `lease`.
+json gen_request(const std::string& id, const std::string& lease = "l") {
+  return json{{"id", id},
+              {"lease", lease},
+              {"kind", "generate_key"},
+              {"params", {{"key_id", "k-" + id}, {"scheme", "p256"}}}};
+}
+
+TEST(WireTest, RequestsBeyondMaxAreNotReadButCounted) {
+  auto body = json::array();
+  for (int i = 0; i < 7; ++i)
+    body.push_back(gen_request("r" + std::to_string(i)));
+  // One entry within `max` that is not an object, one beyond it.
+  body.insert(body.begin() + 1, "not an object");
+  body.push_back(42);
+  auto parsed = keys::read_poll(poll_body(body), 4);
+  ASSERT_TRUE(parsed) << describe(parsed.error());
+  // Four requests are taken: r0..r3 (the string takes no place).
+  ASSERT_EQ(parsed->jobs.size(), 4u);
+  EXPECT_EQ(parsed->jobs[0].id, "r0");
+  EXPECT_EQ(parsed->jobs[3].id, "r3");
+  EXPECT_TRUE(parsed->rejected.empty());
+  EXPECT_EQ(parsed->unanswerable, 1u);
+  // r4..r6 and the number: left for redelivery, not answered.
+  EXPECT_EQ(parsed->excess, 4u);
+  EXPECT_EQ(parsed->duplicates, 0u);
+  // An entry with an unusable id takes a place all the same (the proxy
+  // may have leased it to this driver).
+  auto bad_id = body;
+  bad_id[0]["id"] = "bad id";
+  auto cut = keys::read_poll(poll_body(bad_id), 4);
+  ASSERT_TRUE(cut);
+  EXPECT_EQ(cut->jobs.size(), 3u);
+  EXPECT_EQ(cut->unanswerable, 2u);
+  EXPECT_EQ(cut->excess, 4u);
+  // With room for all of them, all are read.
+  auto all = keys::read_poll(poll_body(body), net::max_poll_requests);
+  ASSERT_TRUE(all);
+  EXPECT_EQ(all->jobs.size(), 7u);
+  EXPECT_EQ(all->unanswerable, 2u);
+  EXPECT_EQ(all->excess, 0u);
+}
+
+TEST(WireTest, IdsAndLeasesOutsideLengthAndAlphabetAreUnanswerable) {
+  struct row {
+    std::string id;
+    std::string lease;
+    bool usable;
+  };
+  const std::string b64 = "QUJD+/=" + std::string(249, 'x');
+  const row rows[] = {
+    {std::string(net::max_request_id_length, 'a'), "l", true},
+    {"req-1.a_b:c", b64, true},
+    {"550e8400-e29b-41d4-a716-446655440000", "eyJhbGciOi.eyJzdWIi.SflKx_w-",
+     true},
+    {std::string(net::max_request_id_length + 1, 'a'), "l", false},
+    {"r", std::string(net::max_lease_length + 1, 'a'), false},
+    {"", "l", false},
+    {"r", "", false},
+    {"a b", "l", false},
+    {"r/1", "l", false},
+    {"evil\nINFO forged line", "l", false},
+    {"\x1b[2Jr", "l", false},
+    {"r\xc3\xa9", "l", false},
+    {"r", "lease with space", false},
+    {"r", "l\x1b]0;title\x07", false},
+    {"r", "l\xff", false},
+  };
+  for (const auto& r : rows) {
+    auto req = gen_request("placeholder");
+    req["id"] = r.id;
+    req["lease"] = r.lease;
+    auto body = json{{"requests", json::array({req})}}.dump(
+      -1, ' ', false, json::error_handler_t::replace);
+    auto parsed = keys::read_poll(body, 1);
+    ASSERT_TRUE(parsed) << net::printable(r.id) << " "
+                        << net::printable(r.lease);
+    EXPECT_EQ(net::valid_request_id(r.id) && net::valid_lease(r.lease),
+              r.usable);
+    if (r.usable) {
+      ASSERT_EQ(parsed->jobs.size(), 1u) << r.id;
+      EXPECT_EQ(parsed->jobs[0].id, r.id);
+      EXPECT_EQ(parsed->jobs[0].lease, r.lease);
+      EXPECT_EQ(parsed->unanswerable, 0u);
+    } else {
+      // Not answered (an answer would echo it), not served: counted only.
+      EXPECT_TRUE(parsed->jobs.empty()) << net::printable(r.id);
+      EXPECT_TRUE(parsed->rejected.empty()) << net::printable(r.id);
+      EXPECT_EQ(parsed->unanswerable, 1u) << net::printable(r.id);
+    }
+  }
+  // A bad request with a good id is answered under that id; the id of the
+  // answer is the one that passed the checks.
+  auto bad = gen_request("ok-id");
+  bad["kind"] = "explode";
+  auto parsed = keys::read_poll(poll_body({bad}), 1);
+  ASSERT_TRUE(parsed);
+  ASSERT_EQ(parsed->rejected.size(), 1u);
+  EXPECT_EQ(parsed->rejected[0].id, "ok-id");
+}
+
+TEST(WireTest, SecondCopyOfAnIdInOneAnswerIsDroppedAndTakesNoPlace) {
+  auto parsed = keys::read_poll(
+    poll_body({gen_request("r1", "l1"), gen_request("r1", "l1"),
+               gen_request("r2", "l2"), gen_request("r1", "other-lease"),
+               gen_request("r3", "l3")}),
+    2);
+  ASSERT_TRUE(parsed);
+  ASSERT_EQ(parsed->jobs.size(), 2u);
+  EXPECT_EQ(parsed->jobs[0].id, "r1");
+  EXPECT_EQ(parsed->jobs[0].lease, "l1");
+  EXPECT_EQ(parsed->jobs[1].id, "r2");
+  EXPECT_EQ(parsed->duplicates, 1u);
+  // After the second place is taken, copies and new requests alike are
+  // excess.
+  EXPECT_EQ(parsed->excess, 2u);
+}
+
+TEST(WireTest, BodiesTooLargeOrTooDeepAreBadResponses) {
+  // Just over the cap, otherwise valid.
+  auto head = std::string{R"({"requests":[],"padding":")"};
+  auto big = head + std::string(net::max_response_bytes - head.size() - 1, 'x')
+             + "\"}";
+  ASSERT_EQ(big.size(), net::max_response_bytes + 1);
+  auto parsed = keys::read_poll(big, 1);
+  ASSERT_FALSE(parsed);
+  EXPECT_EQ(parsed.error(), net_errc::bad_response);
+  EXPECT_NE(describe(parsed.error()).find("larger than"), std::string::npos);
+  big.erase(head.size(), 1); // at the cap: read
+  ASSERT_EQ(big.size(), net::max_response_bytes);
+  EXPECT_TRUE(keys::read_poll(big, 1));
+  // Nesting: a body of brackets filling the cap, and one level too deep.
+  for (auto body :
+       {std::string(net::max_response_bytes, '['),
+        R"({"requests":[)" + std::string(net::max_json_depth - 1, '[')
+          + std::string(net::max_json_depth - 1, ']') + "]}"}) {
+    auto deep = keys::read_poll(body, 1);
+    ASSERT_FALSE(deep) << body.substr(0, 40);
+    EXPECT_EQ(deep.error(), net_errc::bad_response);
+    EXPECT_NE(describe(deep.error()).find("nested deeper"), std::string::npos);
+  }
+  // Brackets inside strings do not count.
+  auto quoted = gen_request("r1");
+  quoted["note"] = std::string(1000, '[');
+  EXPECT_EQ(keys::read_poll(poll_body({quoted}), 1)->jobs.size(), 1u);
+  // The same checks guard the answer to a batch of results.
+  std::vector<job_result> sent(1);
+  sent[0].id = "r1";
+  auto st = net::decode_result_statuses(std::string(100, '{'), sent);
+  ASSERT_FALSE(st);
+  EXPECT_EQ(st.error(), net_errc::bad_response);
+}
+
+TEST(WireTest, FieldsTheProtocolDoesNotNameAreSkipped) {
+  // Unknown fields at every level, some of them large or deep, do not
+  // disturb what is read; a field of the wrong shape is an error as before.
+  auto req = gen_request("r1");
+  req["trace"] = {{"span", json::array({1, 2, 3})}, {"deep", {{"x", {1}}}}};
+  req["params"]["extra"] = json::array({json::object()});
+  req["lease_ms"] = 5000;
+  auto odd = gen_request("r2");
+  odd["kind"] = json::array({"generate_key"});
+  odd["params"]["scheme"] = {{"name", "p256"}};
+  json body{{"requests", {req, odd}},
+            {"meta", {{"cursor", std::string(10000, 'c')}}},
+            {"zzz", json::array({1, 2, 3})}};
+  auto parsed = keys::read_poll(body.dump(), 2);
+  ASSERT_TRUE(parsed) << describe(parsed.error());
+  ASSERT_EQ(parsed->jobs.size(), 1u);
+  EXPECT_EQ(parsed->jobs[0].id, "r1");
+  EXPECT_EQ(parsed->jobs[0].scheme, scheme::p256);
+  ASSERT_EQ(parsed->rejected.size(), 1u);
+  EXPECT_EQ(parsed->rejected[0].id, "r2");
+  // `requests` that is not an array is still no poll answer.
+  EXPECT_FALSE(keys::read_poll(R"({"requests":{"a":[]}})", 1));
+  EXPECT_FALSE(keys::read_poll(R"([{"requests":[]}])", 1));
+}
+
+TEST(WireTest, AbsurdLeaseTimeIsCapped) {
+  auto received = std::chrono::steady_clock::time_point{}
+                  + std::chrono::hours{1};
+  auto req = gen_request("r1");
+  req["lease_ms"] = std::numeric_limits<int64_t>::max();
+  auto parsed = keys::read_poll(poll_body({req}), 1, received);
+  ASSERT_TRUE(parsed);
+  ASSERT_EQ(parsed->jobs.size(), 1u);
+  EXPECT_EQ(parsed->jobs[0].lease_deadline,
+            received + std::chrono::milliseconds{net::max_lease_ms});
+}
+
+TEST(WireTest, PrintableEscapesAndCutsProxyText) {
+  EXPECT_EQ(net::printable("ok text 1.2:3", 100), "ok text 1.2:3");
+  EXPECT_EQ(net::printable("a\x1b[2Jb\n\r\t\x7f\xc3\xa9", 100), "a?[2Jb??????");
+  EXPECT_EQ(net::printable(std::string(500, 'z'), 200), std::string(200, 'z'));
+  EXPECT_EQ(net::printable(std::string_view{"a\0b", 3}), "a?b");
+  // The key path's helper is the same with a 40-character cut.
+  EXPECT_EQ(keys::printable(std::string(50, 'q') + "\n"), std::string(40, 'q'));
+  EXPECT_EQ(keys::printable("\x1b]0;x\x07"), "?]0;x?");
 }
 
 /// RFC 8032, section 7.1, TEST 1: the public key, and its signature of the

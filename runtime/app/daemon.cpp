@@ -350,6 +350,18 @@ void block_stop_signals() {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 }
 
+int wait_for_stop_signal(std::chrono::milliseconds timeout) {
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  timespec ts{};
+  ts.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+  ts.tv_nsec = static_cast<long>((timeout.count() % 1000) * 1000000);
+  auto sig = sigtimedwait(&sigs, nullptr, &ts);
+  return sig > 0 ? sig : 0;
+}
+
 int wait_for_stop_signal() {
   sigset_t sigs;
   sigemptyset(&sigs);

@@ -83,11 +83,23 @@ private:
   std::unique_ptr<impl> impl_;
 };
 
+/// How long `run` lets start-up take (opening the token, the store, the
+/// master-key guard, the probe) before it gives up on a hung HSM or
+/// database: 30 s plus three HSM timeouts.
+inline std::chrono::milliseconds
+startup_deadline(std::chrono::milliseconds hsm_timeout) {
+  return std::chrono::milliseconds{30000} + 3 * hsm_timeout;
+}
+
 /// Blocks SIGTERM and SIGINT in the calling thread (and every thread it
 /// starts afterwards). Call first thing, before any thread exists.
 void block_stop_signals();
 
 /// Waits for SIGTERM or SIGINT; returns the signal number.
 int wait_for_stop_signal();
+
+/// Waits up to `timeout` for SIGTERM or SIGINT; returns the signal number,
+/// or 0 when none came.
+int wait_for_stop_signal(std::chrono::milliseconds timeout);
 
 } // namespace hsm

@@ -1,15 +1,18 @@
 // The real `hsm-driver` binary on a real SoftHSMv2 token and SQLite file.
 
 #include "runtime/crypto/hex.hpp"
+#include "runtime/net/pki.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/softhsm_env.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <signal.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
 
 #include <fstream>
+#include <thread>
 
 namespace hsm {
 namespace {
@@ -328,6 +331,54 @@ TEST_F(CliTest, RunOptionsAreCheckedBeforeTheDaemonStarts) {
               "--sessions"),
             std::string::npos)
     << limit.out;
+}
+
+TEST_F(CliTest, StartUpOnAHungHsmEndsOnSigtermAndAtItsDeadline) {
+  // The fault-injecting module in front of SoftHSMv2: C_Login never
+  // returns, as on an HSM that stopped answering.
+  auto pki = net::make_dev_pki(dir / "pki");
+  ASSERT_TRUE(pki) << describe(pki.error());
+  std::map<std::string, std::string> hung{
+    {"PKCS11_MODULE", HSM_SHIM_LIBRARY},
+    {"HSM_SHIM_MODULE", test::softhsm_module()},
+    {"HSM_SHIM_SPEC", "hang=C_Login:@1+"},
+    {"PROXY_ADDR", "127.0.0.1:1"},
+    {"CA_CERT", pki->root_cert.string()},
+    {"CLIENT_CERT", pki->driver_chain.string()},
+    {"CLIENT_KEY", pki->driver_key.string()}};
+  auto e = env;
+  for (auto& [k, v] : hung)
+    e[k] = v;
+  {
+    auto proc = test::start_driver({"run", "--hsm-timeout", "500"}, e,
+                                   (dir / "hung-sigterm.log").string());
+    test::kill_on_exit guard{proc};
+    std::this_thread::sleep_for(std::chrono::milliseconds{700});
+    auto sent = std::chrono::steady_clock::now();
+    ASSERT_EQ(::kill(proc.pid, SIGTERM), 0);
+    auto code = test::wait_exit(proc, 5000);
+    auto took = std::chrono::steady_clock::now() - sent;
+    EXPECT_EQ(code, 1);
+    EXPECT_LT(took, std::chrono::seconds{4});
+    std::ifstream log{dir / "hung-sigterm.log"};
+    std::string text{std::istreambuf_iterator<char>{log}, {}};
+    EXPECT_NE(text.find("while start-up was still waiting"), std::string::npos)
+      << text;
+  }
+  {
+    // Nobody stops it: start-up gives up at its deadline (30 s plus three
+    // HSM timeouts; here 30.3 s).
+    auto proc = test::start_driver({"run", "--hsm-timeout", "100"}, e,
+                                   (dir / "hung-deadline.log").string());
+    test::kill_on_exit guard{proc};
+    auto code = test::wait_exit(proc, 45000);
+    EXPECT_EQ(code, 1);
+    std::ifstream log{dir / "hung-deadline.log"};
+    std::string text{std::istreambuf_iterator<char>{log}, {}};
+    EXPECT_NE(text.find("start-up did not finish within 30300 ms"),
+              std::string::npos)
+      << text;
+  }
 }
 
 TEST_F(CliTest, ProxyListenAddressesUseTheSharedParser) {

@@ -69,7 +69,17 @@ struct dispatcher_state {
   /// The deadline message on its way: its sequence number and time.
   uint64_t deadline_seq = 0;
   std::optional<clock_time> deadline_at;
+  /// While the store fails, no new leases are taken: credits are 0 until
+  /// the pause ends (a call in the deadline table). The pause doubles with
+  /// each failure in a row, from `min_store_pause` up to `max_store_pause`;
+  /// a store call that succeeds resets it.
+  bool store_paused = false;
+  caf::timespan store_pause{0};
 };
+
+/// The first pause after a store failure, and the longest.
+constexpr caf::timespan min_store_pause = std::chrono::milliseconds{200};
+constexpr caf::timespan max_store_pause = std::chrono::seconds{5};
 
 using dispatcher_ptr = dispatcher_actor::stateful_pointer<dispatcher_state>;
 
@@ -147,9 +157,10 @@ size_t healthy(const dispatcher_state& st) {
   return n;
 }
 
-/// Healthy sessions x pipeline, minus every lease held.
+/// Healthy sessions x pipeline, minus every lease held; none while the
+/// store fails.
 int64_t credits(const dispatcher_state& st) {
-  if (st.stopping)
+  if (st.stopping || st.store_paused)
     return 0;
   auto limit = static_cast<int64_t>(healthy(st) * st.cfg.pipeline);
   return std::max<int64_t>(0, limit - static_cast<int64_t>(st.held));
@@ -212,9 +223,34 @@ void release(dispatcher_ptr self, hold h) {
   pump(self);
 }
 
+/// A store call succeeded: the next failure pauses briefly again.
+void store_answered(dispatcher_ptr self) {
+  self->state.store_pause = caf::timespan{0};
+}
+
 /// A caf::sec error from the storage actor (timeout, actor gone) means the
-/// store is unavailable: retryable, never a permanent answer.
-caf::error store_failure(const caf::error& err) {
+/// store is unavailable: retryable, never a permanent answer. Either way
+/// the store failed: intake pauses (credits 0) for a while.
+caf::error store_failure(dispatcher_ptr self, const caf::error& err) {
+  auto& st = self->state;
+  if (!st.store_paused) {
+    st.store_pause = st.store_pause == caf::timespan{0}
+                       ? min_store_pause
+                       : std::min(st.store_pause * 2, max_store_pause);
+    st.store_paused = true;
+    ++st.stats.store_pauses;
+    logger("dispatch")
+      ->warn("the key store failed ({}); taking no new "
+             "requests for {} ms",
+             describe(err),
+             std::chrono::duration_cast<std::chrono::milliseconds>(
+               st.store_pause)
+               .count());
+    begin_call(self, st.store_pause, [=] {
+      self->state.store_paused = false;
+      notify_credit(self);
+    });
+  }
   if (err.category() == caf::atom("system"))
     return caf::make_error(store_errc::unavailable,
                            "key store: " + describe(err));
@@ -316,7 +352,7 @@ void store_generated(dispatcher_ptr self, hsm_session_actor session,
         ->warn("key '{}': the store did not confirm the put ({}); its "
                "resident key stays on the token",
                rec.key_id, describe(err));
-    report(self, answer(rj.j, store_failure(err)));
+    report(self, answer(rj.j, store_failure(self, err)));
   };
   auto call = begin_call(self, st.cfg.store_timeout,
                          [=] { on_error(timed_out()); });
@@ -325,6 +361,7 @@ void store_generated(dispatcher_ptr self, hsm_session_actor session,
       [=](put_result& put) {
         if (!end_call(self, call))
           return;
+        store_answered(self);
         if (!put.inserted && rec.resident())
           self->send(session, destroy_atom::value, rec);
         report_stored(self, rj.j, put.record, put.inserted);
@@ -437,7 +474,7 @@ void accept(dispatcher_ptr self, job& j) {
   ++st.looking_up;
   auto failed = [=](const caf::error& err) {
     --self->state.looking_up;
-    report(self, answer(j, store_failure(err)));
+    report(self, answer(j, store_failure(self, err)));
   };
   auto call = begin_call(self, st.cfg.store_timeout,
                          [=] { failed(timed_out()); });
@@ -446,6 +483,7 @@ void accept(dispatcher_ptr self, job& j) {
       [=](key_lookup& found) {
         if (!end_call(self, call))
           return;
+        store_answered(self);
         --self->state.looking_up;
         looked_up(self, j, found);
       },

@@ -39,6 +39,8 @@ struct dispatcher_stats {
   size_t queued = 0;
   /// Leases held: from the poller's hand-over until the result is posted.
   size_t held = 0;
+  /// Times intake paused because the store failed.
+  uint64_t store_pauses = 0;
 };
 
 /// One PKCS#11 session. Replies with a key record ready to store, or the

@@ -46,6 +46,29 @@ store_actor::behavior_type racy_store(store_actor::pointer, bool put_fails) {
   };
 }
 
+/// A store whose lookups fail while `*failing` is true.
+store_actor::behavior_type flaky_store(store_actor::pointer,
+                                       std::shared_ptr<bool> failing) {
+  return {
+    [=](caf::get_atom, const std::string& id) -> caf::result<key_lookup> {
+      if (*failing)
+        return caf::make_error(store_errc::unavailable,
+                               std::string{"server closed the connection"});
+      key_lookup k;
+      k.found = true;
+      k.record.key_id = id;
+      k.record.scheme = scheme::p256;
+      k.record.public_key.assign(65, 4);
+      k.record.key_blob.assign(40, 1);
+      k.record.wrap_mechanism = "CKM_AES_KEY_WRAP_PAD";
+      return k;
+    },
+    [](caf::put_atom, const key_record& r) -> caf::result<put_result> {
+      return put_result{r, true};
+    },
+  };
+}
+
 /// A session that makes token-resident keys and counts destroys.
 hsm_session_actor::behavior_type
 resident_session(hsm_session_actor::pointer, std::shared_ptr<fake_world> w) {
@@ -272,6 +295,53 @@ TEST_F(DispatcherTest, NoHealthySessionMeansNoCreditUntilOneComesUp) {
   ASSERT_FALSE(self->mailbox().empty());
   second.receive([&](int64_t n) { EXPECT_EQ(n, 0); },
                  [&](caf::error& err) { ADD_FAILURE() << describe(err); });
+}
+
+TEST_F(DispatcherTest, WhileTheStoreFailsNoNewLeasesAreTaken) {
+  auto failing = std::make_shared<bool>(true);
+  self->send_exit(store, caf::exit_reason::user_shutdown);
+  store = sys.spawn(flaky_store, failing);
+  spawn_dispatcher_with(1);
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
+  sched.run();
+  EXPECT_EQ(credits(), 2);
+  self->send(dispatcher, job_atom::value, sign_job("s1"));
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_TRUE(error_of(world->posted[0]).retryable);
+  EXPECT_EQ(stats().store_pauses, 1u);
+  // Paused: the credit question waits.
+  auto asked = self->request(dispatcher, caf::infinite, credit_atom::value);
+  sched.run();
+  EXPECT_TRUE(self->mailbox().empty()) << "credit while the store fails";
+  // The first pause is 200 ms; then credit comes back.
+  sched.advance_time(std::chrono::milliseconds{199});
+  sched.run();
+  EXPECT_TRUE(self->mailbox().empty()) << "the pause ended early";
+  sched.advance_time(std::chrono::milliseconds{1});
+  sched.run();
+  ASSERT_FALSE(self->mailbox().empty()) << "no credit after the pause";
+  asked.receive([&](int64_t n) { EXPECT_EQ(n, 2); },
+                [&](caf::error& err) { ADD_FAILURE() << describe(err); });
+  // Still failing: the next pause is twice as long (400 ms).
+  self->send(dispatcher, job_atom::value, sign_job("s2"));
+  sched.run();
+  EXPECT_EQ(stats().store_pauses, 2u);
+  auto again = self->request(dispatcher, caf::infinite, credit_atom::value);
+  sched.advance_time(std::chrono::milliseconds{399});
+  sched.run();
+  EXPECT_TRUE(self->mailbox().empty()) << "the pause did not grow";
+  sched.advance_time(std::chrono::milliseconds{1});
+  sched.run();
+  ASSERT_FALSE(self->mailbox().empty());
+  again.receive([](int64_t) {}, [](caf::error&) {});
+  // The store is back: the job is served, and the pause resets.
+  *failing = false;
+  self->send(dispatcher, job_atom::value, sign_job("s3"));
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 3u);
+  EXPECT_TRUE(world->posted[2].ok());
+  EXPECT_EQ(credits(), 2);
 }
 
 TEST_F(DispatcherTest, ResidentKeyStaysWhenThePutOutcomeIsInDoubt) {

@@ -25,10 +25,12 @@
 #include <atomic>
 #include <chrono>
 #include <fstream>
+#include <iostream>
 #include <mutex>
 #include <optional>
 #include <random>
 #include <regex>
+#include <sstream>
 #include <thread>
 
 namespace hsm {
@@ -453,6 +455,69 @@ TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
   EXPECT_EQ(plan->counts.sign.load(), hsm_signs); // none reached the HSM
   auto ok = await_done(enqueue_sign("good", test::sha256("still serving")));
   EXPECT_TRUE(ok["ok"].get<bool>()) << ok.dump();
+}
+
+TEST_F(EngineTest, OnePercentHsmFaultsOfEachClassLoseNothing) {
+  // The fault-injecting module in front of SoftHSMv2: 1 % of signs (the
+  // row MAC, the signature) and of unwraps fail with a session, device,
+  // general or token error, drawn from a fixed seed.
+  auto counts = dir / "faults.txt";
+  ::setenv("HSM_SHIM_MODULE", test::softhsm_module().c_str(), 1);
+  auto spec = "seed=11;counts=" + counts.string()
+              + ";fail=C_Sign:CKR_SESSION_HANDLE_INVALID|CKR_DEVICE_ERROR|"
+                "CKR_GENERAL_ERROR|CKR_FUNCTION_FAILED|CKR_DEVICE_REMOVED|"
+                "CKR_TOKEN_NOT_PRESENT%1,"
+                "C_UnwrapKey:CKR_DEVICE_ERROR|CKR_GENERAL_ERROR%1";
+  ::setenv("HSM_SHIM_SPEC", spec.c_str(), 1);
+  auto o = options(2);
+  o.cfg.pkcs11_module = HSM_SHIM_LIBRARY;
+  start_daemon(o);
+  std::vector<std::string> keys{"f-k1", "f-k2", "f-r1", "f-r2"};
+  for (auto& k : keys) {
+    auto g = generate(k, k[2] == 'k' ? "secp256k1" : "p256");
+    ASSERT_TRUE(g["ok"].get<bool>()) << g.dump();
+  }
+  constexpr int requests = 1500;
+  std::vector<std::pair<std::string, std::string>> sent; // id, key
+  for (int i = 0; i < requests; ++i) {
+    auto& k = keys[static_cast<size_t>(i) % keys.size()];
+    sent.emplace_back(enqueue_sign(k, test::sha256("f" + std::to_string(i))),
+                      k);
+  }
+  int ok = 0;
+  for (auto& [id, key] : sent) {
+    auto r = await_done(id, 90000ms);
+    if (r["ok"].get<bool>())
+      ++ok;
+    else
+      ADD_FAILURE() << key << ": " << r.dump();
+  }
+  EXPECT_EQ(ok, requests);
+  // Faults really happened, sessions were replaced, nothing restarted the
+  // process, and both sessions serve again.
+  std::ifstream in{counts};
+  std::string line;
+  int injected = 0;
+  while (std::getline(in, line)) {
+    std::istringstream words{line};
+    std::string kind, fn;
+    int n = 0;
+    if (words >> kind >> fn >> n && kind == "fail")
+      injected += n;
+  }
+  EXPECT_GE(injected, 15) << "too few faults to show anything";
+  auto st = drv->stats();
+  ASSERT_TRUE(st);
+  EXPECT_GE(st->session_failures, static_cast<uint64_t>(injected) / 2);
+  ASSERT_TRUE(test::wait_until(
+    [&] {
+      auto now = drv->stats();
+      return now && now->healthy_sessions == 2;
+    },
+    30s, "both sessions healthy again"));
+  std::cout << "[ faults ] " << requests << " signs, " << injected
+            << " injected faults, " << st->session_failures
+            << " session failures, " << st->retried << " retries\n";
 }
 
 TEST_F(EngineTest, AnActorThatDiesEndsTheDriverInsteadOfLeavingItSilent) {

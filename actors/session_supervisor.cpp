@@ -15,6 +15,10 @@ struct session_entry {
   hsm_session_actor handle;
   uint64_t generation = 0;
   uint32_t failures = 0;
+  /// `reinit_module` failures of this index in a row: every index fails
+  /// together when the token goes, so counting them together would reach
+  /// the limit N times sooner with N sessions.
+  uint32_t reinit_failures = 0;
   bool dead = false;
 };
 
@@ -24,7 +28,6 @@ struct supervisor_state {
   std::vector<session_entry> sessions;
   /// Sessions abandoned in a hung call, by address, with their index.
   std::map<caf::actor_addr, size_t> abandoned;
-  uint32_t reinit_failures = 0;
   bool stopping = false;
   bool fatal_reported = false;
 };
@@ -85,16 +88,16 @@ void on_down(supervisor_ptr self, const caf::down_msg& dm) {
     return;
   }
   if (dm.reason == hsm_errc::reinit_module) {
-    if (++st.reinit_failures >= st.cfg.reinit_limit && !st.fatal_reported
+    if (++i->reinit_failures >= st.cfg.reinit_limit && !st.fatal_reported
         && st.cfg.on_fatal) {
       st.fatal_reported = true;
       st.cfg.on_fatal("the PKCS#11 module lost the token "
-                      + std::to_string(st.reinit_failures) + " times in a row ("
+                      + std::to_string(i->reinit_failures) + " times in a row ("
                       + describe(dm.reason)
                       + "); it needs a fresh C_Initialize");
     }
   } else {
-    st.reinit_failures = 0;
+    i->reinit_failures = 0;
   }
   log->warn("[session={}] ended ({}); restarting in {} ms", index,
             describe(dm.reason), restart_backoff(st.cfg, i->failures).count());
@@ -122,7 +125,7 @@ supervisor_impl(supervisor_ptr self, supervisor_config cfg,
     },
     [=](session_ok_atom, size_t index) {
       self->state.sessions[index].failures = 0;
-      self->state.reinit_failures = 0;
+      self->state.sessions[index].reinit_failures = 0;
     },
     [=](respawn_atom, size_t index, uint64_t generation) {
       auto& st = self->state;

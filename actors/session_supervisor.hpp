@@ -35,8 +35,10 @@ struct supervisor_config {
   std::chrono::milliseconds backoff_max{10000};
   /// Consecutive `reinit_module` failures after which the module itself is
   /// considered lost: `on_fatal` is called (the daemon exits non-zero, so
-  /// that the service manager restarts it with a fresh C_Initialize).
-  uint32_t reinit_limit = 5;
+  /// that the service manager restarts it with a fresh C_Initialize). With
+  /// the default backoff, 10 failures in a row take about 40 s: an HSM
+  /// outage shorter than that (a reboot, a failover) is ridden out.
+  uint32_t reinit_limit = 10;
   /// Called once when the driver cannot go on (see `reinit_limit`).
   std::function<void(const std::string&)> on_fatal;
   /// Makes the session actors.

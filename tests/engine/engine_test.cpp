@@ -520,6 +520,47 @@ TEST_F(EngineTest, OnePercentHsmFaultsOfEachClassLoseNothing) {
             << " session failures, " << st->retried << " retries\n";
 }
 
+TEST_F(EngineTest, AFiveSecondHsmOutageTakesNoLeasesAndRecovers) {
+  // Every call but C_Initialize/C_Finalize fails with CKR_DEVICE_REMOVED
+  // from 4 s after the module is loaded, for 5 s.
+  ::setenv("HSM_SHIM_MODULE", test::softhsm_module().c_str(), 1);
+  ::setenv("HSM_SHIM_SPEC", "outage=*:CKR_DEVICE_REMOVED@4s for 5s", 1);
+  auto loaded = std::chrono::steady_clock::now();
+  auto fatal = std::make_shared<std::atomic<int>>(0);
+  auto o = options(2);
+  o.cfg.pkcs11_module = HSM_SHIM_LIBRARY;
+  o.on_fatal = [fatal](const std::string&) { ++*fatal; };
+  start_daemon(o);
+  ASSERT_TRUE(generate("out-1", "p256")["ok"].get<bool>());
+  std::this_thread::sleep_until(loaded + 4500ms);
+  // A request in the outage: the session that takes it finds the token
+  // gone; the answer is retryable and the proxy queues it again.
+  auto id = enqueue_sign("out-1", test::sha256("during the outage"));
+  ASSERT_TRUE(test::wait_until(
+    [&] {
+      auto now = drv->stats();
+      return now && now->healthy_sessions == 0;
+    },
+    4s, "every session down in the outage"));
+  auto leased = proxy->stats().leased;
+  std::this_thread::sleep_for(1500ms);
+  EXPECT_EQ(proxy->stats().leased, leased)
+    << "leases taken while no session was up";
+  auto r = await_done(id, 30000ms);
+  auto answered = std::chrono::steady_clock::now();
+  ASSERT_TRUE(r["ok"].get<bool>()) << r.dump();
+  EXPECT_GE(answered - loaded, 9s) << "answered inside the outage";
+  ASSERT_TRUE(test::wait_until(
+    [&] {
+      auto now = drv->stats();
+      return now && now->healthy_sessions == 2;
+    },
+    30s, "both sessions back after the outage"));
+  EXPECT_EQ(fatal->load(), 0) << "a 5 s outage ended the driver";
+  EXPECT_TRUE(
+    await_done(enqueue_sign("out-1", test::sha256("after")))["ok"].get<bool>());
+}
+
 TEST_F(EngineTest, AnActorThatDiesEndsTheDriverInsteadOfLeavingItSilent) {
   for (std::string part : {"store", "result poster", "dispatcher", "poller"}) {
     auto why = std::make_shared<std::string>();

@@ -415,6 +415,33 @@ TEST_F(EngineTest, HungCallIsAbandonedAndTheRequestRetriedElsewhere) {
     await_done(enqueue_sign("hang", test::sha256("after")))["ok"].get<bool>());
 }
 
+TEST_F(EngineTest, StopWithAHungCallEndsWithinItsBoundsAndSaysSo) {
+  plan->before_sign = hold_at_gate();
+  auto o = options(2);
+  o.hsm_timeout = 500ms;
+  o.drain_timeout = 2000ms;
+  o.abandon_grace = 1000ms;
+  start_daemon(o);
+  ASSERT_TRUE(generate("stuck", "p256")["ok"].get<bool>());
+  held_call = plan->counts.sign.load() + 1;
+  // Served elsewhere once the hung call is abandoned.
+  auto sig = await_done(enqueue_sign("stuck", test::sha256("stuck")));
+  ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+  ASSERT_EQ(released.load(), 0);
+  // SIGTERM's path while the call is still inside the module: stop gives
+  // up on it after the abandon grace and reports it; `run` then exits 1
+  // without C_Finalize.
+  auto started = std::chrono::steady_clock::now();
+  auto status = drv->stop();
+  auto took = std::chrono::steady_clock::now() - started;
+  EXPECT_EQ(status, stop_status::hsm_call_stuck);
+  // Bounded: the poll wait (300 ms) for the poller, the drain, and the
+  // abandon grace, plus scheduling slack.
+  EXPECT_LT(took, o.poll_wait + o.drain_timeout + o.abandon_grace + 2s);
+  EXPECT_GE(took, o.abandon_grace);
+  EXPECT_EQ(released.load(), 0);
+}
+
 TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {
   start_daemon(options());
   ASSERT_TRUE(generate("good", "secp256k1")["ok"].get<bool>());

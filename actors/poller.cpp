@@ -42,13 +42,18 @@ void poll_once(poller_ptr self, int64_t credit) {
     self->delayed_send(self, jittered(st.backoff), poll_atom::value);
     return;
   }
-  st.backoff = std::chrono::milliseconds{0};
   auto polled = keys::read_poll(reply->body, max);
   if (!polled) {
-    log->warn("bad poll response: {}", describe(polled.error()));
-    self->delayed_send(self, st.cfg.backoff_min, poll_atom::value);
+    // A proxy that keeps answering garbage is backed off like one that
+    // fails: its leases (if any) expire and the requests come back.
+    st.backoff = std::clamp(st.backoff * 2, st.cfg.backoff_min,
+                            st.cfg.backoff_max);
+    log->warn("bad poll response: {}; retrying in ~{} ms",
+              describe(polled.error()), st.backoff.count());
+    self->delayed_send(self, jittered(st.backoff), poll_atom::value);
     return;
   }
+  st.backoff = std::chrono::milliseconds{0};
   // One line per poll for everything a broken proxy sent beyond what can be
   // served; none of it is echoed (ids and leases that fail the checks are
   // not fit for a log).

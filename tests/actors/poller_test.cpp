@@ -316,17 +316,24 @@ TEST_F(PollerTest, TransportErrorsAndServerErrorsBackOff) {
   EXPECT_EQ(link->polls.size(), 4u); // that question waits for credit
 }
 
-TEST_F(PollerTest, MalformedPollResponseWaitsTheMinimumBackoff) {
-  world->credits = {1, 1};
+TEST_F(PollerTest, MalformedPollResponsesBackOffLikeFailures) {
+  world->credits = {1, 1, 1, 1};
   link->replies.push_back(ok_body("<html>not json</html>"));
-  link->replies.push_back(ok_body(R"({"jobs":[]})"));
+  link->replies.push_back(ok_body("\x01\x02 garbage"));
+  link->replies.push_back(ok_body(R"({"requests":[]})"));
   start();
   settle();
   ASSERT_EQ(link->polls.size(), 1u);
+  // First: 100 ms, jittered to 50..100 ms.
+  wait(milliseconds{49});
+  EXPECT_EQ(link->polls.size(), 1u) << "polled again without backing off";
+  wait(milliseconds{51});
+  ASSERT_EQ(link->polls.size(), 2u);
+  // Garbage again: doubled, 200 ms jittered to 100..200 ms.
   wait(milliseconds{99});
-  EXPECT_EQ(link->polls.size(), 1u);
-  wait(milliseconds{1});
-  EXPECT_EQ(link->polls.size(), 2u);
+  EXPECT_EQ(link->polls.size(), 2u) << "the backoff did not grow";
+  wait(milliseconds{101});
+  ASSERT_GE(link->polls.size(), 3u);
   EXPECT_TRUE(world->jobs.empty());
   EXPECT_TRUE(world->results.empty());
 }

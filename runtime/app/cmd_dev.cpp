@@ -14,7 +14,10 @@
 #include "runtime/net/reference_proxy.hpp"
 
 #include <openssl/sha.h>
+#include <signal.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -123,6 +126,13 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
   auto opts = resolve_run_options(cfg, flags, process_env());
   if (!opts)
     return fail(opts.error());
+  // As in `run`: when the driver cannot go on, say so and stop.
+  auto fatal = std::make_shared<std::atomic<bool>>(false);
+  opts->on_fatal = [fatal](const std::string& why) {
+    logger("runtime")->critical("{}; stopping", why);
+    *fatal = true;
+    ::kill(::getpid(), SIGTERM); // wakes the signal wait below
+  };
   auto d = daemon::start(*opts);
   if (!d)
     return fail(d.error());
@@ -151,7 +161,7 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
   wait_for_stop_signal();
   auto stopped = (*d)->stop();
   (*proxy)->stop();
-  if (stopped == stop_status::hsm_call_stuck)
+  if (stopped == stop_status::hsm_call_stuck || *fatal)
     return exit_failed;
   return all_ok ? exit_ok : exit_failed;
 }

@@ -26,6 +26,8 @@ packages=(
   procps jq
   # deploy/check-format.sh (run by deploy/run-tests.sh); Debian 12: version 14
   clang-format
+  # deploy/fuzz-smoke.sh: clang with libFuzzer and its sanitizer runtimes
+  clang libclang-rt-14-dev
 )
 
 sudo_cmd=()

@@ -4,7 +4,8 @@
 # temporary folder, a loopback port, a non-root user), runs unit, integration,
 # network, engine, PostgreSQL and redundancy tests (real SoftHSMv2 tokens and
 # real SQLite files are created per test under /tmp), then the key-path demo
-# end to end, and stops the cluster; then checks the include layering and
+# end to end, a short libFuzzer run of each parser of untrusted bytes, and
+# stops the cluster; then checks the include layering and
 # the formatting (deploy/check-layers.sh, deploy/check-format.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +26,9 @@ echo "PostgreSQL for the tests: $HSM_TEST_POSTGRES_URL"
 
 (cd "$BUILD_DIR" && ctest --output-on-failure --no-tests=error -j "$(nproc)")
 HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/demo-keypath.sh" "$work/demo"
+
+# The parsers of untrusted bytes under libFuzzer, 20 s each (fuzz/README.md).
+"$root/deploy/fuzz-smoke.sh" 20
 
 # Static checks last, so a formatting slip does not hide a test result:
 # includes point one way (DESIGN.md, Layout), then clang-format.

@@ -1,6 +1,7 @@
 #include "runtime/net/reference_proxy.hpp"
 
 #include "runtime/net/openssl_error.hpp"
+#include "runtime/net/proxy_bodies.hpp"
 
 #include <httplib.h>
 #include <openssl/err.h>
@@ -18,9 +19,11 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <variant>
 #include <vector>
 
 namespace hsm::net {
@@ -33,15 +36,9 @@ using json = nlohmann::json;
 
 constexpr const char* json_type = "application/json";
 
-/// Serialises without throwing on invalid UTF-8 (an id passed in-process may
-/// hold any bytes).
-std::string dump(const json& j) {
-  return j.dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
 void reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(dump(body), json_type);
+  res.set_content(dump_json(body), json_type);
 }
 
 void reply_error(httplib::Response& res, int status, const std::string& code,
@@ -49,47 +46,14 @@ void reply_error(httplib::Response& res, int status, const std::string& code,
   reply(res, status, json{{"error", code}, {"message", message}});
 }
 
-/// Parses a request body as a JSON object; nullopt (and a 400 reply) if it
-/// is not one. Uses the non-throwing parser: no exception crosses here.
-std::optional<json> parse_object(const httplib::Request& req,
-                                 httplib::Response& res) {
-  auto body = json::parse(req.body, nullptr, false);
-  if (body.is_discarded() || !body.is_object()) {
-    reply_error(res, 400, "bad_request", "body is not a JSON object");
-    return std::nullopt;
+/// The value read from a body, or nullptr after a 400 naming what is wrong.
+template <class T>
+T* read_or_refuse(body_read<T>& read, httplib::Response& res) {
+  if (auto* bad = std::get_if<body_complaint>(&read)) {
+    reply_error(res, 400, "bad_request", bad->message);
+    return nullptr;
   }
-  return body;
-}
-
-/// True if `body[key]` is a non-empty string; else replies 400.
-bool need_string(const json& body, const char* key, httplib::Response& res) {
-  auto it = body.find(key);
-  if (it == body.end() || !it->is_string()
-      || it->get_ref<const std::string&>().empty()) {
-    reply_error(res, 400, "bad_request",
-                std::string{"\""} + key + "\" must be a non-empty string");
-    return false;
-  }
-  return true;
-}
-
-/// `body[key]` if it is an integer >= `min`; else nullopt and a 400 reply.
-std::optional<uint64_t> need_count(const json& body, const char* key,
-                                   uint64_t min, httplib::Response& res) {
-  std::optional<uint64_t> out;
-  auto it = body.find(key);
-  if (it != body.end() && it->is_number_unsigned())
-    out = it->get<uint64_t>();
-  else if (it != body.end() && it->is_number_integer()
-           && it->get<int64_t>() >= 0)
-    out = static_cast<uint64_t>(it->get<int64_t>());
-  if (!out || *out < min) {
-    reply_error(res, 400, "bad_request",
-                std::string{"\""} + key
-                  + "\" must be an integer >= " + std::to_string(min));
-    return std::nullopt;
-  }
-  return out;
+  return &std::get<T>(read);
 }
 
 /// Blocks SIGPIPE in the calling thread (and so in the threads it starts,
@@ -456,7 +420,7 @@ struct reference_proxy::impl {
   /// `oversized_body_bytes`, written in 64 KiB pieces. Leases kept.
   void answer_oversized(httplib::Response& res, const json& requests) {
     auto head = std::make_shared<const std::string>(
-      "{\"requests\":" + dump(requests) + ",\"padding\":\"");
+      "{\"requests\":" + dump_json(requests) + ",\"padding\":\"");
     static constexpr std::string_view tail = "\"}";
     auto size = std::max(cfg.oversized_body_bytes, head->size() + tail.size());
     res.status = 200;
@@ -483,25 +447,21 @@ struct reference_proxy::impl {
   // -- driver-facing handlers -------------------------------------------------
 
   void on_poll(const httplib::Request& req, httplib::Response& res) {
-    auto body = parse_object(req, res);
-    if (!body || !need_string(*body, "driver_id", res))
+    auto read = read_poll_ask(req.body);
+    auto* ask = read_or_refuse(read, res);
+    if (ask == nullptr)
       return;
-    auto max = need_count(*body, "max", 1, res);
-    if (!max)
-      return;
-    auto wait_ms = need_count(*body, "wait_ms", 0, res);
-    if (!wait_ms)
-      return;
-    auto driver = (*body)["driver_id"].get<std::string>();
+    const auto& driver = ask->driver_id;
     auto wait = std::min(std::chrono::milliseconds{static_cast<int64_t>(
-                           std::min<uint64_t>(*wait_ms, INT32_MAX))},
+                           std::min<uint64_t>(ask->wait_ms, INT32_MAX))},
                          cfg.max_wait);
     auto fault = next_fault();
     if (fault == poll_fault::server_error) {
       reply_error(res, 503, "unavailable", "injected fault: server_error");
       return;
     }
-    auto n = static_cast<size_t>(*max);
+    auto n = static_cast<size_t>(
+      std::min<uint64_t>(ask->max, std::numeric_limits<uint32_t>::max()));
     if (fault == poll_fault::over_delivery)
       n += cfg.over_delivery_extra;
     const SSL* ssl = req.ssl;
@@ -517,12 +477,14 @@ struct reference_proxy::impl {
     if (dead || !fault) {
       // Nobody reads the answer of a dead client; it is written all the
       // same (the write fails and the connection closes).
-      answer(res, dump(json{{"requests", std::move(out)}}), std::move(got));
+      answer(res, dump_json(json{{"requests", std::move(out)}}),
+             std::move(got));
       return;
     }
     switch (*fault) {
       case poll_fault::reset:
-        answer_with_reset(res, dump(json{{"requests", std::move(out)}}), ssl);
+        answer_with_reset(res, dump_json(json{{"requests", std::move(out)}}),
+                          ssl);
         return;
       case poll_fault::garbage_body:
         res.status = 200;
@@ -532,64 +494,21 @@ struct reference_proxy::impl {
         answer_oversized(res, out);
         return;
       case poll_fault::slow_body:
-        answer(res, dump(json{{"requests", std::move(out)}}), std::move(got),
-               cfg.slow_body_pieces, cfg.slow_body_delay);
+        answer(res, dump_json(json{{"requests", std::move(out)}}),
+               std::move(got), cfg.slow_body_pieces, cfg.slow_body_delay);
         return;
       case poll_fault::server_error:
       case poll_fault::duplicate_delivery:
       case poll_fault::over_delivery:
-        answer(res, dump(json{{"requests", std::move(out)}}), std::move(got));
+        answer(res, dump_json(json{{"requests", std::move(out)}}),
+               std::move(got));
         return;
     }
   }
 
-  /// Reads one result entry into `outcome`; what is wrong with it, if
-  /// anything.
-  static std::optional<std::string> parse_outcome(const json& entry,
-                                                  request_outcome& outcome) {
-    if (!entry.is_object())
-      return "a result must be an object";
-    for (auto key : {"id", "lease"}) {
-      auto it = entry.find(key);
-      if (it == entry.end() || !it->is_string()
-          || it->get_ref<const std::string&>().empty())
-        return std::string{"\""} + key + "\" must be a non-empty string";
-    }
-    auto ok_it = entry.find("ok");
-    if (ok_it == entry.end() || !ok_it->is_boolean())
-      return "\"ok\" must be a boolean";
-    outcome.ok = ok_it->get<bool>();
-    if (outcome.ok) {
-      auto it = entry.find("result");
-      if (it == entry.end() || !it->is_object())
-        return "\"result\" must be an object when \"ok\" is true";
-      outcome.body = dump(*it);
-      return std::nullopt;
-    }
-    auto it = entry.find("error");
-    auto valid = it != entry.end() && it->is_object();
-    if (valid) {
-      auto code = it->find("code");
-      auto msg = it->find("message");
-      auto rt = it->find("retryable");
-      valid = code != it->end() && code->is_string() && msg != it->end()
-              && msg->is_string() && rt != it->end() && rt->is_boolean();
-      if (valid)
-        outcome.retryable = rt->get<bool>();
-    }
-    if (!valid)
-      return "\"error\" must be an object with a string \"code\", a "
-             "string \"message\" and a boolean \"retryable\" when "
-             "\"ok\" is false";
-    outcome.body = dump(*it);
-    return std::nullopt;
-  }
-
   /// Records one well-formed result; under `mtx`.
-  completion record(const json& entry, request_outcome outcome) {
-    const auto& id = entry["id"].get_ref<const std::string&>();
-    const auto& lease = entry["lease"].get_ref<const std::string&>();
-    auto done = queue.complete(id, lease, std::move(outcome));
+  completion record(posted_result& r) {
+    auto done = queue.complete(r.id, r.lease, std::move(r.outcome));
     // A retryable error made the request visible again.
     if (done == completion::accepted && queue.has_work())
       visible_cv.notify_all();
@@ -600,26 +519,19 @@ struct reference_proxy::impl {
   /// 200 or 409), or a batch (`{"driver_id","results":[...]}`, 200 with a
   /// status per result, so that one stale lease never fails the others).
   void on_result(const httplib::Request& req, httplib::Response& res) {
-    auto body = parse_object(req, res);
-    if (!body || !need_string(*body, "driver_id", res))
+    auto read = read_results(req.body);
+    auto* posted = read_or_refuse(read, res);
+    if (posted == nullptr)
       return;
-    if (auto batch = body->find("results"); batch != body->end()) {
-      if (!batch->is_array()) {
-        reply_error(res, 400, "bad_request", "\"results\" must be an array");
-        return;
-      }
+    if (posted->batch) {
       auto statuses = json::array();
       std::unique_lock<std::mutex> lock{mtx};
-      for (const auto& entry : *batch) {
-        json status{{"id", entry.is_object() && entry.contains("id")
-                             ? entry["id"]
-                             : json{}}};
-        request_outcome outcome;
-        if (auto complaint = parse_outcome(entry, outcome)) {
+      for (auto& r : posted->results) {
+        json status{{"id", r.id.empty() ? json{} : json(r.id)}};
+        if (r.complaint) {
           status["status"] = "bad_request";
-          status["message"] = std::move(*complaint);
-        } else if (auto done = record(entry, std::move(outcome));
-                   done != completion::accepted) {
+          status["message"] = std::move(r.complaint->message);
+        } else if (auto done = record(r); done != completion::accepted) {
           status["status"] = "lease_not_current";
           status["message"] = refusal(done);
         } else {
@@ -631,13 +543,8 @@ struct reference_proxy::impl {
       reply(res, 200, json{{"results", std::move(statuses)}});
       return;
     }
-    request_outcome outcome;
-    if (auto complaint = parse_outcome(*body, outcome)) {
-      reply_error(res, 400, "bad_request", *complaint);
-      return;
-    }
     std::unique_lock<std::mutex> lock{mtx};
-    auto done = record(*body, std::move(outcome));
+    auto done = record(posted->results.front());
     lock.unlock();
     if (done != completion::accepted) {
       reply_error(res, 409, "lease_not_current", refusal(done));
@@ -649,22 +556,12 @@ struct reference_proxy::impl {
   // -- admin handlers ---------------------------------------------------------
 
   void on_enqueue(const httplib::Request& req, httplib::Response& res) {
-    auto body = parse_object(req, res);
-    if (!body || !need_string(*body, "kind", res))
+    auto read = read_enqueue(req.body);
+    auto* ask = read_or_refuse(read, res);
+    if (ask == nullptr)
       return;
-    auto params = body->find("params");
-    if (params == body->end() || !params->is_object()) {
-      reply_error(res, 400, "bad_request", "\"params\" must be an object");
-      return;
-    }
-    std::optional<std::string> id;
-    if (body->contains("id")) {
-      if (!need_string(*body, "id", res))
-        return;
-      id = (*body)["id"].get<std::string>();
-    }
-    auto out = add((*body)["kind"].get<std::string>(), dump(*params),
-                   std::move(id));
+    auto out = add(std::move(ask->kind), std::move(ask->params),
+                   std::move(ask->id));
     reply(res, 200, json{{"id", out}});
   }
 
@@ -710,13 +607,13 @@ struct reference_proxy::impl {
   }
 
   /// `POST /v1/admin/faults {"fault","polls"?}`: queues a fault for the
-  /// next `polls` (default 1, at most 1000) poll answers.
+  /// next `polls` (default 1, at most `max_fault_polls`) poll answers.
   void on_inject(const httplib::Request& req, httplib::Response& res) {
-    auto body = parse_object(req, res);
-    if (!body || !need_string(*body, "fault", res))
+    auto read = read_fault_ask(req.body);
+    auto* ask = read_or_refuse(read, res);
+    if (ask == nullptr)
       return;
-    auto fault = parse_poll_fault(
-      (*body)["fault"].get_ref<const std::string&>());
+    auto fault = parse_poll_fault(ask->fault);
     if (!fault) {
       std::string names;
       for (auto f : all_faults)
@@ -724,18 +621,7 @@ struct reference_proxy::impl {
       reply_error(res, 400, "bad_request", "\"fault\" must be one of " + names);
       return;
     }
-    uint64_t polls = 1;
-    if (body->contains("polls")) {
-      auto n = need_count(*body, "polls", 1, res);
-      if (!n)
-        return;
-      if (*n > 1000) {
-        reply_error(res, 400, "bad_request", "\"polls\" must be <= 1000");
-        return;
-      }
-      polls = *n;
-    }
-    inject(*fault, static_cast<size_t>(polls));
+    inject(*fault, static_cast<size_t>(ask->polls));
     reply(res, 200, to_json(pending_faults()));
   }
 
@@ -969,7 +855,7 @@ uint16_t reference_proxy::admin_port() const noexcept {
 std::string reference_proxy::enqueue(const std::string& kind,
                                      const nlohmann::json& params,
                                      std::optional<std::string> id) {
-  return impl_->add(kind, dump(params), std::move(id));
+  return impl_->add(kind, dump_json(params), std::move(id));
 }
 
 std::optional<nlohmann::json>

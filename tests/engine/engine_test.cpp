@@ -588,6 +588,96 @@ TEST_F(EngineTest, AFiveSecondHsmOutageTakesNoLeasesAndRecovers) {
     await_done(enqueue_sign("out-1", test::sha256("after")))["ok"].get<bool>());
 }
 
+/// The real binary in front of the fault-injecting module: the 30th C_Sign
+/// of the process never returns. The request it holds is answered through
+/// the other session once `--hsm-timeout` has passed, and the driver serves
+/// on with one session replaced; SIGTERM then ends `run` with exit 1 (the
+/// documented status of a call still stuck at shutdown) within the poll
+/// wait, the drain deadline and the 5 s abandon grace.
+TEST_F(EngineTest, TheBinaryServesPastAHungSignAndExitsOneOnSigterm) {
+  auto counts = dir / "hang-counts.txt";
+  auto e = env;
+  e["PKCS11_MODULE"] = HSM_SHIM_LIBRARY;
+  e["HSM_SHIM_MODULE"] = test::softhsm_module();
+  e["HSM_SHIM_SPEC"] = "counts=" + counts.string() + ";hang=C_Sign:@30";
+  e["HSM_RESIDENT_SCHEMES"] = "ed25519";
+  e["HSM_LOG_LEVEL"] = "info";
+  auto log_path = (dir / "hang.log").string();
+  constexpr auto poll_wait = 300ms;
+  constexpr auto hsm_timeout = 1000ms;
+  constexpr auto drain = 2000ms;
+  constexpr auto abandon_grace = 5000ms; // `run`'s, not configurable
+  auto p = test::start_driver(
+    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
+     "--ca-cert", pki.root_cert.string(), "--client-cert",
+     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
+     "--driver-id", "hang-driver", "--sessions", "2", "--poll-wait",
+     std::to_string(poll_wait.count()), "--hsm-timeout",
+     std::to_string(hsm_timeout.count()), "--drain-timeout",
+     std::to_string(drain.count())},
+    e, log_path);
+  test::kill_on_exit guard{p};
+  auto read_log = [&] {
+    std::ifstream in{log_path};
+    return std::string{std::istreambuf_iterator<char>{in}, {}};
+  };
+  auto hangs = [&] {
+    std::ifstream in{counts};
+    for (std::string line; std::getline(in, line);) {
+      std::istringstream words{line};
+      std::string kind, fn;
+      int n = 0;
+      if (words >> kind >> fn >> n && kind == "hang" && fn == "C_Sign")
+        return n;
+    }
+    return 0;
+  };
+  auto g = generate("hang-k", "p256");
+  ASSERT_TRUE(g["ok"].get<bool>()) << g.dump() << read_log();
+  auto pub = test::unhex(g["result"]["public_key"]);
+  // Start-up and the generate sign fewer than 30 times (the probe, the new
+  // key's self-check); signs one at a time reach the 30th call.
+  int signed_ok = 0;
+  for (int i = 0; i < 60 && hangs() == 0; ++i) {
+    auto payload = test::sha256("hang " + std::to_string(i));
+    auto started = std::chrono::steady_clock::now();
+    auto r = await_done(enqueue_sign("hang-k", payload));
+    auto took = std::chrono::steady_clock::now() - started;
+    ASSERT_TRUE(r["ok"].get<bool>()) << r.dump();
+    EXPECT_TRUE(test::openssl_verify(scheme::p256, pub, payload,
+                                     test::unhex(r["result"]["der"])));
+    ++signed_ok;
+    if (hangs() == 1) {
+      // This one met the hung call: answered elsewhere, after the timeout.
+      EXPECT_GE(took, hsm_timeout) << "answered before the call was abandoned";
+    }
+  }
+  ASSERT_EQ(hangs(), 1) << "the hang never fired; " << signed_ok << " signs\n"
+                        << read_log();
+  // One session was replaced; the driver serves on with two.
+  for (int i = 0; i < 5; ++i) {
+    auto payload = test::sha256("after " + std::to_string(i));
+    auto r = await_done(enqueue_sign("hang-k", payload));
+    ASSERT_TRUE(r["ok"].get<bool>()) << r.dump();
+    EXPECT_TRUE(test::openssl_verify(scheme::p256, pub, payload,
+                                     test::unhex(r["result"]["der"])));
+  }
+  auto sent = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
+  auto code = test::wait_exit(p, 30000);
+  auto took = std::chrono::steady_clock::now() - sent;
+  auto text = read_log();
+  EXPECT_EQ(code, 1) << text;
+  EXPECT_GE(took, abandon_grace) << text;
+  EXPECT_LT(took, poll_wait + drain + abandon_grace + 3s) << text;
+  EXPECT_NE(text.find("still hung after 5000 ms"), std::string::npos) << text;
+  EXPECT_NE(text.find("exiting with status 1: an HSM call is still stuck"),
+            std::string::npos)
+    << text;
+  EXPECT_EQ(proxy->stats().leased, 0u) << "a lease left with the stopped "
+                                          "driver";
+}
+
 TEST_F(EngineTest, AnActorThatDiesEndsTheDriverInsteadOfLeavingItSilent) {
   for (std::string part : {"store", "result poster", "dispatcher", "poller"}) {
     auto why = std::make_shared<std::string>();

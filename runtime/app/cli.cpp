@@ -167,6 +167,18 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
                  {"--poll-wait", "", "long-poll wait, ms", "",
                   num(default_poll_wait_ms)},
                  f.poll_wait_ms);
+  add_documented(cmd,
+                 {"--tls-min", "VERSION",
+                  "lowest TLS version to the proxy: 1.3, or 1.2 for a proxy "
+                  "that cannot speak 1.3",
+                  "HSM_TLS_MIN", "1.3"},
+                 f.tls_min);
+  add_documented(cmd,
+                 {"--https-proxy", "URL",
+                  "an HTTPS proxy on the way to the proxy; without it none "
+                  "is used, whatever https_proxy or HTTPS_PROXY say",
+                  "HSM_HTTPS_PROXY", "none"},
+                 f.https_proxy);
 }
 
 /// Refuses anything that looks like a PIN on the command line, without
@@ -341,6 +353,19 @@ int run_cli(int argc, char** argv) {
   proxy_cmd->add_option("--lease-ms", pf.lease_ms,
                         "lease duration [default: "
                           + std::to_string(default_proxy_lease_ms) + "]");
+  proxy_cmd
+    ->add_option("--admin-token-file", pf.admin_token_file,
+                 "the admin API's bearer token (Authorization: Bearer ...), "
+                 "a 0600 file; made with a random token if it does not exist")
+    ->required();
+  proxy_cmd
+    ->add_option("--tls-min", pf.tls_min,
+                 "lowest TLS version drivers may use: 1.3, or 1.2 [default: "
+                 "1.3]")
+    ->check(CLI::IsMember({"1.3", "1.2"}));
+  proxy_cmd->add_flag("--admin-allow-remote", pf.admin_remote,
+                      "let --admin-listen bind an address that is not "
+                      "loopback (plain HTTP; put TLS in front)");
 
   bench_flags bf;
   auto* bench_cmd = app.add_subcommand(

@@ -93,6 +93,15 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
   fs::path dir = data_dir.empty() ? fs::path{default_dev_data_dir}
                                   : fs::path{data_dir};
   dir = fs::absolute(dir);
+  // Its PINs, keys and admin token are for this user only: the folder is
+  // 0700 whatever the umask, also when it existed already.
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  fs::permissions(dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  if (ec)
+    return fail(
+      caf::make_error(config_errc::bad_file, dir.string(),
+                      "cannot make it a 0700 folder: " + ec.message()));
   cfg.sqlite_path = dir / "keys.db";
   if (!resident_given)
     cfg.resident_schemes = {scheme::ed25519};
@@ -112,6 +121,11 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
   pc.server_cert = pki->server_chain;
   pc.server_key = pki->server_key;
   pc.client_ca = pki->root_cert;
+  auto token_file = dir / "admin-token";
+  auto token = net::load_or_create_admin_token(token_file);
+  if (!token)
+    return fail(token.error());
+  pc.admin_token = std::move(*token);
   auto proxy = net::reference_proxy::start(pc);
   if (!proxy)
     return fail(proxy.error());
@@ -151,12 +165,19 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
              {"proxy", flags.proxy_addr},
              {"admin_api", admin},
              {"demo", demo}});
-  std::cerr << "hsm-driver dev: serving; enqueue requests with\n  curl -s "
-               "-XPOST "
-            << admin
-            << "/v1/admin/requests -d "
-               "'{\"kind\":\"generate_key\",\"params\":{\"key_id\":\"k1\","
+  // One line per kind that enqueues, waits for the answer and prints it.
+  auto curl = "curl -s -H \"Authorization: Bearer $(cat " + token_file.string()
+              + ")\" -H 'Content-Type: application/json' '" + admin
+              + "/v1/admin/requests?wait_ms=10000' -d ";
+  std::cerr << "hsm-driver dev: serving; a new key (its public key):\n  "
+            << curl
+            << "'{\"kind\":\"generate_key\",\"params\":{\"key_id\":\"k1\","
                "\"scheme\":\"secp256k1\"}}'\n"
+            << "and a signature with it (a SHA-256 digest in hex):\n  " << curl
+            << "'{\"kind\":\"sign\",\"params\":{\"key_id\":\"k1\","
+               "\"payload\":\"'$(printf hello | sha256sum | cut -c1-64)'\"}}'\n"
+            << "The admin API needs the token in " << token_file.string()
+            << " (Authorization: Bearer).\n"
             << "Ctrl-C (SIGINT) or SIGTERM stops it.\n";
   wait_for_stop_signal();
   auto stopped = (*d)->stop();

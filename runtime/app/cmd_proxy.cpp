@@ -26,13 +26,20 @@ int cmd_proxy(const proxy_flags& flags) {
   pc.server_key = flags.server_key;
   pc.client_ca = flags.client_ca;
   pc.lease_duration = std::chrono::milliseconds{flags.lease_ms};
+  pc.admin_remote = flags.admin_remote;
+  pc.allow_tls12 = flags.tls_min == "1.2";
+  auto token = net::load_or_create_admin_token(flags.admin_token_file);
+  if (!token)
+    return fail(token.error());
+  pc.admin_token = std::move(*token);
   auto proxy = net::reference_proxy::start(pc);
   if (!proxy)
     return fail(proxy.error());
   print(nlohmann::ordered_json{
     {"ok", true},
     {"listen", pc.host + ":" + std::to_string((*proxy)->port())},
-    {"admin", pc.admin_host + ":" + std::to_string((*proxy)->admin_port())}});
+    {"admin", pc.admin_host + ":" + std::to_string((*proxy)->admin_port())},
+    {"admin_token_file", flags.admin_token_file}});
   wait_for_stop_signal();
   (*proxy)->stop();
   return exit_ok;

@@ -101,6 +101,14 @@ struct proxy_flags {
   std::string client_ca;
   /// `--lease-ms`: how long a lease lasts.
   long lease_ms = default_proxy_lease_ms;
+  /// `--admin-token-file`: the admin API's bearer token (made 0600 if the
+  /// file does not exist).
+  std::string admin_token_file;
+  /// `--admin-allow-remote`: lets `--admin-listen` name an address that is
+  /// not loopback.
+  bool admin_remote = false;
+  /// `--tls-min`: `1.3` (default) or `1.2`.
+  std::string tls_min{"1.3"};
 };
 
 /// `proxy`: the reference proxy, until SIGTERM or SIGINT.

@@ -44,6 +44,14 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
   o.proxy.tls.cert = flag_or_env(flags.client_cert, "CLIENT_CERT", env);
   o.proxy.tls.key = flag_or_env(flags.client_key, "CLIENT_KEY", env);
   o.proxy.driver_id = flag_or_env(flags.driver_id, "HSM_DRIVER_ID", env);
+  o.proxy.https_proxy = flag_or_env(flags.https_proxy, "HSM_HTTPS_PROXY", env);
+  auto tls_min = flag_or_env(flags.tls_min, "HSM_TLS_MIN", env);
+  if (tls_min == "1.2")
+    o.proxy.allow_tls12 = true;
+  else if (!tls_min.empty() && tls_min != "1.3")
+    return caf::make_error(
+      config_errc::invalid_option, std::string{"--tls-min"},
+      "--tls-min must be 1.3 or 1.2, not '" + tls_min + "'");
   if (o.proxy.driver_id.empty())
     o.proxy.driver_id = host_name();
   struct required {

@@ -62,6 +62,11 @@ struct run_flags {
   long drain_timeout_ms = default_drain_timeout_ms;
   /// `--poll-wait`, ms.
   long poll_wait_ms = default_poll_wait_ms;
+  /// `--tls-min`: `1.3` (default) or `1.2`.
+  std::string tls_min;
+  /// `--https-proxy`: an HTTPS proxy on the way to the proxy; none by
+  /// default, whatever the environment's proxy variables say.
+  std::string https_proxy;
 };
 
 /// Checks `flags` and fills in the environment (`PROXY_ADDR`, `CA_CERT`,

@@ -1,7 +1,12 @@
 #include "runtime/net/lease_queue.hpp"
 
+#include "runtime/crypto/hex.hpp"
+
+#include <openssl/rand.h>
+
 #include <algorithm>
-#include <cstdio>
+#include <array>
+#include <cstdlib>
 
 namespace hsm::net {
 
@@ -17,9 +22,24 @@ const char* to_string(request_status x) {
   return "unknown";
 }
 
+namespace {
+
+/// `prefix` and 128 random bits from OpenSSL's generator, in hex: leases
+/// cannot be guessed, and ids of requests enqueued without one do not
+/// collide. A generator that fails leaves no safe way on: abort.
+std::string random_token(const char* prefix) {
+  std::array<uint8_t, 16> bits{};
+  if (RAND_bytes(bits.data(), static_cast<int>(bits.size())) != 1)
+    std::abort();
+  return prefix + crypto::to_hex(bits);
+}
+
+} // namespace
+
 lease_queue::lease_queue(const hsm::clock& clk,
-                         std::chrono::milliseconds lease_duration)
-  : clock_(clk), lease_duration_(lease_duration), rng_(std::random_device{}()) {
+                         std::chrono::milliseconds lease_duration,
+                         retention keep)
+  : clock_(clk), lease_duration_(lease_duration), keep_(keep) {
   // nop
 }
 
@@ -32,7 +52,7 @@ std::string lease_queue::enqueue(std::string kind, std::string params,
     return *id;
   if (!id) {
     do {
-      id = token("req-");
+      id = random_token("req-");
     } while (requests_.count(*id) > 0);
   }
   entry e;
@@ -43,8 +63,8 @@ std::string lease_queue::enqueue(std::string kind, std::string params,
   return *id;
 }
 
-std::vector<delivery> lease_queue::lease(const std::string& driver,
-                                         size_t max) {
+std::vector<delivery> lease_queue::lease(const std::string& driver, size_t max,
+                                         const std::string& holder) {
   expire();
   std::vector<delivery> out;
   auto now = clock_.steady_now();
@@ -53,8 +73,9 @@ std::vector<delivery> lease_queue::lease(const std::string& driver,
     queue_.pop_front();
     auto& e = requests_.at(id);
     e.status = request_status::leased;
-    e.lease = token("lease-");
+    e.lease = random_token("lease-");
     e.driver = driver;
+    e.holder = holder;
     e.expiry = now + lease_duration_;
     if (++e.deliveries > 1)
       ++redelivered_;
@@ -67,9 +88,9 @@ std::vector<delivery> lease_queue::lease(const std::string& driver,
   return out;
 }
 
-completion lease_queue::complete(const std::string& id,
-                                 const std::string& lease,
-                                 request_outcome outcome) {
+completion
+lease_queue::complete(const std::string& id, const std::string& lease,
+                      request_outcome outcome, const std::string& holder) {
   expire();
   auto it = requests_.find(id);
   if (it == requests_.end()) {
@@ -85,6 +106,10 @@ completion lease_queue::complete(const std::string& id,
     ++rejected_results_;
     return completion::lease_not_current;
   }
+  if (e.holder != holder) {
+    ++rejected_results_;
+    return completion::not_lease_holder;
+  }
   end_lease(id, e);
   if (!outcome.ok && outcome.retryable) {
     // A retryable failure: visible again at once, to any driver.
@@ -94,6 +119,8 @@ completion lease_queue::complete(const std::string& id,
     e.status = request_status::done;
     e.outcome = std::move(outcome);
     ++done_;
+    finished_.emplace_back(clock_.steady_now(), id);
+    evict(clock_.steady_now());
   }
   return completion::accepted;
 }
@@ -130,7 +157,18 @@ size_t lease_queue::expire() {
     expired.push_back(std::move(id));
   }
   queue_.insert(queue_.begin(), expired.begin(), expired.end());
+  evict(now);
   return expired.size();
+}
+
+void lease_queue::evict(time_point now) {
+  while (!finished_.empty()
+         && (finished_.size() > keep_.keep_max
+             || now - finished_.front().first >= keep_.keep_for)) {
+    requests_.erase(finished_.front().second);
+    finished_.pop_front();
+    ++evicted_;
+  }
 }
 
 bool lease_queue::has_work() {
@@ -173,20 +211,13 @@ queue_stats lease_queue::stats() {
   out.redelivered = redelivered_;
   out.rejected_results = rejected_results_;
   out.given_back = given_back_;
+  out.evicted = evicted_;
   out.in_flight = in_flight_;
   out.max_in_flight = max_in_flight_;
   return out;
 }
 
 // -- internals ----------------------------------------------------------------
-
-std::string lease_queue::token(const char* prefix) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%s%llu-%016llx", prefix,
-                static_cast<unsigned long long>(++seq_),
-                static_cast<unsigned long long>(rng_()));
-  return buf;
-}
 
 void lease_queue::end_lease(const std::string& id, entry& e) {
   leases_.erase({e.expiry, id});
@@ -195,6 +226,7 @@ void lease_queue::end_lease(const std::string& id, entry& e) {
     --n;
   e.lease.clear();
   e.driver.clear();
+  e.holder.clear();
 }
 
 } // namespace hsm::net

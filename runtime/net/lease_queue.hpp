@@ -3,7 +3,11 @@
 // The reference proxy's request queue: requests in delivery order, leases
 // that expire after a fixed time and make their request visible again, at
 // most one accepted answer per lease, per-request state and counters for the
-// admin API. Bookkeeping only: no threads, no sockets, no JSON (a request's
+// admin API. Leases are 128 random bits from OpenSSL's generator and are
+// bound to the client (certificate) they were handed to: an answer from any
+// other is refused. Answered requests are kept for the admin API for a
+// bounded time and count (`retention`), then forgotten. Bookkeeping only:
+// no threads, no sockets, no JSON (a request's
 // params and a driver's answer are opaque text to it), and every time
 // decision reads the injected `hsm::clock`, so tests drive it with a
 // `manual_clock`. Leases expire lazily: each call first expires what is due.
@@ -18,7 +22,6 @@
 #include <deque>
 #include <map>
 #include <optional>
-#include <random>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -89,6 +92,9 @@ enum class completion : uint8_t {
   unknown_request,
   /// The request has an accepted answer already.
   already_answered,
+  /// The lease is current but was handed to another client: only the
+  /// holder may answer under it.
+  not_lease_holder,
   /// The request is not leased under this lease: the lease expired or
   /// ended with a retryable error (the request is queued or leased again),
   /// or it was never issued for this request.
@@ -110,10 +116,21 @@ struct queue_stats {
   /// Leases taken back before their driver could have seen them
   /// (`lease_queue::give_back`).
   size_t given_back = 0;
+  /// Answered requests forgotten (`lease_queue::retention`).
+  size_t evicted = 0;
   /// Leases in flight now, per driver id.
   std::map<std::string, size_t> in_flight;
   /// Most leases ever in flight at once, per driver id.
   std::map<std::string, size_t> max_in_flight;
+};
+
+/// How long answered requests stay for the admin API to read. The oldest
+/// answered request is forgotten once it is older than `keep_for` or more
+/// than `keep_max` are kept; queued and leased requests are never dropped.
+/// An id forgotten may be enqueued again, as a new request.
+struct retention {
+  std::chrono::milliseconds keep_for{std::chrono::minutes{10}};
+  size_t keep_max = 100000;
 };
 
 /// Requests, leases and answers of the reference proxy.
@@ -124,7 +141,8 @@ public:
 
   /// A queue whose leases last `lease_duration` as `clk` counts time. `clk`
   /// must outlive the queue.
-  lease_queue(const hsm::clock& clk, std::chrono::milliseconds lease_duration);
+  lease_queue(const hsm::clock& clk, std::chrono::milliseconds lease_duration,
+              retention keep = {});
 
   // -- requests and answers ---------------------------------------------------
 
@@ -135,13 +153,17 @@ public:
                       std::optional<std::string> id = std::nullopt);
 
   /// Leases up to `max` visible requests to `driver`, front of the queue
-  /// first, each under a fresh lease that expires `lease_duration` from now.
-  std::vector<delivery> lease(const std::string& driver, size_t max);
+  /// first, each under a fresh lease that expires `lease_duration` from now
+  /// and that only `holder` (the client's certificate, as the owner names
+  /// it) may answer.
+  std::vector<delivery> lease(const std::string& driver, size_t max,
+                              const std::string& holder = {});
 
-  /// Records the answer to request `id` under `lease`. Accepted only while
-  /// that lease is current; it then ends the lease.
+  /// Records the answer to request `id` under `lease` from `holder`.
+  /// Accepted only while that lease is current and from its holder; it then
+  /// ends the lease.
   completion complete(const std::string& id, const std::string& lease,
-                      request_outcome outcome);
+                      request_outcome outcome, const std::string& holder = {});
 
   /// Takes back lease `lease` of request `id` as if it had never been handed
   /// out, for a lease whose poll answer could not be written to its driver:
@@ -182,12 +204,14 @@ private:
     // The current lease (leased only).
     std::string lease;
     std::string driver;
+    std::string holder;
     time_point expiry;
     // The answer (done only).
     request_outcome outcome;
   };
 
-  std::string token(const char* prefix);
+  /// Forgets answered requests beyond the retention.
+  void evict(time_point now);
 
   /// Ends `e`'s lease (answer or expiry): drops it from the index and from
   /// its holder's in-flight count.
@@ -195,7 +219,10 @@ private:
 
   const hsm::clock& clock_;
   std::chrono::milliseconds lease_duration_;
+  retention keep_;
   std::unordered_map<std::string, entry> requests_;
+  /// Answered requests, oldest first (when answered, id).
+  std::deque<std::pair<time_point, std::string>> finished_;
   /// Visible requests in delivery order (ids).
   std::deque<std::string> queue_;
   /// Live leases by expiry (expiry, id).
@@ -204,10 +231,9 @@ private:
   size_t redelivered_ = 0;
   size_t rejected_results_ = 0;
   size_t given_back_ = 0;
+  size_t evicted_ = 0;
   std::map<std::string, size_t> in_flight_;
   std::map<std::string, size_t> max_in_flight_;
-  uint64_t seq_ = 0;
-  std::mt19937_64 rng_;
 };
 
 } // namespace hsm::net

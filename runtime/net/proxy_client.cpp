@@ -53,6 +53,27 @@ caf::error check_file(const std::filesystem::path& path, const char* option) {
   return caf::none;
 }
 
+/// Checks that the client key is not open to others: no permission for
+/// others, no write for the group (a group read, for a group such as
+/// ssl-cert, is allowed).
+caf::error check_key_mode(const std::filesystem::path& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  auto perms = fs::status(path, ec).permissions();
+  if (ec)
+    return caf::make_error(net_errc::bad_tls_material,
+                           std::string{"--client-key"},
+                           "'" + path.string() + "': " + ec.message());
+  if ((perms & (fs::perms::others_all | fs::perms::group_write))
+      != fs::perms::none)
+    return caf::make_error(net_errc::bad_tls_material,
+                           std::string{"--client-key"},
+                           "'" + path.string()
+                             + "' is open to others (or writable by its "
+                               "group); chmod 600 it");
+  return caf::none;
+}
+
 /// Checks `--proxy-addr`: `host:port` or `[v6]:port`, a port other than 0.
 caf::error check_address(const std::string& addr) {
   if (auto parsed = parse_host_port(addr, "--proxy-addr"); !parsed)
@@ -222,8 +243,12 @@ struct proxy_client::impl {
     set(CURLOPT_SSLKEYTYPE, "PEM");
     set(CURLOPT_SSL_VERIFYPEER, 1L);
     set(CURLOPT_SSL_VERIFYHOST, 2L);
-    // The minimum; curl negotiates TLS 1.3 when the server offers it.
-    set(CURLOPT_SSLVERSION, static_cast<long>(CURL_SSLVERSION_TLSv1_2));
+    // The minimum: 1.3 unless 1.2 is allowed for a proxy that needs it.
+    set(CURLOPT_SSLVERSION,
+        static_cast<long>(cfg.allow_tls12 ? CURL_SSLVERSION_TLSv1_2
+                                          : CURL_SSLVERSION_TLSv1_3));
+    // An empty proxy string turns off the environment's proxy variables.
+    set(CURLOPT_PROXY, cfg.https_proxy.c_str());
     if (rc != CURLE_OK)
       return caf::make_error(net_errc::tls_failed,
                              std::string{"cannot configure libcurl"},
@@ -298,6 +323,8 @@ proxy_client::create(const proxy_client_config& cfg) {
   if (auto err = check_file(cfg.tls.cert, "--client-cert"))
     return err;
   if (auto err = check_file(cfg.tls.key, "--client-key"))
+    return err;
+  if (auto err = check_key_mode(cfg.tls.key))
     return err;
   if (auto rc = global_init(); rc != CURLE_OK)
     return caf::make_error(net_errc::unreachable,

@@ -51,6 +51,14 @@ struct proxy_client_config {
   /// is 3 s: 1 + 1 < 3). A connection that died anyway is replaced at once,
   /// if no byte of an answer came back on it.
   std::chrono::seconds max_idle{1};
+  /// Accept TLS 1.2 (`--tls-min 1.2`) for a proxy that cannot speak 1.3;
+  /// by default TLS 1.3 is the minimum.
+  bool allow_tls12 = false;
+  /// An HTTPS proxy to reach the proxy through (`--https-proxy`); empty:
+  /// none, whatever `https_proxy`, `HTTPS_PROXY` or `ALL_PROXY` say (a
+  /// variable left in a service's environment must not reroute its
+  /// traffic).
+  std::string https_proxy;
 };
 
 /// An HTTP answer.

@@ -1,10 +1,17 @@
 #include "runtime/net/reference_proxy.hpp"
 
+#include "runtime/base/secret_file.hpp"
+#include "runtime/crypto/hex.hpp"
 #include "runtime/net/openssl_error.hpp"
 #include "runtime/net/proxy_bodies.hpp"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <poll.h>
@@ -16,11 +23,14 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <condition_variable>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <utility>
 #include <variant>
@@ -98,6 +108,20 @@ bool client_gone(const SSL* ssl) {
              && errno != EINTR);
 }
 
+/// Who holds the leases a connection is handed: the SHA-256 of its client
+/// certificate (DER), in hex; empty without one (not on the mTLS
+/// listener, which refuses a client without a certificate).
+std::string holder_of(const SSL* ssl) {
+  if (ssl == nullptr)
+    return {};
+  X509* cert = SSL_get0_peer_certificate(ssl);
+  std::array<uint8_t, EVP_MAX_MD_SIZE> md{};
+  unsigned int n = 0;
+  if (cert == nullptr || X509_digest(cert, EVP_sha256(), md.data(), &n) != 1)
+    return {};
+  return crypto::to_hex(std::span<const uint8_t>{md.data(), n});
+}
+
 /// Resets the connection of `ssl` (TCP RST) without closing the socket,
 /// which cpp-httplib still owns: `connect` with `AF_UNSPEC` disconnects a
 /// TCP socket, sending a reset from an established connection.
@@ -113,6 +137,26 @@ void reset_connection(const SSL* ssl) {
 /// Writes `text` to `sink`; false if the connection failed.
 bool write_all(httplib::DataSink& sink, std::string_view text) {
   return text.empty() || sink.write(text.data(), text.size());
+}
+
+/// True if `host` is a loopback address or `localhost`.
+bool is_loopback(const std::string& host) {
+  if (host == "localhost")
+    return true;
+  in_addr v4{};
+  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1)
+    return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1
+         && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+/// A fresh admin token: 256 random bits from OpenSSL, in hex.
+std::string random_admin_token() {
+  std::array<uint8_t, 32> bits{};
+  if (RAND_bytes(bits.data(), static_cast<int>(bits.size())) != 1)
+    std::abort();
+  return crypto::to_hex(bits);
 }
 
 // -- faults -------------------------------------------------------------------
@@ -198,6 +242,8 @@ const char* refusal(completion x) {
       return "already answered";
     case completion::lease_not_current:
       return "lease expired";
+    case completion::not_lease_holder:
+      return "the lease is held by another client certificate";
   }
   return "lease not current";
 }
@@ -237,7 +283,7 @@ struct reference_proxy::impl {
   explicit impl(const reference_proxy_config& c)
     : cfg(c),
       clk(c.clock != nullptr ? *c.clock : real_clock()),
-      queue(clk, c.lease_duration) {
+      queue(clk, c.lease_duration, c.keep) {
     // nop
   }
 
@@ -254,6 +300,8 @@ struct reference_proxy::impl {
   uint16_t admin_port = 0;
   std::mutex stop_mtx;
   bool stopped = false;
+  /// The admin API's bearer token (`cfg.admin_token` or a random one).
+  std::string admin_token;
 
   // -- the queue and the long-polls, guarded by mtx --------------------------
 
@@ -261,6 +309,9 @@ struct reference_proxy::impl {
   /// Wakes long-polls: a request became visible, the clock was advanced by
   /// hand, or the proxy stops. (A lease's expiry wakes them by timeout.)
   std::condition_variable visible_cv;
+  /// Wakes the admin API's waits for an answer: a request was answered, or
+  /// the proxy stops.
+  std::condition_variable done_cv;
   bool stopping = false;
   /// Long-polls inside `on_poll`'s wait.
   size_t waiting = 0;
@@ -287,7 +338,8 @@ struct reference_proxy::impl {
   /// then leases up to `max` to `driver`, unless the client is gone (`dead`
   /// is then set) or the proxy stops. The wait is cut at the next lease
   /// expiry so that a redelivery wakes it.
-  std::vector<delivery> take(const std::string& driver, size_t max,
+  std::vector<delivery> take(const std::string& driver,
+                             const std::string& holder, size_t max,
                              std::chrono::milliseconds wait,
                              const std::function<bool()>& gone, bool& dead) {
     std::unique_lock<std::mutex> lock{mtx};
@@ -325,7 +377,7 @@ struct reference_proxy::impl {
     // A stopping proxy hands out no more leases: nobody would take results.
     if (stopping || dead)
       return {};
-    return queue.lease(driver, max);
+    return queue.lease(driver, max, holder);
   }
 
   /// Takes back the leases of an answer that could not be written.
@@ -467,7 +519,8 @@ struct reference_proxy::impl {
     const SSL* ssl = req.ssl;
     bool dead = false;
     auto got = take(
-      driver, n, wait, [ssl] { return client_gone(ssl); }, dead);
+      driver, holder_of(ssl), n, wait, [ssl] { return client_gone(ssl); },
+      dead);
     auto out = json::array();
     for (const auto& x : got) {
       out.push_back(to_json(x, cfg.lease_duration));
@@ -507,11 +560,15 @@ struct reference_proxy::impl {
   }
 
   /// Records one well-formed result; under `mtx`.
-  completion record(posted_result& r) {
-    auto done = queue.complete(r.id, r.lease, std::move(r.outcome));
-    // A retryable error made the request visible again.
-    if (done == completion::accepted && queue.has_work())
+  completion record(posted_result& r, const std::string& holder) {
+    auto done = queue.complete(r.id, r.lease, std::move(r.outcome), holder);
+    if (done != completion::accepted)
+      return done;
+    // A retryable error made the request visible again; an answer ends
+    // the admin API's waits.
+    if (queue.has_work())
       visible_cv.notify_all();
+    done_cv.notify_all();
     return done;
   }
 
@@ -525,14 +582,18 @@ struct reference_proxy::impl {
       return;
     if (posted->batch) {
       auto statuses = json::array();
+      auto holder = holder_of(req.ssl);
       std::unique_lock<std::mutex> lock{mtx};
       for (auto& r : posted->results) {
         json status{{"id", r.id.empty() ? json{} : json(r.id)}};
         if (r.complaint) {
           status["status"] = "bad_request";
           status["message"] = std::move(r.complaint->message);
-        } else if (auto done = record(r); done != completion::accepted) {
-          status["status"] = "lease_not_current";
+        } else if (auto done = record(r, holder);
+                   done != completion::accepted) {
+          status["status"] = done == completion::not_lease_holder
+                               ? "forbidden"
+                               : "lease_not_current";
           status["message"] = refusal(done);
         } else {
           status["status"] = "accepted";
@@ -543,9 +604,14 @@ struct reference_proxy::impl {
       reply(res, 200, json{{"results", std::move(statuses)}});
       return;
     }
+    auto holder = holder_of(req.ssl);
     std::unique_lock<std::mutex> lock{mtx};
-    auto done = record(posted->results.front());
+    auto done = record(posted->results.front(), holder);
     lock.unlock();
+    if (done == completion::not_lease_holder) {
+      reply_error(res, 403, "forbidden", refusal(done));
+      return;
+    }
     if (done != completion::accepted) {
       reply_error(res, 409, "lease_not_current", refusal(done));
       return;
@@ -555,14 +621,25 @@ struct reference_proxy::impl {
 
   // -- admin handlers ---------------------------------------------------------
 
+  /// `POST /v1/admin/requests[?wait_ms=N]`: `{"id"}`; with `wait_ms`, the
+  /// request's state (as `GET /v1/admin/requests/{id}` shows it) once it
+  /// is done or after N ms, whichever comes first.
   void on_enqueue(const httplib::Request& req, httplib::Response& res) {
+    auto wait = wait_param(req, res);
+    if (!wait)
+      return;
     auto read = read_enqueue(req.body);
     auto* ask = read_or_refuse(read, res);
     if (ask == nullptr)
       return;
     auto out = add(std::move(ask->kind), std::move(ask->params),
                    std::move(ask->id));
-    reply(res, 200, json{{"id", out}});
+    if (wait->count() == 0) {
+      reply(res, 200, json{{"id", out}});
+      return;
+    }
+    auto info = find_when_done(out, *wait);
+    reply(res, 200, info ? to_json(*info) : json{{"id", out}});
   }
 
   std::optional<request_info> find(const std::string& id) {
@@ -570,9 +647,46 @@ struct reference_proxy::impl {
     return queue.find(id);
   }
 
+  /// The request's state once it is done, the proxy stops or `wait` has
+  /// passed, whichever comes first; nullopt for an unknown id.
+  std::optional<request_info> find_when_done(const std::string& id,
+                                             std::chrono::milliseconds wait) {
+    auto deadline = std::chrono::steady_clock::now() + wait;
+    std::unique_lock<std::mutex> lock{mtx};
+    done_cv.wait_until(lock, deadline, [&] {
+      auto info = queue.find(id);
+      return stopping || !info || info->status == request_status::done;
+    });
+    return queue.find(id);
+  }
+
+  /// The `wait_ms` query parameter (0 without one), at most
+  /// `max_admin_wait`; nullopt after a 400 if it is not an integer.
+  std::optional<std::chrono::milliseconds>
+  wait_param(const httplib::Request& req, httplib::Response& res) const {
+    if (!req.has_param("wait_ms"))
+      return std::chrono::milliseconds{0};
+    auto text = req.get_param_value("wait_ms");
+    uint64_t n = 0;
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+    if (ec != std::errc{} || end != text.data() + text.size()) {
+      reply_error(res, 400, "bad_request",
+                  "\"wait_ms\" must be an integer >= 0");
+      return std::nullopt;
+    }
+    return std::min(std::chrono::milliseconds{static_cast<int64_t>(
+                      std::min<uint64_t>(n, INT32_MAX))},
+                    cfg.max_admin_wait);
+  }
+
+  /// `GET /v1/admin/requests/{id}[?wait_ms=N]`: the request's state; with
+  /// `wait_ms`, once it is done or after N ms (at most `max_admin_wait`).
   void on_state(const httplib::Request& req, httplib::Response& res) {
     std::string id = req.matches[1];
-    auto info = find(id);
+    auto wait = wait_param(req, res);
+    if (!wait)
+      return;
+    auto info = wait->count() > 0 ? find_when_done(id, *wait) : find(id);
     if (!info) {
       reply_error(res, 404, "not_found", "no request with id " + id);
       return;
@@ -627,6 +741,57 @@ struct reference_proxy::impl {
 
   void on_stats(httplib::Response& res) {
     reply(res, 200, to_json(stats()));
+  }
+
+  // -- the admin API's gate -----------------------------------------------
+
+  /// True if `host` (a `Host` header) names the admin listener by a
+  /// loopback name: what a browser sends for a page of this host, and
+  /// never for another site's page that resolves its name to 127.0.0.1.
+  bool loopback_host(const std::string& host) const {
+    auto suffix = ":" + std::to_string(admin_port);
+    for (const char* name : {"127.0.0.1", "localhost", "[::1]"})
+      if (host == name + suffix)
+        return true;
+    return false;
+  }
+
+  /// Refuses an admin call that lacks the bearer token, names another host
+  /// (a loopback listener only) or posts something other than JSON; lets
+  /// the others through to their route.
+  httplib::Server::HandlerResponse admin_gate(const httplib::Request& req,
+                                              httplib::Response& res) const {
+    using handled = httplib::Server::HandlerResponse;
+    if (!cfg.admin_remote && !loopback_host(req.get_header_value("Host"))) {
+      reply_error(res, 403, "forbidden",
+                  "the admin API answers only to Host 127.0.0.1, localhost "
+                  "or [::1] with its port");
+      return handled::Handled;
+    }
+    static constexpr std::string_view bearer = "Bearer ";
+    auto auth = req.get_header_value("Authorization");
+    auto given = std::string_view{auth}.substr(
+      std::min(auth.size(), bearer.size()));
+    if (!auth.starts_with(bearer) || given.size() != admin_token.size()
+        || CRYPTO_memcmp(given.data(), admin_token.data(), given.size()) != 0) {
+      res.set_header("WWW-Authenticate", "Bearer");
+      reply_error(res, 401, "unauthorized",
+                  "the admin API needs \"Authorization: Bearer <token>\" "
+                  "(the proxy's admin token file)");
+      return handled::Handled;
+    }
+    if (req.method == "POST") {
+      auto type = req.get_header_value("Content-Type");
+      auto media = std::string_view{type}.substr(0, type.find(';'));
+      while (!media.empty() && media.back() == ' ')
+        media.remove_suffix(1);
+      if (media != json_type) {
+        reply_error(res, 415, "unsupported_media_type",
+                    "the admin API takes Content-Type: application/json");
+        return handled::Handled;
+      }
+    }
+    return handled::Unhandled;
   }
 
   // -- setup ------------------------------------------------------------------
@@ -734,8 +899,10 @@ struct reference_proxy::impl {
       return bad_tls_material("cannot load the server certificate " + cert
                               + " with key " + key);
     auto* ctx = tls->ssl_context();
-    if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
-      return bad_tls_material("cannot require TLS 1.2");
+    if (SSL_CTX_set_min_proto_version(ctx, cfg.allow_tls12 ? TLS1_2_VERSION
+                                                           : TLS1_3_VERSION)
+        != 1)
+      return bad_tls_material("cannot set the lowest TLS version");
     // Resuming a session under client-certificate verification needs a
     // session id context; without one OpenSSL refuses every resumption
     // ("internal error"), and a client that resumes (libcurl does) can no
@@ -798,6 +965,7 @@ struct reference_proxy::impl {
       std::lock_guard<std::mutex> lock{mtx};
       stopping = true;
       visible_cv.notify_all();
+      done_cv.notify_all();
     }
     if (tls)
       tls->stop();
@@ -807,6 +975,18 @@ struct reference_proxy::impl {
         t->join();
   }
 };
+
+caf::expected<std::string>
+load_or_create_admin_token(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec))) {
+    auto fresh = random_admin_token();
+    if (auto err = write_secret_file(path, fresh + "\n", "admin token file"))
+      return err;
+    return fresh;
+  }
+  return read_secret_file(path, "admin token file");
+}
 
 // -- reference_proxy ----------------------------------------------------------
 
@@ -821,8 +1001,21 @@ reference_proxy::start(const reference_proxy_config& cfg) {
   d.tls->new_task_queue = [threads] {
     return new httplib::ThreadPool(threads);
   };
+  if (!cfg.admin_remote && !is_loopback(cfg.admin_host))
+    return caf::make_error(
+      config_errc::invalid_option,
+      "the admin listener must bind a loopback address (127.0.0.1, ::1), "
+      "not '"
+        + cfg.admin_host
+        + "': its API enqueues signatures; allow another address explicitly");
+  d.admin_token = cfg.admin_token.empty() ? random_admin_token()
+                                          : cfg.admin_token;
   d.common_setup(*d.tls);
   d.common_setup(d.admin);
+  d.admin.set_pre_routing_handler(
+    [&d](const httplib::Request& req, httplib::Response& res) {
+      return d.admin_gate(req, res);
+    });
   d.routes();
   // Each listener runs as soon as it is bound, so that a failure further on
   // leaves nothing behind: the destructor stops whatever runs.
@@ -850,6 +1043,10 @@ uint16_t reference_proxy::port() const noexcept {
 
 uint16_t reference_proxy::admin_port() const noexcept {
   return impl_->admin_port;
+}
+
+const std::string& reference_proxy::admin_token() const noexcept {
+  return impl_->admin_token;
 }
 
 std::string reference_proxy::enqueue(const std::string& kind,

@@ -3,21 +3,25 @@
 // The reference proxy: the remote side of the protocol, for the dev mode,
 // the tests and the benchmarks. An mTLS server (cpp-httplib over OpenSSL)
 // over a `lease_queue` (requests, leases, redelivery when a lease expires,
-// at-most-once acceptance of a result per lease); plus an admin API on a
-// listener of its own (plain HTTP on loopback) to enqueue requests and read
-// results and statistics. This layer only speaks HTTP and JSON and blocks
-// long-polls. Each leased request carries `lease_ms` (how long its lease
-// lasts); `POST /v1/results` takes one result, or a batch
+// at-most-once acceptance of a result per lease, only from the client
+// certificate the lease was handed to); plus an admin API on a listener of
+// its own (plain HTTP, loopback only unless allowed) to enqueue requests and
+// read results and statistics. Every admin call needs the bearer token, a
+// `Host` naming the loopback listener, and POSTs a JSON `Content-Type`, so
+// that neither another local user nor a web page in a browser on this host
+// can drive it. This layer only speaks HTTP and JSON and blocks long-polls.
+// Each leased request carries `lease_ms` (how long its lease lasts);
+// `POST /v1/results` takes one result, or a batch
 // `{"driver_id","results":[...]}` answered with a status per result
-// (`accepted`, `lease_not_current`, `bad_request`). A long-poll whose client
-// has gone (closed or reset its connection: a driver killed with -9) gets
-// no lease: the proxy checks the connection every `client_check_interval`
-// while the poll waits and right before it leases, and takes the leases of
-// an answer back when the answer cannot be written. For tests of the
-// driver's side it injects faults into its poll answers on request
-// (`poll_fault`, in process or through `/v1/admin/faults`). Thread-safe:
-// the servers run on their own threads; the in-process methods may be
-// called from any thread.
+// (`accepted`, `lease_not_current`, `forbidden`, `bad_request`). A long-poll
+// whose client has gone (closed or reset its connection: a driver killed
+// with -9) gets no lease: the proxy checks the connection every
+// `client_check_interval` while the poll waits and right before it leases,
+// and takes the leases of an answer back when the answer cannot be written.
+// For tests of the driver's side it injects faults into its poll answers on
+// request (`poll_fault`, in process or through `/v1/admin/faults`).
+// Thread-safe: the servers run on their own threads; the in-process methods
+// may be called from any thread.
 
 #include "messages/errors.hpp"
 #include "runtime/base/clock.hpp"
@@ -43,10 +47,25 @@ struct reference_proxy_config {
   std::string host = "127.0.0.1";
   /// Its port; 0 picks a free one (see `port()`).
   uint16_t port = 0;
-  /// Listen address of the admin listener (keep it on loopback).
+  /// Listen address of the admin listener: a loopback address unless
+  /// `admin_remote` is set.
   std::string admin_host = "127.0.0.1";
   /// Its port; 0 picks a free one.
   uint16_t admin_port = 0;
+  /// Lets the admin listener bind an address that is not loopback (plain
+  /// HTTP: put it behind TLS). Off by default: `start` refuses such an
+  /// address.
+  bool admin_remote = false;
+  /// The bearer token every admin call must carry
+  /// (`Authorization: Bearer <token>`); empty: `start` makes a random one
+  /// (`admin_token()`).
+  std::string admin_token;
+  /// How long answered requests stay readable through the admin API.
+  retention keep;
+  /// Accept TLS 1.2 from drivers; by default TLS 1.3 is the minimum.
+  bool allow_tls12 = false;
+  /// Upper bound on `GET /v1/admin/requests/{id}?wait_ms=`.
+  std::chrono::milliseconds max_admin_wait{60000};
   /// Server certificate chain, key, and the CA that must sign clients.
   std::filesystem::path server_cert;
   std::filesystem::path server_key;
@@ -132,6 +151,12 @@ const char* to_string(poll_fault x);
 /// The fault named `name`; nullopt for an unknown name.
 std::optional<poll_fault> parse_poll_fault(std::string_view name);
 
+/// The admin token in `path`, read as a secret file (`read_secret_file`:
+/// 0600, this user's, no symbolic link); if there is no such file, a fresh
+/// random token (256 bits from OpenSSL, in hex) written there 0600.
+[[nodiscard]] caf::expected<std::string>
+load_or_create_admin_token(const std::filesystem::path& path);
+
 /// The running proxy. Stops and joins its threads on destruction.
 class reference_proxy {
 public:
@@ -148,6 +173,8 @@ public:
   uint16_t port() const noexcept;
   /// The admin port.
   uint16_t admin_port() const noexcept;
+  /// The bearer token of the admin API.
+  const std::string& admin_token() const noexcept;
 
   /// Enqueues a request (same as `POST /v1/admin/requests`); returns its id.
   /// An id that exists already is not enqueued twice.

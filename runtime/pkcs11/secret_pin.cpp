@@ -1,29 +1,30 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 
-#include <openssl/crypto.h>
-#include <sys/stat.h>
+#include "runtime/base/secret_file.hpp"
 
-#include <cerrno>
+#include <openssl/crypto.h>
+
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 
 namespace hsm::pkcs11 {
 
-secret_pin::secret_pin(std::string_view value) : value_(value) {
+secret_pin::secret_pin(std::string_view value)
+  : value_(value.begin(), value.end()) {
   // nop
 }
 
-secret_pin::secret_pin(secret_pin&& other) noexcept {
-  value_.swap(other.value_);
-  other.wipe();
+secret_pin::secret_pin(secret_pin&& other) noexcept
+  : value_(std::move(other.value_)) {
+  // A vector's move hands over its buffer: no byte is copied or left.
+  other.value_.clear();
 }
 
 secret_pin& secret_pin::operator=(secret_pin&& other) noexcept {
   if (this != &other) {
     wipe();
-    value_.swap(other.value_);
+    value_ = std::move(other.value_);
+    other.value_.clear();
   }
   return *this;
 }
@@ -39,30 +40,11 @@ void secret_pin::wipe() noexcept {
 }
 
 caf::expected<secret_pin> secret_pin::from_file(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0)
-    return caf::make_error(config_errc::bad_file, std::string{"USER_PIN_FILE"},
-                           path + ": " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode))
-    return caf::make_error(config_errc::bad_file, std::string{"USER_PIN_FILE"},
-                           path + ": not a regular file");
-  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
-    return caf::make_error(config_errc::bad_file, std::string{"USER_PIN_FILE"},
-                           path
-                             + ": readable by group or others; chmod 600 it");
-  std::ifstream in{path, std::ios::binary};
-  if (!in)
-    return caf::make_error(config_errc::bad_file, std::string{"USER_PIN_FILE"},
-                           path + ": cannot open");
-  std::string buf{std::istreambuf_iterator<char>{in},
-                  std::istreambuf_iterator<char>{}};
-  while (!buf.empty() && (buf.back() == '\n' || buf.back() == '\r'))
-    buf.pop_back();
-  secret_pin pin{buf};
-  OPENSSL_cleanse(buf.data(), buf.size());
-  if (pin.empty())
-    return caf::make_error(config_errc::bad_file, std::string{"USER_PIN_FILE"},
-                           path + ": empty");
+  auto text = read_secret_file(path, "USER_PIN_FILE");
+  if (!text)
+    return std::move(text.error());
+  secret_pin pin{*text};
+  OPENSSL_cleanse(text->data(), text->size());
   return pin;
 }
 

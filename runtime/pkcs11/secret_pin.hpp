@@ -3,13 +3,16 @@
 // A PIN in memory: zeroed on destruction, never printable. Comes from the
 // environment (`USER_PIN`, scrubbed from the process environment once read)
 // or a file (`USER_PIN_FILE`, which must not be readable by group or others).
-// Never from argv, never logged: it has no operator<< and no formatter.
+// Never from argv, never logged: it has no operator<< and no formatter. The
+// characters live in one heap buffer of their exact size (a vector, never a
+// string's inline buffer), so that a move hands the buffer over instead of
+// copying the bytes, and the one copy is wiped when the PIN dies.
 
 #include "messages/errors.hpp"
 
 #include <cstddef>
-#include <string>
 #include <string_view>
+#include <vector>
 
 namespace hsm::pkcs11 {
 
@@ -33,8 +36,9 @@ public:
   from_environment(std::string_view var = "USER_PIN",
                    std::string_view file_var = "USER_PIN_FILE");
 
-  /// Reads a PIN file: must be a regular file, not readable or writable by
-  /// group or others, and not empty.
+  /// Reads a PIN file (`read_secret_file`: not a symbolic link, a regular
+  /// file owned by this user or root, not readable or writable by group or
+  /// others, not empty).
   [[nodiscard]] static caf::expected<secret_pin>
   from_file(const std::string& path);
 
@@ -56,7 +60,7 @@ public:
 private:
   void wipe() noexcept;
 
-  std::string value_;
+  std::vector<char> value_;
 };
 
 } // namespace hsm::pkcs11

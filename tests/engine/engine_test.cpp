@@ -46,9 +46,9 @@ constexpr const char* token_label = "engine";
 /// One plain HTTP/1.1 exchange with a reference proxy's admin listener on
 /// 127.0.0.1:`port` (plain HTTP, one connection per call); the response
 /// body, or nullopt if the exchange failed.
-std::optional<std::string> admin_http(uint16_t port, const std::string& method,
-                                      const std::string& path,
-                                      const std::string& body = "") {
+std::optional<std::string>
+admin_http(uint16_t port, const std::string& token, const std::string& method,
+           const std::string& path, const std::string& body = "") {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0)
     return std::nullopt;
@@ -60,8 +60,9 @@ std::optional<std::string> admin_http(uint16_t port, const std::string& method,
   addr.sin_port = htons(port);
   std::string response;
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    auto request = method + " " + path
-                   + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    auto request = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1:"
+                   + std::to_string(port) + "\r\nAuthorization: Bearer " + token
+                   + "\r\nConnection: close\r\n"
                      "Content-Type: application/json\r\nContent-Length: "
                    + std::to_string(body.size()) + "\r\n\r\n" + body;
     size_t sent = 0;
@@ -830,9 +831,27 @@ TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
     // Still serving after the demo: a request enqueued now is answered.
     auto admin = admin_port_in(text);
     ASSERT_NE(admin, 0) << text;
+    // The dev mode's admin token: a 0600 file in its 0700 folder, named in
+    // the lines it prints.
+    EXPECT_EQ(std::filesystem::status(data).permissions(),
+              std::filesystem::perms::owner_all);
+    EXPECT_EQ(std::filesystem::status(data / "admin-token").permissions(),
+              std::filesystem::perms::owner_read
+                | std::filesystem::perms::owner_write);
+    EXPECT_NE(text.find("Authorization: Bearer $(cat "
+                        + (data / "admin-token").string() + ")"),
+              std::string::npos)
+      << text;
+    std::string token;
+    std::ifstream{data / "admin-token"} >> token;
+    ASSERT_EQ(token.size(), 64u);
+    EXPECT_NE(admin_http(admin, "wrong", "GET", "/v1/admin/stats")
+                .value_or("")
+                .find("unauthorized"),
+              std::string::npos);
     auto key_id = "alive-" + std::to_string(round);
     auto posted = admin_http(
-      admin, "POST", "/v1/admin/requests",
+      admin, token, "POST", "/v1/admin/requests",
       json{{"kind", "generate_key"},
            {"params", {{"key_id", key_id}, {"scheme", "secp256k1"}}}}
         .dump());
@@ -843,7 +862,7 @@ TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
     json state;
     EXPECT_TRUE(test::wait_until(
       [&] {
-        auto got = admin_http(admin, "GET", "/v1/admin/requests/" + id);
+        auto got = admin_http(admin, token, "GET", "/v1/admin/requests/" + id);
         state = json::parse(got.value_or(""), nullptr, false);
         return state.is_object() && state.value("state", "") == "done";
       },

@@ -384,7 +384,8 @@ TEST_F(CliTest, StartUpOnAHungHsmEndsOnSigtermAndAtItsDeadline) {
 TEST_F(CliTest, ProxyListenAddressesUseTheSharedParser) {
   for (auto flag : {"--listen", "--admin-listen"}) {
     auto res = run({"proxy", flag, "::1:8443", "--server-cert", "c.pem",
-                    "--server-key", "k.pem", "--client-ca", "ca.pem"});
+                    "--server-key", "k.pem", "--client-ca", "ca.pem",
+                    "--admin-token-file", (dir / "admin-token").string()});
     EXPECT_EQ(res.exit_code, 2) << res.out << res.err;
     auto j = json::parse(res.out);
     EXPECT_EQ(j["error"]["code"], "config_error") << res.out;

@@ -403,5 +403,74 @@ TEST_F(LeaseQueueTest, UnknownIdHasNoState) {
   EXPECT_FALSE(queue.find("no-such-id"));
 }
 
+// -- leases belong to their holder
+// ---------------------------------------------
+
+TEST_F(LeaseQueueTest, LeasesAre128RandomBitsAndNeverRepeat) {
+  enqueue_n(200);
+  std::set<std::string> seen;
+  for (const auto& d : queue.lease("driver-a", 200)) {
+    ASSERT_EQ(d.lease.size(), 6u + 32u) << d.lease;
+    EXPECT_EQ(d.lease.rfind("lease-", 0), 0u) << d.lease;
+    EXPECT_EQ(d.lease.find_first_not_of("0123456789abcdef", 6),
+              std::string::npos)
+      << d.lease;
+    seen.insert(d.lease);
+  }
+  EXPECT_EQ(seen.size(), 200u);
+}
+
+TEST_F(LeaseQueueTest, OnlyTheHolderOfALeaseMayAnswerUnderIt) {
+  auto id = queue.enqueue("sign", "{}");
+  auto got = queue.lease("driver-a", 1, "cert-a");
+  ASSERT_EQ(got.size(), 1u);
+  // The right lease from another certificate: refused, the lease stays.
+  EXPECT_EQ(queue.complete(id, got[0].lease, ok_outcome(), "cert-b"),
+            completion::not_lease_holder);
+  EXPECT_EQ(status_of(id), request_status::leased);
+  EXPECT_EQ(queue.complete(id, got[0].lease, ok_outcome(), "cert-a"),
+            completion::accepted);
+  EXPECT_EQ(status_of(id), request_status::done);
+  EXPECT_EQ(queue.stats().rejected_results, 1u);
+}
+
+// -- answered requests are forgotten after a while ----------------------------
+
+TEST_F(LeaseQueueTest, AnsweredRequestsAreForgottenAfterTheirTime) {
+  lease_queue q{clk, lease_time, retention{5min, 1000}};
+  auto done = q.enqueue("sign", "{}", "done-1");
+  auto open = q.enqueue("sign", "{}", "open-1");
+  auto got = q.lease("driver-a", 1);
+  ASSERT_EQ(got.size(), 1u);
+  ASSERT_EQ(got[0].id, done);
+  ASSERT_EQ(q.complete(done, got[0].lease, ok_outcome()), completion::accepted);
+  clk.advance(5min - 1ms);
+  EXPECT_TRUE(q.find(done));
+  clk.advance(1ms);
+  EXPECT_FALSE(q.find(done)) << "kept past its retention";
+  // A request not answered is never dropped, however old.
+  ASSERT_TRUE(q.find(open));
+  EXPECT_EQ(q.find(open)->status, request_status::queued);
+  EXPECT_EQ(q.stats().evicted, 1u);
+  // Forgotten, the id may be enqueued again as a new request.
+  EXPECT_EQ(q.enqueue("sign", "{}", done), done);
+  EXPECT_EQ(q.find(done)->status, request_status::queued);
+}
+
+TEST_F(LeaseQueueTest, AtMostKeepMaxAnsweredRequestsAreKept) {
+  lease_queue q{clk, lease_time, retention{1h, 3}};
+  for (int i = 0; i < 5; ++i)
+    q.enqueue("sign", "{}", "r" + std::to_string(i));
+  for (const auto& d : q.lease("driver-a", 5))
+    ASSERT_EQ(q.complete(d.id, d.lease, ok_outcome()), completion::accepted);
+  // The two answered first are gone; the three newest stay.
+  EXPECT_FALSE(q.find("r0"));
+  EXPECT_FALSE(q.find("r1"));
+  for (auto id : {"r2", "r3", "r4"})
+    EXPECT_TRUE(q.find(id)) << id;
+  EXPECT_EQ(q.stats().evicted, 2u);
+  EXPECT_EQ(q.stats().done, 5u);
+}
+
 } // namespace
 } // namespace hsm::net

@@ -170,9 +170,13 @@ void reset_connection(const SSL* ssl) {
 /// of the protocol without the reference proxy's logic in the way.
 class fake_proxy {
 public:
+  /// With `max_tls` (e.g. `TLS1_2_VERSION`), the server speaks no TLS
+  /// version above it.
   fake_proxy(const dev_pki& pki, int status,
-             answer_when when = answer_when::at_once)
+             answer_when when = answer_when::at_once, int max_tls = 0)
     : svr_(pki.server_chain.c_str(), pki.server_key.c_str()) {
+    if (max_tls != 0)
+      SSL_CTX_set_max_proto_version(svr_.ssl_context(), max_tls);
     auto handler = [this, status, when](const httplib::Request& req,
                                         httplib::Response& res) {
       std::unique_lock<std::mutex> guard{mtx_};
@@ -357,6 +361,71 @@ TEST_F(ProxyClientTest, CreateRefusesUnreadableFile) {
   ASSERT_FALSE(c);
   EXPECT_EQ(c.error(), net_errc::bad_tls_material);
   EXPECT_NE(describe(c.error()).find("--client-key"), std::string::npos);
+}
+
+TEST_F(ProxyClientTest, ClientKeyOpenToOthersIsRefused) {
+  auto path = *dir_ / "loose-key.pem";
+  std::filesystem::copy_file(pki_->driver_key, path,
+                             std::filesystem::copy_options::overwrite_existing);
+  auto cfg = config(8443);
+  cfg.tls.key = path;
+  for (auto mode : {0644, 0604, 0660}) {
+    ASSERT_EQ(::chmod(path.c_str(), static_cast<mode_t>(mode)), 0);
+    auto c = proxy_client::create(cfg);
+    ASSERT_FALSE(c) << std::oct << mode;
+    EXPECT_EQ(c.error(), net_errc::bad_tls_material);
+    EXPECT_NE(describe(c.error()).find("chmod 600"), std::string::npos)
+      << describe(c.error());
+  }
+  // A group read (a group such as ssl-cert) and the owner alone are fine.
+  for (auto mode : {0640, 0600, 0400}) {
+    ASSERT_EQ(::chmod(path.c_str(), static_cast<mode_t>(mode)), 0);
+    auto c = proxy_client::create(cfg);
+    EXPECT_TRUE(c) << std::oct << mode << " " << describe(c.error());
+  }
+}
+
+TEST_F(ProxyClientTest, TlsBelow13IsRefusedUnlessAllowed) {
+  fake_proxy old{*pki_, 200, answer_when::at_once, TLS1_2_VERSION};
+  ASSERT_TRUE(old.valid());
+  auto strict = proxy_client::create(config(old.port()));
+  ASSERT_TRUE(strict) << describe(strict.error());
+  auto reply = (*strict)->poll(1, 0ms);
+  ASSERT_FALSE(reply) << "spoke TLS 1.2 by default";
+  EXPECT_EQ(old.requests(), 0);
+  auto cfg = config(old.port());
+  cfg.allow_tls12 = true;
+  auto lenient = proxy_client::create(cfg);
+  ASSERT_TRUE(lenient) << describe(lenient.error());
+  reply = (*lenient)->poll(1, 0ms);
+  ASSERT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(reply->status, 200);
+  EXPECT_EQ(old.requests(), 1);
+}
+
+TEST_F(ProxyClientTest, EnvironmentProxyIsIgnoredUnlessConfigured) {
+  fake_proxy direct{*pki_, 200};
+  ASSERT_TRUE(direct.valid());
+  // A proxy variable left in the environment names a port where nothing
+  // listens: a client that used it could not reach the proxy.
+  auto nowhere = "http://127.0.0.1:" + std::to_string(free_port());
+  for (auto var : {"https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"})
+    ::setenv(var, nowhere.c_str(), 1);
+  auto c = proxy_client::create(config(direct.port()));
+  ASSERT_TRUE(c) << describe(c.error());
+  auto reply = (*c)->poll(1, 0ms);
+  EXPECT_TRUE(reply) << describe(reply.error());
+  EXPECT_EQ(direct.requests(), 1);
+  // Named on purpose, the HTTPS proxy is used.
+  auto cfg = config(direct.port());
+  cfg.https_proxy = nowhere;
+  auto via = proxy_client::create(cfg);
+  ASSERT_TRUE(via) << describe(via.error());
+  reply = (*via)->poll(1, 0ms);
+  EXPECT_FALSE(reply) << "did not go through the configured proxy";
+  EXPECT_EQ(direct.requests(), 1);
+  for (auto var : {"https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"})
+    ::unsetenv(var);
 }
 
 TEST_F(ProxyClientTest, MissingAddressIsMissingOption) {

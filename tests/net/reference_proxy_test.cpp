@@ -263,6 +263,7 @@ protected:
     admin_ = std::make_unique<httplib::Client>("127.0.0.1",
                                                proxy_->admin_port());
     admin_->set_read_timeout(5, 0);
+    admin_->set_bearer_token_auth(proxy_->admin_token().c_str());
   }
 
   void start() {
@@ -869,6 +870,44 @@ TEST_F(ReferenceProxyTest, NegotiatesTls13) {
   EXPECT_EQ(seen.version, TLS1_3_VERSION);
 }
 
+TEST_F(ReferenceProxyTest, RefusesTls12ClientsUnlessAllowed) {
+  auto attempt = [this] {
+    auto* curl = curl_easy_init();
+    auto url = "https://127.0.0.1:" + std::to_string(proxy_->port())
+               + "/v1/poll";
+    std::string body = "{\"driver_id\":\"d\",\"max\":1,\"wait_ms\":0}";
+    auto ca = pki_->root_cert.string();
+    auto cert = pki_->driver_chain.string();
+    auto key = pki_->driver_key.string();
+    curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_CAINFO, ca.c_str());
+    curl_easy_setopt(curl, CURLOPT_SSLCERT, cert.c_str());
+    curl_easy_setopt(curl, CURLOPT_SSLKEY, key.c_str());
+    // TLS 1.2 as the lowest and the highest version (libcurl puts the
+    // highest in the upper 16 bits).
+    long tls12 = CURL_SSLVERSION_TLSv1_2;
+    curl_easy_setopt(curl, CURLOPT_SSLVERSION, tls12 | (tls12 << 16));
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.c_str());
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, &collect);
+    std::string out;
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, static_cast<void*>(&out));
+    curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, 5000L);
+    auto rc = curl_easy_perform(curl);
+    long status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(curl);
+    return rc == CURLE_OK ? status : -1L;
+  };
+  start();
+  EXPECT_EQ(attempt(), -1L) << "a TLS 1.2 client got through";
+  TearDown();
+  auto cfg = proxy_config();
+  cfg.allow_tls12 = true;
+  start(cfg);
+  EXPECT_EQ(attempt(), 200L);
+}
+
 // -- fault switches -----------------------------------------------------------
 
 TEST_F(ReferenceProxyTest, ServerErrorFaultAnswers503AndLeasesNothing) {
@@ -1174,6 +1213,164 @@ TEST_F(ReferenceProxyTest, DeadDriversLongPollEndsWithoutARequest) {
 }
 
 // -- start and stop -----------------------------------------------------------
+
+// -- the admin API's gate and waits
+// --------------------------------------------
+
+TEST_F(ReferenceProxyTest, AdminApiNeedsTheBearerTokenAHostOfItsOwnAndJson) {
+  start();
+  ASSERT_EQ(proxy_->admin_token().size(), 64u) << "256 random bits in hex";
+  httplib::Client bare{"127.0.0.1", proxy_->admin_port()};
+  bare.set_read_timeout(5, 0);
+  auto body = json{{"kind", "sign"}, {"params", json::object()}}.dump();
+  // No token, a wrong token, a token of the right length but wrong.
+  auto res = bare.Get("/v1/admin/stats");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 401) << res->body;
+  EXPECT_EQ(res->get_header_value("WWW-Authenticate"), "Bearer");
+  for (std::string wrong :
+       {std::string{"nope"}, std::string(proxy_->admin_token().size(), '0')}) {
+    httplib::Headers h{{"Authorization", "Bearer " + wrong}};
+    res = bare.Post("/v1/admin/requests", h, body, "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 401) << res->body;
+  }
+  EXPECT_EQ(proxy_->stats().queued, 0u) << "enqueued without the token";
+  // The token, but a page of another site whose name resolves here.
+  httplib::Headers rebound{{"Authorization", "Bearer " + proxy_->admin_token()},
+                           {"Host", "evil.example:"
+                                      + std::to_string(proxy_->admin_port())}};
+  res = bare.Post("/v1/admin/requests", rebound, body, "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 403) << res->body;
+  // The token and the host, but a form post.
+  res = admin_->Post("/v1/admin/requests", body, "text/plain");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 415) << res->body;
+  res = admin_->Post("/v1/admin/requests", body,
+                     "application/x-www-form-urlencoded");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 415) << res->body;
+  EXPECT_EQ(proxy_->stats().queued, 0u);
+  // All three: accepted, with a charset too.
+  res = admin_->Post("/v1/admin/requests", body,
+                     "application/json; charset=utf-8");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200) << res->body;
+  EXPECT_EQ(proxy_->stats().queued, 1u);
+}
+
+TEST_F(ReferenceProxyTest, AdminListenerElsewhereThanLoopbackIsRefused) {
+  for (std::string host : {"0.0.0.0", "::", "192.0.2.10"}) {
+    auto cfg = proxy_config();
+    cfg.admin_host = host;
+    auto proxy = reference_proxy::start(cfg);
+    ASSERT_FALSE(proxy) << host;
+    EXPECT_EQ(proxy.error(), config_errc::invalid_option) << host;
+  }
+  for (std::string host : {"127.0.0.1", "127.0.0.2"}) {
+    auto cfg = proxy_config();
+    cfg.admin_host = host;
+    auto proxy = reference_proxy::start(cfg);
+    EXPECT_TRUE(proxy) << host;
+  }
+}
+
+TEST_F(ReferenceProxyTest, EnqueueWithWaitAnswersWithTheResult) {
+  start();
+  auto* c = client();
+  // The driver answers while the admin call waits.
+  std::thread driver{[&] {
+    auto reqs = poll(c, 1, 5000ms);
+    ASSERT_EQ(reqs.size(), 1u);
+    EXPECT_EQ(post(c, ok_result(reqs[0], "driver-a")), 200);
+  }};
+  auto started = steady::now();
+  auto res = admin_->Post(
+    "/v1/admin/requests?wait_ms=4000",
+    json{{"kind", "sign"}, {"params", {{"key_id", "k1"}}}}.dump(),
+    "application/json");
+  driver.join();
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  auto st = json::parse(res->body);
+  EXPECT_EQ(st["state"], "done") << res->body;
+  EXPECT_EQ(st["ok"], true);
+  EXPECT_EQ(st["result"]["public_key"], "02ab");
+  EXPECT_LT(elapsed_ms(started), 4000) << "waited past the answer";
+}
+
+TEST_F(ReferenceProxyTest, StateWithWaitReturnsWhenDoneOrAtTheDeadline) {
+  start();
+  auto id = enqueue("sign", {{"key_id", "k1"}});
+  // Nobody answers: the wait ends at its deadline, still queued.
+  auto started = steady::now();
+  auto res = admin_->Get("/v1/admin/requests/" + id + "?wait_ms=300");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["state"], "queued");
+  EXPECT_GE(elapsed_ms(started), 300);
+  // Answered meanwhile: the wait ends with the answer.
+  auto* c = client();
+  std::thread driver{[&] {
+    auto reqs = poll(c, 1, 5000ms);
+    ASSERT_EQ(reqs.size(), 1u);
+    std::this_thread::sleep_for(200ms);
+    EXPECT_EQ(post(c, ok_result(reqs[0], "driver-a")), 200);
+  }};
+  res = admin_->Get("/v1/admin/requests/" + id + "?wait_ms=4000");
+  driver.join();
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["state"], "done") << res->body;
+  res = admin_->Get("/v1/admin/requests/" + id + "?wait_ms=soon");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400) << res->body;
+}
+
+TEST_F(ReferenceProxyTest, ResultFromAnotherCertificateIsForbidden) {
+  start();
+  auto issued = issue_client_cert(*pki_, *dir_ / "thief", "driver-b");
+  ASSERT_TRUE(issued) << describe(issued.error());
+  auto id = enqueue("sign", {{"key_id", "k1"}});
+  auto* holder = client("driver-a");
+  auto cfg = client_config("driver-b");
+  cfg.tls.cert = issued->first;
+  cfg.tls.key = issued->second;
+  auto* thief = client(cfg);
+  auto reqs = poll(holder, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  // The lease and id are right, the certificate is not the holder's: a
+  // single result is 403, an entry of a batch "forbidden".
+  EXPECT_EQ(post(thief, ok_result(reqs[0], "driver-a")), 403);
+  auto batch = json{{"driver_id", "driver-a"},
+                    {"results", json::array({ok_result(reqs[0], "driver-a")})}};
+  auto reply = thief->post_result(batch.dump());
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(json::parse(reply->body)["results"][0]["status"], "forbidden")
+    << reply->body;
+  EXPECT_EQ(state(id).second["state"], "leased");
+  EXPECT_EQ(post(holder, ok_result(reqs[0], "driver-a")), 200);
+  EXPECT_EQ(state(id).second["state"], "done");
+}
+
+TEST_F(ReferenceProxyTest, AdminTokenFileIsMadeOnceAndReadAsASecret) {
+  auto path = *dir_ / "admin-token";
+  std::filesystem::remove(path);
+  auto made = load_or_create_admin_token(path);
+  ASSERT_TRUE(made) << describe(made.error());
+  EXPECT_EQ(made->size(), 64u);
+  EXPECT_EQ(std::filesystem::status(path).permissions(),
+            std::filesystem::perms::owner_read
+              | std::filesystem::perms::owner_write);
+  auto again = load_or_create_admin_token(path);
+  ASSERT_TRUE(again) << describe(again.error());
+  EXPECT_EQ(*again, *made);
+  // Readable by others: refused, not used.
+  std::filesystem::permissions(path, std::filesystem::perms::others_read,
+                               std::filesystem::perm_options::add);
+  auto loose = load_or_create_admin_token(path);
+  ASSERT_FALSE(loose);
+  EXPECT_EQ(loose.error(), config_errc::bad_file);
+}
 
 TEST_F(ReferenceProxyTest, StartFailsOnMissingTlsFiles) {
   auto cfg = proxy_config();

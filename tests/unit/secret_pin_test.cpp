@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -73,6 +74,41 @@ TEST_F(SecretPinTest, MovedFromPinIsEmpty) {
   secret_pin b{std::move(a)};
   EXPECT_TRUE(a.empty()); // NOLINT(bugprone-use-after-move)
   EXPECT_EQ(b.size(), 4u);
+}
+
+TEST_F(SecretPinTest, FileIsNotFollowedThroughASymbolicLink) {
+  auto real = write_pin("4321\n", 0600);
+  auto link = dir / "pin-link";
+  std::filesystem::create_symlink(real, link);
+  auto pin = secret_pin::from_file(link.string());
+  ASSERT_FALSE(pin);
+  EXPECT_EQ(pin.error(), config_errc::bad_file);
+  EXPECT_NE(describe(pin.error()).find("symbolic link"), std::string::npos)
+    << describe(pin.error());
+}
+
+TEST_F(SecretPinTest, FileOfAnotherUserIsRefused) {
+  if (::geteuid() != 0)
+    GTEST_SKIP() << "only root can give a file to another user";
+  auto path = write_pin("4321\n", 0600);
+  ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0); // nobody
+  auto pin = secret_pin::from_file(path.string());
+  ASSERT_FALSE(pin);
+  EXPECT_NE(describe(pin.error()).find("owned by uid 65534"), std::string::npos)
+    << describe(pin.error());
+}
+
+TEST_F(SecretPinTest, AMoveHandsTheBufferOverWithoutCopyingTheBytes) {
+  // A short PIN in a string would sit in its inline buffer, and a move
+  // would copy it and leave the bytes behind; here the buffer moves.
+  secret_pin a{"12"};
+  const char* at = a.data();
+  secret_pin b{std::move(a)};
+  EXPECT_EQ(b.data(), at);
+  secret_pin c;
+  c = std::move(b);
+  EXPECT_EQ(c.data(), at);
+  EXPECT_EQ(std::string(c.data(), c.size()), "12");
 }
 
 } // namespace

@@ -5,6 +5,7 @@
 #include "runtime/app/daemon.hpp"
 #include "runtime/app/output.hpp"
 #include "runtime/app/run_options.hpp"
+#include "runtime/base/hardening.hpp"
 #include "runtime/base/logging.hpp"
 
 #include <CLI/CLI.hpp>
@@ -210,6 +211,11 @@ int run_cli(int argc, char** argv) {
                  "USER_PIN or USER_PIN_FILE\n";
     return exit_usage;
   }
+  // Before any secret is read: no core file, no ptrace by another process.
+  if (auto err = harden_process()) {
+    std::cerr << "hsm-driver: " << describe(err) << "\n";
+    return exit_failed;
+  }
   CLI::App app{"hsm-driver: keeps private keys in a PKCS#11 HSM; generates "
                "keys and signs with them.\n"
                + std::string{pin_note}};
@@ -406,12 +412,20 @@ int run_cli(int argc, char** argv) {
   if (dev_cmd->parsed())
     apply_dev_defaults(raw, env);
   auto cfg = resolve(raw, env);
+  // The URL (and its password) is in `cfg` now; not in the environment.
+  scrub_env("POSTGRES_URL");
   if (!cfg)
     return fail(cfg.error());
   if (auto err = init_logging(cfg->log_level)) {
     std::cerr << "hsm-driver: " << describe(err) << "\n";
     return exit_usage;
   }
+  if (cfg->postgres_url_source == "--postgres-url"
+      && url_has_password(cfg->postgres_url))
+    logger("runtime")->warn(
+      "--postgres-url carries a password, which any local user can read in "
+      "/proc/<pid>/cmdline; put the URL in a 0600 file named by "
+      "POSTGRES_URL_FILE, or the password in ~/.pgpass");
   for (auto& [cmd, handler] : token_commands)
     if (cmd->parsed())
       return handler(*cfg);

@@ -1,8 +1,12 @@
 #include "runtime/app/config.hpp"
 
+#include "runtime/base/secret_file.hpp"
 #include "store/pg_conninfo.hpp"
 
+#include <openssl/crypto.h>
+
 #include <cstdlib>
+#include <cstring>
 
 namespace hsm {
 
@@ -17,6 +21,17 @@ env_lookup process_env() {
 
 std::string redact_url(std::string_view url) {
   return store::redact_conninfo(url);
+}
+
+bool url_has_password(std::string_view url) {
+  auto info = store::parse_conninfo(url);
+  return info && info->find("password") != nullptr;
+}
+
+void scrub_env(const char* name) {
+  if (char* v = std::getenv(name); v != nullptr)
+    OPENSSL_cleanse(v, std::strlen(v));
+  ::unsetenv(name);
 }
 
 std::vector<std::string> split_list(std::string_view text) {
@@ -111,7 +126,19 @@ caf::expected<driver_config> resolve(const raw_options& raw,
   cfg.sqlite_path = db.empty() ? std::string{default_sqlite_path} : db;
   auto [pg, pg_src] = pick(raw.postgres_url, "--postgres-url", {"POSTGRES_URL"},
                            env);
+  if (auto file = env("POSTGRES_URL_FILE")) {
+    if (!pg.empty())
+      return caf::make_error(
+        config_errc::invalid_option, std::string{"POSTGRES_URL_FILE"},
+        "POSTGRES_URL_FILE and " + pg_src + " are both set; set one");
+    auto text = read_secret_file(*file, "POSTGRES_URL_FILE");
+    if (!text)
+      return std::move(text.error());
+    pg = std::move(*text);
+    pg_src = "POSTGRES_URL_FILE";
+  }
   cfg.postgres_url = pg;
+  cfg.postgres_url_source = pg_src;
   if (!pg.empty() && !db.empty())
     return caf::make_error(config_errc::invalid_option, pg_src,
                            pg_src + " and " + db_src

@@ -72,6 +72,9 @@ struct driver_config {
   /// The PostgreSQL key store; empty for SQLite. May hold a password: log
   /// it only through `redact_url`.
   std::string postgres_url;
+  /// Where `postgres_url` came from (`--postgres-url`, `POSTGRES_URL` or
+  /// `POSTGRES_URL_FILE`), for messages and the password warning.
+  std::string postgres_url_source;
   /// Schemes whose keys are token-resident (opt-in).
   std::set<scheme> resident_schemes;
   /// spdlog level name.
@@ -95,6 +98,13 @@ struct driver_config {
 /// `password = 'two words'`) become `***`; a string that does not parse
 /// becomes `<unparsable connection string>`.
 std::string redact_url(std::string_view url);
+
+/// True if the connection string carries a password (in any libpq form).
+bool url_has_password(std::string_view url);
+
+/// Wipes the value of environment variable `name` in place and unsets it,
+/// so that a secret read from it does not linger in /proc/<pid>/environ.
+void scrub_env(const char* name);
 
 /// Splits `a,b , c` into trimmed, non-empty parts.
 std::vector<std::string> split_list(std::string_view text);

@@ -381,6 +381,27 @@ TEST_F(CliTest, StartUpOnAHungHsmEndsOnSigtermAndAtItsDeadline) {
   }
 }
 
+TEST_F(CliTest, PasswordOnTheCommandLineIsWarnedAboutAndNeverPrinted) {
+  auto e = env;
+  e["SQLITE_PATH"] = "";
+  // Nothing listens on port 1: the command fails after the warning.
+  auto res = test::run_driver({"--postgres-url",
+                               "postgresql://app:hunter2@127.0.0.1:1/keys"
+                               "?connect_timeout=2",
+                               "keys", "show", "--key-id", "k1"},
+                              e);
+  EXPECT_NE(res.exit_code, 0);
+  EXPECT_NE(res.err.find("POSTGRES_URL_FILE"), std::string::npos) << res.err;
+  EXPECT_EQ(res.err.find("hunter2"), std::string::npos) << res.err;
+  EXPECT_EQ(res.out.find("hunter2"), std::string::npos) << res.out;
+  // From the environment: no warning (not in /proc/<pid>/cmdline).
+  e["POSTGRES_URL"] = "postgresql://app:hunter2@127.0.0.1:1/keys"
+                      "?connect_timeout=2";
+  res = test::run_driver({"keys", "show", "--key-id", "k1"}, e);
+  EXPECT_EQ(res.err.find("POSTGRES_URL_FILE"), std::string::npos) << res.err;
+  EXPECT_EQ(res.err.find("hunter2"), std::string::npos) << res.err;
+}
+
 TEST_F(CliTest, ProxyListenAddressesUseTheSharedParser) {
   for (auto flag : {"--listen", "--admin-listen"}) {
     auto res = run({"proxy", flag, "::1:8443", "--server-cert", "c.pem",

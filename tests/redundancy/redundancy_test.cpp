@@ -246,6 +246,29 @@ TEST_F(RedundancyTest, KeyGeneratedByOneDriverSignsOnTheOther) {
   make_hsm("a", "master.hex");
   make_hsm("b", "master.hex");
   start("a");
+  {
+    // The running driver keeps its secrets to itself: the database URL and
+    // the PIN are out of its environment, and it writes no core file.
+    std::string env_text;
+    ASSERT_TRUE(test::wait_until(
+      [&] {
+        std::ifstream again{"/proc/" + std::to_string(drivers["a"].pid)
+                            + "/environ"};
+        env_text.assign(std::istreambuf_iterator<char>{again}, {});
+        return env_text.find("POSTGRES_URL=") == std::string::npos;
+      },
+      30s, "the driver to drop POSTGRES_URL from its environment"));
+    EXPECT_EQ(env_text.find("USER_PIN="), std::string::npos);
+    EXPECT_EQ(env_text.find(user_pin), std::string::npos);
+    std::ifstream limits{"/proc/" + std::to_string(drivers["a"].pid)
+                         + "/limits"};
+    std::string line;
+    bool core_off = false;
+    while (std::getline(limits, line))
+      if (line.starts_with("Max core file size"))
+        core_off = line.find(" 0 ") != std::string::npos;
+    EXPECT_TRUE(core_off) << "core files allowed";
+  }
   std::vector<std::string> keys;
   std::map<std::string, std::string> reported;
   for (auto s : {"secp256k1", "p256"}) {

@@ -1,10 +1,17 @@
 #include "runtime/app/config.hpp"
 
 #include "runtime/app/run_options.hpp"
+#include "runtime/base/hardening.hpp"
 #include "runtime/net/host_port.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <map>
 
 namespace hsm {
@@ -116,6 +123,60 @@ TEST(ConfigTest, OneKeyStoreAtATime) {
   ASSERT_FALSE(both);
   EXPECT_EQ(both.error(), config_errc::invalid_option);
   EXPECT_NE(describe(both.error()).find("--sqlite-path"), std::string::npos);
+}
+
+TEST(ConfigTest, PostgresUrlFromAPrivateFile) {
+  auto dir = std::filesystem::path{::testing::TempDir()}
+             / ("pg-url-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto file = dir / "url";
+  { std::ofstream{file} << "postgresql://app:s3cret@db1/keys\n"; }
+  std::filesystem::permissions(file,
+                               std::filesystem::perms::owner_read
+                                 | std::filesystem::perms::owner_write,
+                               std::filesystem::perm_options::replace);
+  raw_options raw;
+  raw.pkcs11_module = "/p.so";
+  auto cfg = resolve(raw, fake_env({{"POSTGRES_URL_FILE", file.string()}}));
+  ASSERT_TRUE(cfg) << describe(cfg.error());
+  EXPECT_EQ(cfg->postgres_url, "postgresql://app:s3cret@db1/keys");
+  EXPECT_EQ(cfg->postgres_url_source, "POSTGRES_URL_FILE");
+  EXPECT_TRUE(url_has_password(cfg->postgres_url));
+  EXPECT_FALSE(url_has_password("postgresql://app@db1/keys"));
+  // With the URL also given another way: which one wins would surprise.
+  auto both = resolve(raw, fake_env({{"POSTGRES_URL_FILE", file.string()},
+                                     {"POSTGRES_URL", "postgresql://h/db"}}));
+  ASSERT_FALSE(both);
+  EXPECT_EQ(both.error(), config_errc::invalid_option);
+  // Readable by others: refused, naming the variable and the cure.
+  std::filesystem::permissions(file, std::filesystem::perms::others_read,
+                               std::filesystem::perm_options::add);
+  auto loose = resolve(raw, fake_env({{"POSTGRES_URL_FILE", file.string()}}));
+  ASSERT_FALSE(loose);
+  EXPECT_EQ(loose.error(), config_errc::bad_file);
+  EXPECT_NE(describe(loose.error()).find("chmod 600"), std::string::npos);
+  EXPECT_EQ(describe(loose.error()).find("s3cret"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ConfigTest, HardenedProcessIsNotDumpableAndWritesNoCore) {
+  // In a child, so that this test process stays as it was.
+  auto pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (harden_process())
+      ::_exit(1);
+    rlimit core{};
+    ::getrlimit(RLIMIT_CORE, &core);
+    if (core.rlim_cur != 0 || core.rlim_max != 0)
+      ::_exit(2);
+    ::_exit(::prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0 ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+    << "1: harden failed, 2: core limit kept, 3: still dumpable";
 }
 
 // The cases of every libpq form are in pg_conninfo_test.cpp; this checks that

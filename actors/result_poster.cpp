@@ -4,6 +4,7 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/net/wire_codec.hpp"
 
+#include <algorithm>
 #include <deque>
 
 namespace hsm {
@@ -17,6 +18,12 @@ using steady = caf::actor_clock;
 /// A result still to be posted.
 struct pending_post {
   job_result r;
+  /// Names it while it waits for its audit entry.
+  uint64_t tag = 0;
+  /// Its audit entry is durable (or it needs none); only then is it posted.
+  bool audited = false;
+  /// Its audit entry is in the append on its way.
+  bool auditing = false;
   int attempts = 0;
   std::chrono::milliseconds wait{0};
   /// Not posted again before this time.
@@ -33,6 +40,13 @@ struct poster_state {
   bool flush_queued = false;
   /// The earliest retry timer armed; the epoch when none.
   steady::time_point timer{};
+  /// Writes the audit trail; null: no audit.
+  audit_actor audit;
+  /// An append is on its way to `audit`.
+  bool audit_busy = false;
+  /// Backoff of the next append after a failed one.
+  std::chrono::milliseconds audit_wait{0};
+  uint64_t next_tag = 0;
 };
 
 using poster_ptr = result_poster_actor::stateful_pointer<poster_state>;
@@ -163,7 +177,7 @@ void flush(poster_ptr self) {
   std::vector<size_t> picked;
   for (size_t i = 0; i < st.pending.size() && picked.size() < st.cfg.max_batch;
        ++i)
-    if (st.pending[i].due <= now)
+    if (st.pending[i].audited && st.pending[i].due <= now)
       picked.push_back(i);
   if (picked.empty())
     return arm_timer(self);
@@ -190,16 +204,95 @@ void flush(poster_ptr self) {
   // More may be due (a backlog beyond one batch, results that came in
   // meanwhile are queued behind this message).
   for (auto& p : st.pending)
-    if (p.due <= now)
+    if (p.audited && p.due <= now)
       return schedule_flush(self);
   arm_timer(self);
+}
+
+/// Gives up the results still waiting for their audit entry whose lease
+/// has ended (or all of them once stopping): they are never posted, and
+/// the proxy hands the requests out again.
+void drop_unaudited(poster_ptr self, bool all) {
+  auto& st = self->state;
+  auto now = self->clock().now();
+  std::deque<pending_post> rest;
+  for (auto& p : st.pending) {
+    bool expired = p.r.lease_deadline != steady::time_point{}
+                   && now >= p.r.lease_deadline;
+    if (!p.audited && !p.auditing && (all || expired)) {
+      logger("poster")->error("[req={}] result not posted: its audit entry "
+                              "could not be written{}; the request will be "
+                              "redelivered",
+                              p.r.id, expired ? " before its lease ended" : "");
+      settle(p, outcome::refused);
+      continue;
+    }
+    rest.push_back(std::move(p));
+  }
+  st.pending = std::move(rest);
+}
+
+/// Sends the audit entries of every result not yet audited in one append,
+/// unless an append is on its way (its reply sends the next).
+void append_audit(poster_ptr self) {
+  auto& st = self->state;
+  if (st.audit_busy || !st.audit)
+    return;
+  auto at_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                 std::chrono::system_clock::now().time_since_epoch())
+                 .count();
+  audit_batch batch;
+  std::vector<uint64_t> tags;
+  for (auto& p : st.pending) {
+    if (p.audited || p.auditing)
+      continue;
+    batch.entries.push_back(*audit_entry_of(p.r, at_ms));
+    tags.push_back(p.tag);
+    p.auditing = true;
+  }
+  if (tags.empty())
+    return;
+  st.audit_busy = true;
+  auto mark = [self, tags](bool done) {
+    for (auto& p : self->state.pending)
+      if (std::find(tags.begin(), tags.end(), p.tag) != tags.end()) {
+        p.auditing = false;
+        p.audited = done;
+      }
+  };
+  self->request(st.audit, caf::infinite, audit_atom_v, std::move(batch))
+    .then(
+      [self, mark](bool) {
+        auto& s = self->state;
+        s.audit_busy = false;
+        s.audit_wait = std::chrono::milliseconds{0};
+        mark(true);
+        schedule_flush(self);
+        append_audit(self);
+      },
+      [self, mark](caf::error& err) {
+        auto& s = self->state;
+        s.audit_busy = false;
+        mark(false);
+        bool stopping = s.stopping && s.stopping->load();
+        logger("poster")->warn("the audit trail could not be written ({}); "
+                               "results wait",
+                               describe(err));
+        drop_unaudited(self, stopping);
+        s.audit_wait = s.audit_wait.count() == 0
+                         ? s.cfg.backoff_min
+                         : std::min(s.audit_wait * 2, s.cfg.backoff_max);
+        // The flush this timer sends tries the append again.
+        self->delayed_send(self, jittered(s.audit_wait), flush_atom_v);
+      });
 }
 
 result_poster_actor::behavior_type
 poster_impl(poster_ptr self, result_poster_config cfg,
             std::shared_ptr<net::proxy_link> link,
-            std::shared_ptr<std::atomic<bool>> stopping) {
+            std::shared_ptr<std::atomic<bool>> stopping, audit_actor audit) {
   auto& init = self->state;
+  init.audit = std::move(audit);
   init.cfg = cfg;
   init.cfg.max_batch = std::max<size_t>(init.cfg.max_batch, 1);
   init.link = std::move(link);
@@ -209,9 +302,16 @@ poster_impl(poster_ptr self, result_poster_config cfg,
       auto& st = self->state;
       pending_post p;
       p.r = std::move(r);
+      p.tag = ++st.next_tag;
+      p.audited = !st.audit || !p.r.audit;
       p.rp = self->make_response_promise<bool>();
       auto rp = p.rp;
+      bool audited = p.audited;
       st.pending.push_back(std::move(p));
+      if (!audited) {
+        append_audit(self);
+        return rp;
+      }
       // Every result already in the mailbox joins the post this flush
       // makes: the flush message queues behind them.
       schedule_flush(self);
@@ -222,6 +322,7 @@ poster_impl(poster_ptr self, result_poster_config cfg,
       st.flush_queued = false;
       if (st.timer != steady::time_point{} && st.timer <= self->clock().now())
         st.timer = {};
+      append_audit(self);
       flush(self);
     },
   };
@@ -232,10 +333,11 @@ poster_impl(poster_ptr self, result_poster_config cfg,
 result_poster_actor
 spawn_result_poster(caf::actor_system& sys, result_poster_config cfg,
                     std::shared_ptr<net::proxy_link> link,
-                    std::shared_ptr<std::atomic<bool>> stopping) {
+                    std::shared_ptr<std::atomic<bool>> stopping,
+                    audit_actor audit) {
   auto mode = cfg.mode;
   return spawn_as(sys, mode, poster_impl, std::move(cfg), std::move(link),
-                  std::move(stopping));
+                  std::move(stopping), std::move(audit));
 }
 
 } // namespace hsm

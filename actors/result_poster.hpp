@@ -16,6 +16,14 @@
 // proxy hands the request out again; generate_key is idempotent by key id.
 // Once `stopping` is set, a failed post is not retried (shutdown must not
 // wait on an unreachable proxy).
+//
+// With an audit actor, no answer to a job leaves before its audit entry is
+// durable: results wait until the audit actor acknowledged them (entries of
+// the results that came in meanwhile go together, one append at a time). A
+// failed append is retried with the same backoff; a result whose lease ends
+// (or, once stopping, whose append failed) before its entry is written is
+// never posted: the request is redelivered and audited when it is answered
+// again. Answers to malformed requests (no job, no HSM) are not audited.
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
@@ -39,10 +47,12 @@ struct result_poster_config {
   spawn_mode mode = spawn_mode::detached;
 };
 
-/// Spawns the poster; it owns `link`.
+/// Spawns the poster; it owns `link`. With `audit` (not null), results of
+/// jobs are posted only once their audit entries are durable.
 result_poster_actor
 spawn_result_poster(caf::actor_system& sys, result_poster_config cfg,
                     std::shared_ptr<net::proxy_link> link,
-                    std::shared_ptr<std::atomic<bool>> stopping);
+                    std::shared_ptr<std::atomic<bool>> stopping,
+                    audit_actor audit = {});
 
 } // namespace hsm

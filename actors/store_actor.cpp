@@ -1,6 +1,7 @@
 #include "actors/store_actor.hpp"
 
 #include "runtime/base/logging.hpp"
+#include "runtime/crypto/hex.hpp"
 
 #include <algorithm>
 #include <deque>
@@ -81,6 +82,7 @@ struct pending_put {
 
 struct store_state {
   std::shared_ptr<store::key_store> st;
+  std::string driver_id;
   size_t max_group = 1;
   record_cache cache{0};
   std::deque<pending_put> pending;
@@ -133,6 +135,7 @@ storage_actor::behavior_type store_impl(store_ptr self,
                                         std::shared_ptr<store::key_store> st,
                                         store_actor_config cfg) {
   self->state.st = std::move(st);
+  self->state.driver_id = cfg.driver_id;
   self->state.max_group = std::max(cfg.max_group, size_t{1});
   self->state.cache = record_cache{cfg.cache_capacity};
   // Puts already taken in were promised a commit: keep that promise on an
@@ -170,6 +173,28 @@ storage_actor::behavior_type store_impl(store_ptr self,
         self->send(self, flush_atom_v);
       }
       return rp;
+    },
+    [self](audit_atom, const audit_batch& batch) -> caf::result<bool> {
+      auto& s = self->state;
+      auto rows = s.st->append_audit(s.driver_id, batch.entries);
+      auto log = logger("audit");
+      if (!rows) {
+        ++s.stats.failed_audits;
+        log->warn("appending {} audit entr{} failed: {}", batch.entries.size(),
+                  batch.entries.size() == 1 ? "y" : "ies",
+                  describe(rows.error()));
+        return std::move(rows.error());
+      }
+      s.stats.audited += rows->size();
+      for (const auto& r : *rows)
+        log->info("[req={}] {} key={} {}{}{} outcome={} driver={} seq={} "
+                  "hash={}",
+                  r.entry.request_id, audit_kind_name(r.entry.kind),
+                  r.entry.key_id, r.entry.public_key_fingerprint,
+                  r.entry.payload_sha256.empty() ? "" : " payload_sha256=",
+                  crypto::to_hex(r.entry.payload_sha256), r.entry.outcome,
+                  r.driver_id, r.seq, crypto::to_hex(r.entry_hash));
+      return true;
     },
     [self](flush_atom) {
       auto& s = self->state;

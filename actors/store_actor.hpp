@@ -9,7 +9,10 @@
 // `put_many` (one transaction, one fsync) and only then answers each
 // (durable before visible); if the commit fails, each gets the error. Gets
 // are served between groups. On an exit message other than `kill` it
-// commits what is pending before it quits. Runs detached in production:
+// commits what is pending before it quits. It also appends the audit
+// trail (`audit_atom`): a batch per call, in one transaction of its own,
+// answered once durable, with an info log line per entry that names its
+// place in the chain (seq and hash). Runs detached in production:
 // SQLite commits block on fsync, PostgreSQL ones on the network.
 
 #include "actors/spawn_mode.hpp"
@@ -18,6 +21,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
 
 namespace hsm {
 
@@ -35,6 +39,8 @@ struct store_actor_config {
   /// Puts committed together at most (0 counts as 1); a longer backlog is
   /// committed in several groups.
   size_t max_group = default_store_max_group;
+  /// The audit chain this actor appends to (`audit_atom`): the driver id.
+  std::string driver_id;
   spawn_mode mode = spawn_mode::detached;
 };
 

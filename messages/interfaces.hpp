@@ -61,6 +61,12 @@ using store_actor = caf::typed_actor<
   caf::replies_to<caf::get_atom, std::string>::with<key_lookup>,
   caf::replies_to<caf::put_atom, key_record>::with<put_result>>;
 
+/// The audit trail's writer: appends a batch of entries to this driver's
+/// chain in one transaction and replies `true` once it is durable; fails
+/// with the store's error (then nothing of the batch is written).
+using audit_actor
+  = caf::typed_actor<caf::replies_to<audit_atom, audit_batch>::with<bool>>;
+
 /// Storage actor counters, for tests and logs.
 struct store_stats {
   /// Gets answered from the cache, and gets that read the store.
@@ -76,13 +82,18 @@ struct store_stats {
   uint64_t failed_groups = 0;
   /// Puts waiting for the next group.
   size_t pending = 0;
+  /// Audit entries appended, and audit batches whose append failed.
+  uint64_t audited = 0;
+  uint64_t failed_audits = 0;
 };
 
-/// The storage actor as spawned: a `store_actor` (which its handle converts
-/// to) plus `flush_atom`, the group-commit message it sends itself, and
-/// `stats_atom`, its counters.
-using storage_actor = store_actor::extend<
-  caf::reacts_to<flush_atom>, caf::replies_to<stats_atom>::with<store_stats>>;
+/// The storage actor as spawned: a `store_actor` and an `audit_actor`
+/// (which its handle converts to) plus `flush_atom`, the group-commit
+/// message it sends itself, and `stats_atom`, its counters.
+using storage_actor
+  = store_actor::extend<caf::replies_to<audit_atom, audit_batch>::with<bool>,
+                        caf::reacts_to<flush_atom>,
+                        caf::replies_to<stats_atom>::with<store_stats>>;
 
 /// Posts results to the proxy. Replies `true` once a result is posted (or
 /// refused by the proxy as stale), `false` when it gave up: then the lease
@@ -154,3 +165,4 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::store_stats)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::key_record)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::put_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::scheme)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::audit_batch)

@@ -27,6 +27,9 @@ struct job {
   hsm::scheme scheme = hsm::scheme::secp256k1;
   /// sign only: the hash (ECDSA) or message (Ed25519).
   std::vector<uint8_t> payload;
+  /// sign only: SHA-256 of `payload`, for the audit trail (set where the
+  /// request is read).
+  std::vector<uint8_t> payload_sha256;
   /// How many times a session failed under this job.
   uint32_t attempts = 0;
   /// When the lease ends (steady clock); the epoch when the proxy did not

@@ -4,6 +4,7 @@
 // The actors pass these around; only the proxy client's codec turns them
 // into JSON, once, when the result is posted. Plain values; any thread.
 
+#include "messages/audit.hpp"
 #include "messages/errors.hpp"
 #include "messages/job.hpp"
 #include "messages/scheme.hpp"
@@ -73,6 +74,9 @@ struct job_result {
   std::variant<error_result, key_result, signature_result> outcome;
   /// The job's `lease_deadline`.
   std::chrono::steady_clock::time_point lease_deadline{};
+  /// What the job asked for, for the audit trail; none for an answer to a
+  /// request that was never a job (malformed: it reached no HSM).
+  std::optional<audit_facts> audit;
 
   /// True unless the outcome is an error.
   bool ok() const {
@@ -86,19 +90,51 @@ inline error_result to_error_result(const caf::error& err) {
   return error_result{wire_code(err), describe(err), is_retryable(err)};
 }
 
+/// What `j` asked for, as the audit trail keeps it.
+inline audit_facts facts_of(const job& j) {
+  return audit_facts{j.kind, j.key_id, j.payload_sha256};
+}
+
 /// Answers `j` with `outcome`.
 inline job_result answer(const job& j, key_result outcome) {
-  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline};
+  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline,
+                    facts_of(j)};
 }
 
 /// Answers `j` with `outcome`.
 inline job_result answer(const job& j, signature_result outcome) {
-  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline};
+  return job_result{j.id, j.lease, std::move(outcome), j.lease_deadline,
+                    facts_of(j)};
 }
 
 /// Answers `j` with an error.
 inline job_result answer(const job& j, const caf::error& err) {
-  return job_result{j.id, j.lease, to_error_result(err), j.lease_deadline};
+  return job_result{j.id, j.lease, to_error_result(err), j.lease_deadline,
+                    facts_of(j)};
+}
+
+/// The audit entry of `r`, answered at `at_ms`; nullopt if `r` carries no
+/// audit facts.
+inline std::optional<audit_entry> audit_entry_of(const job_result& r,
+                                                 int64_t at_ms) {
+  if (!r.audit)
+    return std::nullopt;
+  audit_entry e;
+  e.request_id = r.id;
+  e.kind = r.audit->kind;
+  e.key_id = r.audit->key_id;
+  e.payload_sha256 = r.audit->payload_sha256;
+  e.at_ms = at_ms;
+  if (auto* k = std::get_if<key_result>(&r.outcome)) {
+    e.public_key_fingerprint = k->public_key_fingerprint;
+    e.outcome = "ok";
+  } else if (auto* s = std::get_if<signature_result>(&r.outcome)) {
+    e.public_key_fingerprint = s->sig.public_key_fingerprint;
+    e.outcome = "ok";
+  } else {
+    e.outcome = std::get<error_result>(r.outcome).code;
+  }
+  return e;
 }
 
 } // namespace hsm

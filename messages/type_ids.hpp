@@ -6,6 +6,7 @@
 // interfaces.hpp instead of getting inspect() overloads; the block gives
 // them stable IDs and names. Atom texts are at most 10 characters.
 
+#include "messages/audit.hpp"
 #include "messages/job.hpp"
 #include "messages/key_record.hpp"
 #include "messages/results.hpp"
@@ -33,6 +34,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::key_record))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::put_result))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::store_stats))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::audit_batch))
 
   CAF_ADD_ATOM(hsm_driver, hsm, generate_atom, "generate")
   CAF_ADD_ATOM(hsm_driver, hsm, sign_atom, "sign")
@@ -54,5 +56,6 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_ATOM(hsm_driver, hsm, stuck_atom, "stuck")
   CAF_ADD_ATOM(hsm_driver, hsm, flush_atom, "flush")
   CAF_ADD_ATOM(hsm_driver, hsm, deadline_atom, "deadline")
+  CAF_ADD_ATOM(hsm_driver, hsm, audit_atom, "audit")
 
 CAF_END_TYPE_ID_BLOCK(hsm_driver)

@@ -7,6 +7,7 @@
 // actor) calls it. Back ends map their own failures to `store_errc`; nothing
 // throws out of this interface.
 
+#include "messages/audit.hpp"
 #include "messages/errors.hpp"
 #include "messages/key_record.hpp"
 
@@ -172,6 +173,25 @@ public:
   /// `store_errc::query_failed`).
   [[nodiscard]] virtual caf::expected<bool>
   replace_canary(const canary_record& old_canary, const canary_record& next)
+    = 0;
+
+  // -- the audit trail (store/audit.hpp) --------------------------------------
+
+  /// Appends `entries` to `driver_id`'s chain, in order, in one durable
+  /// transaction, each row linked to the one before (`chain_next`); returns
+  /// the rows written. Two writers on one chain (two processes under one
+  /// driver id) collide on (driver_id, seq): the loser fails with
+  /// `store_errc::query_failed` and writes nothing. Empty `entries` writes
+  /// nothing.
+  [[nodiscard]] virtual caf::expected<std::vector<audit_row>>
+  append_audit(std::string_view driver_id,
+               const std::vector<audit_entry>& entries)
+    = 0;
+
+  /// Up to `limit` rows after (`after_driver`, `after_seq`), in (driver_id,
+  /// seq) order; ("", 0) reads from the start.
+  [[nodiscard]] virtual caf::expected<std::vector<audit_row>>
+  read_audit(std::string_view after_driver, uint64_t after_seq, size_t limit)
     = 0;
 };
 

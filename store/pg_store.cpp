@@ -2,6 +2,7 @@
 
 #include "runtime/base/clock.hpp"
 #include "runtime/base/logging.hpp"
+#include "store/audit.hpp"
 #include "store/pg_conninfo.hpp"
 
 #include <poll.h>
@@ -117,6 +118,21 @@ constexpr const char* replace_canary_sql
     "AND wrapped_key = $5 AND wrap_mechanism = $6 AND master_key_label = $7 "
     "AND created_at_ms = $8";
 
+constexpr const char* audit_head_sql
+  = "SELECT seq, entry_hash FROM audit_log WHERE driver_id = $1 "
+    "ORDER BY seq DESC LIMIT 1";
+
+constexpr const char* insert_audit_sql
+  = "INSERT INTO audit_log (driver_id, seq, at_ms, request_id, kind, key_id, "
+    "public_key_fingerprint, payload_sha256, outcome, prev_hash, entry_hash) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+constexpr const char* read_audit_sql
+  = "SELECT driver_id, seq, at_ms, request_id, kind, key_id, "
+    "public_key_fingerprint, payload_sha256, outcome, prev_hash, entry_hash "
+    "FROM audit_log WHERE (driver_id, seq) > ($1, $2) "
+    "ORDER BY driver_id, seq LIMIT $3";
+
 /// Raises the commit level of the transaction it runs in; see
 /// `key_write_commit_level`.
 constexpr const char* force_sync_commit_sql
@@ -142,11 +158,15 @@ constexpr statement select_rotation{"hsm_select_rotation", select_rotation_sql};
 constexpr statement insert_rotation{"hsm_insert_rotation", insert_rotation_sql};
 constexpr statement update_rotation{"hsm_update_rotation", update_rotation_sql};
 constexpr statement update_canary{"hsm_replace_canary", replace_canary_sql};
+constexpr statement audit_head{"hsm_audit_head", audit_head_sql};
+constexpr statement insert_audit{"hsm_insert_audit", insert_audit_sql};
+constexpr statement read_audit_rows{"hsm_read_audit", read_audit_sql};
 
 constexpr statement prepared_statements[] = {
   insert_key,      select_key,      insert_canary,   select_canary,
   select_version,  count_key_rows,  select_pending,  replace_key,
   select_rotation, insert_rotation, update_rotation, update_canary,
+  audit_head,      insert_audit,    read_audit_rows,
 };
 
 // -- errors -------------------------------------------------------------------
@@ -474,8 +494,10 @@ struct pg_store::impl {
   /// The level last logged, so that it is logged once (again only if a
   /// new connection lands on a server or role with another setting).
   std::optional<key_write_commit> logged_level;
-  /// The warning `open` logged about replication, or "".
+  /// The replication warning of the server connected last, or "".
   std::string replication_warning;
+  /// The server that warning was logged for.
+  std::string warned_server;
 
   /// `msg` without the passwords (libpq's messages never carry them, but a
   /// host name or an option echoed back might).
@@ -537,6 +559,19 @@ struct pg_store::impl {
       // the URL's `options`: read once, raised per key write if weaker.
       auto level = q.exec1("SHOW synchronous_commit")[0].as<std::string>();
       commit_level = key_write_commit_level(level);
+      // On every connection, not only the first: after a failover the new
+      // primary may have no synchronous standby yet, and the next failover
+      // would then lose keys already reported.
+      if (target.host_count > 1) {
+        auto names
+          = q.exec1("SHOW synchronous_standby_names")[0].as<std::string>();
+        auto warning = failover_warning(target.host_count, names);
+        if (!warning.empty()
+            && (warning != replication_warning || server != warned_server))
+          logger("store")->warn("PostgreSQL at {}: {}", server, warning);
+        replication_warning = std::move(warning);
+        warned_server = server;
+      }
       if (logged_level != commit_level) {
         logged_level = commit_level;
         if (commit_level.forced)
@@ -699,19 +734,6 @@ pg_store::open(const std::string& url, pg_options opts,
   });
   if (!version)
     return std::move(version.error());
-  if (st.target.host_count > 1) {
-    auto names = st.run<std::string>(
-      "open", [](pqxx::connection& c) -> caf::expected<std::string> {
-        pqxx::nontransaction q{c};
-        return q.exec1("SHOW synchronous_standby_names")[0].as<std::string>();
-      });
-    if (!names)
-      return std::move(names.error());
-    st.replication_warning = failover_warning(st.target.host_count, *names);
-    if (!st.replication_warning.empty())
-      logger("store")->warn("PostgreSQL at {}: {}", st.target.where,
-                            st.replication_warning);
-  }
   return store;
 }
 
@@ -854,6 +876,96 @@ caf::expected<uint64_t> pg_store::unsealed_rows() {
       auto sql = "SELECT COUNT(*) FROM keys WHERE format_version < "
                  + std::to_string(current_row_format);
       return q.exec1(sql)[0].as<uint64_t>();
+    });
+}
+
+// -- the audit trail ----------------------------------------------------------
+
+caf::expected<std::vector<audit_row>>
+pg_store::append_audit(std::string_view driver_id,
+                       const std::vector<audit_entry>& entries) {
+  if (entries.empty())
+    return std::vector<audit_row>{};
+  auto what = "append audit of '" + std::string{driver_id} + "'";
+  auto driver = std::string{driver_id};
+  // Set once a COMMIT went out whose outcome is unknown, with the rows it
+  // carried. If the retry then finds the chain's head is the last of them,
+  // that commit landed: appending again would record everything twice.
+  std::optional<std::vector<audit_row>> in_doubt;
+  return impl_->run<std::vector<audit_row>>(
+    what, [&](pqxx::connection& c) -> caf::expected<std::vector<audit_row>> {
+      pqxx::work tx{c};
+      impl_->begin_key_write(tx);
+      std::optional<audit_row> prev;
+      auto head = tx.exec_prepared(audit_head.name, driver);
+      if (!head.empty()) {
+        if (auto col = null_column(head[0]))
+          return make_corrupt_row(what + ": column " + *col + " is NULL");
+        audit_row h;
+        h.seq = head[0][0].as<uint64_t>();
+        h.entry_hash = column_bytes(head[0][1]);
+        if (in_doubt && h.seq == in_doubt->back().seq
+            && h.entry_hash == in_doubt->back().entry_hash)
+          return std::move(*in_doubt);
+        prev = std::move(h);
+      }
+      std::vector<audit_row> rows;
+      rows.reserve(entries.size());
+      for (const auto& e : entries) {
+        auto row = chain_next(driver, prev, e);
+        tx.exec_prepared0(insert_audit.name, row.driver_id,
+                          static_cast<int64_t>(row.seq), row.entry.at_ms,
+                          row.entry.request_id,
+                          std::string{audit_kind_name(row.entry.kind)},
+                          row.entry.key_id, row.entry.public_key_fingerprint,
+                          bytea(row.entry.payload_sha256), row.entry.outcome,
+                          bytea(row.prev_hash), bytea(row.entry_hash));
+        prev = row;
+        rows.push_back(std::move(row));
+      }
+      in_doubt = rows;
+      tx.commit();
+      in_doubt.reset();
+      return rows;
+    });
+}
+
+caf::expected<std::vector<audit_row>>
+pg_store::read_audit(std::string_view after_driver, uint64_t after_seq,
+                     size_t limit) {
+  auto after = std::string{after_driver};
+  auto n = static_cast<int64_t>(std::min<size_t>(
+    limit, static_cast<size_t>(std::numeric_limits<int64_t>::max())));
+  return impl_->run<std::vector<audit_row>>(
+    "read audit",
+    [&](pqxx::connection& c) -> caf::expected<std::vector<audit_row>> {
+      pqxx::nontransaction q{c};
+      auto rows = q.exec_prepared(read_audit_rows.name, after,
+                                  static_cast<int64_t>(after_seq), n);
+      std::vector<audit_row> out;
+      out.reserve(rows.size());
+      for (const auto& r : rows) {
+        if (auto col = null_column(r))
+          return make_corrupt_row("read audit: column " + *col + " is NULL");
+        audit_row row;
+        row.driver_id = r[0].as<std::string>();
+        row.seq = r[1].as<uint64_t>();
+        row.entry.at_ms = r[2].as<int64_t>();
+        row.entry.request_id = r[3].as<std::string>();
+        auto kind = parse_audit_kind(r[4].as<std::string>());
+        if (!kind)
+          return make_corrupt_row("audit row " + row.driver_id + " seq "
+                                  + std::to_string(row.seq) + ": unknown kind");
+        row.entry.kind = *kind;
+        row.entry.key_id = r[5].as<std::string>();
+        row.entry.public_key_fingerprint = r[6].as<std::string>();
+        row.entry.payload_sha256 = column_bytes(r[7]);
+        row.entry.outcome = r[8].as<std::string>();
+        row.prev_hash = column_bytes(r[9]);
+        row.entry_hash = column_bytes(r[10]);
+        out.push_back(std::move(row));
+      }
+      return out;
     });
 }
 

@@ -178,14 +178,28 @@ public:
   replace_canary(const canary_record& old_canary,
                  const canary_record& next) override;
 
+  /// Appends to `driver_id`'s chain in one transaction, committed as key
+  /// writes are (synchronous_commit on at least); retried like `put_many`
+  /// after a lost connection (the chain's head is read again inside the
+  /// retry's transaction).
+  [[nodiscard]] caf::expected<std::vector<audit_row>>
+  append_audit(std::string_view driver_id,
+               const std::vector<audit_entry>& entries) override;
+
+  [[nodiscard]] caf::expected<std::vector<audit_row>>
+  read_audit(std::string_view after_driver, uint64_t after_seq,
+             size_t limit) override;
+
   // -- properties -------------------------------------------------------------
 
   /// Number of times a connection was (re-)opened; for tests and logs.
   [[nodiscard]] uint64_t connects() const noexcept;
 
-  /// The warning `open` logged because the connection string names several
-  /// hosts but the primary has no synchronous standby (`failover_warning`),
-  /// or "".
+  /// The warning logged because the connection string names several hosts
+  /// but the primary connected last has no synchronous standby
+  /// (`failover_warning`), or "". Checked on every new connection, so that
+  /// a failover onto a primary without a synchronous standby is warned
+  /// about when it happens, not at the next start.
   [[nodiscard]] const std::string& replication_warning() const noexcept;
 
 private:

@@ -1,6 +1,7 @@
 #include "store/sqlite_store.hpp"
 
 #include "runtime/base/clock.hpp"
+#include "store/audit.hpp"
 
 #include <fcntl.h>
 #include <sqlite3.h>
@@ -90,6 +91,21 @@ constexpr const char* replace_key_sql
     "WHERE key_id = ?6 AND scheme = ?7 AND public_key = ?8 "
     "AND created_at_ms = ?9 AND key_blob = ?10 AND wrap_mechanism = ?11 "
     "AND master_key_id = ?12 AND format_version = ?13 AND row_mac = ?14";
+
+constexpr const char* audit_head_sql
+  = "SELECT seq, entry_hash FROM audit_log WHERE driver_id = ?1 "
+    "ORDER BY seq DESC LIMIT 1";
+
+constexpr const char* insert_audit_sql
+  = "INSERT INTO audit_log (driver_id, seq, at_ms, request_id, kind, key_id, "
+    "public_key_fingerprint, payload_sha256, outcome, prev_hash, entry_hash) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+constexpr const char* read_audit_sql
+  = "SELECT driver_id, seq, at_ms, request_id, kind, key_id, "
+    "public_key_fingerprint, payload_sha256, outcome, prev_hash, entry_hash "
+    "FROM audit_log WHERE (driver_id, seq) > (?1, ?2) "
+    "ORDER BY driver_id, seq LIMIT ?3";
 
 constexpr const char* select_rotation_sql
   = "SELECT from_label, to_label, phase, started_at_ms, completed_at_ms "
@@ -666,6 +682,9 @@ struct sqlite_store::connection {
   stmt_ptr insert_rotation;
   stmt_ptr update_rotation;
   stmt_ptr replace_canary;
+  stmt_ptr audit_head;
+  stmt_ptr insert_audit;
+  stmt_ptr read_audit;
 
   /// A transaction on the cached statements.
   write_transaction transaction() {
@@ -719,6 +738,9 @@ sqlite_store::open(const std::filesystem::path& path,
     {&connection::insert_rotation, insert_rotation_sql},
     {&connection::update_rotation, update_rotation_sql},
     {&connection::replace_canary, replace_canary_sql},
+    {&connection::audit_head, audit_head_sql},
+    {&connection::insert_audit, insert_audit_sql},
+    {&connection::read_audit, read_audit_sql},
   };
   for (const auto& s : statements) {
     auto stmt = prepare(db.get(), s.sql, true, where + ": " + s.sql);
@@ -1053,6 +1075,104 @@ sqlite_store::replace_canary(const canary_record& old_canary,
   if (auto err = tx.commit(what))
     return err;
   return *replaced;
+}
+
+// -- the audit trail ----------------------------------------------------------
+
+caf::expected<std::vector<audit_row>>
+sqlite_store::append_audit(std::string_view driver_id,
+                           const std::vector<audit_entry>& entries) {
+  std::vector<audit_row> rows;
+  if (entries.empty())
+    return rows;
+  auto what = "append audit of '" + std::string{driver_id} + "'";
+  auto db = conn_->db.get();
+  auto tx = conn_->transaction();
+  if (auto err = tx.begin(what))
+    return err;
+  // The chain's head, read under the write lock.
+  std::optional<audit_row> prev;
+  {
+    auto stmt = conn_->audit_head.get();
+    stmt_scope scope{stmt};
+    binder args{stmt};
+    args.text(1, driver_id);
+    if (args.rc() != SQLITE_OK)
+      return bind_error(args.rc(), what);
+    auto rc = sqlite3_step(stmt);
+    if (rc == SQLITE_ROW) {
+      audit_row head;
+      head.seq = static_cast<uint64_t>(sqlite3_column_int64(stmt, 0));
+      head.entry_hash = column_blob(stmt, 1);
+      prev = std::move(head);
+    } else if (rc != SQLITE_DONE) {
+      return sqlite_error(db, rc, what);
+    }
+  }
+  rows.reserve(entries.size());
+  for (const auto& e : entries) {
+    auto row = chain_next(driver_id, prev, e);
+    auto written = run_write(db, conn_->insert_audit.get(), what,
+                             [&row](binder& args) {
+                               args.text(1, row.driver_id)
+                                 .int64(2, static_cast<int64_t>(row.seq))
+                                 .int64(3, row.entry.at_ms)
+                                 .text(4, row.entry.request_id)
+                                 .text(5, audit_kind_name(row.entry.kind))
+                                 .text(6, row.entry.key_id)
+                                 .text(7, row.entry.public_key_fingerprint)
+                                 .blob(8, row.entry.payload_sha256)
+                                 .text(9, row.entry.outcome)
+                                 .blob(10, row.prev_hash)
+                                 .blob(11, row.entry_hash);
+                             });
+    if (!written)
+      return std::move(written.error());
+    prev = row;
+    rows.push_back(std::move(row));
+  }
+  if (auto err = tx.commit(what))
+    return err;
+  return rows;
+}
+
+caf::expected<std::vector<audit_row>>
+sqlite_store::read_audit(std::string_view after_driver, uint64_t after_seq,
+                         size_t limit) {
+  constexpr std::string_view what = "read audit";
+  std::vector<audit_row> rows;
+  auto stmt = conn_->read_audit.get();
+  stmt_scope scope{stmt};
+  binder args{stmt};
+  args.text(1, after_driver)
+    .int64(2, static_cast<int64_t>(after_seq))
+    .int64(3, static_cast<int64_t>(limit));
+  if (args.rc() != SQLITE_OK)
+    return bind_error(args.rc(), what);
+  for (;;) {
+    auto rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE)
+      return rows;
+    if (rc != SQLITE_ROW)
+      return sqlite_error(conn_->db.get(), rc, what);
+    audit_row row;
+    row.driver_id = column_text(stmt, 0);
+    row.seq = static_cast<uint64_t>(sqlite3_column_int64(stmt, 1));
+    row.entry.at_ms = sqlite3_column_int64(stmt, 2);
+    row.entry.request_id = column_text(stmt, 3);
+    auto kind = parse_audit_kind(column_text(stmt, 4));
+    if (!kind)
+      return make_corrupt_row("audit row " + row.driver_id + " seq "
+                              + std::to_string(row.seq) + ": unknown kind");
+    row.entry.kind = *kind;
+    row.entry.key_id = column_text(stmt, 5);
+    row.entry.public_key_fingerprint = column_text(stmt, 6);
+    row.entry.payload_sha256 = column_blob(stmt, 7);
+    row.entry.outcome = column_text(stmt, 8);
+    row.prev_hash = column_blob(stmt, 9);
+    row.entry_hash = column_blob(stmt, 10);
+    rows.push_back(std::move(row));
+  }
 }
 
 // -- properties ---------------------------------------------------------------

@@ -104,6 +104,14 @@ public:
   replace_canary(const canary_record& old_canary,
                  const canary_record& next) override;
 
+  [[nodiscard]] caf::expected<std::vector<audit_row>>
+  append_audit(std::string_view driver_id,
+               const std::vector<audit_entry>& entries) override;
+
+  [[nodiscard]] caf::expected<std::vector<audit_row>>
+  read_audit(std::string_view after_driver, uint64_t after_seq,
+             size_t limit) override;
+
   // -- properties -------------------------------------------------------------
 
   /// The database file, as given to `open` (for log messages).

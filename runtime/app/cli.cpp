@@ -277,6 +277,11 @@ int run_cli(int argc, char** argv) {
     return cmd_master_key_rotate(cfg, rotate);
   });
 
+  auto* audit = add_group(app, "audit", "the audit trail");
+  auto* audit_verify = audit->add_subcommand(
+    "verify", "check every driver's hash chain in the audit trail (the "
+              "database only; no token)");
+  token_commands.emplace_back(audit_verify, cmd_audit_verify);
   auto* keys = add_group(app, "keys", "generate, sign, show, reconcile");
   std::string key_id;
   std::string scheme_name;

@@ -4,12 +4,18 @@
 
 #include "runtime/app/commands.hpp"
 #include "runtime/app/output.hpp"
+#include "runtime/app/run_options.hpp"
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/crypto/fingerprint.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/keys/key_service.hpp"
 #include "runtime/keys/reconcile.hpp"
 #include "runtime/net/wire_codec.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
 
 namespace hsm {
 
@@ -18,7 +24,7 @@ namespace {
 using json = nlohmann::ordered_json;
 
 /// Sets up the token and the store, then calls `f` with a key service on
-/// them; returns `f`'s exit code, or the set-up's failure.
+/// them and the store; returns `f`'s exit code, or the set-up's failure.
 template <class F>
 int with_key_service(const driver_config& cfg, F&& f) {
   auto tok = open_token(cfg);
@@ -28,7 +34,39 @@ int with_key_service(const driver_config& cfg, F&& f) {
   if (!setup)
     return fail(setup.error());
   keys::key_service svc{tok->sess, setup->keys, *setup->store, setup->caps};
-  return f(svc);
+  return f(svc, *setup->store);
+}
+
+/// The audit chain of key commands run on this host: `cli@<host name>`.
+std::string cli_audit_chain() {
+  return "cli@" + host_name();
+}
+
+/// Appends the audit entry of one key command (request id
+/// `cli-<pid>-<ms>`) before its answer is printed; the error if the entry
+/// could not be written.
+caf::error audit_cli(store::key_store& st, job_kind kind,
+                     const std::string& key_id, std::string fingerprint,
+                     std::vector<uint8_t> payload_sha256, std::string outcome) {
+  auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+               .count();
+  audit_entry e;
+  e.request_id = "cli-" + std::to_string(::getpid()) + "-"
+                 + std::to_string(now);
+  e.kind = kind;
+  e.key_id = key_id;
+  e.public_key_fingerprint = std::move(fingerprint);
+  e.payload_sha256 = std::move(payload_sha256);
+  e.outcome = std::move(outcome);
+  e.at_ms = now;
+  auto rows = st.append_audit(cli_audit_chain(), {e});
+  if (!rows)
+    return std::move(rows.error());
+  logger("audit")->info("[req={}] {} key={} outcome={} driver={} seq={}",
+                        e.request_id, audit_kind_name(kind), key_id, e.outcome,
+                        rows->front().driver_id, rows->front().seq);
+  return caf::none;
 }
 
 /// One class of a reconciliation report: its count, its key ids, and how
@@ -46,10 +84,17 @@ json report_class(const keys::reconcile_report& rep, keys::resident_class x) {
 
 int cmd_keys_generate(const driver_config& cfg, const std::string& key_id,
                       const std::string& scheme_name) {
-  return with_key_service(cfg, [&](keys::key_service& svc) {
+  return with_key_service(cfg, [&](keys::key_service& svc,
+                                   store::key_store& st) {
     auto key = svc.generate(key_id, scheme_name);
-    if (!key)
+    if (!key) {
+      static_cast<void>(audit_cli(st, job_kind::generate_key, key_id, {}, {},
+                                  wire_code(key.error())));
       return fail(key.error());
+    }
+    if (auto err = audit_cli(st, job_kind::generate_key, key_id,
+                             key->public_key_fingerprint, {}, "ok"))
+      return fail(err);
     logger("runtime")->info("key {} ({}): {}", key->key_id,
                             to_string(key->scheme),
                             key->created ? "generated" : "exists already");
@@ -66,10 +111,19 @@ int cmd_keys_sign(const driver_config& cfg, const std::string& key_id,
   if (!payload)
     return fail(caf::make_error(key_errc::invalid_request,
                                 "--payload: " + describe(payload.error())));
-  return with_key_service(cfg, [&](keys::key_service& svc) {
+  return with_key_service(cfg, [&](keys::key_service& svc,
+                                   store::key_store& st) {
+    auto digest = crypto::sha256(*payload);
     auto sig = svc.sign(key_id, *payload);
-    if (!sig)
+    if (!sig) {
+      static_cast<void>(audit_cli(st, job_kind::sign, key_id, {}, digest,
+                                  wire_code(sig.error())));
       return fail(sig.error());
+    }
+    // No signature is printed before its audit entry is durable.
+    if (auto err = audit_cli(st, job_kind::sign, key_id,
+                             sig->sig.public_key_fingerprint, digest, "ok"))
+      return fail(err);
     auto key = svc.show(key_id);
     if (!key)
       return fail(key.error());
@@ -83,7 +137,7 @@ int cmd_keys_sign(const driver_config& cfg, const std::string& key_id,
 }
 
 int cmd_keys_show(const driver_config& cfg, const std::string& key_id) {
-  return with_key_service(cfg, [&](keys::key_service& svc) {
+  return with_key_service(cfg, [&](keys::key_service& svc, store::key_store&) {
     auto key = svc.show(key_id);
     if (!key)
       return fail(key.error());

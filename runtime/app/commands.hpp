@@ -54,6 +54,11 @@ int cmd_master_key_init(const driver_config& cfg,
 /// their policy, the rotation's progress, and every row's MAC.
 int cmd_master_key_check(const driver_config& cfg);
 
+/// `audit verify`: checks every driver's hash chain in the audit trail;
+/// prints each chain's length and head, and every break (an edited row, a
+/// missing one); exit 1 if there is a break.
+int cmd_audit_verify(const driver_config& cfg);
+
 /// The options of `master-key rotate`.
 struct rotate_options {
   /// The master key rows move to.

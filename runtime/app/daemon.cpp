@@ -190,11 +190,17 @@ daemon::start(const daemon_options& opts) {
   in.sys_cfg->set("scheduler.policy", caf::atom("sharing"));
   in.sys = std::make_unique<caf::actor_system>(*in.sys_cfg);
   auto& sys = *in.sys;
-  in.store = spawn_store_actor(sys, std::shared_ptr<store::key_store>(
-                                      std::move(setup->store)));
-  in.poster = spawn_result_poster(
-    sys, result_poster_config{},
-    std::shared_ptr<net::proxy_link>(std::move(*post_client)), in.stopping);
+  store_actor_config stcfg;
+  stcfg.driver_id = opts.proxy.driver_id;
+  auto storage = spawn_store_actor(
+    sys, std::shared_ptr<store::key_store>(std::move(setup->store)), stcfg);
+  in.store = storage;
+  // Every answer to a job is audited (in the key store's database) before
+  // it is posted.
+  in.poster = spawn_result_poster(sys, result_poster_config{},
+                                  std::shared_ptr<net::proxy_link>(
+                                    std::move(*post_client)),
+                                  in.stopping, audit_actor{storage});
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
   dcfg.pipeline = opts.pipeline;

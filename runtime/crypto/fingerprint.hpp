@@ -10,11 +10,15 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace hsm::crypto {
 
 /// What every fingerprint starts with: the hash that made it.
 inline constexpr std::string_view fingerprint_prefix = "sha256:";
+
+/// SHA-256 of `data` (32 bytes).
+[[nodiscard]] std::vector<uint8_t> sha256(std::span<const uint8_t> data);
 
 /// `sha256:` + lowercase hex of SHA-256 over `public_key`, which must be the
 /// canonical form (a compressed EC key gives another fingerprint).

@@ -1,5 +1,7 @@
 #include "runtime/keys/requests.hpp"
 
+#include "runtime/crypto/fingerprint.hpp"
+
 #include <algorithm>
 #include <limits>
 #include <string>
@@ -98,6 +100,7 @@ caf::expected<job> to_job(const net::wire_request& req,
     j.scheme = *s;
   } else {
     j.payload = req.payload;
+    j.payload_sha256 = crypto::sha256(j.payload);
   }
   return j;
 }
@@ -129,6 +132,8 @@ read_poll(std::string_view body, size_t max,
     ref.lease = req.lease;
     set_lease(ref, req.lease_ms, received);
     out.rejected.push_back(answer(ref, j.error()));
+    // Never a job: it reached no HSM, so it is logged, not audited.
+    out.rejected.back().audit.reset();
   }
   return out;
 }

@@ -107,7 +107,7 @@ job_result key_answer(const std::string& id) {
   k.public_key.assign(65, 4);
   k.storage = "CKM_AES_KEY_WRAP_PAD";
   k.created = true;
-  return job_result{id, "lease-" + id, k};
+  return job_result{id, "lease-" + id, k, {}, {}};
 }
 
 net::http_reply status(long code) {
@@ -187,8 +187,11 @@ TEST_F(ResultPosterTest, PostedResultRepliesTrueAndCarriesTheEncodedResult) {
   EXPECT_FALSE(sched.has_pending_timeout());
 
   // An error answer is posted the same way, with `ok` false.
-  job_result err{"r2", "lease-r2",
-                 error_result{"unknown_key", "no such key", false}};
+  job_result err{"r2",
+                 "lease-r2",
+                 error_result{"unknown_key", "no such key", false},
+                 {},
+                 {}};
   auto slot2 = post(err);
   ASSERT_TRUE(slot2->posted.has_value());
   EXPECT_TRUE(*slot2->posted);
@@ -340,6 +343,132 @@ TEST_F(ResultPosterTest, RetryingStopsBeforeTheLeaseWouldExpire) {
   ASSERT_TRUE(slot->posted.has_value()) << "still retrying past the lease";
   EXPECT_FALSE(*slot->posted);
   EXPECT_FALSE(sched.has_pending_timeout());
+}
+
+// -- the audit trail
+// ------------------------------------------------------------
+
+/// What the scripted audit actor saw and does.
+struct audit_script {
+  /// Entries appended, in order.
+  std::vector<audit_entry> entries;
+  /// Posts the link had received when each append arrived.
+  std::vector<size_t> posts_seen;
+  /// Appends still to fail.
+  int failures = 0;
+  std::shared_ptr<scripted_link> link;
+};
+
+audit_actor::behavior_type scripted_audit(audit_actor::pointer,
+                                          std::shared_ptr<audit_script> s) {
+  return {
+    [s](audit_atom, const audit_batch& b) -> caf::result<bool> {
+      s->posts_seen.push_back(s->link->posts.size());
+      if (s->failures > 0) {
+        --s->failures;
+        return caf::make_error(store_errc::unavailable,
+                               std::string{"scripted audit failure"});
+      }
+      s->entries.insert(s->entries.end(), b.entries.begin(), b.entries.end());
+      return true;
+    },
+  };
+}
+
+/// A signature answer to a job, with the facts the audit trail keeps.
+job_result audited_sign(const std::string& id) {
+  signature_result sig;
+  sig.key_id = "key-" + id;
+  sig.scheme = scheme::p256;
+  sig.sig.raw.assign(64, 1);
+  sig.sig.der = {0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01};
+  sig.sig.recovery_id = 0;
+  sig.sig.public_key_fingerprint = "sha256:abcd";
+  job_result r{id, "lease-" + id, sig, {}, {}};
+  r.audit = audit_facts{job_kind::sign, "key-" + id,
+                        std::vector<uint8_t>(32, 0x5a)};
+  return r;
+}
+
+class AuditedPosterTest : public ResultPosterTest {
+protected:
+  void SetUp() override {
+    script->link = link;
+    audit = sys.spawn(scripted_audit, script);
+    result_poster_config c;
+    c.max_attempts = 4;
+    c.backoff_min = milliseconds{100};
+    c.backoff_max = milliseconds{400};
+    c.mode = spawn_mode::scheduled;
+    poster = spawn_result_poster(sys, c, link, stopping, audit);
+  }
+
+  void TearDown() override {
+    self->send_exit(audit, caf::exit_reason::kill);
+    ResultPosterTest::TearDown();
+  }
+
+  std::shared_ptr<audit_script> script = std::make_shared<audit_script>();
+  audit_actor audit;
+};
+
+TEST_F(AuditedPosterTest, AResultIsPostedOnlyOnceItsAuditEntryIsDurable) {
+  auto slot = post(audited_sign("s1"));
+  ASSERT_TRUE(slot->posted.has_value());
+  EXPECT_TRUE(*slot->posted);
+  ASSERT_EQ(script->entries.size(), 1u);
+  ASSERT_EQ(script->posts_seen.size(), 1u);
+  EXPECT_EQ(script->posts_seen[0], 0u) << "posted before it was audited";
+  ASSERT_EQ(link->posts.size(), 1u);
+  const auto& e = script->entries[0];
+  EXPECT_EQ(e.request_id, "s1");
+  EXPECT_EQ(e.kind, job_kind::sign);
+  EXPECT_EQ(e.key_id, "key-s1");
+  EXPECT_EQ(e.public_key_fingerprint, "sha256:abcd");
+  EXPECT_EQ(e.payload_sha256, std::vector<uint8_t>(32, 0x5a));
+  EXPECT_EQ(e.outcome, "ok");
+  EXPECT_GT(e.at_ms, 0);
+  // An error answer to a job is audited with its code.
+  auto failed = audited_sign("s2");
+  failed.outcome = error_result{"unknown_key", "no such key", false};
+  auto slot2 = post(failed);
+  ASSERT_TRUE(slot2->posted.has_value());
+  ASSERT_EQ(script->entries.size(), 2u);
+  EXPECT_EQ(script->entries[1].outcome, "unknown_key");
+  EXPECT_TRUE(script->entries[1].public_key_fingerprint.empty());
+}
+
+TEST_F(AuditedPosterTest, AFailedAppendHoldsTheResultUntilARetryWritesIt) {
+  script->failures = 2;
+  auto slot = post(audited_sign("s1"));
+  EXPECT_FALSE(slot->posted.has_value());
+  EXPECT_TRUE(link->posts.empty()) << "posted without an audit entry";
+  fire_until_answered(*slot);
+  ASSERT_TRUE(slot->posted.has_value());
+  EXPECT_TRUE(*slot->posted);
+  EXPECT_EQ(script->posts_seen.size(), 3u);
+  EXPECT_EQ(script->entries.size(), 1u);
+  EXPECT_EQ(link->posts.size(), 1u);
+}
+
+TEST_F(AuditedPosterTest, AResultWhoseLeaseEndsUnauditedIsNeverPosted) {
+  script->failures = 1000;
+  auto r = audited_sign("s1");
+  r.lease_deadline = sched.clock().now() + milliseconds{250};
+  auto slot = post(r);
+  fire_until_answered(*slot);
+  ASSERT_TRUE(slot->posted.has_value());
+  EXPECT_FALSE(*slot->posted) << "given up, for redelivery";
+  EXPECT_TRUE(link->posts.empty());
+  EXPECT_TRUE(script->entries.empty());
+}
+
+TEST_F(AuditedPosterTest, AnswersToMalformedRequestsAreNotAudited) {
+  auto slot = post(key_answer("m1")); // no audit facts: never a job
+  ASSERT_TRUE(slot->posted.has_value());
+  EXPECT_TRUE(*slot->posted);
+  EXPECT_TRUE(script->posts_seen.empty());
+  EXPECT_EQ(link->posts.size(), 1u);
 }
 
 } // namespace

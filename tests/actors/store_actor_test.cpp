@@ -118,6 +118,29 @@ public:
     return not_scripted("replace_canary");
   }
 
+  caf::expected<std::vector<audit_row>>
+  append_audit(std::string_view driver_id,
+               const std::vector<audit_entry>& entries) override {
+    log_->calls.push_back("append_audit");
+    if (fail_audit)
+      return store::make_unavailable("append_audit: scripted failure");
+    std::vector<audit_row> out;
+    for (const auto& e : entries)
+      out.push_back(audit_row{std::string{driver_id}, ++audit_seq, e, {}, {}});
+    audited.insert(audited.end(), entries.begin(), entries.end());
+    return out;
+  }
+
+  caf::expected<std::vector<audit_row>> read_audit(std::string_view, uint64_t,
+                                                   size_t) override {
+    return not_scripted("read_audit");
+  }
+
+  /// Entries appended so far, and whether the next append fails.
+  std::vector<audit_entry> audited;
+  bool fail_audit = false;
+  uint64_t audit_seq = 0;
+
 private:
   caf::error not_scripted(const char* call) {
     log_->calls.push_back(call);

@@ -4,6 +4,7 @@
 
 #include "runtime/app/daemon.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/crypto/fingerprint.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
@@ -24,6 +25,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <mutex>
@@ -234,6 +236,85 @@ TEST_F(EngineTest, EveryServedSchemeGeneratesAndSignsThroughTheProxy) {
     }
   }
   EXPECT_EQ(proxy->stats().max_in_flight.count("engine-driver"), 1u);
+}
+
+/// Every answer to a job is in the audit trail, in the key store's
+/// database, before it is posted; `audit verify` checks the chain and names
+/// an edited or a deleted row.
+TEST_F(EngineTest, EveryAnswerIsAuditedAndTheChainShowsTampering) {
+  start_daemon(options());
+  auto gen = generate("aud-1", "p256");
+  ASSERT_TRUE(gen["ok"].get<bool>()) << gen.dump();
+  auto fingerprint = gen["result"]["public_key_fingerprint"].get<std::string>();
+  std::vector<std::vector<uint8_t>> payloads;
+  for (int i = 0; i < 5; ++i) {
+    payloads.push_back(test::sha256("audited " + std::to_string(i)));
+    auto sig = await_done(enqueue_sign("aud-1", payloads.back()));
+    ASSERT_TRUE(sig["ok"].get<bool>()) << sig.dump();
+  }
+  auto unknown = await_done(enqueue_sign("aud-none", payloads.front()));
+  ASSERT_FALSE(unknown["ok"].get<bool>());
+  drv.reset();
+  auto st = store::sqlite_store::open(dir / "keys.db");
+  ASSERT_TRUE(st) << describe(st.error());
+  auto rows = (*st)->read_audit("", 0, 100);
+  ASSERT_TRUE(rows) << describe(rows.error());
+  ASSERT_EQ(rows->size(), 7u);
+  for (size_t i = 0; i < rows->size(); ++i) {
+    const auto& r = (*rows)[i];
+    EXPECT_EQ(r.driver_id, "engine-driver");
+    EXPECT_EQ(r.seq, i + 1);
+    EXPECT_GT(r.entry.at_ms, 0);
+    EXPECT_FALSE(r.entry.request_id.empty());
+  }
+  EXPECT_EQ((*rows)[0].entry.kind, job_kind::generate_key);
+  EXPECT_EQ((*rows)[0].entry.key_id, "aud-1");
+  EXPECT_EQ((*rows)[0].entry.public_key_fingerprint, fingerprint);
+  EXPECT_EQ((*rows)[0].entry.outcome, "ok");
+  EXPECT_TRUE((*rows)[0].entry.payload_sha256.empty());
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    const auto& e = (*rows)[i + 1].entry;
+    EXPECT_EQ(e.kind, job_kind::sign);
+    EXPECT_EQ(e.public_key_fingerprint, fingerprint);
+    EXPECT_EQ(e.payload_sha256, crypto::sha256(payloads[i])) << i;
+    EXPECT_EQ(e.outcome, "ok");
+  }
+  EXPECT_EQ((*rows)[6].entry.key_id, "aud-none");
+  EXPECT_EQ((*rows)[6].entry.outcome, "unknown_key");
+  EXPECT_TRUE((*rows)[6].entry.public_key_fingerprint.empty());
+  st->reset();
+  // The binary checks the chain: intact, then edited, then cut.
+  auto verify = [&] {
+    auto e = env;
+    e["USER_PIN"] = "";
+    return test::run_driver({"audit", "verify"}, e);
+  };
+  auto ok = verify();
+  EXPECT_EQ(ok.exit_code, 0) << ok.out << ok.err;
+  auto report = json::parse(ok.out);
+  EXPECT_EQ(report["rows"], 7);
+  EXPECT_EQ(report["chains"][0]["head_seq"], 7);
+  auto db = (dir / "keys.db").string();
+  auto sql = [&](const std::string& statement) {
+    auto cmd = "sqlite3 '" + db + "' \"" + statement + "\"";
+    return std::system(cmd.c_str());
+  };
+  ASSERT_EQ(sql("UPDATE audit_log SET outcome = 'ok' WHERE seq = 7"), 0);
+  auto edited = verify();
+  EXPECT_EQ(edited.exit_code, 1) << edited.out;
+  EXPECT_NE(edited.out.find("engine-driver seq 7: the row does not match its "
+                            "hash (edited)"),
+            std::string::npos)
+    << edited.out;
+  ASSERT_EQ(sql("UPDATE audit_log SET outcome = 'unknown_key' WHERE seq = 7; "
+                "DELETE FROM audit_log WHERE seq = 3"),
+            0);
+  auto cut = verify();
+  EXPECT_EQ(cut.exit_code, 1) << cut.out;
+  EXPECT_NE(cut.out.find("engine-driver seq 4: follows seq 2 (rows 3..3 are "
+                         "missing)"),
+            std::string::npos)
+    << cut.out;
 }
 
 TEST_F(EngineTest, SameGenerateDeliveredTwiceYieldsOneKey) {

@@ -103,6 +103,18 @@ public:
     return inner_.replace_canary(old_canary, next);
   }
 
+  caf::expected<std::vector<audit_row>>
+  append_audit(std::string_view driver_id,
+               const std::vector<audit_entry>& entries) override {
+    return inner_.append_audit(driver_id, entries);
+  }
+
+  caf::expected<std::vector<audit_row>>
+  read_audit(std::string_view after_driver, uint64_t after_seq,
+             size_t limit) override {
+    return inner_.read_audit(after_driver, after_seq, limit);
+  }
+
 private:
   store::key_store& inner_;
 };

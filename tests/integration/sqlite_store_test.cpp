@@ -225,17 +225,19 @@ TEST_F(SqliteStoreTest, OpenCreatesPrivateWalDatabaseAtTheLatestVersion) {
   auto version = store->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
   EXPECT_EQ(*version, static_cast<int>(hsm::store::sqlite_migrations().size()));
-  EXPECT_EQ(*version, 3);
+  EXPECT_EQ(*version, 4);
   EXPECT_EQ(store->path(), db_path);
   raw_db raw{db_path};
   EXPECT_EQ(raw.scalar("PRAGMA journal_mode"), "wal");
-  EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "3");
+  EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "4");
   EXPECT_EQ(raw.scalar("SELECT group_concat(name, ' ') FROM (SELECT name "
                        "FROM schema_migrations ORDER BY version)"),
-            "0001_init.sql 0002_row_mac.sql 0003_rotation.sql");
+            "0001_init.sql 0002_row_mac.sql 0003_rotation.sql "
+            "0004_audit.sql");
   EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM sqlite_schema "
-                       "WHERE name IN ('keys', 'master_key_canary')"),
-            "2");
+                       "WHERE name IN ('keys', 'master_key_canary', "
+                       "'audit_log')"),
+            "3");
   EXPECT_EQ(file_mode(db_path), 0600);
   // SQLite gives the WAL files the database file's mode.
   ASSERT_TRUE(store->put(sample_key("k1", hsm::scheme::p256, 1)));
@@ -261,7 +263,7 @@ TEST_F(SqliteStoreTest, ConcurrentOpensOfANewFileMigrateOnce) {
     EXPECT_EQ(errors[0], "");
     EXPECT_EQ(errors[1], "");
     raw_db raw{path};
-    EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "3");
+    EXPECT_EQ(raw.scalar("SELECT COUNT(*) FROM schema_migrations"), "4");
     EXPECT_EQ(raw.scalar("PRAGMA journal_mode"), "wal");
   }
 }

@@ -11,6 +11,7 @@
 #include "store/pg_conninfo.hpp"
 #include "tests/support/key_store_contract.hpp"
 #include "tests/support/pg_cluster.hpp"
+#include "tests/support/wait.hpp"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
@@ -23,6 +24,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <latch>
 #include <memory>
 #include <ostream>
@@ -279,16 +281,17 @@ TEST_F(PgStoreTest, OpenAppliesTheLatestSchemaVersion) {
   ASSERT_NE(store, nullptr);
   auto version = store->schema_version();
   ASSERT_TRUE(version) << hsm::describe(version.error());
-  EXPECT_EQ(*version, 3);
+  EXPECT_EQ(*version, 4);
   EXPECT_EQ(store->connects(), 1u);
-  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "3");
+  EXPECT_EQ(sql("SELECT COUNT(*) FROM schema_migrations"), "4");
   EXPECT_EQ(sql("SELECT string_agg(name, ' ' ORDER BY version) FROM "
                 "schema_migrations"),
-            "0001_init.sql 0002_row_mac.sql 0003_rotation.sql");
+            "0001_init.sql 0002_row_mac.sql 0003_rotation.sql "
+            "0004_audit.sql");
   EXPECT_EQ(sql("SELECT COUNT(*) FROM information_schema.tables "
                 "WHERE table_name IN ('keys', 'master_key_canary', "
-                "'master_key_rotation')"),
-            "3");
+                "'master_key_rotation', 'audit_log')"),
+            "4");
 }
 
 TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
@@ -312,8 +315,8 @@ TEST_F(PgStoreTest, ConcurrentOpensOfAFreshDatabaseMigrateOnce) {
       t.join();
     for (const auto& e : errors)
       EXPECT_EQ(e, "");
-    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "3");
-    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "3");
+    EXPECT_EQ(scalar(db, "SELECT COUNT(*) FROM schema_migrations"), "4");
+    EXPECT_EQ(scalar(db, "SELECT MAX(version) FROM schema_migrations"), "4");
     if (round != 0)
       hsm::test::drop_database(db);
   }
@@ -685,6 +688,43 @@ TEST_F(PgStoreTest, MultiHostUrlWithoutSynchronousStandbyIsWarnedAtOpen) {
   EXPECT_TRUE(contains(warning, "2 hosts")) << warning;
   // The store works all the same.
   ASSERT_TRUE((*store)->put(sample_key("multi", hsm::scheme::p256, 1)));
+}
+
+TEST_F(PgStoreTest, APrimaryWithoutSynchronousStandbyIsWarnedAtEachConnect) {
+  // The primary names a synchronous standby at open (none is connected:
+  // nothing is written meanwhile, which would wait for it), then loses it;
+  // the store's next connection, as after a failover, warns.
+  ASSERT_NE(open_store(), nullptr); // the schema is in place
+  struct on_exit {
+    std::function<void()> f;
+    ~on_exit() {
+      f();
+    }
+  } restore{[this] {
+    sql("ALTER SYSTEM RESET synchronous_standby_names");
+    sql("SELECT pg_reload_conf()");
+  }};
+  sql("ALTER SYSTEM SET synchronous_standby_names = 'standby_x'");
+  sql("SELECT pg_reload_conf()");
+  ASSERT_TRUE(hsm::test::wait_until(
+    [&] { return sql("SHOW synchronous_standby_names") == "standby_x"; }, 10s,
+    "the server to take the setting"));
+  auto multi = with_dead_host_first(url);
+  ASSERT_FALSE(multi.empty()) << url;
+  auto store = pg_store::open(multi, short_budget(5s));
+  ASSERT_TRUE(store) << hsm::describe(store.error());
+  EXPECT_EQ((*store)->replication_warning(), "");
+  sql("ALTER SYSTEM RESET synchronous_standby_names");
+  sql("SELECT pg_reload_conf()");
+  ASSERT_TRUE(hsm::test::wait_until(
+    [&] { return sql("SHOW synchronous_standby_names").empty(); }, 10s,
+    "the server to drop the setting"));
+  terminate_other_backends();
+  auto before = (*store)->connects();
+  ASSERT_TRUE((*store)->get("anything"));
+  EXPECT_GT((*store)->connects(), before);
+  auto warning = (*store)->replication_warning();
+  EXPECT_TRUE(contains(warning, "synchronous_standby_names")) << warning;
 }
 
 } // namespace

@@ -32,6 +32,7 @@
 
 #include "messages/errors.hpp"
 #include "messages/scheme.hpp"
+#include "store/audit.hpp"
 #include "store/key_store.hpp"
 
 #include <gtest/gtest.h>
@@ -1065,6 +1066,89 @@ TYPED_TEST_P(KeyStoreContractTest, ReplaceCanaryIsCompareAndSwap) {
   EXPECT_EQ(this->sql("SELECT COUNT(*) FROM master_key_canary"), "1");
 }
 
+// -- the audit trail
+// -----------------------------------------------------------
+
+inline hsm::audit_entry audit_of(const std::string& request_id,
+                                 const std::string& outcome = "ok") {
+  hsm::audit_entry e;
+  e.request_id = request_id;
+  e.kind = hsm::job_kind::sign;
+  e.key_id = "k-" + request_id;
+  e.public_key_fingerprint = "sha256:00ff";
+  e.payload_sha256.assign(32, 0xab);
+  e.outcome = outcome;
+  e.at_ms = 1700000000000;
+  return e;
+}
+
+TYPED_TEST_P(KeyStoreContractTest, AuditAppendsChainPerDriverAndReadsInOrder) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto empty = store->append_audit("d1", {});
+  ASSERT_TRUE(empty) << hsm::describe(empty.error());
+  EXPECT_TRUE(empty->empty());
+  auto first = store->append_audit("d1", {audit_of("r1"), audit_of("r2")});
+  ASSERT_TRUE(first) << hsm::describe(first.error());
+  ASSERT_EQ(first->size(), 2u);
+  EXPECT_EQ((*first)[0].seq, 1u);
+  EXPECT_EQ((*first)[0].prev_hash, hsm::store::audit_genesis());
+  EXPECT_EQ((*first)[1].prev_hash, (*first)[0].entry_hash);
+  // Another driver's chain starts on its own; the first one goes on.
+  auto other = store->append_audit("d0", {audit_of("x1", "unknown_key")});
+  ASSERT_TRUE(other) << hsm::describe(other.error());
+  EXPECT_EQ((*other)[0].seq, 1u);
+  auto more = store->append_audit("d1", {audit_of("r3")});
+  ASSERT_TRUE(more) << hsm::describe(more.error());
+  EXPECT_EQ((*more)[0].seq, 3u);
+  EXPECT_EQ((*more)[0].prev_hash, (*first)[1].entry_hash);
+  // Read back in (driver, seq) order, a page at a time, every field whole.
+  auto page = store->read_audit("", 0, 2);
+  ASSERT_TRUE(page) << hsm::describe(page.error());
+  ASSERT_EQ(page->size(), 2u);
+  EXPECT_EQ((*page)[0], (*other)[0]);
+  EXPECT_EQ((*page)[1], (*first)[0]);
+  auto rest = store->read_audit((*page)[1].driver_id, (*page)[1].seq, 10);
+  ASSERT_TRUE(rest) << hsm::describe(rest.error());
+  ASSERT_EQ(rest->size(), 2u);
+  EXPECT_EQ((*rest)[0], (*first)[1]);
+  EXPECT_EQ((*rest)[1], (*more)[0]);
+  hsm::store::audit_checker checker;
+  for (const auto& r : *page)
+    checker.add(r);
+  for (const auto& r : *rest)
+    checker.add(r);
+  auto report = checker.finish();
+  EXPECT_TRUE(report.ok()) << ::testing::PrintToString(report.breaks);
+  ASSERT_EQ(report.chains.size(), 2u);
+  EXPECT_EQ(report.chains[1].head_seq, 3u);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, AuditChainsOfTwoWritersNeverFork) {
+  auto store_a = this->open_store();
+  auto store_b = this->open_store();
+  ASSERT_NE(store_a, nullptr);
+  ASSERT_NE(store_b, nullptr);
+  // Two processes under one driver id, appending in turns: each append
+  // reads the head inside its own transaction, so the chain stays one.
+  for (int i = 0; i < 5; ++i) {
+    auto a = store_a->append_audit("shared",
+                                   {audit_of("a" + std::to_string(i))});
+    ASSERT_TRUE(a) << hsm::describe(a.error());
+    auto b = store_b->append_audit("shared",
+                                   {audit_of("b" + std::to_string(i))});
+    ASSERT_TRUE(b) << hsm::describe(b.error());
+  }
+  auto rows = store_a->read_audit("", 0, 100);
+  ASSERT_TRUE(rows) << hsm::describe(rows.error());
+  ASSERT_EQ(rows->size(), 10u);
+  hsm::store::audit_checker checker;
+  for (const auto& r : *rows)
+    checker.add(r);
+  auto report = checker.finish();
+  EXPECT_TRUE(report.ok()) << ::testing::PrintToString(report.breaks);
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
   KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac,
   ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
@@ -1080,6 +1164,7 @@ REGISTER_TYPED_TEST_SUITE_P(
   PendingRowsPageInKeyIdOrder, ReplaceRowSwapsOnce,
   ReplaceRowSealsAFormatOneRow, ReplaceRowLosesToAConcurrentChange,
   ReplaceRowRefusesToChangeTheKey, RotationIsCompareAndSwap,
-  ReplaceCanaryIsCompareAndSwap);
+  ReplaceCanaryIsCompareAndSwap, AuditAppendsChainPerDriverAndReadsInOrder,
+  AuditChainsOfTwoWritersNeverFork);
 
 } // namespace hsm::test

@@ -27,6 +27,13 @@ echo "PostgreSQL for the tests: $HSM_TEST_POSTGRES_URL"
 (cd "$BUILD_DIR" && ctest --output-on-failure --no-tests=error -j "$(nproc)")
 HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/demo-keypath.sh" "$work/demo"
 
+# Crash consistency and failover at a small size: two real drivers, kill -9,
+# database restarts and crashes, a synchronous standby promoted under load;
+# every request answered, one key per key id, every key and signature
+# checked with openssl.
+HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/crash-drill.sh" --rounds 3
+HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/failover-drill.sh" --rounds 2
+
 # The parsers of untrusted bytes under libFuzzer, 20 s each (fuzz/README.md).
 "$root/deploy/fuzz-smoke.sh" 20
 

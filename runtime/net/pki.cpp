@@ -1,5 +1,6 @@
 #include "runtime/net/pki.hpp"
 
+#include "runtime/base/logging.hpp"
 #include "runtime/crypto/ossl.hpp"
 #include "runtime/net/openssl_error.hpp"
 
@@ -376,6 +377,17 @@ bool is_safe_name(const std::string& name) {
   return true;
 }
 
+/// True if the first certificate in `path` can be read and is still valid
+/// `days` from now (false for a file that does not load).
+bool valid_for(const std::filesystem::path& path, int days) {
+  auto cert = load_cert(path);
+  if (!cert)
+    return false;
+  auto until = std::time(nullptr) + static_cast<std::time_t>(days) * 86400;
+  // X509_cmp_time: -1 if notAfter is before `until`, 0 on error.
+  return X509_cmp_time(X509_get0_notAfter(cert->get()), &until) > 0;
+}
+
 caf::error check_days(int days) {
   if (days <= 0)
     return caf::make_error(net_errc::bad_tls_material,
@@ -401,6 +413,22 @@ caf::expected<dev_pki> make_dev_pki(const std::filesystem::path& dir,
                  && is_file(intermediate_key);
   auto have_server = is_file(pki.server_chain) && is_file(pki.server_key);
   auto have_driver = is_file(pki.driver_chain) && is_file(pki.driver_key);
+  // Certificates that expire within `dev_pki_renew_days` are made again
+  // (a CA with everything it issued), so that the dev mode keeps working
+  // past its PKI's validity.
+  auto renew = [&](bool& have, const std::filesystem::path& cert,
+                   const char* what) {
+    if (have && !valid_for(cert, dev_pki_renew_days)) {
+      logger("runtime")->info("dev PKI: the {} certificate {} expires within "
+                              "{} days; making a new one",
+                              what, cert.string(), dev_pki_renew_days);
+      have = false;
+    }
+  };
+  renew(have_ca, pki.root_cert, "root");
+  renew(have_ca, pki.intermediate_cert, "intermediate");
+  renew(have_server, pki.server_chain, "server");
+  renew(have_driver, pki.driver_chain, "driver");
   if (have_ca && have_server && have_driver)
     return pki;
   x509_ptr ca;

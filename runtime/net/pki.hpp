@@ -41,9 +41,14 @@ struct dev_pki_options {
   int days = 30;
 };
 
+/// A dev certificate that expires within this many days is made again.
+inline constexpr int dev_pki_renew_days = 7;
+
 /// Writes a fresh PKI into `dir` (created if missing). Files present from an
-/// earlier call are reused as they are, so the dev mode keeps its PKI across
-/// restarts. Failures are `net_errc::bad_tls_material`.
+/// earlier call are reused, so the dev mode keeps its PKI across restarts,
+/// unless a certificate expires within `dev_pki_renew_days`: then it is
+/// made again (for the root or the intermediate, the whole PKI). Failures
+/// are `net_errc::bad_tls_material`.
 [[nodiscard]] caf::expected<dev_pki>
 make_dev_pki(const std::filesystem::path& dir,
              const dev_pki_options& opts = {});

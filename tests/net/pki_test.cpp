@@ -288,6 +288,28 @@ TEST_F(PkiTest, SecondCallReusesTheFiles) {
   EXPECT_EQ(second->driver_chain, first->driver_chain);
 }
 
+TEST_F(PkiTest, APkiNearItsExpiryIsMadeAgain) {
+  auto dir = *dir_ / "expiring";
+  dev_pki_options short_lived;
+  short_lived.days = dev_pki_renew_days - 1;
+  auto first = make_dev_pki(dir, short_lived);
+  ASSERT_TRUE(first) << describe(first.error());
+  auto root = slurp(first->root_cert);
+  auto server = slurp(first->server_chain);
+  auto driver = slurp(first->driver_chain);
+  // Expiring within the renewal window: everything is made again.
+  auto second = make_dev_pki(dir);
+  ASSERT_TRUE(second) << describe(second.error());
+  EXPECT_NE(slurp(second->root_cert), root);
+  EXPECT_NE(slurp(second->server_chain), server);
+  EXPECT_NE(slurp(second->driver_chain), driver);
+  // Valid long enough now: kept as it is.
+  auto renewed_root = slurp(second->root_cert);
+  auto third = make_dev_pki(dir);
+  ASSERT_TRUE(third) << describe(third.error());
+  EXPECT_EQ(slurp(third->root_cert), renewed_root);
+}
+
 TEST_F(PkiTest, MissingLeafIsReissuedUnderTheSameCa) {
   auto dir = *dir_ / "partial";
   auto first = make_dev_pki(dir);

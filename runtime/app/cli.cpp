@@ -81,8 +81,8 @@ struct shared_option {
 };
 
 /// The key options (README, "Configuration").
-const std::array<shared_option, 7>& shared_options() {
-  static const std::array<shared_option, 7> table{{
+const std::array<shared_option, 8>& shared_options() {
+  static const std::array<shared_option, 8> table{{
     {{"--pkcs11-module", "PATH", "PKCS#11 module to load",
       "PKCS11_MODULE, PKCS11_THALES_MODULE, PKCS11_IBM_MODULE", ""},
      &raw_options::pkcs11_module},
@@ -108,6 +108,11 @@ const std::array<shared_option, 7>& shared_options() {
     {{"--log-level", "LEVEL", "trace, debug, info, warn, error, critical, off",
       "HSM_LOG_LEVEL", std::string{default_log_level}},
      &raw_options::log_level},
+    {{"--log-format", "FORMAT",
+      "text, or json (one object per line, the request id a field of its "
+      "own)",
+      "HSM_LOG_FORMAT", "text"},
+     &raw_options::log_format},
   }};
   return table;
 }
@@ -403,6 +408,15 @@ int run_cli(int argc, char** argv) {
     return exit_usage;
   }
 
+  {
+    auto format = raw.log_format;
+    if (format.empty())
+      format = process_env()("HSM_LOG_FORMAT").value_or("text");
+    if (auto err = set_log_format(format)) {
+      std::cerr << "hsm-driver: " << describe(err) << "\n";
+      return exit_usage;
+    }
+  }
   if (bench_cmd->parsed())
     return cmd_bench(raw, bf);
   if (run_cmd->parsed() || dev_cmd->parsed() || proxy_cmd->parsed())

@@ -52,6 +52,7 @@ struct raw_options {
   std::string postgres_url;
   std::string resident_schemes;
   std::string log_level;
+  std::string log_format;
   /// `--allow-weak-master-key` was given.
   bool allow_weak_master_key = false;
 };

@@ -12,6 +12,8 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <sstream>
+#include <string>
 #include <thread>
 
 namespace hsm {
@@ -104,6 +106,29 @@ TEST_F(CliTest, GenerateSignShowPrintJsonThatVerifies) {
   EXPECT_EQ(
     report["chains"][0]["driver_id"].get<std::string>().rfind("cli@", 0), 0u);
   EXPECT_EQ(report["chains"][0]["rows"], 6) << verify.out;
+}
+
+TEST_F(CliTest, JsonLogsAreOneObjectPerLineWithTheRequestIdAsAField) {
+  auto gen = run({"--log-format", "json", "keys", "generate", "--scheme",
+                  "p256", "--key-id", "json-logs"});
+  ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
+  auto sign = run({"--log-format", "json", "keys", "sign", "--key-id",
+                   "json-logs", "--payload",
+                   crypto::to_hex(test::sha256("json logs"))});
+  ASSERT_EQ(sign.exit_code, 0) << sign.out << sign.err;
+  int audited = 0;
+  std::istringstream lines{gen.err + sign.err};
+  for (std::string l; std::getline(lines, l);) {
+    auto j = json::parse(l, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << "not a JSON line: " << l;
+    EXPECT_TRUE(j.contains("ts") && j.contains("level") && j.contains("msg"))
+      << l;
+    if (j.value("logger", "") == "audit") {
+      ++audited;
+      EXPECT_EQ(j["req"].get<std::string>().rfind("cli-", 0), 0u) << l;
+    }
+  }
+  EXPECT_EQ(audited, 2) << gen.err << sign.err;
 }
 
 TEST_F(CliTest, GenerateShowAndSignNameTheSameFingerprint) {

@@ -28,6 +28,9 @@ packages=(
   clang-format
   # deploy/fuzz-smoke.sh: clang with libFuzzer and its sanitizer runtimes
   clang libclang-rt-14-dev
+  # deploy/check-deploy.sh: systemd-analyze (systemd), compose.yaml parsing,
+  # shell lint
+  systemd python3-yaml shellcheck
 )
 
 sudo_cmd=()

@@ -6,7 +6,8 @@
 # real SQLite files are created per test under /tmp), then the key-path demo
 # end to end, a short libFuzzer run of each parser of untrusted bytes, and
 # stops the cluster; then checks the include layering and
-# the formatting (deploy/check-layers.sh, deploy/check-format.sh).
+# the formatting and the deployment files (deploy/check-layers.sh,
+# deploy/check-format.sh, deploy/check-deploy.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/deploy/install-deps.sh"
@@ -43,4 +44,5 @@ HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/failover-drill.sh" --rounds 2
 static=0
 "$root/deploy/check-layers.sh" || static=1
 "$root/deploy/check-format.sh" || static=1
+HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/check-deploy.sh" || static=1
 exit "$static"

@@ -1,6 +1,7 @@
 #include "runtime/app/output.hpp"
 
 #include "runtime/base/logging.hpp"
+#include "runtime/pkcs11/rv.hpp"
 #include "runtime/net/wire_codec.hpp"
 
 #include <iostream>
@@ -21,7 +22,12 @@ void print(const json& j) {
 int fail(const caf::error& err) {
   logger("runtime")->error("{}", describe(err));
   print(json{{"ok", false}, {"error", net::to_json(to_error_result(err))}});
-  return err.category() == caf::atom("config") ? exit_usage : exit_failed;
+  // A PIN the token refused is configuration too: exit 2, which a service
+  // manager must not restart on (systemd: RestartPreventExitStatus=2), or
+  // every restart would log in again with it and lock the PIN.
+  return err.category() == caf::atom("config") || pkcs11::pin_rejected(err)
+           ? exit_usage
+           : exit_failed;
 }
 
 json key_json(const key_result& key) {

@@ -274,7 +274,9 @@ TEST_F(CliTest, MissingModuleFailsWithAClearMessage) {
 
 TEST_F(CliTest, WrongPinFailsWithoutRetry) {
   auto res = run({"probe"}, {{"USER_PIN", "not-the-pin"}});
-  EXPECT_EQ(res.exit_code, 1);
+  // Configuration (exit 2): a service manager must not restart into
+  // another login with the same PIN.
+  EXPECT_EQ(res.exit_code, 2);
   auto j = json::parse(res.out);
   EXPECT_EQ(j["error"]["code"], "hsm_error");
   EXPECT_FALSE(j["error"]["retryable"].get<bool>());

@@ -6,6 +6,7 @@
 #include "actors/result_poster.hpp"
 #include "actors/session_supervisor.hpp"
 #include "actors/store_actor.hpp"
+#include "runtime/app/store_open.hpp"
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/capabilities.hpp"
@@ -126,6 +127,9 @@ struct daemon::impl {
   poller_actor poller;
   result_poster_actor poster;
   store_actor store;
+  /// Appends the audit trail, on a connection of its own (so that a sign's
+  /// key lookup never waits behind an audit commit's fsync).
+  audit_actor audit;
   /// Turns the death of any actor above into `opts.on_fatal`.
   caf::actor watchdog;
   /// Set first on stop: the poller hands back what a poll in progress
@@ -171,6 +175,9 @@ daemon::start(const daemon_options& opts) {
   auto post_client = net::proxy_client::create(opts.proxy);
   if (!post_client)
     return post_client.error();
+  auto audit_store = open_store(opts.cfg);
+  if (!audit_store)
+    return audit_store.error();
 
   auto ctx = std::make_shared<session_context>();
   ctx->mod = &in.token->mod;
@@ -196,11 +203,16 @@ daemon::start(const daemon_options& opts) {
     sys, std::shared_ptr<store::key_store>(std::move(setup->store)), stcfg);
   in.store = storage;
   // Every answer to a job is audited (in the key store's database) before
-  // it is posted.
+  // it is posted, by a storage actor of its own: its commits (one fsync
+  // each) run beside the key lookups and puts, not in front of them.
+  store_actor_config acfg = stcfg;
+  acfg.cache_capacity = 0;
+  in.audit = spawn_store_actor(
+    sys, std::shared_ptr<store::key_store>(std::move(*audit_store)), acfg);
   in.poster = spawn_result_poster(sys, result_poster_config{},
                                   std::shared_ptr<net::proxy_link>(
                                     std::move(*post_client)),
-                                  in.stopping, audit_actor{storage});
+                                  in.stopping, in.audit);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
   dcfg.pipeline = opts.pipeline;
@@ -223,6 +235,7 @@ daemon::start(const daemon_options& opts) {
   in.watchdog = spawn_watchdog(
     sys,
     {{"store", caf::actor_cast<caf::actor>(in.store)},
+     {"audit writer", caf::actor_cast<caf::actor>(in.audit)},
      {"result poster", caf::actor_cast<caf::actor>(in.poster)},
      {"dispatcher", caf::actor_cast<caf::actor>(in.dispatcher)},
      {"poller", caf::actor_cast<caf::actor>(in.poller)}},
@@ -302,12 +315,14 @@ stop_status daemon::stop() {
     self->send_exit(in.poster, caf::exit_reason::user_shutdown);
     self->send_exit(in.dispatcher, caf::exit_reason::user_shutdown);
     self->send_exit(in.store, caf::exit_reason::user_shutdown);
+    self->send_exit(in.audit, caf::exit_reason::user_shutdown);
   }
   in.watchdog = nullptr;
   in.poller = nullptr;
   in.poster = nullptr;
   in.dispatcher = nullptr;
   in.store = nullptr;
+  in.audit = nullptr;
   in.sys.reset();   // waits for every actor
   in.token.reset(); // the start-up session, then C_Finalize last
   log->info("stopped");
@@ -321,6 +336,8 @@ caf::error daemon::kill_part_for_test(std::string_view part) {
   caf::actor target;
   if (part == "store")
     target = caf::actor_cast<caf::actor>(in.store);
+  else if (part == "audit writer")
+    target = caf::actor_cast<caf::actor>(in.audit);
   else if (part == "result poster")
     target = caf::actor_cast<caf::actor>(in.poster);
   else if (part == "dispatcher")

@@ -761,7 +761,8 @@ TEST_F(EngineTest, TheBinaryServesPastAHungSignAndExitsOneOnSigterm) {
 }
 
 TEST_F(EngineTest, AnActorThatDiesEndsTheDriverInsteadOfLeavingItSilent) {
-  for (std::string part : {"store", "result poster", "dispatcher", "poller"}) {
+  for (std::string part :
+       {"store", "audit writer", "result poster", "dispatcher", "poller"}) {
     auto why = std::make_shared<std::string>();
     auto calls = std::make_shared<std::atomic<int>>(0);
     auto mutex = std::make_shared<std::mutex>();

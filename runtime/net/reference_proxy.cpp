@@ -753,7 +753,11 @@ struct reference_proxy::impl {
     for (const char* name : {"127.0.0.1", "localhost", "[::1]"})
       if (host == name + suffix)
         return true;
-    return false;
+    // The address it listens on, as a client names it (127.0.0.2, [::1]).
+    auto own = cfg.admin_host.find(':') != std::string::npos
+                 ? "[" + cfg.admin_host + "]"
+                 : cfg.admin_host;
+    return host == own + suffix;
   }
 
   /// Refuses an admin call that lacks the bearer token, names another host

@@ -1272,7 +1272,13 @@ TEST_F(ReferenceProxyTest, AdminListenerElsewhereThanLoopbackIsRefused) {
     auto cfg = proxy_config();
     cfg.admin_host = host;
     auto proxy = reference_proxy::start(cfg);
-    EXPECT_TRUE(proxy) << host;
+    ASSERT_TRUE(proxy) << host;
+    // Served under the address it listens on.
+    httplib::Client c{host, (*proxy)->admin_port()};
+    c.set_bearer_token_auth((*proxy)->admin_token().c_str());
+    auto res = c.Get("/v1/admin/stats");
+    ASSERT_TRUE(res) << host;
+    EXPECT_EQ(res->status, 200) << host << " " << res->body;
   }
 }
 

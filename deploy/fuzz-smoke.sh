@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Smoke run of the libFuzzer targets (fuzz/README.md): configures and builds
-# them with clang in their own build folder (BUILD_DIR, default build-fuzz),
+# them with clang in their own build folder (FUZZ_BUILD_DIR, default
+# build-fuzz; never BUILD_DIR, which names the main gcc build),
 # then runs each for SECONDS (default 20) on a copy of its seed corpus
 # (fuzz/corpus/<target>). Exits non-zero on any crash, leak, sanitizer
 # report or timeout, printing the target's log and keeping the reproducer
-# under $BUILD_DIR/fuzz-artifacts/<target>/.
+# under $FUZZ_BUILD_DIR/fuzz-artifacts/<target>/.
 #   deploy/fuzz-smoke.sh [SECONDS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-20}
-build=${BUILD_DIR:-$root/build-fuzz}
+build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
 jobs=${JOBS:-2}
 targets=(fuzz_poll fuzz_conninfo fuzz_hex_point fuzz_result_status
          fuzz_proxy_bodies)

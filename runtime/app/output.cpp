@@ -1,8 +1,8 @@
 #include "runtime/app/output.hpp"
 
 #include "runtime/base/logging.hpp"
-#include "runtime/pkcs11/rv.hpp"
 #include "runtime/net/wire_codec.hpp"
+#include "runtime/pkcs11/rv.hpp"
 
 #include <iostream>
 

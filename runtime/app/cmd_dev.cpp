@@ -15,6 +15,7 @@
 
 #include <openssl/sha.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -182,7 +183,14 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
   wait_for_stop_signal();
   auto stopped = (*d)->stop();
   (*proxy)->stop();
-  if (stopped == stop_status::hsm_call_stuck || *fatal)
+  if (stopped == stop_status::hsm_call_stuck) {
+    // A thread is still inside the module: no exit handlers under it (see
+    // cmd_run.cpp).
+    std::cout.flush();
+    spdlog::shutdown();
+    std::_Exit(exit_failed);
+  }
+  if (*fatal)
     return exit_failed;
   return all_ok ? exit_ok : exit_failed;
 }

@@ -84,10 +84,15 @@ int cmd_run(const driver_config& cfg, const run_flags& flags) {
   if (!*fatal)
     logger("runtime")->info("signal {} received", sig);
   if ((*d)->stop() == stop_status::hsm_call_stuck) {
+    // As above: the stuck thread is still inside the module, and exit
+    // handlers would run under it (SoftHSMv2's and OpenSSL's free the
+    // mutexes and tables it uses once its call returns; ThreadSanitizer
+    // caught that in the engine test).
     logger("runtime")->critical("exiting with status {}: an HSM call is "
                                 "still stuck",
                                 exit_failed);
-    return exit_failed;
+    spdlog::shutdown();
+    std::_Exit(exit_failed);
   }
   return *fatal ? exit_failed : exit_ok;
 }

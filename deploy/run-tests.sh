@@ -4,9 +4,10 @@
 # temporary folder, a loopback port, a non-root user), runs unit, integration,
 # network, engine, PostgreSQL and redundancy tests (real SoftHSMv2 tokens and
 # real SQLite files are created per test under /tmp), then the key-path demo
-# end to end, a short libFuzzer run of each parser of untrusted bytes, and
-# stops the cluster; then checks the include layering and
-# the formatting and the deployment files (deploy/check-layers.sh,
+# end to end, the crash and failover drills, a short libFuzzer run of each
+# parser of untrusted bytes, the suite again under ASan+UBSan and under TSan
+# (deploy/run-sanitizers.sh), and stops the cluster; then checks the include
+# layering, the formatting and the deployment files (deploy/check-layers.sh,
 # deploy/check-format.sh, deploy/check-deploy.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +38,11 @@ HSM_DRIVER_BIN=$BUILD_DIR/hsm-driver "$root/deploy/failover-drill.sh" --rounds 2
 
 # The parsers of untrusted bytes under libFuzzer, 20 s each (fuzz/README.md).
 "$root/deploy/fuzz-smoke.sh" 20
+
+# The whole suite again under ASan+UBSan+LSan, then under ThreadSanitizer
+# (with an instrumented libcaf_core), each in a build folder of its own; any
+# report fails the run.
+"$root/deploy/run-sanitizers.sh" all
 
 # Static checks last, so a formatting slip does not hide a test result:
 # includes point one way (DESIGN.md, Layout), then clang-format.

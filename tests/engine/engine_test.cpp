@@ -522,6 +522,19 @@ TEST_F(EngineTest, StopWithAHungCallEndsWithinItsBoundsAndSaysSo) {
   EXPECT_LT(took, o.poll_wait + o.drain_timeout + o.abandon_grace + 2s);
   EXPECT_GE(took, o.abandon_grace);
   EXPECT_EQ(released.load(), 0);
+  // The abandoned call returns and its session closes before this process
+  // exits: exit handlers (SoftHSMv2's and OpenSSL's free the mutexes and
+  // tables that thread uses) must not run under a thread still inside the
+  // module, which is also why `run` ends with _Exit here (ThreadSanitizer
+  // caught the race).
+  auto closed = plan->counts.closed_session.load();
+  gate_open = true;
+  EXPECT_TRUE(test::wait_until(
+    [&] {
+      return released.load() == 1
+             && plan->counts.closed_session.load() > closed;
+    },
+    30s, "the abandoned call to return and its session to close"));
 }
 
 TEST_F(EngineTest, BadRequestsGetErrorResultsAndTheDriverKeepsServing) {

@@ -58,6 +58,12 @@ public:
     return forwarding_table::sign(h, d, n, s, sn);
   }
 
+  CK_RV close_session(CK_SESSION_HANDLE h) override {
+    auto rv = forwarding_table::close_session(h);
+    ++plan_->counts.closed_session;
+    return rv;
+  }
+
 private:
   std::shared_ptr<fault_plan> plan_;
 };

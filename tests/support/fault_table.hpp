@@ -22,6 +22,8 @@ struct call_counts {
   std::atomic<int> generate_key_pair{0};
   std::atomic<int> unwrap_key{0};
   std::atomic<int> sign{0};
+  /// C_CloseSession calls the module has answered (counted on return).
+  std::atomic<int> closed_session{0};
 };
 
 /// A hook gets the 1-based number of the call; returning CKR_OK lets the

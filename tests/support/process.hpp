@@ -20,7 +20,8 @@ struct run_result {
 };
 
 /// Runs the hsm-driver binary with `args` to completion; the environment is
-/// this process's plus `env` (an empty value unsets the variable).
+/// this process's plus `env` (an empty value unsets the variable). A
+/// sanitizer report on its stderr fails the calling test.
 run_result run_driver(const std::vector<std::string>& args,
                       const std::map<std::string, std::string>& env);
 
@@ -36,7 +37,8 @@ background_process start_driver(const std::vector<std::string>& args,
                                 const std::string& log_path);
 
 /// Waits up to `timeout_ms` for the process to exit; returns its exit code,
-/// or -1 if it did not exit in time (it is then killed).
+/// or -1 if it did not exit in time (it is then killed). A sanitizer report
+/// in its log fails the calling test.
 int wait_exit(background_process& p, int timeout_ms);
 
 /// Kills (SIGKILL) and reaps a background process when it goes out of

@@ -10,6 +10,8 @@ packages=(
   libcaf-dev
   # crypto: host-side verification, TLS, PKI tooling
   libssl-dev openssl libsecp256k1-dev libsodium-dev
+  # POSIX ACLs of secret files (systemd credentials)
+  libacl1-dev
   # PKCS#11 header and the software token used by dev mode and tests
   libp11-kit-dev softhsm2
   # key stores

@@ -14,6 +14,7 @@
 #include <array>
 #include <functional>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -67,6 +68,21 @@ CLI::Option* add_documented(CLI::App* cmd, const option_doc& doc, T& field) {
     opt->type_name(std::string{doc.value_name});
   return opt;
 }
+
+/// CLI11's help layout without its own "(Env:NAME)" after an option read
+/// from a variable: the help text already says `[env: NAME; ...]`.
+class help_formatter : public CLI::Formatter {
+public:
+  std::string make_option_opts(const CLI::Option* opt) const override {
+    auto out = CLI::Formatter::make_option_opts(opt);
+    if (!opt->get_envname().empty()) {
+      auto tag = " (" + get_label("Env") + ":" + opt->get_envname() + ")";
+      if (auto at = out.find(tag); at != std::string::npos)
+        out.erase(at, tag.size());
+    }
+    return out;
+  }
+};
 
 /// The help of `--allow-weak-master-key`.
 constexpr std::string_view weak_master_key_help
@@ -151,28 +167,33 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
     cmd, {"--driver-id", "", "this driver's id", "HSM_DRIVER_ID", "host name"},
     f.driver_id);
   add_documented(cmd,
-                 {"--sessions", "", "PKCS#11 sessions, 1-256", "",
+                 {"--sessions", "", "PKCS#11 sessions, 1-256", "HSM_SESSIONS",
                   num(default_sessions)},
-                 f.sessions);
+                 f.sessions)
+    ->envname("HSM_SESSIONS");
   add_documented(cmd,
                  {"--pipeline", "",
                   "leases held per healthy session, 1-16 (the next request "
                   "is fetched and looked up while one is in the HSM)",
-                  "", num(default_pipeline)},
-                 f.pipeline);
+                  "HSM_PIPELINE", num(default_pipeline)},
+                 f.pipeline)
+    ->envname("HSM_PIPELINE");
   add_documented(cmd,
-                 {"--hsm-timeout", "", "deadline of one HSM call, ms", "",
-                  num(default_hsm_timeout_ms)},
-                 f.hsm_timeout_ms);
+                 {"--hsm-timeout", "", "deadline of one HSM call, ms",
+                  "HSM_HSM_TIMEOUT_MS", num(default_hsm_timeout_ms)},
+                 f.hsm_timeout_ms)
+    ->envname("HSM_HSM_TIMEOUT_MS");
   add_documented(cmd,
                  {"--drain-timeout", "",
-                  "time to finish in-flight work on SIGTERM, ms", "",
-                  num(default_drain_timeout_ms)},
-                 f.drain_timeout_ms);
+                  "time to finish in-flight work on SIGTERM, ms",
+                  "HSM_DRAIN_TIMEOUT_MS", num(default_drain_timeout_ms)},
+                 f.drain_timeout_ms)
+    ->envname("HSM_DRAIN_TIMEOUT_MS");
   add_documented(cmd,
-                 {"--poll-wait", "", "long-poll wait, ms", "",
+                 {"--poll-wait", "", "long-poll wait, ms", "HSM_POLL_WAIT_MS",
                   num(default_poll_wait_ms)},
-                 f.poll_wait_ms);
+                 f.poll_wait_ms)
+    ->envname("HSM_POLL_WAIT_MS");
   add_documented(cmd,
                  {"--tls-min", "VERSION",
                   "lowest TLS version to the proxy: 1.3, or 1.2 for a proxy "
@@ -224,6 +245,7 @@ int run_cli(int argc, char** argv) {
   CLI::App app{"hsm-driver: keeps private keys in a PKCS#11 HSM; generates "
                "keys and signs with them.\n"
                + std::string{pin_note}};
+  app.formatter(std::make_shared<help_formatter>());
   app.require_subcommand(1);
   app.fallthrough();
   raw_options raw;

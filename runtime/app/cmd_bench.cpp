@@ -18,6 +18,8 @@
 #include "runtime/app/run_options.hpp"
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
+#include "runtime/base/secret_file.hpp"
+#include "runtime/crypto/hex.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
@@ -44,7 +46,6 @@
 #include <fstream>
 #include <iostream>
 #include <optional>
-#include <random>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -440,9 +441,9 @@ caf::expected<bench_token> existing_token(const driver_config& cfg,
     // The PIN came from USER_PIN (now wiped from this process): the
     // children read it from a 0600 file in the run's own 0700 folder.
     pin_file = dir / "user.pin";
-    if (!write_private_file(*pin_file, pin->data(), pin->size()))
-      return caf::make_error(config_errc::bad_file, pin_file->string(),
-                             std::string{"cannot write"});
+    if (auto err = write_secret_file(
+          *pin_file, std::string_view{pin->data(), pin->size()}, "user PIN"))
+      return err;
   }
   bench_token out{std::move(*tok), *mk,       std::move(*pin),
                   *pin_file,       load_path, {}};
@@ -956,7 +957,7 @@ int cmd_bench(const raw_options& raw_in, const bench_flags& flags) {
     ::unsetenv("USER_PIN"); // not ours to read: the fresh token has its own
   signal_watcher signals;
   signals.start();
-  auto run_id = random_hex(8);
+  auto run_id = crypto::random_hex(4);
 
   // The run's folder: token (fresh), PIN file, PKI, SQLite file, logs.
   temp_dir dir;

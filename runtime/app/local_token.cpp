@@ -1,36 +1,18 @@
 #include "runtime/app/local_token.hpp"
 
 #include "runtime/base/logging.hpp"
+#include "runtime/base/secret_file.hpp"
+#include "runtime/crypto/hex.hpp"
 #include "runtime/pkcs11/module.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 
-#include <fcntl.h>
-#include <unistd.h>
+#include <openssl/crypto.h>
 
 #include <fstream>
-#include <random>
 
 namespace hsm {
 
 namespace fs = std::filesystem;
-
-std::string random_hex(size_t n) {
-  std::random_device rd;
-  const char* digits = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < n; ++i)
-    out += digits[rd() % 16];
-  return out;
-}
-
-bool write_private_file(const fs::path& path, const char* data, size_t size) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0)
-    return false;
-  auto n = ::write(fd, data, size);
-  ::close(fd);
-  return n == static_cast<ssize_t>(size);
-}
 
 caf::expected<local_token> prepare_local_token(const driver_config& cfg,
                                                const fs::path& module,
@@ -50,10 +32,11 @@ caf::expected<local_token> prepare_local_token(const driver_config& cfg,
   for (auto name : {"so.pin", "user.pin"}) {
     if (fs::exists(dir / name))
       continue;
-    auto pin = random_hex(24) + "\n";
-    if (!write_private_file(dir / name, pin.data(), pin.size()))
-      return caf::make_error(config_errc::bad_file, (dir / name).string(),
-                             std::string{"cannot write"});
+    auto pin = crypto::random_hex(12) + "\n";
+    auto err = write_secret_file(dir / name, pin, name);
+    OPENSSL_cleanse(pin.data(), pin.size());
+    if (err)
+      return err;
   }
   auto so = pkcs11::secret_pin::from_file((dir / "so.pin").string());
   auto user = pkcs11::secret_pin::from_file((dir / "user.pin").string());

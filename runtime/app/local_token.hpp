@@ -24,13 +24,6 @@ struct local_token {
   bool master_created = false;
 };
 
-/// A lowercase hex string of `n` random characters.
-std::string random_hex(size_t n);
-
-/// Writes `size` bytes into a new 0600 file; false if it exists or fails.
-bool write_private_file(const std::filesystem::path& path, const char* data,
-                        size_t size);
-
 /// Makes `dir` hold a SoftHSMv2 token store: `dir/softhsm2.conf` (kept if
 /// it exists) naming `dir/tokens`, set as SOFTHSM2_CONF, and random PINs in
 /// `dir/so.pin` and `dir/user.pin` unless they exist. Then loads `module`,

@@ -4,9 +4,11 @@
 // password. Read without following a symbolic link and checked on the open
 // descriptor (so that the file checked is the file read): a regular file,
 // owned by this user or root, neither readable nor writable by group or
-// others, not empty, small. The bytes go straight from the descriptor into
-// the one buffer returned (no stream buffers left holding copies); the
-// caller wipes it (`OPENSSL_cleanse`) when done. Written files are created
+// others (with a POSIX ACL, no entry but this user's grants access: how
+// systemd's LoadCredential= hands over a file), not empty, small. The bytes
+// go straight from the descriptor into the one buffer returned (no stream
+// buffers left holding copies); the caller wipes it (`OPENSSL_cleanse`)
+// when done. Written files are created
 // 0600 and never over an existing file.
 
 #include "messages/errors.hpp"

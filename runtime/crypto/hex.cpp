@@ -1,5 +1,8 @@
 #include "runtime/crypto/hex.hpp"
 
+#include <openssl/rand.h>
+
+#include <cstdlib>
 #include <string>
 
 namespace hsm::crypto {
@@ -50,6 +53,13 @@ caf::expected<std::vector<uint8_t>> from_hex(std::string_view text) {
     out.push_back(static_cast<uint8_t>((hi << 4) | lo));
   }
   return out;
+}
+
+std::string random_hex(size_t n_bytes) {
+  std::vector<uint8_t> bits(n_bytes);
+  if (n_bytes > 0 && RAND_bytes(bits.data(), static_cast<int>(n_bytes)) != 1)
+    std::abort();
+  return to_hex(bits);
 }
 
 } // namespace hsm::crypto

@@ -4,6 +4,7 @@
 
 #include "messages/errors.hpp"
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -17,6 +18,11 @@ int hex_digit_value(char c);
 
 /// Lower-case hex, no prefix.
 std::string to_hex(std::span<const uint8_t> bytes);
+
+/// `n_bytes` random bytes from OpenSSL's generator, in lower-case hex: PINs
+/// of dev tokens, lease tokens, admin tokens, request and run ids. A
+/// generator that fails leaves no safe way on: aborts.
+std::string random_hex(size_t n_bytes);
 
 /// Parses hex (either case, optional `0x` prefix). An odd length or a
 /// non-hex character is `key_errc::invalid_request` naming the position.

@@ -2,10 +2,7 @@
 
 #include "runtime/crypto/hex.hpp"
 
-#include <openssl/rand.h>
-
 #include <algorithm>
-#include <array>
 #include <cstdlib>
 
 namespace hsm::net {
@@ -26,12 +23,9 @@ namespace {
 
 /// `prefix` and 128 random bits from OpenSSL's generator, in hex: leases
 /// cannot be guessed, and ids of requests enqueued without one do not
-/// collide. A generator that fails leaves no safe way on: abort.
+/// collide.
 std::string random_token(const char* prefix) {
-  std::array<uint8_t, 16> bits{};
-  if (RAND_bytes(bits.data(), static_cast<int>(bits.size())) != 1)
-    std::abort();
-  return prefix + crypto::to_hex(bits);
+  return prefix + crypto::random_hex(16);
 }
 
 } // namespace

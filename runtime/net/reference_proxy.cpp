@@ -11,7 +11,6 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <poll.h>
@@ -153,10 +152,7 @@ bool is_loopback(const std::string& host) {
 
 /// A fresh admin token: 256 random bits from OpenSSL, in hex.
 std::string random_admin_token() {
-  std::array<uint8_t, 32> bits{};
-  if (RAND_bytes(bits.data(), static_cast<int>(bits.size())) != 1)
-    std::abort();
-  return crypto::to_hex(bits);
+  return crypto::random_hex(32);
 }
 
 // -- faults -------------------------------------------------------------------

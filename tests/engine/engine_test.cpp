@@ -617,16 +617,7 @@ TEST_F(EngineTest, OnePercentHsmFaultsOfEachClassLoseNothing) {
   EXPECT_EQ(ok, requests);
   // Faults really happened, sessions were replaced, nothing restarted the
   // process, and both sessions serve again.
-  std::ifstream in{counts};
-  std::string line;
-  int injected = 0;
-  while (std::getline(in, line)) {
-    std::istringstream words{line};
-    std::string kind, fn;
-    int n = 0;
-    if (words >> kind >> fn >> n && kind == "fail")
-      injected += n;
-  }
+  int injected = test::shim_count(counts, "fail");
   EXPECT_GE(injected, 15) << "too few faults to show anything";
   auto st = drv->stats();
   ASSERT_TRUE(st);
@@ -716,17 +707,7 @@ TEST_F(EngineTest, TheBinaryServesPastAHungSignAndExitsOneOnSigterm) {
     std::ifstream in{log_path};
     return std::string{std::istreambuf_iterator<char>{in}, {}};
   };
-  auto hangs = [&] {
-    std::ifstream in{counts};
-    for (std::string line; std::getline(in, line);) {
-      std::istringstream words{line};
-      std::string kind, fn;
-      int n = 0;
-      if (words >> kind >> fn >> n && kind == "hang" && fn == "C_Sign")
-        return n;
-    }
-    return 0;
-  };
+  auto hangs = [&] { return test::shim_count(counts, "hang", "C_Sign"); };
   auto g = generate("hang-k", "p256");
   ASSERT_TRUE(g["ok"].get<bool>()) << g.dump() << read_log();
   auto pub = test::unhex(g["result"]["public_key"]);

@@ -367,6 +367,36 @@ TEST_F(CliTest, RunOptionsAreCheckedBeforeTheDaemonStarts) {
               "--sessions"),
             std::string::npos)
     << limit.out;
+  // The numeric flags have variables too, checked the same way; a flag
+  // given wins over its variable.
+  std::map<std::string, std::string> proxy_env{
+    {"PROXY_ADDR", "127.0.0.1:1"},
+    {"CA_CERT", (dir / "ca.pem").string()},
+    {"CLIENT_CERT", (dir / "driver.pem").string()},
+    {"CLIENT_KEY", (dir / "driver.key").string()}};
+  struct var_case {
+    const char* var;
+    const char* value;
+    const char* flag;
+  };
+  for (auto [var, value, flag] :
+       {var_case{"HSM_SESSIONS", "300", "--sessions"},
+        var_case{"HSM_PIPELINE", "17", "--pipeline"},
+        var_case{"HSM_HSM_TIMEOUT_MS", "5", "--hsm-timeout"},
+        var_case{"HSM_DRAIN_TIMEOUT_MS", "-1", "--drain-timeout"},
+        var_case{"HSM_POLL_WAIT_MS", "70000", "--poll-wait"}}) {
+    auto e = proxy_env;
+    e[var] = value;
+    auto bad = run({"run"}, e);
+    EXPECT_EQ(bad.exit_code, 2) << var << ": " << bad.out << bad.err;
+    EXPECT_NE((bad.out + bad.err).find(flag), std::string::npos)
+      << var << ": " << bad.out << bad.err;
+  }
+  auto e = proxy_env;
+  e["HSM_SESSIONS"] = "300";
+  auto overridden = run({"run", "--sessions", "0"}, e);
+  EXPECT_NE(overridden.out.find("--sessions must be 1..256"), std::string::npos)
+    << overridden.out;
 }
 
 TEST_F(CliTest, StartUpOnAHungHsmEndsOnSigtermAndAtItsDeadline) {

@@ -13,6 +13,7 @@ extern char** environ;
 #include <chrono>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <stdexcept>
 #include <string_view>
 
@@ -175,4 +176,18 @@ run_result run_driver(const std::vector<std::string>& args,
   expect_no_sanitizer_report(res.err, cmd);
   return res;
 }
+int shim_count(const std::string& counts_file, const std::string& kind,
+               const std::string& fn) {
+  std::ifstream in{counts_file};
+  int total = 0;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream words{line};
+    std::string k, f;
+    int n = 0;
+    if (words >> k >> f >> n && k == kind && (fn.empty() || f == fn))
+      total += n;
+  }
+  return total;
+}
+
 } // namespace hsm::test

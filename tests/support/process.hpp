@@ -12,6 +12,13 @@
 
 namespace hsm::test {
 
+/// The fault module's (HSM_SHIM_SPEC) counts file, written by a driver it is
+/// loaded in: the sum of the counts of `kind` ("fail", "hang", ...) for the
+/// PKCS#11 function `fn`, or for every function when `fn` is empty; 0 if
+/// the file does not exist yet.
+int shim_count(const std::string& counts_file, const std::string& kind,
+               const std::string& fn = {});
+
 /// Output of a finished child process.
 struct run_result {
   int exit_code = -1;

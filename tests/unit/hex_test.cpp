@@ -83,4 +83,16 @@ TEST(HexTest, RejectsBadCharacterNamingPosition) {
   }
 }
 
+TEST(HexTest, RandomHexHasTheLengthAskedAndDiffersEachCall) {
+  EXPECT_EQ(hsm::crypto::random_hex(0), "");
+  auto a = hsm::crypto::random_hex(16);
+  auto b = hsm::crypto::random_hex(16);
+  ASSERT_EQ(a.size(), 32u);
+  EXPECT_NE(a, b);
+  auto bytes = from_hex(a);
+  ASSERT_TRUE(bytes);
+  EXPECT_EQ(bytes->size(), 16u);
+  EXPECT_EQ(hsm::crypto::to_hex(*bytes), a); // lower case, no prefix
+}
+
 } // namespace

@@ -1,10 +1,15 @@
 #include "runtime/pkcs11/secret_pin.hpp"
 
+#include <acl/libacl.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/acl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -28,6 +33,14 @@ protected:
     std::ofstream{path} << text;
     ::chmod(path.c_str(), mode);
     return path;
+  }
+  /// Sets the access ACL of `path` from its text form ("u::r,g::-,...").
+  static void set_acl(const std::filesystem::path& path, std::string text) {
+    acl_t acl = acl_from_text(text.c_str());
+    ASSERT_NE(acl, nullptr) << text;
+    int rc = acl_set_file(path.c_str(), ACL_TYPE_ACCESS, acl);
+    acl_free(acl);
+    ASSERT_EQ(rc, 0) << text << ": " << std::strerror(errno);
   }
   std::filesystem::path dir;
 };
@@ -96,6 +109,48 @@ TEST_F(SecretPinTest, FileOfAnotherUserIsRefused) {
   ASSERT_FALSE(pin);
   EXPECT_NE(describe(pin.error()).find("owned by uid 65534"), std::string::npos)
     << describe(pin.error());
+}
+
+// systemd's LoadCredential= hands a service its credential as a 0400 file
+// with an ACL entry granting the service's user read access; the mode then
+// shows the ACL's mask as group bits (0440).
+TEST_F(SecretPinTest, AFileWhoseAclGrantsOnlyThisUserIsAccepted) {
+  auto path = write_pin("2468\n", 0400);
+  set_acl(path, "u::r,u:" + std::to_string(::geteuid()) + ":r,g::-,m::r,o::-");
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  ASSERT_NE(st.st_mode & S_IRGRP, 0u) << "the mask shows as group bits";
+  auto pin = secret_pin::from_file(path.string());
+  ASSERT_TRUE(pin) << describe(pin.error());
+  EXPECT_EQ(std::string(pin->data(), pin->size()), "2468");
+}
+
+TEST_F(SecretPinTest, AnAclEntryGrantingAnotherUserOrGroupIsRefused) {
+  struct acl_case {
+    std::string acl;
+    std::string named;
+  };
+  for (const auto& [acl, named] :
+       {acl_case{"u::r,u:65534:r,g::-,m::r,o::-", "uid 65534 through its ACL"},
+        acl_case{"u::r,g::-,g:65534:r,m::r,o::-", "gid 65534 through its ACL"},
+        acl_case{"u::r,g::r,m::r,o::-", "group"},
+        acl_case{"u::r,u:65534:-,g::-,m::r,o::r", "others"}}) {
+    std::filesystem::remove(dir / "pin");
+    auto path = write_pin("1357\n", 0600);
+    set_acl(path, acl);
+    auto pin = secret_pin::from_file(path.string());
+    ASSERT_FALSE(pin) << acl;
+    EXPECT_EQ(pin.error(), config_errc::bad_file);
+    EXPECT_NE(describe(pin.error()).find(named), std::string::npos)
+      << acl << ": " << describe(pin.error());
+  }
+}
+
+TEST_F(SecretPinTest, AnAclEntryTheMaskTakesEverythingFromGrantsNothing) {
+  auto path = write_pin("1111\n", 0600);
+  set_acl(path, "u::rw,u:65534:r,g::r,m::-,o::-");
+  auto pin = secret_pin::from_file(path.string());
+  ASSERT_TRUE(pin) << describe(pin.error());
 }
 
 TEST_F(SecretPinTest, AMoveHandsTheBufferOverWithoutCopyingTheBytes) {

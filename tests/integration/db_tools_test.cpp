@@ -257,8 +257,8 @@ TEST_F(DbToolsTest, VerifyPassesOnACopyAndLeavesItByteIdentical) {
 }
 
 TEST_F(DbToolsTest, VerifyNamesTamperedSwappedAndRenamedRows) {
-  for (std::string id :
-       {"t-blob", "t-swap1", "t-swap2", "t-ren", "t-x", "t-y", "t-good"})
+  for (std::string id : {"t-blob", "t-swap1", "t-swap2", "t-ren", "t-x", "t-y",
+                         "t-copy", "t-good"})
     generate(id, "p256");
   auto copy = backup("tampered.db");
   // A flipped byte in a blob.
@@ -281,13 +281,21 @@ TEST_F(DbToolsTest, VerifyNamesTamperedSwappedAndRenamedRows) {
                         "= 't-y'; UPDATE keys SET key_id = 't-y' WHERE key_id "
                         "= 'tmp'"),
             "");
+  // Everything of one row but its key id copied over another: the copy
+  // signs for its public key, and its MAC is the other key id's.
+  ASSERT_EQ(sqlite_exec(copy,
+                        "UPDATE keys SET (public_key, key_blob, "
+                        "row_mac) = (SELECT public_key, key_blob, row_mac "
+                        "FROM keys WHERE key_id = 't-good') "
+                        "WHERE key_id = 't-copy'"),
+            "");
   auto before = sha256_hex(read_file(copy));
   auto res = on_sqlite(copy, {"db", "verify"});
   EXPECT_EQ(res.exit_code, 1) << res.out << res.err;
   auto report = json::parse(res.out);
   EXPECT_FALSE(report["ok"].get<bool>());
-  EXPECT_EQ(report["rows"]["checked"], 7);
-  EXPECT_EQ(report["rows"]["bad"], 6) << res.out;
+  EXPECT_EQ(report["rows"]["checked"], 8);
+  EXPECT_EQ(report["rows"]["bad"], 7) << res.out;
   EXPECT_EQ(report["canary"]["state"], "matches");
   auto blob = causes_of(report, "t-blob");
   EXPECT_TRUE(has(blob, "mac_broken")) << res.out;
@@ -304,6 +312,11 @@ TEST_F(DbToolsTest, VerifyNamesTamperedSwappedAndRenamedRows) {
   for (std::string id : {"t-x", "t-y"})
     EXPECT_EQ(causes_of(report, id), std::vector<std::string>{"key_id_binding"})
       << id << res.out;
+  EXPECT_EQ(causes_of(report, "t-copy"),
+            std::vector<std::string>{"key_id_binding"})
+    << res.out;
+  EXPECT_NE(res.out.find("holds for key id 't-good'"), std::string::npos)
+    << res.out;
   EXPECT_TRUE(causes_of(report, "t-good").empty());
   EXPECT_EQ(sha256_hex(read_file(copy)), before);
   // The live database is untouched and passes.
@@ -319,7 +332,7 @@ TEST_F(DbToolsTest, VerifyNamesTamperedSwappedAndRenamedRows) {
   EXPECT_EQ(wrong.exit_code, 1) << wrong.out << wrong.err;
   auto w = json::parse(wrong.out);
   EXPECT_EQ(w["canary"]["state"], "mismatch") << wrong.out;
-  EXPECT_EQ(w["rows"]["bad"], 7) << wrong.out;
+  EXPECT_EQ(w["rows"]["bad"], 8) << wrong.out;
 }
 
 TEST_F(DbToolsTest, ExportImportSqliteToSqliteIsIdempotentAndRefusesConflicts) {

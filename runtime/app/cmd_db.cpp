@@ -456,7 +456,8 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
   auto file = keys::parse_export(*text);
   if (!file)
     return fail(file.error());
-  text->clear();
+  // The rows are parsed; the text is not needed any more.
+  *text = std::string{};
   const auto& h = file->header;
   auto tok = open_token(cfg);
   if (!tok)

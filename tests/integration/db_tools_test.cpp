@@ -5,6 +5,7 @@
 // a key id that holds another key. A real SoftHSMv2 token throughout.
 
 #include "runtime/crypto/hex.hpp"
+#include "store/pg_store.hpp"
 #include "tests/support/openssl_verify.hpp"
 #include "tests/support/pg_cluster.hpp"
 #include "tests/support/softhsm_env.hpp"
@@ -109,6 +110,13 @@ std::string pg_rows(const std::string& url) {
                    "|| ':' || master_key_id, ',' ORDER BY key_id), '') || '|' "
                    "|| (SELECT COUNT(*) FROM master_key_canary) FROM keys");
   return r[0].as<std::string>();
+}
+
+/// Runs `sql` on a PostgreSQL database behind the driver's back.
+void pg_exec(const std::string& url, const std::string& sql) {
+  pqxx::connection c{url};
+  pqxx::nontransaction q{c};
+  q.exec0(sql);
 }
 
 /// Rewrites the trailer of an export so that its count and digest fit the
@@ -454,11 +462,35 @@ TEST_F(DbToolsTest, SqliteToPostgresAndBackSignsOnBothSides) {
   auto p1 = generate("pg-p1", "p256");
   auto file = dir / "to-pg.export";
   ASSERT_EQ(run({"db", "export", "--out", file.string()}).exit_code, 0);
+  // A target whose database fails the write of a batch: the import stops,
+  // says what it committed (nothing), and leaves no row behind.
+  {
+    auto st = store::pg_store::open(url);
+    ASSERT_TRUE(st) << describe(st.error());
+  }
+  pg_exec(url, "CREATE FUNCTION refuse_p1() RETURNS trigger AS $$ BEGIN "
+               "IF NEW.key_id = 'pg-p1' THEN RAISE EXCEPTION 'refused by "
+               "the test'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql; "
+               "CREATE TRIGGER refuse_p1 BEFORE INSERT ON keys FOR EACH ROW "
+               "EXECUTE FUNCTION refuse_p1()");
+  auto stopped = on_pg(url, {"db", "import", "--in", file.string()});
+  EXPECT_EQ(stopped.exit_code, 1) << stopped.out << stopped.err;
+  auto s = json::parse(stopped.out);
+  EXPECT_FALSE(s["ok"].get<bool>());
+  EXPECT_EQ(s["imported"], 0) << stopped.out;
+  EXPECT_EQ(s["committed_through"], "") << stopped.out;
+  EXPECT_NE(s["error"]["message"].get<std::string>().find("refused by the "
+                                                          "test"),
+            std::string::npos)
+    << stopped.out;
+  EXPECT_EQ(s["canary"], "copied");
+  EXPECT_EQ(pg_rows(url), "|1") << "rows of a failed batch stayed behind";
+  pg_exec(url, "DROP TRIGGER refuse_p1 ON keys");
   auto imp = on_pg(url, {"db", "import", "--in", file.string()});
   ASSERT_EQ(imp.exit_code, 0) << imp.out << imp.err;
   auto j = json::parse(imp.out);
   EXPECT_EQ(j["imported"], 2);
-  EXPECT_EQ(j["canary"], "copied");
+  EXPECT_EQ(j["canary"], "kept");
   // A driver on PostgreSQL signs with the imported key.
   auto hash = test::sha256("signed through PostgreSQL");
   auto sign = on_pg(url, {"keys", "sign", "--key-id", "pg-k1", "--payload",
@@ -481,12 +513,8 @@ TEST_F(DbToolsTest, SqliteToPostgresAndBackSignsOnBothSides) {
   EXPECT_EQ(json::parse(verify.out)["rows"]["checked"], 2);
   EXPECT_EQ(pg_rows(url), rows_before);
   // A row tampered in PostgreSQL is named there.
-  {
-    pqxx::connection c{url};
-    pqxx::nontransaction q{c};
-    q.exec0("UPDATE keys SET key_id = 'pg-p1-renamed' WHERE key_id = "
-            "'pg-p1'");
-  }
+  pg_exec(url, "UPDATE keys SET key_id = 'pg-p1-renamed' WHERE key_id = "
+               "'pg-p1'");
   auto bad = on_pg(url, {"db", "verify"});
   EXPECT_EQ(bad.exit_code, 1) << bad.out << bad.err;
   EXPECT_EQ(causes_of(json::parse(bad.out), "pg-p1-renamed"),

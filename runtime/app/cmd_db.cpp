@@ -26,8 +26,9 @@
 #include <cstring>
 #include <fstream>
 #include <map>
-#include <sstream>
+#include <memory>
 #include <unordered_map>
+#include <utility>
 
 namespace hsm {
 
@@ -371,7 +372,10 @@ int cmd_db_export(const driver_config& cfg, const std::string& out_file) {
 
 namespace {
 
-caf::expected<std::string> read_import_file(const std::string& file) {
+/// Opens the export `file` for reading (a regular file; a warning if
+/// others may read it).
+caf::expected<std::unique_ptr<std::ifstream>>
+open_import_file(const std::string& file) {
   struct stat sb {};
   if (::stat(file.c_str(), &sb) != 0)
     return caf::make_error(config_errc::bad_file, std::string{"--in"},
@@ -383,13 +387,31 @@ caf::expected<std::string> read_import_file(const std::string& file) {
     logger("runtime")->warn("{} is open to group or others (mode {:o}); it "
                             "holds wrapped keys: chmod 600 it",
                             file, sb.st_mode & 0777);
-  std::ifstream in{file, std::ios::binary};
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (!in && !in.eof())
+  auto in = std::make_unique<std::ifstream>(file, std::ios::binary);
+  if (!*in)
     return caf::make_error(config_errc::bad_file, std::string{"--in"},
-                           file + ": cannot read");
-  return text.str();
+                           file + ": cannot open");
+  return in;
+}
+
+/// Rows read per step when checking a whole file.
+constexpr size_t check_step = 1000;
+
+/// Reads the whole file once, checking every line, the count and the
+/// digest; returns its header and row count.
+caf::expected<std::pair<keys::export_header, uint64_t>>
+check_import_file(const std::string& file) {
+  auto in = open_import_file(file);
+  if (!in)
+    return in.error();
+  keys::export_reader r{**in};
+  auto h = r.header();
+  if (!h)
+    return h.error();
+  while (!r.done())
+    if (auto rows = r.next(check_step); !rows)
+      return rows.error();
+  return std::pair{std::move(*h), r.rows()};
 }
 
 struct refused_row {
@@ -449,16 +471,13 @@ json refused_json(const std::vector<refused_row>& rows) {
 
 int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
   auto log = logger("runtime");
-  // The whole file is checked before anything is touched.
-  auto text = read_import_file(in_file);
-  if (!text)
-    return fail(text.error());
-  auto file = keys::parse_export(*text);
-  if (!file)
-    return fail(file.error());
-  // The rows are parsed; the text is not needed any more.
-  *text = std::string{};
-  const auto& h = file->header;
+  // The whole file is checked before anything is touched; it is read
+  // again, in batches, to import it.
+  auto checked = check_import_file(in_file);
+  if (!checked)
+    return fail(checked.error());
+  const auto& h = checked->first;
+  auto rows_in_file = checked->second;
   auto tok = open_token(cfg);
   if (!tok)
     return fail(tok.error());
@@ -554,7 +573,7 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
     return json{{"ok", ok},
                 {"file", in_file},
                 {"store", store_name(cfg)},
-                {"rows_in_file", file->rows.size()},
+                {"rows_in_file", rows_in_file},
                 {"imported", imported},
                 {"already_present", identical},
                 {"same_key_wrapped_otherwise", same_key},
@@ -575,22 +594,33 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
     print(out);
     return exit_failed;
   };
-  const auto& rows = file->rows;
-  for (size_t begin = 0; begin < rows.size(); begin += import_batch) {
-    auto end = std::min(rows.size(), begin + import_batch);
+  auto in = open_import_file(in_file);
+  if (!in)
+    return stop_with(in.error());
+  keys::export_reader reader{**in};
+  if (auto again = reader.header(); !again)
+    return stop_with(again.error());
+  while (!reader.done()) {
+    // A file changed since it was checked fails here, naming the line;
+    // every row imported before passed its MAC.
+    auto rows = reader.next(import_batch);
+    if (!rows)
+      return stop_with(rows.error());
+    if (rows->empty())
+      continue;
+    auto last_key_id = rows->back().key_id;
     std::vector<key_record> good;
-    for (size_t i = begin; i < end; ++i) {
-      auto why = check_import_row(sess, *handles, rows[i]);
+    for (auto& rec : *rows) {
+      auto why = check_import_row(sess, *handles, rec);
       if (!why)
         return stop_with(why.error());
       if (*why) {
         log->error("db import: key '{}' refused: {}: {}",
-                   keys::printable(rows[i].key_id), (*why)->cause,
-                   (*why)->detail);
+                   keys::printable(rec.key_id), (*why)->cause, (*why)->detail);
         refused.push_back(std::move(**why));
         continue;
       }
-      good.push_back(rows[i]);
+      good.push_back(std::move(rec));
     }
     auto put = (*st)->put_many(good);
     if (!put)
@@ -621,8 +651,7 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
         }
       }
     }
-    if (end > begin)
-      committed_through = rows[end - 1].key_id;
+    committed_through = std::move(last_key_id);
   }
   if (resident > 0)
     log->warn("{} token-resident key row(s) imported: they sign only on the "

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <set>
+#include <sstream>
 
 namespace hsm::keys {
 
@@ -303,35 +304,79 @@ std::vector<uint8_t> line_digest::finish() {
 
 // -- parsing ------------------------------------------------------------------
 
-caf::expected<export_file> parse_export(std::string_view text) {
-  export_file out;
+struct export_reader::state {
+  explicit state(std::istream& from) : in(from) {
+    // nop
+  }
+
+  std::istream& in;
   line_digest digest;
   std::set<std::string> seen;
-  bool have_header = false;
   size_t line_no = 0;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    auto nl = text.find('\n', pos);
-    if (nl == std::string_view::npos)
-      return bad_file("line " + std::to_string(line_no + 1)
-                      + ": no newline at its end (the file is cut off)");
-    auto line = text.substr(pos, nl - pos);
-    auto with_nl = text.substr(pos, nl - pos + 1);
-    pos = nl + 1;
+  uint64_t rows = 0;
+  bool have_header = false;
+  bool done = false;
+
+  /// The next line (without its newline) into `line`; false at the end of
+  /// the file.
+  caf::expected<bool> read_line(std::string& line) {
+    if (!std::getline(in, line)) {
+      if (in.eof() && line.empty())
+        return false;
+      return bad_file("line " + std::to_string(line_no + 1) + ": cannot read");
+    }
     ++line_no;
-    auto where = "line " + std::to_string(line_no);
+    if (in.eof())
+      return bad_file("line " + std::to_string(line_no)
+                      + ": no newline at its end (the file is cut off)");
+    return true;
+  }
+};
+
+export_reader::export_reader(std::istream& in)
+  : state_(std::make_unique<state>(in)) {
+  // nop
+}
+
+export_reader::~export_reader() = default;
+
+caf::expected<export_header> export_reader::header() {
+  auto& st = *state_;
+  if (st.have_header)
+    return bad_file("the header was read already");
+  std::string line;
+  auto got = st.read_line(line);
+  if (!got)
+    return got.error();
+  if (!*got)
+    return bad_file("the file is empty");
+  auto j = json::parse(line, nullptr, false);
+  if (j.is_discarded())
+    return bad_file("line 1: not JSON");
+  auto h = read_header(j);
+  if (!h)
+    return h.error();
+  st.have_header = true;
+  st.digest.add(line + "\n");
+  return h;
+}
+
+caf::expected<std::vector<key_record>> export_reader::next(size_t n) {
+  auto& st = *state_;
+  std::vector<key_record> out;
+  if (!st.have_header)
+    return bad_file("the header is not read yet");
+  std::string line;
+  while (!st.done && out.size() < n) {
+    auto got = st.read_line(line);
+    if (!got)
+      return got.error();
+    if (!*got)
+      return bad_file("no trailer: the file is cut off (export it again)");
+    auto where = "line " + std::to_string(st.line_no);
     auto j = json::parse(line, nullptr, false);
     if (j.is_discarded())
       return bad_file(where + ": not JSON");
-    if (!have_header) {
-      auto h = read_header(j);
-      if (!h)
-        return h.error();
-      out.header = std::move(*h);
-      have_header = true;
-      digest.add(with_nl);
-      continue;
-    }
     if (j.is_object() && j.contains("end")) {
       reader r{j, where + " (trailer)"};
       r.fields({"end", "rows", "sha256"});
@@ -342,30 +387,59 @@ caf::expected<export_file> parse_export(std::string_view text) {
         r.fail("not this format's trailer");
       if (!r.error().empty())
         return bad_file(r.error());
-      if (rows < 0 || static_cast<uint64_t>(rows) != out.rows.size())
+      if (rows < 0 || static_cast<uint64_t>(rows) != st.rows)
         return bad_file(where + ": the trailer counts " + std::to_string(rows)
-                        + " rows, the file holds "
-                        + std::to_string(out.rows.size()));
-      if (sha != digest.finish())
+                        + " rows, the file holds " + std::to_string(st.rows));
+      if (sha != st.digest.finish())
         return bad_file(where
                         + ": the file's SHA-256 does not match its "
                           "trailer: the file was damaged or edited");
-      if (pos != text.size())
+      std::string more;
+      auto after = st.read_line(more);
+      if (!after)
+        return after.error();
+      if (*after)
         return bad_file(where + ": lines after the trailer");
-      return out;
+      st.done = true;
+      break;
     }
     auto rec = read_row(j, where);
     if (!rec)
       return rec.error();
-    if (!seen.insert(rec->key_id).second)
+    if (!st.seen.insert(rec->key_id).second)
       return bad_file(where + ": key '" + rec->key_id
                       + "' appears twice in the file");
-    digest.add(with_nl);
-    out.rows.push_back(std::move(*rec));
+    st.digest.add(line + "\n");
+    ++st.rows;
+    out.push_back(std::move(*rec));
   }
-  return bad_file(have_header
-                    ? "no trailer: the file is cut off (export it again)"
-                    : "the file is empty");
+  return out;
+}
+
+uint64_t export_reader::rows() const noexcept {
+  return state_->rows;
+}
+
+bool export_reader::done() const noexcept {
+  return state_->done;
+}
+
+caf::expected<export_file> parse_export(std::string_view text) {
+  std::istringstream in{std::string{text}};
+  export_reader r{in};
+  export_file out;
+  auto h = r.header();
+  if (!h)
+    return h.error();
+  out.header = std::move(*h);
+  while (!r.done()) {
+    auto rows = r.next(1000);
+    if (!rows)
+      return rows.error();
+    for (auto& rec : *rows)
+      out.rows.push_back(std::move(rec));
+  }
+  return out;
 }
 
 // -- import decisions ---------------------------------------------------------

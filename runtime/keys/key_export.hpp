@@ -23,6 +23,7 @@
 #include "store/key_store.hpp"
 
 #include <cstdint>
+#include <istream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -76,6 +77,36 @@ public:
 
   /// The digest of everything added.
   [[nodiscard]] std::vector<uint8_t> finish();
+
+private:
+  struct state;
+  std::unique_ptr<state> state_;
+};
+
+/// Reads an export file line by line, checking each line as `parse_export`
+/// does; the trailer's count and digest are checked when it is reached, so
+/// a caller that acts on rows before then must be ready for a late error
+/// (`db import` reads a file twice: once to check it, once to import).
+class export_reader {
+public:
+  /// Reads from `in`, which must outlive the reader.
+  explicit export_reader(std::istream& in);
+  ~export_reader();
+  export_reader(const export_reader&) = delete;
+  export_reader& operator=(const export_reader&) = delete;
+
+  /// Reads and checks the header; call once, first.
+  [[nodiscard]] caf::expected<export_header> header();
+
+  /// Up to `n` next rows; fewer (possibly none) once the trailer is read
+  /// and holds (`done`).
+  [[nodiscard]] caf::expected<std::vector<key_record>> next(size_t n);
+
+  /// Rows read so far.
+  [[nodiscard]] uint64_t rows() const noexcept;
+
+  /// The trailer was read and holds.
+  [[nodiscard]] bool done() const noexcept;
 
 private:
   struct state;

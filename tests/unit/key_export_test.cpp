@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -146,6 +147,37 @@ TEST(KeyExport, AnotherFormatVersionOrShapeIsRefused) {
   auto fp = h.find("sha256:") + 7;
   h[fp] = h[fp] == 'a' ? 'b' : 'a';
   EXPECT_NE(bad_file_text(h).find("fingerprint"), std::string::npos);
+}
+
+TEST(KeyExport, TheReaderGivesBatchesAndChecksTheTrailerAtTheEnd) {
+  auto text = file_of(header(), {row("a", 1), row("b", 2), row("c", 3)});
+  {
+    std::istringstream in{text};
+    export_reader r{in};
+    ASSERT_TRUE(r.header());
+    auto first = r.next(2);
+    ASSERT_TRUE(first) << describe(first.error());
+    ASSERT_EQ(first->size(), 2u);
+    EXPECT_EQ((*first)[1].key_id, "b");
+    EXPECT_FALSE(r.done());
+    auto second = r.next(2);
+    ASSERT_TRUE(second) << describe(second.error());
+    ASSERT_EQ(second->size(), 1u);
+    EXPECT_TRUE(r.done());
+    EXPECT_EQ(r.rows(), 3u);
+  }
+  // An edited last row: the first batch reads, the end does not hold.
+  auto edited = text;
+  auto blob = edited.rfind("\"key_blob\":\"") + 12;
+  edited[blob] = edited[blob] == '0' ? '1' : '0';
+  std::istringstream in{edited};
+  export_reader r{in};
+  ASSERT_TRUE(r.header());
+  EXPECT_TRUE(r.next(2));
+  auto rest = r.next(2);
+  ASSERT_FALSE(rest);
+  EXPECT_NE(describe(rest.error()).find("SHA-256"), std::string::npos);
+  EXPECT_FALSE(r.done());
 }
 
 TEST(KeyExport, AKeyIdTwiceIsRefused) {

@@ -505,8 +505,17 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
     auto set = keys::key_set_for(sess, *handles, h.canary->master_key_label);
     if (!set)
       return fail(set.error());
-    if (auto err = keys::check_canary(sess, set->master, set->label, *h.canary))
-      return fail(err);
+    if (auto err = keys::check_canary(sess, set->master, set->label,
+                                      *h.canary)) {
+      if (err != key_errc::master_key_mismatch)
+        return fail(err);
+      return fail(caf::make_error(
+        key_errc::master_key_mismatch,
+        "the export's canary (from " + h.source
+          + ") does not open on this token, so neither do its rows; nothing "
+            "was imported: "
+          + describe(err)));
+    }
   }
   std::string canary_action;
   auto target_canary = (*st)->get_canary();

@@ -424,6 +424,37 @@ TEST_F(DbToolsTest, ImportRefusesATamperedRowByKeyIdAndADamagedFileWhole) {
   generate("m-c", "secp256k1");
   auto file = dir / "keys.export";
   ASSERT_EQ(run({"db", "export", "--out", file.string()}).exit_code, 0);
+  // On a token with another master key: refused at the canary, nothing
+  // written.
+  {
+    auto other = test::unique_label("db-other");
+    ASSERT_EQ(run({"token", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code,
+              0);
+    ASSERT_EQ(
+      run({"master-key", "init"}, {{"HSM_TOKEN_LABEL", other}}).exit_code, 0);
+    auto elsewhere = dir / "elsewhere.db";
+    auto res = run({"db", "import", "--in", file.string()},
+                   {{"HSM_TOKEN_LABEL", other},
+                    {"SQLITE_PATH", elsewhere.string()}});
+    EXPECT_EQ(res.exit_code, 1) << res.out << res.err;
+    EXPECT_NE(res.out.find("master_key_mismatch"), std::string::npos)
+      << res.out;
+    EXPECT_NE(res.out.find("nothing was imported"), std::string::npos)
+      << res.out;
+    EXPECT_EQ(sqlite_exec(elsewhere, "SELECT 1 FROM keys LIMIT 0"), "");
+    sqlite3* db2 = nullptr;
+    ASSERT_EQ(sqlite3_open(elsewhere.c_str(), &db2), SQLITE_OK);
+    sqlite3_stmt* count = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db2,
+                                 "SELECT (SELECT COUNT(*) FROM keys) + "
+                                 "(SELECT COUNT(*) FROM master_key_canary)",
+                                 -1, &count, nullptr),
+              SQLITE_OK);
+    ASSERT_EQ(sqlite3_step(count), SQLITE_ROW);
+    EXPECT_EQ(sqlite3_column_int(count, 0), 0);
+    sqlite3_finalize(count);
+    sqlite3_close(db2);
+  }
   // Damaged without a new trailer: refused whole, nothing written.
   auto text = read_file(file);
   auto pos = text.find("\"key_id\":\"m-b\"");

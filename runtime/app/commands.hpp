@@ -1,8 +1,7 @@
 #pragma once
 
 // The subcommands of `hsm-driver` (README, "Command line"), one file per
-// group: cmd_keys.cpp, cmd_master_key.cpp, cmd_db.cpp, cmd_token.cpp,
-// cmd_probe.cpp,
+// group: cmd_keys.cpp, cmd_master_key.cpp, cmd_token.cpp, cmd_probe.cpp,
 // cmd_run.cpp, cmd_proxy.cpp, cmd_dev.cpp, cmd_bench.cpp. `cli.cpp` parses
 // the command line and calls one of them. Each prints its JSON result on
 // stdout (output.hpp; `bench` prints a table) and returns the process exit

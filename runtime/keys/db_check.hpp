@@ -52,10 +52,12 @@ struct row_verdict {
   /// together (whatever the MAC says).
   bool key_pair_intact = false;
 
+  /// True for a good row.
   bool ok() const {
     return faults.empty();
   }
 
+  /// Records fault `f` with its detail.
   void add(row_fault f, std::string detail) {
     faults.push_back(f);
     details.push_back(std::move(detail));

@@ -41,7 +41,9 @@ inline constexpr int export_format_version = 1;
 /// The header: where the rows come from and what the target needs besides
 /// them to serve (the master-key canary, the rotation record).
 struct export_header {
+  /// The format version (`export_format_version`).
   int version = export_format_version;
+  /// When the export began, milliseconds since the Unix epoch.
   int64_t exported_at_ms = 0;
   /// The source store, for the operator (a redacted URL or a path).
   std::string source;
@@ -67,9 +69,13 @@ struct export_header {
 /// SHA-256 over the lines of a file, as they are written or read.
 class line_digest {
 public:
+  /// An empty digest.
   line_digest();
+  /// Frees the hash context.
   ~line_digest();
+  /// Not copyable: owns a hash context.
   line_digest(const line_digest&) = delete;
+  /// Not copyable: owns a hash context.
   line_digest& operator=(const line_digest&) = delete;
 
   /// Adds `bytes`.
@@ -91,8 +97,11 @@ class export_reader {
 public:
   /// Reads from `in`, which must outlive the reader.
   explicit export_reader(std::istream& in);
+  /// Frees the reader's state.
   ~export_reader();
+  /// Not copyable: reads one stream.
   export_reader(const export_reader&) = delete;
+  /// Not copyable: reads one stream.
   export_reader& operator=(const export_reader&) = delete;
 
   /// Reads and checks the header; call once, first.
@@ -115,7 +124,9 @@ private:
 
 /// A parsed export file.
 struct export_file {
+  /// The header.
   export_header header;
+  /// The rows, in file order.
   std::vector<key_record> rows;
 };
 

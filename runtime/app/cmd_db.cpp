@@ -25,8 +25,9 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <map>
+#include <functional>
 #include <memory>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 
@@ -116,23 +117,54 @@ caf::expected<json> canary_report(pkcs11::session& sess,
   return out;
 }
 
+/// Which key ids share a public key, remembered compactly while every row
+/// is scanned: a hash of each public key with the first key id seen, and
+/// the key ids of hashes seen more than once. A hash collision only adds a
+/// candidate, which the MAC then rules out.
+class shared_keys {
+public:
+  /// Remembers that `key_id` holds `public_key`.
+  void add(const std::vector<uint8_t>& public_key, const std::string& key_id) {
+    auto h = hash_of(public_key);
+    auto [it, fresh] = first_.try_emplace(h, key_id);
+    if (fresh)
+      return;
+    auto& ids = shared_[h];
+    if (ids.empty())
+      ids.push_back(it->second);
+    ids.push_back(key_id);
+  }
+
+  /// The key ids holding `public_key` (or one with the same hash), if more
+  /// than one row does.
+  std::vector<std::string> ids(const std::vector<uint8_t>& public_key) const {
+    auto it = shared_.find(hash_of(public_key));
+    return it == shared_.end() ? std::vector<std::string>{} : it->second;
+  }
+
+private:
+  static size_t hash_of(const std::vector<uint8_t>& public_key) {
+    return std::hash<std::string_view>{}(
+      {reinterpret_cast<const char*>(public_key.data()), public_key.size()});
+  }
+
+  std::unordered_map<size_t, std::string> first_;
+  std::unordered_map<size_t, std::vector<std::string>> shared_;
+};
+
 /// For each bad row whose key pair is intact but whose MAC fails: does its
 /// MAC hold for another key id (a row with the same public key, or another
 /// such row)? Then it is that key id's row under the wrong id.
-void find_bindings(
-  pkcs11::session& sess, keys::key_handles& handles, std::vector<bad_row>& bad,
-  const std::vector<key_record>& intact,
-  const std::unordered_map<std::string, std::vector<std::string>>& by_key) {
+void find_bindings(pkcs11::session& sess, keys::key_handles& handles,
+                   std::vector<bad_row>& bad,
+                   const std::vector<key_record>& intact,
+                   const shared_keys& by_key) {
   std::vector<std::string> others;
   for (const auto& rec : intact)
     if (others.size() < max_binding_candidates)
       others.push_back(rec.key_id);
   for (const auto& rec : intact) {
-    std::vector<std::string> candidates;
-    if (auto it = by_key.find(
-          std::string{rec.public_key.begin(), rec.public_key.end()});
-        it != by_key.end())
-      candidates = it->second;
+    auto candidates = by_key.ids(rec.public_key);
     candidates.insert(candidates.end(), others.begin(), others.end());
     for (const auto& cand : candidates) {
       if (cand == rec.key_id || !keys::mac_holds_for(sess, handles, rec, cand))
@@ -186,7 +218,7 @@ int cmd_db_verify(const driver_config& cfg) {
   std::vector<bad_row> bad;
   uint64_t bad_count = 0;
   std::vector<key_record> intact_unbound;
-  std::unordered_map<std::string, std::vector<std::string>> by_key;
+  shared_keys by_key;
   std::string after;
   for (;;) {
     auto rows = (*st)->pending_rows(every_row, after, row_batch);
@@ -198,8 +230,7 @@ int cmd_db_verify(const driver_config& cfg) {
     for (const auto& rec : *rows) {
       ++checked;
       ++(rec.resident() ? resident : wrapped);
-      by_key[std::string{rec.public_key.begin(), rec.public_key.end()}]
-        .push_back(rec.key_id);
+      by_key.add(rec.public_key, rec.key_id);
       auto verdict = keys::verify_row(sess, *handles, rec);
       if (!verdict)
         return fail(verdict.error());
@@ -218,8 +249,6 @@ int cmd_db_verify(const driver_config& cfg) {
         intact_unbound.push_back(rec);
     }
   }
-  // Only the public keys seen twice are candidates.
-  std::erase_if(by_key, [](const auto& kv) { return kv.second.size() < 2; });
   find_bindings(sess, *handles, bad, intact_unbound, by_key);
   auto listed = json::array();
   for (const auto& b : bad)

@@ -574,7 +574,8 @@ struct pg_store::impl {
         replication_warning = std::move(warning);
         warned_server = server;
       }
-      if (logged_level != commit_level) {
+      // A read-only store writes nothing: how writes commit is not news.
+      if (!opts.read_only && logged_level != commit_level) {
         logged_level = commit_level;
         if (commit_level.forced)
           logger("store")->info("PostgreSQL at {}: key writes commit with "

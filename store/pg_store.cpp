@@ -542,8 +542,10 @@ struct pg_store::impl {
       // writes: drop it like a lost connection, so a multi-host URL can land
       // on the primary next time.
       pqxx::nontransaction q{*c};
+      if (opts.read_only)
+        q.exec0("SET default_transaction_read_only = on");
       auto ro = q.exec1("SHOW transaction_read_only")[0].as<std::string>();
-      if (ro == "on")
+      if (ro == "on" && !opts.read_only)
         return make_unavailable("server " + server
                                 + " is read-only (SQLSTATE 25006, "
                                   "transaction_read_only = on)");
@@ -572,7 +574,8 @@ struct pg_store::impl {
         replication_warning = std::move(warning);
         warned_server = server;
       }
-      if (logged_level != commit_level) {
+      // A read-only store writes nothing: how writes commit is not news.
+      if (!opts.read_only && logged_level != commit_level) {
         logged_level = commit_level;
         if (commit_level.forced)
           logger("store")->info("PostgreSQL at {}: key writes commit with "
@@ -674,6 +677,38 @@ struct pg_store::impl {
     }
   }
 
+  /// The schema version, which must be the newest of `migrations`: a
+  /// read-only store migrates nothing.
+  caf::expected<int> check_version(pqxx::connection& c) {
+    auto newest = migrations.empty() ? 0 : migrations.back().version;
+    pqxx::read_transaction tx{c};
+    auto exists = tx.exec1("SELECT to_regclass('schema_migrations') IS NOT "
+                           "NULL")[0]
+                    .as<bool>();
+    if (!exists)
+      return make_query_failed("PostgreSQL at " + target.where
+                               + ": not a key store (no schema_migrations "
+                                 "table)");
+    auto current = tx.exec1(select_version_sql)[0].as<int>();
+    if (current > newest)
+      return caf::make_error(store_errc::schema_too_new,
+                             "PostgreSQL at " + target.where
+                               + ": database schema version "
+                               + std::to_string(current)
+                               + " is newer than this build's newest "
+                                 "migration "
+                               + std::to_string(newest));
+    if (current < newest)
+      return make_query_failed(
+        "PostgreSQL at " + target.where + ": database schema version "
+        + std::to_string(current) + " is older than this build's "
+        + std::to_string(newest)
+        + "; opened read-only, it is not migrated: migrate it first (any "
+          "command that opens it read-write, e.g. 'hsm-driver master-key "
+          "check', runs the migrations)");
+    return current;
+  }
+
   /// Applies pending migrations in one transaction under the advisory lock.
   caf::expected<int> migrate(pqxx::connection& c) {
     auto newest = migrations.empty() ? 0 : migrations.back().version;
@@ -730,7 +765,7 @@ pg_store::open(const std::string& url, pg_options opts,
   st.opts = opts;
   st.migrations = std::move(migrations);
   auto version = st.run<int>("open", [&st](pqxx::connection& c) {
-    return st.migrate(c);
+    return st.opts.read_only ? st.check_version(c) : st.migrate(c);
   });
   if (!version)
     return std::move(version.error());

@@ -37,6 +37,12 @@ struct pg_options {
   std::chrono::milliseconds retry_min{50};
   /// Longest pause between retries.
   std::chrono::milliseconds retry_max{2000};
+  /// Read only (`hsm-driver db verify`, `db export`): no migration runs
+  /// (`open` fails unless the schema is this build's newest), every session
+  /// sets `default_transaction_read_only = on`, so that any write fails in
+  /// the server, and a read-only server (a standby, a restored copy) is
+  /// accepted instead of dropped.
+  bool read_only = false;
 };
 
 /// Socket settings added to a connection string that does not name them:

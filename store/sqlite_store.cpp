@@ -698,7 +698,65 @@ struct sqlite_store::connection {
 caf::expected<std::unique_ptr<sqlite_store>>
 sqlite_store::open(const std::filesystem::path& path,
                    std::vector<migration> migrations) {
-  auto where = "database " + path.string();
+  return open_as(path, std::move(migrations), false);
+}
+
+caf::expected<std::unique_ptr<sqlite_store>>
+sqlite_store::open_read_only(const std::filesystem::path& path,
+                             std::vector<migration> migrations) {
+  return open_as(path, std::move(migrations), true);
+}
+
+namespace {
+
+/// Opens `path` for reading only and checks that its schema is the newest
+/// of `ms`; see `sqlite_store::open_read_only`.
+caf::expected<db_ptr> open_for_reading(const std::filesystem::path& path,
+                                       const std::string& where,
+                                       std::vector<migration> ms) {
+  if (auto err = sort_migrations(ms))
+    return err;
+  auto newest = ms.empty() ? 0 : ms.back().version;
+  sqlite3* raw = nullptr;
+  // No SQLITE_OPEN_CREATE: a missing file is an error, not a new database.
+  auto rc = sqlite3_open_v2(path.c_str(), &raw,
+                            SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                            nullptr);
+  db_ptr db{raw};
+  if (rc != SQLITE_OK)
+    return make_unavailable(
+      "cannot open " + where + " read-only: "
+      + (raw != nullptr ? sqlite3_errmsg(raw) : sqlite3_errstr(rc)));
+  sqlite3_busy_timeout(db.get(), busy_timeout_ms);
+  if (auto err = exec(db.get(), "PRAGMA query_only=1",
+                      where + ": PRAGMA query_only=1"))
+    return as_unavailable(err);
+  auto current = query_int(db.get(), select_version_sql,
+                           where + ": read schema version");
+  if (!current)
+    return make_unavailable(where + " is not a key store (no schema version: "
+                            + describe(current.error()) + ")");
+  if (*current > newest)
+    return caf::make_error(store_errc::schema_too_new,
+                           where + ": database schema version "
+                             + std::to_string(*current)
+                             + " is newer than this build's newest migration "
+                             + std::to_string(newest));
+  if (*current < newest)
+    return make_query_failed(
+      where + ": database schema version " + std::to_string(*current)
+      + " is older than this build's " + std::to_string(newest)
+      + "; opened read-only, it is not migrated: migrate a copy first (any "
+        "command that opens it read-write, e.g. 'hsm-driver master-key "
+        "check', runs the migrations)");
+  return db;
+}
+
+/// Opens (or creates) `path` for reading and writing and migrates it; see
+/// `sqlite_store::open`.
+caf::expected<db_ptr> open_for_writing(const std::filesystem::path& path,
+                                       const std::string& where,
+                                       std::vector<migration> ms) {
   if (auto err = create_private_file(path))
     return err;
   sqlite3* raw = nullptr;
@@ -714,8 +772,23 @@ sqlite_store::open(const std::filesystem::path& path,
   }
   if (auto err = configure(db.get(), where))
     return err;
-  if (auto err = migrate(db.get(), where, std::move(migrations)))
+  if (auto err = migrate(db.get(), where, std::move(ms)))
     return err;
+  return db;
+}
+
+} // namespace
+
+caf::expected<std::unique_ptr<sqlite_store>>
+sqlite_store::open_as(const std::filesystem::path& path,
+                      std::vector<migration> migrations, bool read_only) {
+  auto where = "database " + path.string();
+  auto opened = read_only
+                  ? open_for_reading(path, where, std::move(migrations))
+                  : open_for_writing(path, where, std::move(migrations));
+  if (!opened)
+    return std::move(opened.error());
+  auto db = std::move(*opened);
   auto conn = std::make_unique<connection>();
   conn->path = path;
   struct cached {

@@ -36,6 +36,19 @@ public:
   open(const std::filesystem::path& path,
        std::vector<migration> migrations = sqlite_migrations());
 
+  /// Opens the existing database at `path` for reading only
+  /// (`SQLITE_OPEN_READONLY` and `PRAGMA query_only`): nothing is created,
+  /// migrated or written, not even the journal mode, so a backup copy stays
+  /// byte for byte as it was (SQLite may add its -wal and -shm files beside
+  /// a WAL database). Every write fails. Fails with `store_errc::unavailable`
+  /// if the file is missing or not a key store, `store_errc::schema_too_new`
+  /// if its schema is newer than the newest of `migrations`, and
+  /// `store_errc::query_failed` if it is older (read-only, it cannot be
+  /// migrated). For `hsm-driver db verify` and `db export`.
+  [[nodiscard]] static caf::expected<std::unique_ptr<sqlite_store>>
+  open_read_only(const std::filesystem::path& path,
+                 std::vector<migration> migrations = sqlite_migrations());
+
   /// Closes the connection.
   ~sqlite_store() override;
 
@@ -124,6 +137,11 @@ private:
 
   /// Takes over an open, migrated connection.
   explicit sqlite_store(std::unique_ptr<connection> conn);
+
+  /// `open`, or with `read_only` `open_read_only`.
+  [[nodiscard]] static caf::expected<std::unique_ptr<sqlite_store>>
+  open_as(const std::filesystem::path& path, std::vector<migration> migrations,
+          bool read_only);
 
   /// Never null.
   std::unique_ptr<connection> conn_;

@@ -309,6 +309,27 @@ int run_cli(int argc, char** argv) {
     "verify", "check every driver's hash chain in the audit trail (the "
               "database only; no token)");
   token_commands.emplace_back(audit_verify, cmd_audit_verify);
+  auto* db = add_group(app, "db", "verify, export and import the key store");
+  auto* db_verify = db->add_subcommand(
+    "verify", "check every row against this HSM (MAC, key id, unwrap, a test "
+              "signature) without writing anything; exit 1 naming each bad "
+              "row");
+  token_commands.emplace_back(db_verify, cmd_db_verify);
+  std::string db_file;
+  auto* db_export = db->add_subcommand(
+    "export", "write every wrapped row with its MAC, the canary and the "
+              "rotation record to a new 0600 file (no token needed)");
+  db_export->add_option("--out", db_file, "the file to create")->required();
+  token_commands.emplace_back(db_export, [&](const driver_config& cfg) {
+    return cmd_db_export(cfg, db_file);
+  });
+  auto* db_import = db->add_subcommand(
+    "import", "insert the rows of an export whose MACs hold on this HSM; "
+              "skips rows already there, never overwrites a key id");
+  db_import->add_option("--in", db_file, "the export file")->required();
+  token_commands.emplace_back(db_import, [&](const driver_config& cfg) {
+    return cmd_db_import(cfg, db_file);
+  });
   auto* keys = add_group(app, "keys", "generate, sign, show, reconcile");
   std::string key_id;
   std::string scheme_name;

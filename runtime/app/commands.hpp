@@ -59,6 +59,22 @@ int cmd_master_key_check(const driver_config& cfg);
 /// missing one); exit 1 if there is a break.
 int cmd_audit_verify(const driver_config& cfg);
 
+/// `db verify`: checks every row of the configured database (read-only)
+/// against this HSM: MAC, key id binding, unwrap and a test signature; the
+/// canary; exit 1 naming each bad row and its causes.
+int cmd_db_verify(const driver_config& cfg);
+
+/// `db export`: writes every row (wrapped blobs, public keys, MACs), the
+/// canary and the rotation record to the new 0600 file `out_file`
+/// (runtime/keys/key_export.hpp). The database only; no token.
+int cmd_db_export(const driver_config& cfg, const std::string& out_file);
+
+/// `db import`: checks the file, the canaries and each row's MAC on this
+/// HSM, then inserts the rows into the configured database (migrated
+/// first); the same row again is skipped, a key id holding another key is
+/// refused; exit 1 naming each refused row.
+int cmd_db_import(const driver_config& cfg, const std::string& in_file);
+
 /// The options of `master-key rotate`.
 struct rotate_options {
   /// The master key rows move to.

@@ -21,6 +21,14 @@ enum class canary_state {
   matches,
 };
 
+/// Checks that `master` (labelled `master_label`, for messages) unwraps the
+/// canary `c` and signs with it, the signature verifying against the
+/// canary's public key; `key_errc::master_key_mismatch` naming the problem
+/// if not; a session failure as it is. Writes nothing.
+[[nodiscard]] caf::error
+check_canary(pkcs11::session& sess, CK_OBJECT_HANDLE master,
+             std::string_view master_label, const store::canary_record& c);
+
 /// Checks the master key against the store's canary; on first use (no
 /// canary, `may_create`) writes one. A token whose master key cannot unwrap
 /// the canary and sign with it is `key_errc::master_key_mismatch`, with a

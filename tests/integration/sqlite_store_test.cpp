@@ -293,6 +293,60 @@ TEST_F(SqliteStoreTest, FileThatIsNotADatabaseIsUnavailable) {
   EXPECT_NE(text.find(db_path.string()), std::string::npos) << text;
 }
 
+TEST_F(SqliteStoreTest, ReadOnlyOpenReadsWritesNothingAndCreatesNothing) {
+  {
+    auto store = open_store();
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->put(sample_key("r1", hsm::scheme::p256, 1)));
+  }
+  auto read_file = [](const fs::path& p) {
+    std::ifstream in{p, std::ios::binary};
+    return std::string{std::istreambuf_iterator<char>{in},
+                       std::istreambuf_iterator<char>{}};
+  };
+  auto before = read_file(db_path);
+  ASSERT_FALSE(before.empty());
+  {
+    auto ro = sqlite_store::open_read_only(db_path);
+    ASSERT_TRUE(ro) << hsm::describe(ro.error());
+    auto got = (*ro)->get("r1");
+    ASSERT_TRUE(got) << hsm::describe(got.error());
+    EXPECT_TRUE(got->has_value());
+    auto rows = (*ro)->pending_rows("\n", "", 10);
+    ASSERT_TRUE(rows) << hsm::describe(rows.error());
+    EXPECT_EQ(rows->size(), 1u);
+    // Every write fails.
+    EXPECT_FALSE((*ro)->put(sample_key("r2", hsm::scheme::p256, 2)));
+    hsm::store::canary_record c;
+    c.public_key = {4, 1};
+    c.wrapped_key = {1};
+    c.wrap_mechanism = "CKM_AES_KEY_WRAP_PAD";
+    c.master_key_label = "m";
+    EXPECT_FALSE((*ro)->put_canary(c));
+  }
+  EXPECT_EQ(read_file(db_path), before) << "a read-only open changed the file";
+  EXPECT_EQ(raw_db{db_path}.scalar("SELECT COUNT(*) FROM keys"), "1");
+  // A missing file is not created.
+  auto missing = sqlite_store::open_read_only(dir / "missing.db");
+  ASSERT_FALSE(missing);
+  EXPECT_TRUE(is_store_error(missing.error(), hsm::store_errc::unavailable));
+  EXPECT_FALSE(fs::exists(dir / "missing.db"));
+  // An older schema is refused, not migrated (the record of the last
+  // migration removed stands for a database of the release before).
+  auto old_path = dir / "old.db";
+  ASSERT_TRUE(sqlite_store::open(old_path));
+  ASSERT_EQ(raw_db{old_path}.exec("DELETE FROM schema_migrations WHERE "
+                                  "version = 4"),
+            "");
+  auto old = sqlite_store::open_read_only(old_path);
+  ASSERT_FALSE(old);
+  EXPECT_NE(hsm::describe(old.error()).find("older"), std::string::npos)
+    << hsm::describe(old.error());
+  EXPECT_EQ(raw_db{old_path}.scalar("SELECT MAX(version) FROM "
+                                    "schema_migrations"),
+            "3");
+}
+
 } // namespace
 
 // The contract, on this back end (in the suite's namespace, where the

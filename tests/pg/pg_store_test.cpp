@@ -518,6 +518,43 @@ TEST_F(PgStoreTest, StoreLeavesAServerThatTurnedReadOnly) {
   EXPECT_TRUE(again->inserted);
 }
 
+TEST_F(PgStoreTest, ReadOnlyStoreReadsMigratesNothingAndCannotWrite) {
+  {
+    auto store = open_store();
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->put(sample_key("ro1", hsm::scheme::p256, 1)));
+  }
+  auto ro_opts = short_budget(400ms);
+  ro_opts.read_only = true;
+  {
+    auto ro = pg_store::open(url, ro_opts);
+    ASSERT_TRUE(ro) << hsm::describe(ro.error());
+    auto rows = (*ro)->pending_rows("\n", "", 10);
+    ASSERT_TRUE(rows) << hsm::describe(rows.error());
+    EXPECT_EQ(rows->size(), 1u);
+    // The server refuses the write (SQLSTATE 25006, which the store takes
+    // for a read-only server and gives up on after its budget).
+    EXPECT_FALSE((*ro)->put(sample_key("ro2", hsm::scheme::p256, 2)));
+    EXPECT_EQ(sql("SELECT COUNT(*) FROM keys"), "1");
+  }
+  // A read-only server (a standby, a copy set read-only) is fine for it.
+  ASSERT_EQ(admin_sql("ALTER DATABASE " + db_name
+                      + " SET default_transaction_read_only = on"),
+            "<none>");
+  auto on_ro_server = pg_store::open(url, ro_opts);
+  EXPECT_TRUE(on_ro_server) << hsm::describe(on_ro_server.error());
+  ASSERT_EQ(admin_sql("ALTER DATABASE " + db_name
+                      + " RESET default_transaction_read_only"),
+            "<none>");
+  // An older schema is refused, not migrated.
+  ASSERT_EQ(sql("DELETE FROM schema_migrations WHERE version = 4"), "<none>");
+  auto old = pg_store::open(url, ro_opts);
+  ASSERT_FALSE(old);
+  EXPECT_TRUE(contains(hsm::describe(old.error()), "older"))
+    << hsm::describe(old.error());
+  EXPECT_EQ(sql("SELECT MAX(version) FROM schema_migrations"), "3");
+}
+
 // -- durability ---------------------------------------------------------------
 
 TEST(PgDurabilityTest, KeyWritesCommitWithAtLeastOn) {

@@ -241,7 +241,13 @@ TEST_F(PkiEngineTest, SighupReloadsTheFilesWithoutDroppingWork) {
   // default threshold is 30 days).
   auto first = issue(pki, live, dated(now - day, now + 10 * day));
   auto log_path = (dir / "run.log").string();
-  auto p = test::start_driver(run_args(first.chain, first.key), env, log_path);
+  // Every C_Sign takes 200 ms, so that requests are in the HSM, leased
+  // under the first certificate, when the files change.
+  auto e = env;
+  e["PKCS11_MODULE"] = HSM_SHIM_LIBRARY;
+  e["HSM_SHIM_MODULE"] = test::softhsm_module();
+  e["HSM_SHIM_SPEC"] = "delay=C_Sign:200ms";
+  auto p = test::start_driver(run_args(first.chain, first.key), e, log_path);
   test::kill_on_exit guard{p};
   auto read_log = [&] { return slurp(log_path); };
   auto g = test::await_done(
@@ -263,8 +269,10 @@ TEST_F(PkiEngineTest, SighupReloadsTheFilesWithoutDroppingWork) {
     }
   };
   enqueue_signs(20, "before ");
+  ASSERT_TRUE(test::wait_until([&] { return proxy->stats().leased > 0; }, 30s,
+                               "requests in flight"));
   // A renewed certificate (same name, new key and serial), written over
-  // the files in place, then SIGHUP.
+  // the files in place, then SIGHUP while requests are in flight.
   auto renewed = issue(pki, dir / "renewed", dated(now - day, now + 60 * day));
   ASSERT_FALSE(net::write_pem_file(first.key, slurp(renewed.key), 0600));
   ASSERT_FALSE(net::write_pem_file(first.chain, slurp(renewed.chain), 0644));
@@ -282,6 +290,16 @@ TEST_F(PkiEngineTest, SighupReloadsTheFilesWithoutDroppingWork) {
   }
   EXPECT_NE(read_log().find("SIGHUP: reloaded"), std::string::npos)
     << read_log();
+  // Results went out under the renewed certificate, requests leased under
+  // the first one among them (the lease belongs to the driver's name), and
+  // none was refused or left to expire.
+  size_t renewed_results = 0;
+  for (const auto& c : proxy->clients())
+    if (c.serial == renewed.serial)
+      renewed_results = c.results;
+  EXPECT_GT(renewed_results, 0u);
+  EXPECT_EQ(proxy->stats().rejected_results, 0u);
+  EXPECT_EQ(proxy->stats().redelivered, 0u);
   // A bad set (an expired certificate) is refused; the renewed one stays
   // in use and the driver keeps serving.
   auto bad = issue(pki, dir / "bad", dated(now - 10 * day, now - day));

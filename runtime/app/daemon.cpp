@@ -147,9 +147,16 @@ struct daemon::impl {
 caf::expected<std::unique_ptr<daemon>>
 daemon::start(const daemon_options& given) {
   auto log = logger("runtime");
-  // The TLS files first: the driver's own certificate, then the proxy's on
-  // one handshake. Neither needs the HSM.
   auto opts = given;
+  auto pin = pkcs11::secret_pin::from_environment();
+  if (!pin)
+    return pin.error();
+  auto shared_pin = std::make_shared<const pkcs11::secret_pin>(std::move(*pin));
+  auto tok = open_token(opts.cfg, *shared_pin, opts.decorate);
+  if (!tok)
+    return tok.error();
+  // The TLS files before the slower key set-up and probe: the driver's own
+  // certificate, then the proxy's on one handshake.
   if (!opts.proxy.material) {
     auto tls = open_client_tls(opts.proxy.tls, opts.cert_warn_days);
     if (!tls)
@@ -158,13 +165,6 @@ daemon::start(const daemon_options& given) {
   }
   if (auto err = check_proxy_certificate(opts.proxy))
     return err;
-  auto pin = pkcs11::secret_pin::from_environment();
-  if (!pin)
-    return pin.error();
-  auto shared_pin = std::make_shared<const pkcs11::secret_pin>(std::move(*pin));
-  auto tok = open_token(opts.cfg, *shared_pin, opts.decorate);
-  if (!tok)
-    return tok.error();
   std::unique_ptr<daemon> d{new daemon};
   d->impl_ = std::make_unique<impl>();
   auto& in = *d->impl_;

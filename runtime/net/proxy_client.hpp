@@ -1,12 +1,12 @@
 #pragma once
 
 // The client side of the proxy protocol (DESIGN.md): HTTPS with a client
-// certificate, the server verified against `--ca-cert`, TLS 1.2 minimum
-// (1.3 preferred), over libcurl. One `proxy_client` is one connection (one
-// curl easy handle, kept alive between calls): the poller owns one for the
-// long-poll and the result poster owns another, so a result never waits
-// behind a poll. Not thread-safe; blocking: call it from a detached actor or
-// a thread of its own. The proxy is not trusted with the driver's memory: a
+// certificate, the server verified against `--ca-cert`, TLS 1.3 minimum
+// (1.2 with `--tls-min 1.2`), over libcurl. One `proxy_client` is one
+// connection (one curl easy handle, kept alive between calls): the poller owns
+// one for the long-poll and the result poster owns another, so a result never
+// waits behind a poll. Not thread-safe; blocking: call it from a detached actor
+// or a thread of its own. The proxy is not trusted with the driver's memory: a
 // response body is read up to `max_response_bytes` (wire_codec.hpp) and a
 // longer one aborts the transfer.
 

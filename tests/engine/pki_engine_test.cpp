@@ -35,6 +35,7 @@ constexpr const char* user_pin = "pki-user-pin-1618";
 constexpr const char* token_label = "pki-engine";
 
 struct leaf_files {
+  std::filesystem::path cert; // the leaf alone
   std::filesystem::path chain;
   std::filesystem::path key;
   std::string serial;
@@ -112,11 +113,13 @@ protected:
     EXPECT_TRUE(leaf) << describe(leaf.error());
     if (!leaf)
       return out;
+    out.cert = to_dir / "driver.pem";
     out.chain = to_dir / "driver.chain.pem";
     out.key = to_dir / "driver.key.pem";
     out.serial = leaf->info.serial;
     EXPECT_FALSE(net::write_pem_file(out.key, leaf->key_pem.str(), 0600));
     EXPECT_FALSE(net::write_pem_file(out.chain, leaf->chain_pem, 0644));
+    EXPECT_FALSE(net::write_pem_file(out.cert, leaf->cert_pem, 0644));
     return out;
   }
 
@@ -185,7 +188,7 @@ TEST_F(PkiEngineTest, RunRefusesItsOwnBadCertificateNamingTheCause) {
      issue(pki, dir / "eku", dated(now - day, now + 10 * day, "serverAuth")),
      "wrong_eku"},
     {"key mismatch",
-     {good.chain, issue(pki, dir / "b", {}).key, ""},
+     {good.cert, good.chain, issue(pki, dir / "b", {}).key, ""},
      "key_mismatch"},
   };
   for (const auto& c : cases) {
@@ -325,6 +328,32 @@ TEST_F(PkiEngineTest, SighupReloadsTheFilesWithoutDroppingWork) {
   ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
   EXPECT_EQ(test::wait_exit(p, 30000), 0) << read_log();
   EXPECT_EQ(proxy->stats().leased, 0u);
+}
+
+/// The runbook's layout: --client-cert holds the leaf alone, --ca-cert the
+/// customer's intermediate and the vendor's root; the proxy trusts only the
+/// root, so the driver must send the intermediate.
+TEST_F(PkiEngineTest, RunbookLayoutServesThroughAProxyTrustingOnlyTheRoot) {
+  start_proxy(pki.server_chain, pki.server_key);
+  auto leaf = issue(pki, dir / "runbook", {});
+  auto ca_chain = dir / "runbook" / "chain.pem";
+  ASSERT_FALSE(net::write_pem_file(
+    ca_chain, slurp(pki.intermediate_cert) + slurp(pki.root_cert), 0644));
+  auto args = run_args(leaf.cert, leaf.key);
+  for (size_t i = 0; i + 1 < args.size(); ++i)
+    if (args[i] == "--ca-cert")
+      args[i + 1] = ca_chain.string();
+  auto log_path = (dir / "runbook.log").string();
+  auto p = test::start_driver(args, env, log_path);
+  test::kill_on_exit guard{p};
+  auto g = test::await_done(*proxy, proxy->enqueue("generate_key",
+                                                   {{"key_id", "runbook-k"},
+                                                    {"scheme", "p256"}}));
+  EXPECT_TRUE(g["ok"].get<bool>()) << g.dump() << slurp(log_path);
+  EXPECT_TRUE(proxy_saw(leaf.serial));
+  EXPECT_TRUE(proxy->refused_clients().empty());
+  ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
+  EXPECT_EQ(test::wait_exit(p, 30000), 0) << slurp(log_path);
 }
 
 TEST_F(PkiEngineTest, NoExpiryWarningBelowTheThreshold) {

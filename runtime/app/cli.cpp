@@ -206,6 +206,12 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
                   "is used, whatever https_proxy or HTTPS_PROXY say",
                   "HSM_HTTPS_PROXY", "none"},
                  f.https_proxy);
+  add_documented(cmd,
+                 {"--cert-warn-days", "DAYS",
+                  "warn (at start and once a day) when the client "
+                  "certificate expires within DAYS days",
+                  "HSM_CERT_WARN_DAYS", num(net::default_cert_warn_days)},
+                 f.cert_warn_days);
 }
 
 /// Refuses anything that looks like a PIN on the command line, without
@@ -426,6 +432,70 @@ int run_cli(int argc, char** argv) {
                       "let --admin-listen bind an address that is not "
                       "loopback (plain HTTP; put TLS in front)");
 
+  auto* pki = add_group(app, "pki",
+                        "the driver's certificates: the "
+                        "intermediate's CSR, leaves, the check");
+  pki_csr_flags csr_f;
+  auto* pki_csr = pki->add_subcommand(
+    "csr", "make the intermediate CA's key (0600) and a CSR exactly as the "
+           "vendor's template asks");
+  pki_csr
+    ->add_option("--template", csr_f.template_file,
+                 "the vendor's CSR template, JSON (README, \"PKI\")")
+    ->required();
+  pki_csr->add_option("--key-out", csr_f.key_out,
+                      "the new key, 0600, never overwritten [default: "
+                      "intermediate-key.pem]");
+  pki_csr->add_option("--csr-out", csr_f.csr_out,
+                      "the CSR [default: intermediate.csr]");
+  pki_csr->add_option("--passphrase-file", csr_f.passphrase_file,
+                      "encrypt the key with the passphrase in this 0600 "
+                      "file");
+  pki_issue_flags issue_f;
+  auto* pki_issue = pki->add_subcommand(
+    "issue-leaf", "issue a driver's certificate (clientAuth) signed by the "
+                  "intermediate: leaf.pem, leaf-key.pem (0600), "
+                  "leaf-chain.pem (leaf + intermediate)");
+  pki_issue
+    ->add_option("--intermediate-cert", issue_f.ca_cert,
+                 "the intermediate's certificate, PEM")
+    ->required();
+  pki_issue
+    ->add_option("--intermediate-key", issue_f.ca_key,
+                 "the intermediate's key, PEM")
+    ->required();
+  pki_issue->add_option("--intermediate-passphrase-file",
+                        issue_f.ca_passphrase_file,
+                        "the key's passphrase, in a 0600 file");
+  pki_issue->add_option("--name", issue_f.name, "the driver's name (CN)")
+    ->required();
+  pki_issue->add_option("--san", issue_f.sans,
+                        "subjectAltName entries, DNS names or IP addresses "
+                        "[default: the name]");
+  pki_issue->add_option("--days", issue_f.days,
+                        "validity, never beyond the intermediate's [default: "
+                          + std::to_string(default_leaf_days) + "]");
+  pki_issue->add_option("--out-dir", issue_f.out_dir,
+                        "where the files go [default: .]");
+  pki_issue->add_option("--root", issue_f.root,
+                        "the vendor's root: also write chain.pem "
+                        "(intermediate + root, for --ca-cert) and check the "
+                        "new files against it");
+  pki_verify_flags verify_f;
+  auto* pki_verify = pki->add_subcommand(
+    "verify", "check the driver's TLS files as the daemon does at start: "
+              "chain to the root, validity, clientAuth, key match, days "
+              "left; with --proxy-addr also the proxy's certificate");
+  pki_verify->add_option("--client-cert", verify_f.client_cert,
+                         "[env: CLIENT_CERT]");
+  pki_verify->add_option("--client-key", verify_f.client_key,
+                         "[env: CLIENT_KEY]");
+  pki_verify->add_option("--ca-cert", verify_f.ca_cert, "[env: CA_CERT]");
+  pki_verify->add_option("--proxy-addr", verify_f.proxy_addr,
+                         "[env: PROXY_ADDR]");
+  pki_verify->add_option("--warn-days", verify_f.warn_days,
+                         "expires_soon below this many days [default: 30]");
+
   bench_flags bf;
   auto* bench_cmd = app.add_subcommand(
     "bench", "measure a deployment: the raw PKCS#11 rate and the full "
@@ -469,6 +539,16 @@ int run_cli(int argc, char** argv) {
                                                       : raw.log_level))
       return fail(err);
     return cmd_proxy(pf);
+  }
+  if (pki->parsed()) {
+    if (auto err = init_logging(raw.log_level.empty() ? default_log_level
+                                                      : raw.log_level))
+      return fail(err);
+    if (pki_csr->parsed())
+      return cmd_pki_csr(csr_f);
+    if (pki_issue->parsed())
+      return cmd_pki_issue_leaf(issue_f);
+    return cmd_pki_verify(verify_f);
   }
   auto env = process_env();
   if (dev_cmd->parsed())

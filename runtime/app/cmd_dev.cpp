@@ -179,8 +179,9 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
                "\"payload\":\"'$(printf hello | sha256sum | cut -c1-64)'\"}}'\n"
             << "The admin API needs the token in " << token_file.string()
             << " (Authorization: Bearer).\n"
-            << "Ctrl-C (SIGINT) or SIGTERM stops it.\n";
-  wait_for_stop_signal();
+            << "Ctrl-C (SIGINT) or SIGTERM stops it; SIGHUP reloads the TLS "
+               "files.\n";
+  static_cast<void>((*d)->serve_until_stop_signal());
   auto stopped = (*d)->stop();
   (*proxy)->stop();
   if (stopped == stop_status::hsm_call_stuck) {

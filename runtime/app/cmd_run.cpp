@@ -80,7 +80,7 @@ int cmd_run(const driver_config& cfg, const run_flags& flags) {
     static_cast<void>((*d)->stop());
     return exit_ok;
   }
-  auto sig = wait_for_stop_signal();
+  auto sig = (*d)->serve_until_stop_signal();
   if (!*fatal)
     logger("runtime")->info("signal {} received", sig);
   if ((*d)->stop() == stop_status::hsm_call_stuck) {

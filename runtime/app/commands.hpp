@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace CLI {
 class App;
@@ -93,6 +94,64 @@ int cmd_master_key_rotate(const driver_config& cfg, const rotate_options& opts);
 
 /// `probe`: the capability probe, per scheme.
 int cmd_probe(const driver_config& cfg);
+
+// -- pki ----------------------------------------------------------------------
+
+/// `pki csr`: the intermediate's key and CSR from the vendor's template.
+struct pki_csr_flags {
+  /// `--template`: the vendor's CSR template (JSON, README "PKI").
+  std::string template_file;
+  /// `--key-out`: the new key, written 0600; never overwritten.
+  std::string key_out{"intermediate-key.pem"};
+  /// `--csr-out`: the CSR for the vendor.
+  std::string csr_out{"intermediate.csr"};
+  /// `--passphrase-file`: encrypt the key with the passphrase in this
+  /// 0600 file.
+  std::string passphrase_file;
+};
+
+int cmd_pki_csr(const pki_csr_flags& flags);
+
+/// Default `pki issue-leaf --days`.
+inline constexpr int default_leaf_days = 90;
+
+/// `pki issue-leaf`: a driver's certificate from the intermediate.
+struct pki_issue_flags {
+  /// `--intermediate-cert`, `--intermediate-key`,
+  /// `--intermediate-passphrase-file`.
+  std::string ca_cert;
+  std::string ca_key;
+  std::string ca_passphrase_file;
+  /// `--name`: the driver's name (commonName, and the subjectAltName
+  /// unless `--san` is given).
+  std::string name;
+  /// `--san`: subjectAltName entries (DNS names, IP addresses).
+  std::vector<std::string> sans;
+  /// `--days`.
+  int days = default_leaf_days;
+  /// `--out-dir`: where leaf.pem, leaf-key.pem, leaf-chain.pem (and
+  /// chain.pem) go.
+  std::string out_dir{"."};
+  /// `--root`: the vendor's root; chain.pem (intermediate + root, the
+  /// runbook's `--ca-cert`) is written and the new files are checked.
+  std::string root;
+};
+
+int cmd_pki_issue_leaf(const pki_issue_flags& flags);
+
+/// `pki verify`: the check the daemon runs at start.
+struct pki_verify_flags {
+  /// As for `run` (flags or CLIENT_CERT, CLIENT_KEY, CA_CERT, PROXY_ADDR).
+  std::string client_cert;
+  std::string client_key;
+  std::string ca_cert;
+  /// `--proxy-addr`: also check the proxy's certificate on one handshake.
+  std::string proxy_addr;
+  /// `--warn-days`: `expires_soon` when fewer days are left.
+  int warn_days = 30;
+};
+
+int cmd_pki_verify(const pki_verify_flags& flags);
 
 // -- the daemon, the reference proxy, the dev mode ----------------------------
 

@@ -6,6 +6,7 @@
 #include "actors/result_poster.hpp"
 #include "actors/session_supervisor.hpp"
 #include "actors/store_actor.hpp"
+#include "runtime/app/client_tls.hpp"
 #include "runtime/app/store_open.hpp"
 #include "runtime/app/token_setup.hpp"
 #include "runtime/base/logging.hpp"
@@ -144,8 +145,9 @@ struct daemon::impl {
 };
 
 caf::expected<std::unique_ptr<daemon>>
-daemon::start(const daemon_options& opts) {
+daemon::start(const daemon_options& given) {
   auto log = logger("runtime");
+  auto opts = given;
   auto pin = pkcs11::secret_pin::from_environment();
   if (!pin)
     return pin.error();
@@ -153,6 +155,16 @@ daemon::start(const daemon_options& opts) {
   auto tok = open_token(opts.cfg, *shared_pin, opts.decorate);
   if (!tok)
     return tok.error();
+  // The TLS files before the slower key set-up and probe: the driver's own
+  // certificate, then the proxy's on one handshake.
+  if (!opts.proxy.material) {
+    auto tls = open_client_tls(opts.proxy.tls, opts.cert_warn_days);
+    if (!tls)
+      return tls.error();
+    opts.proxy.material = std::move(*tls);
+  }
+  if (auto err = check_proxy_certificate(opts.proxy))
+    return err;
   std::unique_ptr<daemon> d{new daemon};
   d->impl_ = std::make_unique<impl>();
   auto& in = *d->impl_;
@@ -350,6 +362,37 @@ caf::error daemon::kill_part_for_test(std::string_view part) {
   return caf::none;
 }
 
+caf::error daemon::reload_tls() {
+  if (!impl_ || !impl_->opts.proxy.material)
+    return caf::make_error(caf::sec::invalid_argument);
+  return reload_client_tls(*impl_->opts.proxy.material,
+                           impl_->opts.cert_warn_days);
+}
+
+void daemon::check_cert_expiry() {
+  if (impl_ && impl_->opts.proxy.material)
+    warn_if_expiring(*impl_->opts.proxy.material, impl_->opts.cert_warn_days);
+}
+
+int daemon::serve_until_stop_signal() {
+  constexpr std::chrono::hours expiry_check_interval{24};
+  auto next_check = std::chrono::steady_clock::now() + expiry_check_interval;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      next_check - std::chrono::steady_clock::now());
+    auto sig = wait_for_signal(std::max(left, std::chrono::milliseconds{1}));
+    if (sig == SIGHUP) {
+      logger("runtime")->info("SIGHUP: reloading the TLS files");
+      static_cast<void>(reload_tls());
+    } else if (sig == 0) {
+      check_cert_expiry();
+      next_check += expiry_check_interval;
+    } else {
+      return sig;
+    }
+  }
+}
+
 caf::expected<dispatcher_stats> daemon::stats() {
   if (!impl_ || impl_->stopped)
     return caf::make_error(caf::sec::invalid_argument);
@@ -370,7 +413,21 @@ void block_stop_signals() {
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+}
+
+int wait_for_signal(std::chrono::milliseconds timeout) {
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGHUP);
+  timespec ts{};
+  ts.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+  ts.tv_nsec = static_cast<long>((timeout.count() % 1000) * 1000000);
+  auto sig = sigtimedwait(&sigs, nullptr, &ts);
+  return sig > 0 ? sig : 0;
 }
 
 int wait_for_stop_signal(std::chrono::milliseconds timeout) {

@@ -12,6 +12,7 @@
 #include "messages/interfaces.hpp"
 #include "runtime/app/config.hpp"
 #include "runtime/net/proxy_client.hpp"
+#include "runtime/net/tls_material.hpp"
 #include "runtime/pkcs11/module.hpp"
 
 #include <chrono>
@@ -41,6 +42,9 @@ struct daemon_options {
   std::function<void(const std::string&)> on_fatal;
   /// Wraps the module's function table (fault-injection tests only).
   pkcs11::table_decorator decorate;
+  /// Warn when the client certificate expires within this many days
+  /// (`--cert-warn-days`), at start and once a day.
+  int cert_warn_days = net::default_cert_warn_days;
 };
 
 /// How `daemon::stop` ended.
@@ -75,6 +79,19 @@ public:
   /// The dispatcher's counters.
   [[nodiscard]] caf::expected<dispatcher_stats> stats();
 
+  /// Loads and checks the TLS files again (SIGHUP): new connections use
+  /// them, requests in flight finish on theirs. A set that fails the check
+  /// is refused (logged and returned) and the old one stays.
+  caf::error reload_tls();
+
+  /// Logs a warning if the client certificate expires within
+  /// `cert_warn_days`.
+  void check_cert_expiry();
+
+  /// Serves until SIGTERM or SIGINT (returned): reloads the TLS files on
+  /// SIGHUP and checks the certificate's expiry once a day.
+  int serve_until_stop_signal();
+
   ~daemon();
 
 private:
@@ -91,12 +108,18 @@ startup_deadline(std::chrono::milliseconds hsm_timeout) {
   return std::chrono::milliseconds{30000} + 3 * hsm_timeout;
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread (and every thread it
-/// starts afterwards). Call first thing, before any thread exists.
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every
+/// thread it starts afterwards), so that the main thread takes them with
+/// `sigwait` (and SIGHUP never ends the process). Call first thing, before
+/// any thread exists.
 void block_stop_signals();
 
 /// Waits for SIGTERM or SIGINT; returns the signal number.
 int wait_for_stop_signal();
+
+/// Waits up to `timeout` for SIGTERM, SIGINT or SIGHUP; returns the signal
+/// number, or 0 when none came.
+int wait_for_signal(std::chrono::milliseconds timeout);
 
 /// Waits up to `timeout` for SIGTERM or SIGINT; returns the signal number,
 /// or 0 when none came.

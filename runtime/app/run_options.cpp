@@ -54,6 +54,21 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
       "--tls-min must be 1.3 or 1.2, not '" + tls_min + "'");
   if (o.proxy.driver_id.empty())
     o.proxy.driver_id = host_name();
+  if (auto days = flag_or_env(flags.cert_warn_days, "HSM_CERT_WARN_DAYS", env);
+      !days.empty()) {
+    size_t used = 0;
+    int n = -1;
+    try {
+      n = std::stoi(days, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != days.size() || n < 0 || n > 3650)
+      return caf::make_error(
+        config_errc::invalid_option, std::string{"--cert-warn-days"},
+        "--cert-warn-days must be 0..3650, not '" + days + "'");
+    o.cert_warn_days = n;
+  }
   struct required {
     const char* flag;
     std::string value;

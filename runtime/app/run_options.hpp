@@ -67,6 +67,10 @@ struct run_flags {
   /// `--https-proxy`: an HTTPS proxy on the way to the proxy; none by
   /// default, whatever the environment's proxy variables say.
   std::string https_proxy;
+  /// `--cert-warn-days`: warn when the client certificate expires within
+  /// this many days; empty: `HSM_CERT_WARN_DAYS`, else
+  /// `net::default_cert_warn_days`.
+  std::string cert_warn_days;
 };
 
 /// Checks `flags` and fills in the environment (`PROXY_ADDR`, `CA_CERT`,

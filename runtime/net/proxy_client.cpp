@@ -5,6 +5,7 @@
 
 #include <curl/curl.h>
 #include <nlohmann/json.hpp>
+#include <openssl/x509_vfy.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -107,13 +108,56 @@ bool is_tls_error(CURLcode rc) {
   }
 }
 
+/// The cause a TLS alert from the proxy names, about the client
+/// certificate it refused (OpenSSL's server sends `unknown ca` for a chain
+/// it cannot follow to its CA, `certificate expired`, `unsupported
+/// certificate` for a wrong extendedKeyUsage, `bad certificate` for the
+/// rest, a certificate not yet valid among them).
+cert_cause cause_of_alert(const char* errbuf) {
+  if (std::strstr(errbuf, "unknown ca") != nullptr)
+    return cert_cause::wrong_ca;
+  if (std::strstr(errbuf, "certificate expired") != nullptr)
+    return cert_cause::expired;
+  if (std::strstr(errbuf, "unsupported certificate") != nullptr)
+    return cert_cause::wrong_eku;
+  return cert_cause::other;
+}
+
+/// A named cause for a failed handshake, where one is known: the proxy's
+/// certificate failed the driver's check (`verify_result`, OpenSSL's
+/// `X509_V_ERR_*`, or libcurl's own host name check), or the proxy refused
+/// the driver's certificate with an alert.
+caf::error named_tls_error(CURLcode rc, long verify_result, const char* errbuf,
+                           const std::string& detail) {
+  if (rc == CURLE_PEER_FAILED_VERIFICATION || verify_result != X509_V_OK) {
+    // libcurl checks the name itself, after OpenSSL's verification passed
+    // ("no alternative certificate subject name matches target host name",
+    // "... does not match target host name").
+    auto cause = std::strstr(errbuf, "host name") != nullptr
+                   ? cert_cause::wrong_server_name
+                   : cause_of_verify_result(verify_result);
+    if (cause == cert_cause::ok)
+      cause = cert_cause::other;
+    return cert_error("proxy certificate", cause, detail);
+  }
+  if (std::strstr(errbuf, "alert") != nullptr)
+    return cert_error("client certificate (refused by the proxy)",
+                      cause_of_alert(errbuf), detail);
+  return caf::none;
+}
+
 caf::error transport_error(CURLcode rc, const char* errbuf,
-                           const std::string& what, bool fresh_connection) {
+                           const std::string& what, bool fresh_connection,
+                           long verify_result = X509_V_OK) {
   std::string detail = curl_easy_strerror(rc);
   // libcurl's message may quote the peer (a certificate's subject name):
   // escaped, it goes into logs.
   if (errbuf[0] != '\0')
     detail += ": " + printable(errbuf, CURL_ERROR_SIZE);
+  if (is_tls_error(rc) || rc == CURLE_RECV_ERROR || rc == CURLE_SEND_ERROR)
+    if (auto named = named_tls_error(rc, verify_result, errbuf,
+                                     what + ": " + detail))
+      return named;
   // With TLS 1.3 the server judges the client certificate after the client
   // considers the handshake done: its refusal (an alert such as "unknown
   // ca" or "certificate required") then surfaces on the first read or write.
@@ -188,6 +232,9 @@ struct proxy_client::impl {
   char errbuf[CURL_ERROR_SIZE] = {};
   /// Calls sent again because their kept-alive connection had died.
   uint64_t reconnects = 0;
+  /// The TLS files; `generation` is the set this handle was made with.
+  std::shared_ptr<tls_source> source;
+  uint64_t generation = 0;
 
   ~impl() {
     if (curl != nullptr)
@@ -195,8 +242,25 @@ struct proxy_client::impl {
     curl_slist_free_all(headers);
   }
 
+  /// Makes the handle anew when the TLS files were replaced: the old
+  /// handle's connections close, and the next call connects with the new
+  /// set. Calls on one client are sequential, so none is in flight here.
+  caf::error refresh() {
+    if (source->current().second == generation)
+      return caf::none;
+    if (curl != nullptr) {
+      curl_easy_cleanup(curl);
+      curl = nullptr;
+    }
+    curl_slist_free_all(headers);
+    headers = nullptr;
+    return setup();
+  }
+
   /// Sets the options that stay for the handle's life.
   caf::error setup() {
+    auto [material, gen] = source->current();
+    generation = gen;
     curl = curl_easy_init();
     if (curl == nullptr)
       return caf::make_error(net_errc::unreachable,
@@ -210,10 +274,16 @@ struct proxy_client::impl {
     if (headers == nullptr)
       return caf::make_error(net_errc::unreachable,
                              std::string{"curl_slist_append failed"});
-    auto ca = cfg.tls.ca_cert.string();
-    auto cert = cfg.tls.cert.string();
-    auto key = cfg.tls.key.string();
-    // Strings are copied by libcurl (since 7.17).
+    // The files as read at start-up or at the last reload, not as they
+    // are on disk now: a file replaced but not yet reloaded (or refused)
+    // changes nothing. libcurl copies blobs and strings.
+    auto blob = [](const std::string& text) {
+      return curl_blob{const_cast<char*>(text.data()), text.size(),
+                       CURL_BLOB_COPY};
+    };
+    auto ca = blob(material->ca_pem);
+    auto cert = blob(material->chain_pem);
+    auto key = blob(material->key_pem);
     CURLcode rc = CURLE_OK;
     auto set = [&rc, this](CURLoption opt, auto value) {
       if (rc == CURLE_OK)
@@ -234,13 +304,20 @@ struct proxy_client::impl {
     set(CURLOPT_MAXAGE_CONN, static_cast<long>(cfg.max_idle.count()));
     set(CURLOPT_TCP_NODELAY, 1L);
     set(CURLOPT_CONNECTTIMEOUT_MS, to_ms(cfg.connect_timeout));
-    set(CURLOPT_CAINFO, ca.c_str());
-    // Only the configured CA: not the system's bundle directory.
+    set(CURLOPT_CAINFO_BLOB, &ca);
+    // Only the configured CA: not the system's bundle file or directory.
+    set(CURLOPT_CAINFO, static_cast<char*>(nullptr));
     set(CURLOPT_CAPATH, static_cast<char*>(nullptr));
-    set(CURLOPT_SSLCERT, cert.c_str());
+    // The leaf and its intermediates: a proxy that trusts only the
+    // vendor's root still gets the chain up to it.
+    set(CURLOPT_SSLCERT_BLOB, &cert);
     set(CURLOPT_SSLCERTTYPE, "PEM");
-    set(CURLOPT_SSLKEY, key.c_str());
+    set(CURLOPT_SSLKEY_BLOB, &key);
     set(CURLOPT_SSLKEYTYPE, "PEM");
+    // No TLS session resumption: every new connection presents the current
+    // certificate (a resumed session would carry the old one's
+    // authentication past a reload) and checks the proxy's afresh.
+    set(CURLOPT_SSL_SESSIONID_CACHE, 0L);
     set(CURLOPT_SSL_VERIFYPEER, 1L);
     set(CURLOPT_SSL_VERIFYHOST, 2L);
     // The minimum: 1.3 unless 1.2 is allowed for a proxy that needs it.
@@ -260,6 +337,8 @@ struct proxy_client::impl {
                                  std::chrono::milliseconds timeout) {
     auto url = base_url + path;
     http_reply out;
+    if (auto err = refresh())
+      return err;
     transfer t;
     t.body = &out.body;
     errbuf[0] = '\0';
@@ -301,8 +380,12 @@ struct proxy_client::impl {
                              "response body larger than "
                                + std::to_string(max_response_bytes)
                                + " bytes: transfer aborted");
-    if (rc != CURLE_OK)
-      return transport_error(rc, errbuf, "POST " + url, connects > 0);
+    if (rc != CURLE_OK) {
+      long verify_result = X509_V_OK;
+      curl_easy_getinfo(curl, CURLINFO_SSL_VERIFYRESULT, &verify_result);
+      return transport_error(rc, errbuf, "POST " + url, connects > 0,
+                             verify_result);
+    }
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &out.status);
     return out;
   }
@@ -330,9 +413,19 @@ proxy_client::create(const proxy_client_config& cfg) {
     return caf::make_error(net_errc::unreachable,
                            std::string{"curl_global_init failed"},
                            std::string{curl_easy_strerror(rc)});
+  auto source = cfg.material;
+  if (!source) {
+    client_tls_options unchecked;
+    unchecked.verify = false;
+    auto material = load_client_tls(cfg.tls, unchecked);
+    if (!material)
+      return material.error();
+    source = std::make_shared<tls_source>(std::move(*material));
+  }
   std::unique_ptr<proxy_client> self{new proxy_client};
   self->impl_ = std::make_unique<impl>();
   self->impl_->cfg = cfg;
+  self->impl_->source = std::move(source);
   self->impl_->base_url = "https://" + cfg.proxy_addr;
   if (auto err = self->impl_->setup())
     return err;
@@ -355,6 +448,25 @@ caf::expected<http_reply> proxy_client::poll(size_t max,
 
 caf::expected<http_reply> proxy_client::post_result(const std::string& body) {
   return impl_->post("/v1/results", body, impl_->cfg.post_timeout);
+}
+
+caf::error proxy_client::handshake() {
+  auto& in = *impl_;
+  if (auto err = in.refresh())
+    return err;
+  auto url = in.base_url + "/";
+  in.errbuf[0] = '\0';
+  curl_easy_setopt(in.curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(in.curl, CURLOPT_CONNECT_ONLY, 1L);
+  curl_easy_setopt(in.curl, CURLOPT_TIMEOUT_MS, to_ms(in.cfg.connect_timeout));
+  auto rc = curl_easy_perform(in.curl);
+  long verify_result = X509_V_OK;
+  curl_easy_getinfo(in.curl, CURLINFO_SSL_VERIFYRESULT, &verify_result);
+  curl_easy_setopt(in.curl, CURLOPT_CONNECT_ONLY, 0L);
+  if (rc != CURLE_OK)
+    return transport_error(rc, in.errbuf, "TLS handshake with " + url, true,
+                           verify_result);
+  return caf::none;
 }
 
 const proxy_client_config& proxy_client::config() const noexcept {

@@ -1,16 +1,17 @@
 #pragma once
 
 // The client side of the proxy protocol (DESIGN.md): HTTPS with a client
-// certificate, the server verified against `--ca-cert`, TLS 1.2 minimum
-// (1.3 preferred), over libcurl. One `proxy_client` is one connection (one
-// curl easy handle, kept alive between calls): the poller owns one for the
-// long-poll and the result poster owns another, so a result never waits
-// behind a poll. Not thread-safe; blocking: call it from a detached actor or
-// a thread of its own. The proxy is not trusted with the driver's memory: a
+// certificate, the server verified against `--ca-cert`, TLS 1.3 minimum
+// (1.2 with `--tls-min 1.2`), over libcurl. One `proxy_client` is one
+// connection (one curl easy handle, kept alive between calls): the poller owns
+// one for the long-poll and the result poster owns another, so a result never
+// waits behind a poll. Not thread-safe; blocking: call it from a detached actor
+// or a thread of its own. The proxy is not trusted with the driver's memory: a
 // response body is read up to `max_response_bytes` (wire_codec.hpp) and a
 // longer one aborts the transfer.
 
 #include "messages/errors.hpp"
+#include "runtime/net/tls_material.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -20,22 +21,18 @@
 
 namespace hsm::net {
 
-/// TLS files of one side.
-struct tls_files {
-  /// CA bundle that must sign the peer's chain.
-  std::filesystem::path ca_cert;
-  /// Own certificate (chain) in PEM.
-  std::filesystem::path cert;
-  /// Own private key in PEM.
-  std::filesystem::path key;
-};
-
 /// Options of a client.
 struct proxy_client_config {
   /// `host:port` of the proxy (`--proxy-addr`); IPv6 as `[::1]:8443`.
   std::string proxy_addr;
   /// Client TLS files (`--ca-cert`, `--client-cert`, `--client-key`).
   tls_files tls;
+  /// The files as loaded and checked (`load_client_tls`), shared by the
+  /// daemon's clients and replaced on SIGHUP; a client notices a new set
+  /// before its next call and opens its next connection with it. Null:
+  /// `create` reads `tls` itself, unchecked (tests present bad
+  /// certificates to the proxy this way).
+  std::shared_ptr<tls_source> material;
   /// This driver's id (`--driver-id`), sent with every poll and result.
   std::string driver_id;
   /// Connect (TCP + TLS) timeout.
@@ -101,7 +98,11 @@ public:
   /// `POST /v1/poll {"driver_id","max","wait_ms"}`, `max` cut to
   /// `max_poll_requests`. Returns the reply on any HTTP status; transport
   /// failures are `net_errc::unreachable` (retry with backoff) or
-  /// `net_errc::tls_failed` (certificate problems); a body longer than
+  /// `net_errc::tls_failed` (certificate problems, with a named cause
+  /// where one is known: `cause_of` gives `wrong_ca`, `expired`,
+  /// `not_yet_valid` or `wrong_server_name` for the proxy's certificate,
+  /// and for a client certificate the proxy refused, `wrong_ca`,
+  /// `expired`, `wrong_eku` or `other` from its alert); a body longer than
   /// `max_response_bytes` is `net_errc::bad_response` (back off too).
   [[nodiscard]] caf::expected<http_reply>
   poll(size_t max, std::chrono::milliseconds wait) override;
@@ -111,6 +112,12 @@ public:
   /// answered); transport failures as for `poll`.
   [[nodiscard]] caf::expected<http_reply>
   post_result(const std::string& body) override;
+
+  /// Connects and completes the TLS handshake, nothing more: checks the
+  /// proxy's certificate (its CA, validity and name) before the first
+  /// call. A failure is as for `poll`. The connection it opens is not used
+  /// for calls: use a client of its own.
+  [[nodiscard]] caf::error handshake();
 
   /// `config().driver_id`.
   [[nodiscard]] const std::string& driver_id() const override;

@@ -1,9 +1,11 @@
 #include "runtime/net/reference_proxy.hpp"
 
+#include "runtime/base/logging.hpp"
 #include "runtime/base/secret_file.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/net/openssl_error.hpp"
 #include "runtime/net/proxy_bodies.hpp"
+#include "runtime/net/x509_util.hpp"
 
 #include <arpa/inet.h>
 #include <httplib.h>
@@ -107,18 +109,56 @@ bool client_gone(const SSL* ssl) {
              && errno != EINTR);
 }
 
-/// Who holds the leases a connection is handed: the SHA-256 of its client
-/// certificate (DER), in hex; empty without one (not on the mTLS
-/// listener, which refuses a client without a certificate).
+/// Refused client certificates kept for the admin API.
+constexpr size_t max_refusals_kept = 100;
+
+/// Who holds the leases a connection is handed: the client certificate's
+/// identity, the SHA-256 of its issuer's and its subject's names (DER), in
+/// hex; empty without one (not on the mTLS listener, which refuses a
+/// client without a certificate). A driver whose certificate is renewed
+/// (same name, same CA, new key and serial) still holds the leases it took
+/// before: a reload of its files between a poll and its results loses
+/// nothing. Another driver has another name.
 std::string holder_of(const SSL* ssl) {
   if (ssl == nullptr)
     return {};
   X509* cert = SSL_get0_peer_certificate(ssl);
+  if (cert == nullptr)
+    return {};
+  unsigned char* issuer = nullptr;
+  unsigned char* subject = nullptr;
+  auto issuer_len = i2d_X509_NAME(X509_get_issuer_name(cert), &issuer);
+  auto subject_len = i2d_X509_NAME(X509_get_subject_name(cert), &subject);
   std::array<uint8_t, EVP_MAX_MD_SIZE> md{};
   unsigned int n = 0;
-  if (cert == nullptr || X509_digest(cert, EVP_sha256(), md.data(), &n) != 1)
-    return {};
-  return crypto::to_hex(std::span<const uint8_t>{md.data(), n});
+  std::string out;
+  crypto::md_ctx_ptr ctx{EVP_MD_CTX_new()};
+  if (issuer_len > 0 && subject_len > 0 && ctx
+      && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1
+      && EVP_DigestUpdate(ctx.get(), issuer, static_cast<size_t>(issuer_len))
+           == 1
+      && EVP_DigestUpdate(ctx.get(), "/", 1) == 1
+      && EVP_DigestUpdate(ctx.get(), subject, static_cast<size_t>(subject_len))
+           == 1
+      && EVP_DigestFinal_ex(ctx.get(), md.data(), &n) == 1)
+    out = crypto::to_hex(std::span<const uint8_t>{md.data(), n});
+  OPENSSL_free(issuer);
+  OPENSSL_free(subject);
+  return out;
+}
+
+/// The client certificate of `ssl` as the admin API shows it.
+client_cert_seen client_of(const SSL* ssl) {
+  client_cert_seen out;
+  X509* cert = ssl != nullptr ? SSL_get0_peer_certificate(ssl) : nullptr;
+  if (cert == nullptr)
+    return out;
+  auto info = info_of(cert, std::time(nullptr));
+  out.subject = std::move(info.subject);
+  out.issuer = std::move(info.issuer);
+  out.serial = std::move(info.serial);
+  out.not_after = std::move(info.not_after);
+  return out;
 }
 
 /// Resets the connection of `ssl` (TCP RST) without closing the socket,
@@ -318,6 +358,33 @@ struct reference_proxy::impl {
   size_t dead_polls = 0;
   /// Poll answers that carried a fault.
   size_t faulted_polls = 0;
+  /// Client certificates seen, first seen first.
+  std::vector<client_cert_seen> clients;
+  /// Client certificates refused in the handshake, oldest first.
+  std::vector<client_cert_refused> refused;
+
+  /// Counts a call from the client certificate of `ssl`; logs a
+  /// certificate the first time it is seen.
+  void note_client(const SSL* ssl, bool poll) {
+    auto seen = client_of(ssl);
+    if (seen.serial.empty())
+      return;
+    std::lock_guard<std::mutex> guard{mtx};
+    auto it = std::find_if(clients.begin(), clients.end(),
+                           [&](const client_cert_seen& c) {
+                             return c.serial == seen.serial
+                                    && c.issuer == seen.issuer;
+                           });
+    if (it == clients.end()) {
+      logger("proxy")->info("client certificate: subject '{}', serial {}, "
+                            "issuer '{}', notAfter {}",
+                            printable(seen.subject, 256), seen.serial,
+                            printable(seen.issuer, 256), seen.not_after);
+      clients.push_back(std::move(seen));
+      it = std::prev(clients.end());
+    }
+    ++(poll ? it->polls : it->results);
+  }
 
   /// Enqueues under the lock and wakes the long-polls.
   std::string add(std::string kind, std::string params,
@@ -513,6 +580,7 @@ struct reference_proxy::impl {
     if (fault == poll_fault::over_delivery)
       n += cfg.over_delivery_extra;
     const SSL* ssl = req.ssl;
+    note_client(ssl, true);
     bool dead = false;
     auto got = take(
       driver, holder_of(ssl), n, wait, [ssl] { return client_gone(ssl); },
@@ -572,6 +640,7 @@ struct reference_proxy::impl {
   /// 200 or 409), or a batch (`{"driver_id","results":[...]}`, 200 with a
   /// status per result, so that one stale lease never fails the others).
   void on_result(const httplib::Request& req, httplib::Response& res) {
+    note_client(req.ssl, false);
     auto read = read_results(req.body);
     auto* posted = read_or_refuse(read, res);
     if (posted == nullptr)
@@ -739,6 +808,35 @@ struct reference_proxy::impl {
     reply(res, 200, to_json(stats()));
   }
 
+  std::vector<client_cert_seen> seen_clients() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return clients;
+  }
+
+  std::vector<client_cert_refused> refused_clients() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return refused;
+  }
+
+  void on_clients(httplib::Response& res) {
+    auto out = json::array();
+    for (const auto& c : seen_clients())
+      out.push_back(json{{"subject", c.subject},
+                         {"issuer", c.issuer},
+                         {"serial", c.serial},
+                         {"not_after", c.not_after},
+                         {"polls", c.polls},
+                         {"results", c.results}});
+    auto refusals = json::array();
+    for (const auto& r : refused_clients())
+      refusals.push_back(json{{"subject", r.subject},
+                              {"serial", r.serial},
+                              {"cause", r.cause},
+                              {"reason", r.reason}});
+    reply(res, 200,
+          json{{"clients", std::move(out)}, {"refused", std::move(refusals)}});
+  }
+
   // -- the admin API's gate -----------------------------------------------
 
   /// True if `host` (a `Host` header) names the admin listener by a
@@ -861,6 +959,10 @@ struct reference_proxy::impl {
               [this](const httplib::Request&, httplib::Response& res) {
                 on_stats(res);
               });
+    admin.Get("/v1/admin/clients",
+              [this](const httplib::Request&, httplib::Response& res) {
+                on_clients(res);
+              });
     admin.Post("/v1/admin/faults",
                [this](const httplib::Request& req, httplib::Response& res) {
                  on_inject(req, res);
@@ -918,8 +1020,59 @@ struct reference_proxy::impl {
     if (names == nullptr)
       return bad_tls_material("no CA certificate in the client CA file " + ca);
     SSL_CTX_set_client_CA_list(ctx, names);
+    // Refused client certificates are recorded, with the cause, for the
+    // operator (log, `GET /v1/admin/clients`) and the tests: with TLS 1.3
+    // the client often cannot read the alert before the connection closes.
+    SSL_CTX_set_ex_data(ctx, proxy_ex_index(), this);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                       &on_verify);
     ERR_clear_error();
     return caf::none;
+  }
+
+  /// The SSL_CTX slot that points back to the proxy.
+  static int proxy_ex_index() {
+    static const int index = SSL_CTX_get_ex_new_index(0, nullptr, nullptr,
+                                                      nullptr, nullptr);
+    return index;
+  }
+
+  /// OpenSSL's verify callback: keeps OpenSSL's verdict, and records a
+  /// refusal (once per handshake: the first error is the cause).
+  static int on_verify(int ok, X509_STORE_CTX* store) {
+    if (ok == 1)
+      return ok;
+    auto* ssl = static_cast<SSL*>(
+      X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+    auto* self = ssl != nullptr ? static_cast<impl*>(
+                   SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), proxy_ex_index()))
+                                : nullptr;
+    if (self == nullptr)
+      return ok;
+    auto code = X509_STORE_CTX_get_error(store);
+    client_cert_refused r;
+    if (auto* leaf = X509_STORE_CTX_get0_cert(store)) {
+      auto info = info_of(leaf, std::time(nullptr));
+      r.subject = std::move(info.subject);
+      r.serial = std::move(info.serial);
+    }
+    r.cause = to_string(cause_of_verify_result(code));
+    r.reason = X509_verify_cert_error_string(code);
+    // The callback may run again for the same handshake (another error
+    // further up the chain); the first one is the cause.
+    std::lock_guard<std::mutex> guard{self->mtx};
+    if (!self->refused.empty() && self->refused.back().serial == r.serial
+        && self->refused.back().handshake == ssl)
+      return ok;
+    r.handshake = ssl;
+    logger("proxy")->warn("refused a client certificate: subject '{}', "
+                          "serial {}: {} ({})",
+                          printable(r.subject, 256), r.serial, r.cause,
+                          r.reason);
+    self->refused.push_back(std::move(r));
+    if (self->refused.size() > max_refusals_kept)
+      self->refused.erase(self->refused.begin());
+    return ok;
   }
 
   static caf::expected<uint16_t> bind(httplib::Server& svr,
@@ -1070,6 +1223,14 @@ proxy_stats reference_proxy::stats() const {
 size_t reference_proxy::waiting_polls() const {
   std::lock_guard<std::mutex> guard{impl_->mtx};
   return impl_->waiting;
+}
+
+std::vector<client_cert_seen> reference_proxy::clients() const {
+  return impl_->seen_clients();
+}
+
+std::vector<client_cert_refused> reference_proxy::refused_clients() const {
+  return impl_->refused_clients();
 }
 
 void reference_proxy::inject(poll_fault fault, size_t polls) {

@@ -114,6 +114,33 @@ struct proxy_stats : queue_stats {
   size_t faulted_polls = 0;
 };
 
+/// A client certificate the driver-facing listener has seen
+/// (`GET /v1/admin/clients`).
+struct client_cert_seen {
+  /// Subject and issuer (RFC 2253), serial (hex), notAfter.
+  std::string subject;
+  std::string issuer;
+  std::string serial;
+  std::string not_after;
+  /// Polls and result posts made with it.
+  size_t polls = 0;
+  size_t results = 0;
+};
+
+/// A client certificate the driver-facing listener refused in the
+/// handshake (`GET /v1/admin/clients`, `"refused"`).
+struct client_cert_refused {
+  /// Subject and serial of the certificate presented.
+  std::string subject;
+  std::string serial;
+  /// The cause's name (`wrong_ca`, `expired`, `not_yet_valid`,
+  /// `wrong_eku`, `other`; tls_material.hpp) and OpenSSL's reason.
+  std::string cause;
+  std::string reason;
+  /// The handshake it came from (identity only, never dereferenced).
+  const void* handshake = nullptr;
+};
+
 /// A fault the reference proxy injects into one answer to `POST /v1/poll`,
 /// for tests of the driver's side. Each takes the place of one answer; the
 /// poll is otherwise served as usual (it waits for work, leases up to
@@ -190,6 +217,16 @@ public:
 
   /// Long-polls waiting for work now (a test's way to know a poll arrived).
   size_t waiting_polls() const;
+
+  /// The client certificates seen so far, first seen first (same as
+  /// `GET /v1/admin/clients`). Each is logged at info level when first
+  /// seen.
+  std::vector<client_cert_seen> clients() const;
+
+  /// The client certificates refused in the handshake, oldest first (at
+  /// most the last 100; `GET /v1/admin/clients` lists them as
+  /// `"refused"`). Each is logged at warn level.
+  std::vector<client_cert_refused> refused_clients() const;
 
   // -- fault injection (same as `/v1/admin/faults`) ---------------------------
 

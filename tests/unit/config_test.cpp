@@ -242,6 +242,30 @@ TEST(RunOptionsTest, FlagsWinOverTheEnvironmentThroughTheLookup) {
   EXPECT_EQ(from_env->proxy.driver_id, "env-driver");
 }
 
+TEST(RunOptionsTest, CertWarnDaysFromFlagOrEnvironmentAndChecked) {
+  auto o = resolve_run_options(driver_config{}, complete_run_flags(),
+                               fake_env({}));
+  ASSERT_TRUE(o) << describe(o.error());
+  EXPECT_EQ(o->cert_warn_days, net::default_cert_warn_days);
+  auto from_env = resolve_run_options(driver_config{}, complete_run_flags(),
+                                      fake_env({{"HSM_CERT_WARN_DAYS", "7"}}));
+  ASSERT_TRUE(from_env) << describe(from_env.error());
+  EXPECT_EQ(from_env->cert_warn_days, 7);
+  auto f = complete_run_flags();
+  f.cert_warn_days = "14";
+  auto flagged = resolve_run_options(driver_config{}, f,
+                                     fake_env({{"HSM_CERT_WARN_DAYS", "7"}}));
+  ASSERT_TRUE(flagged) << describe(flagged.error());
+  EXPECT_EQ(flagged->cert_warn_days, 14);
+  for (const char* bad : {"-1", "thirty", "30d", "4000"}) {
+    f.cert_warn_days = bad;
+    auto o2 = resolve_run_options(driver_config{}, f, fake_env({}));
+    ASSERT_FALSE(o2) << bad;
+    EXPECT_EQ(o2.error(), config_errc::invalid_option);
+    EXPECT_NE(describe(o2.error()).find("--cert-warn-days"), std::string::npos);
+  }
+}
+
 TEST(RunOptionsTest, DriverIdDefaultsToTheHostName) {
   auto f = complete_run_flags();
   f.driver_id.clear();

@@ -11,12 +11,16 @@
 #include "messages/errors.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/app/config.hpp"
+#include "runtime/base/metrics.hpp"
+#include "runtime/net/metrics_server.hpp"
 #include "runtime/net/proxy_client.hpp"
 #include "runtime/pkcs11/module.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -41,7 +45,17 @@ struct daemon_options {
   std::function<void(const std::string&)> on_fatal;
   /// Wraps the module's function table (fault-injection tests only).
   pkcs11::table_decorator decorate;
+  /// `--metrics-listen`: where `/metrics`, `/healthz` and `/readyz` are
+  /// served; none: nowhere (the metrics are kept all the same).
+  std::optional<net::metrics_listen> metrics_listen;
 };
+
+/// How long `/readyz` accepts since the last success with the proxy: twice
+/// the poll wait, at least 5 s.
+inline std::chrono::milliseconds
+proxy_ready_window(std::chrono::milliseconds poll_wait) {
+  return std::max(2 * poll_wait, std::chrono::milliseconds{5000});
+}
 
 /// How `daemon::stop` ended.
 enum class stop_status {
@@ -74,6 +88,13 @@ public:
 
   /// The dispatcher's counters.
   [[nodiscard]] caf::expected<dispatcher_stats> stats();
+
+  /// The metrics; a certificate reload sets the client certificate's
+  /// expiry here (`set_client_certificate_expiry`).
+  [[nodiscard]] std::shared_ptr<driver_metrics> metrics() const;
+
+  /// `http://HOST:PORT` of the metrics listener; none without one.
+  [[nodiscard]] std::optional<std::string> metrics_url() const;
 
   ~daemon();
 

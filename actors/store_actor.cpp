@@ -91,16 +91,18 @@ struct store_state {
   store_stats stats;
   std::shared_ptr<driver_metrics> metrics;
   store_role role = store_role::keys;
-  /// When the database last answered (success or failure).
-  std::chrono::steady_clock::time_point answered_at
-    = std::chrono::steady_clock::now();
+  /// When the database last answered (success or failure), on the actor
+  /// clock.
+  caf::actor_clock::time_point answered_at;
 };
 
 using store_ptr = storage_actor::stateful_pointer<store_state>;
 
-/// The database answered an operation `op`: with success or an error.
-void answered(store_state& s, store_op op, bool ok) {
-  s.answered_at = std::chrono::steady_clock::now();
+/// The database answered an operation `op` at `now`: with success or an
+/// error.
+void answered(store_state& s, caf::actor_clock::time_point now, store_op op,
+              bool ok) {
+  s.answered_at = now;
   if (!s.metrics)
     return;
   s.metrics->store_answered(s.role, ok);
@@ -130,7 +132,7 @@ void commit_group(store_ptr self) {
     res = store::make_query_failed(
       store::put_label(recs) + ": " + std::to_string(res->size())
       + " results for " + std::to_string(n) + " records");
-  answered(s, store_op::put, static_cast<bool>(res));
+  answered(s, self->clock().now(), store_op::put, static_cast<bool>(res));
   if (!res) {
     ++s.stats.failed_groups;
     logger("store")->warn("{}: {}", store::put_label(recs),
@@ -156,6 +158,7 @@ storage_actor::behavior_type store_impl(store_ptr self,
   self->state.cache = record_cache{cfg.cache_capacity};
   self->state.metrics = cfg.metrics;
   self->state.role = cfg.role;
+  self->state.answered_at = self->clock().now();
   auto health_interval = cfg.metrics ? cfg.health_interval
                                      : std::chrono::milliseconds{0};
   if (health_interval.count() > 0)
@@ -177,7 +180,7 @@ storage_actor::behavior_type store_impl(store_ptr self,
       }
       ++s.stats.cache_misses;
       auto rec = s.st->get(key_id);
-      answered(s, store_op::get, static_cast<bool>(rec));
+      answered(s, self->clock().now(), store_op::get, static_cast<bool>(rec));
       if (!rec)
         return std::move(rec.error());
       if (!*rec)
@@ -200,7 +203,8 @@ storage_actor::behavior_type store_impl(store_ptr self,
     [self](audit_atom, const audit_batch& batch) -> caf::result<bool> {
       auto& s = self->state;
       auto rows = s.st->append_audit(s.driver_id, batch.entries);
-      answered(s, store_op::audit, static_cast<bool>(rows));
+      answered(s, self->clock().now(), store_op::audit,
+               static_cast<bool>(rows));
       auto log = logger("audit");
       if (!rows) {
         ++s.stats.failed_audits;
@@ -233,8 +237,10 @@ storage_actor::behavior_type store_impl(store_ptr self,
     [self, health_interval](caf::ping_atom) {
       // The health check: ask the database only when it has been quiet.
       auto& s = self->state;
-      if (std::chrono::steady_clock::now() - s.answered_at >= health_interval)
-        answered(s, store_op::ping, static_cast<bool>(s.st->schema_version()));
+      auto now = self->clock().now();
+      if (now - s.answered_at >= health_interval)
+        answered(s, now, store_op::ping,
+                 static_cast<bool>(s.st->schema_version()));
       self->delayed_send(self, health_interval, caf::ping_atom_v);
     },
     [self](stats_atom) {

@@ -161,12 +161,12 @@ metrics_server::bind(const metrics_listen& where, std::string_view option) {
     auto got = d.svr.bind_to_any_port(where.host);
     if (got <= 0 || got > 65535)
       return caf::make_error(net_errc::unreachable, opt,
-                             "cannot bind " + opt + " " + where_text);
+                             "cannot bind " + where_text);
     d.port = static_cast<uint16_t>(got);
   } else {
     if (!d.svr.bind_to_port(where.host, where.port))
       return caf::make_error(net_errc::unreachable, opt,
-                             "cannot bind " + opt + " " + where_text
+                             "cannot bind " + where_text
                                + " (in use, or not an address of this "
                                  "host)");
     d.port = where.port;

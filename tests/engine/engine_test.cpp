@@ -964,6 +964,18 @@ TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
       30s, "the dev mode to answer " + key_id, 20ms))
       << state.dump();
     EXPECT_TRUE(state.is_object() && state.value("ok", false)) << state.dump();
+    // It serves its metrics on a loopback port and printed where.
+    static const std::regex metrics_url{
+      R"re("metrics": "http://127\.0\.0\.1:([0-9]+)/metrics")re"};
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(text, m, metrics_url)) << text;
+    auto metrics = admin_http(static_cast<uint16_t>(std::stoul(m[1].str())), "",
+                              "GET", "/metrics");
+    ASSERT_TRUE(metrics);
+    EXPECT_NE(metrics->find(
+                "hsm_driver_requests_total{kind=\"sign\",outcome=\"ok\"} 3\n"),
+              std::string::npos)
+      << *metrics;
     ::kill(p.pid, SIGTERM);
     EXPECT_EQ(test::wait_exit(p, 30000), 0);
     // The same keys on the second run: the folder is reused.

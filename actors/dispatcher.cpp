@@ -30,6 +30,9 @@ struct ready_job {
   job j;
   /// sign: the key to sign with; generate_key: none (the key is new).
   std::optional<key_record> rec;
+  /// When it joined the queue (for `request_stage::queue_wait`).
+  std::chrono::steady_clock::time_point queued_at
+    = std::chrono::steady_clock::now();
 };
 
 using clock_time = caf::actor_clock::time_point;
@@ -166,10 +169,25 @@ int64_t credits(const dispatcher_state& st) {
   return std::max<int64_t>(0, limit - static_cast<int64_t>(st.held));
 }
 
+/// Publishes sessions, credits and leases to the metrics (a few atomic
+/// stores; nothing when metrics are off).
+void publish(const dispatcher_state& st) {
+  if (st.cfg.metrics)
+    st.cfg.metrics->set_dispatch_state(healthy(st), credits(st), st.held);
+}
+
+/// Records how long `stage` took since `since`, if metrics are on.
+void observe(const dispatcher_state& st, request_stage stage,
+             std::chrono::steady_clock::time_point since) {
+  if (st.cfg.metrics)
+    st.cfg.metrics->observe_since(stage, since);
+}
+
 /// Answers the credit questions that waited, once there is credit (or the
 /// dispatcher stops: then with 0, so that the poller sees the stop).
 void notify_credit(dispatcher_ptr self) {
   auto& st = self->state;
+  publish(st);
   if (st.credit_waiters.empty())
     return;
   auto c = credits(st);
@@ -197,7 +215,14 @@ void report(dispatcher_ptr self, job_result r) {
     ++st.stats.done;
   else
     ++st.stats.failed;
+  if (st.cfg.metrics)
+    st.cfg.metrics->count_request(
+      r.audit ? &r.audit->kind : nullptr,
+      r.ok() ? std::string_view{"ok"}
+             : std::string_view{std::get<error_result>(r.outcome).code});
+  auto reported = std::chrono::steady_clock::now();
   auto posted = [=] {
+    observe(self->state, request_stage::post, reported);
     --self->state.held;
     notify_credit(self);
     check_drained(self);
@@ -239,6 +264,7 @@ caf::error store_failure(dispatcher_ptr self, const caf::error& err) {
                        : std::min(st.store_pause * 2, max_store_pause);
     st.store_paused = true;
     ++st.stats.store_pauses;
+    publish(st);
     logger("dispatch")
       ->warn("the key store failed ({}); taking no new "
              "requests for {} ms",
@@ -271,12 +297,14 @@ void session_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
     // Every session-level failure ends the session actor: the index is
     // down until the supervisor reports a new session.
     s.up = false;
+    publish(st);
     s.failed_recently = true;
     if (err == caf::sec::request_timeout)
       self->send(st.supervisor, replace_atom::value, h.index, session);
   }
   if (++rj.j.attempts < st.cfg.max_attempts && !st.stopping) {
     ++st.stats.retried;
+    rj.queued_at = std::chrono::steady_clock::now();
     logger("dispatch")
       ->warn("[req={} session={}] {}; retrying on another "
              "session",
@@ -322,18 +350,22 @@ void run_sign(dispatcher_ptr self, hold h, ready_job rj) {
   auto call = begin_call(self, st.cfg.hsm_timeout, [=] {
     hsm_failed(self, h, session, rj, timed_out());
   });
+  auto started = std::chrono::steady_clock::now();
   self->request(session, caf::infinite, sign_atom::value, *rj.rec, rj.j.payload)
     .then(
       [=](signature_result& sig) {
         if (!end_call(self, call))
           return;
+        observe(self->state, request_stage::hsm, started);
         session_ok(self, h);
         release(self, h);
         report(self, answer(rj.j, std::move(sig)));
       },
       [=](caf::error& err) {
-        if (end_call(self, call))
-          hsm_failed(self, h, session, rj, err);
+        if (!end_call(self, call))
+          return;
+        observe(self->state, request_stage::hsm, started);
+        hsm_failed(self, h, session, rj, err);
       });
 }
 
@@ -356,19 +388,23 @@ void store_generated(dispatcher_ptr self, hsm_session_actor session,
   };
   auto call = begin_call(self, st.cfg.store_timeout,
                          [=] { on_error(timed_out()); });
+  auto started = std::chrono::steady_clock::now();
   self->request(st.store, caf::infinite, caf::put_atom::value, rec)
     .then(
       [=](put_result& put) {
         if (!end_call(self, call))
           return;
+        observe(self->state, request_stage::store, started);
         store_answered(self);
         if (!put.inserted && rec.resident())
           self->send(session, destroy_atom::value, rec);
         report_stored(self, rj.j, put.record, put.inserted);
       },
       [=](caf::error& err) {
-        if (end_call(self, call))
-          on_error(err);
+        if (!end_call(self, call))
+          return;
+        observe(self->state, request_stage::store, started);
+        on_error(err);
       });
 }
 
@@ -379,19 +415,23 @@ void run_generate(dispatcher_ptr self, hold h, ready_job rj) {
   auto call = begin_call(self, st.cfg.hsm_timeout, [=] {
     hsm_failed(self, h, session, rj, timed_out());
   });
+  auto started = std::chrono::steady_clock::now();
   self
     ->request(session, caf::infinite, generate_atom::value, j.key_id, j.scheme)
     .then(
       [=](key_record& rec) {
         if (!end_call(self, call))
           return;
+        observe(self->state, request_stage::hsm, started);
         session_ok(self, h);
         release(self, h);
         store_generated(self, session, rj, std::move(rec));
       },
       [=](caf::error& err) {
-        if (end_call(self, call))
-          hsm_failed(self, h, session, rj, err);
+        if (!end_call(self, call))
+          return;
+        observe(self->state, request_stage::hsm, started);
+        hsm_failed(self, h, session, rj, err);
       });
 }
 
@@ -429,6 +469,7 @@ void pump(dispatcher_ptr self) {
       return;
     hold h{i, ++st.next_token};
     s.holder = h.token;
+    observe(st, request_stage::queue_wait, rj->queued_at);
     if (rj->rec)
       run_sign(self, h, std::move(*rj));
     else
@@ -464,6 +505,7 @@ void looked_up(dispatcher_ptr self, job j, key_lookup& found) {
 void accept(dispatcher_ptr self, job& j) {
   auto& st = self->state;
   ++st.held;
+  publish(st);
   if (st.stopping)
     return report(self, answer(j, keys::shutting_down()));
   if (j.kind == job_kind::generate_key)
@@ -478,18 +520,22 @@ void accept(dispatcher_ptr self, job& j) {
   };
   auto call = begin_call(self, st.cfg.store_timeout,
                          [=] { failed(timed_out()); });
+  auto started = std::chrono::steady_clock::now();
   self->request(st.store, caf::infinite, caf::get_atom::value, j.key_id)
     .then(
       [=](key_lookup& found) {
         if (!end_call(self, call))
           return;
+        observe(self->state, request_stage::store, started);
         store_answered(self);
         --self->state.looking_up;
         looked_up(self, j, found);
       },
       [=](caf::error& err) {
-        if (end_call(self, call))
-          failed(err);
+        if (!end_call(self, call))
+          return;
+        observe(self->state, request_stage::store, started);
+        failed(err);
       });
 }
 
@@ -505,6 +551,7 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
   init.sessions.resize(init.cfg.sessions);
   init.supervisor = make_supervisor(caf::actor_cast<dispatcher_actor>(self));
   self->link_to(init.supervisor);
+  publish(init);
   return {
     [=](job_atom, job& j) { accept(self, j); },
     [=](credit_atom) -> caf::result<int64_t> {
@@ -521,6 +568,7 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
     [=](result_atom, job_result& r) {
       // An answer the poller made itself (an invalid request).
       ++self->state.held;
+      publish(self->state);
       report(self, std::move(r));
     },
     [=](session_up_atom, size_t index, hsm_session_actor& handle) {
@@ -530,9 +578,11 @@ dispatcher_impl(dispatcher_ptr self, dispatcher_config cfg, store_actor store,
       s.holder = 0;
       pump(self);
       notify_credit(self);
+      publish(self->state);
     },
     [=](session_down_atom, size_t index) {
       self->state.sessions[index].up = false;
+      publish(self->state);
     },
     [=](deadline_atom, uint64_t seq) { on_deadline(self, seq); },
     [=](drain_atom) -> caf::result<bool> {

@@ -30,10 +30,12 @@
 // configuration) and is linked to it.
 
 #include "messages/interfaces.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/keys/capabilities.hpp"
 
 #include <chrono>
 #include <functional>
+#include <memory>
 
 namespace hsm {
 
@@ -65,6 +67,9 @@ struct dispatcher_config {
   /// is answered as retryable at once (credits keep the driver well below
   /// it unless sessions go down).
   size_t max_queue = 1024;
+  /// Where requests, stage durations, sessions, credits and leases are
+  /// counted; none: not counted.
+  std::shared_ptr<driver_metrics> metrics;
 };
 
 /// Spawns the dispatcher; it spawns its supervisor with `make_supervisor`.

@@ -21,9 +21,19 @@ struct session_state {
 
 using session_ptr = hsm_session_actor::stateful_pointer<session_state>;
 
+/// Counts `err` by function and CKR name if it is a failed PKCS#11 call.
+void count_pkcs11_error(const session_context& ctx, const caf::error& err) {
+  if (!ctx.metrics)
+    return;
+  if (auto rv = pkcs11::rv_of(err))
+    ctx.metrics->count_pkcs11_error(pkcs11::function_of(err).value_or("other"),
+                                    pkcs11::rv_name(*rv));
+}
+
 /// Ends the actor after a session-level failure; the reply still goes out.
 template <class T>
 caf::result<T> fail(session_ptr self, caf::error err) {
+  count_pkcs11_error(*self->state.ctx, err);
   if (is_session_failure(err)) {
     logger("hsm")->warn("[session={}] failed: {}", self->state.index,
                         describe(err));
@@ -63,6 +73,7 @@ session_impl(session_ptr self, std::shared_ptr<const session_context> ctx,
   st.ctx = std::move(ctx);
   st.index = index;
   if (auto err = open_session(st)) {
+    count_pkcs11_error(*st.ctx, err);
     logger("hsm")->error("[session={}] cannot start: {}", index, describe(err));
     self->quit(err);
     return hsm_session_actor::behavior_type::make_empty_behavior();

@@ -9,6 +9,7 @@
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/keys/hsm_step.hpp"
 #include "runtime/pkcs11/module.hpp"
@@ -33,6 +34,8 @@ struct session_context {
   /// brings the token closer to locking the PIN).
   std::shared_ptr<std::atomic<bool>> pin_rejected
     = std::make_shared<std::atomic<bool>>(false);
+  /// Counts failed PKCS#11 calls by CKR name; none: not counted.
+  std::shared_ptr<driver_metrics> metrics;
 };
 
 /// Spawns the session actor for session `index`; it sends

@@ -32,7 +32,11 @@ void poll_once(poller_ptr self, int64_t credit) {
   // the response cap; with more credit the next poll follows at once.
   auto max = std::min(static_cast<size_t>(credit), net::max_poll_requests);
   auto reply = st.link->poll(max, st.cfg.poll_wait);
+  auto& metrics = st.cfg.metrics;
   if (!reply || reply->status != 200) {
+    if (metrics)
+      metrics->count_poll_error(reply ? poll_error::http_status
+                                      : poll_error::unreachable);
     st.backoff = std::clamp(st.backoff * 2, st.cfg.backoff_min,
                             st.cfg.backoff_max);
     log->warn("poll failed: {}; retrying in ~{} ms",
@@ -44,6 +48,8 @@ void poll_once(poller_ptr self, int64_t credit) {
   }
   auto polled = keys::read_poll(reply->body, max);
   if (!polled) {
+    if (metrics)
+      metrics->count_poll_error(poll_error::bad_response);
     // A proxy that keeps answering garbage is backed off like one that
     // fails: its leases (if any) expire and the requests come back.
     st.backoff = std::clamp(st.backoff * 2, st.cfg.backoff_min,
@@ -54,6 +60,8 @@ void poll_once(poller_ptr self, int64_t credit) {
     return;
   }
   st.backoff = std::chrono::milliseconds{0};
+  if (metrics)
+    metrics->proxy_reached();
   // One line per poll for everything a broken proxy sent beyond what can be
   // served; none of it is echoed (ids and leases that fail the checks are
   // not fit for a log).

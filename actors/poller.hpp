@@ -14,6 +14,7 @@
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/net/proxy_client.hpp"
 
 #include <atomic>
@@ -35,6 +36,8 @@ struct poller_config {
   std::shared_ptr<std::atomic<bool>> stopping
     = std::make_shared<std::atomic<bool>>(false);
   spawn_mode mode = spawn_mode::detached;
+  /// Counts poll errors and successes with the proxy; none: not counted.
+  std::shared_ptr<driver_metrics> metrics;
 };
 
 /// Spawns the poller; it owns `link` and starts polling at once.

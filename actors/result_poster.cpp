@@ -77,6 +77,14 @@ std::vector<outcome> post(poster_state& st,
   auto reply = st.link->post_result(
     single ? net::encode_result(batch.front(), st.link->driver_id())
            : net::encode_results(batch, st.link->driver_id()));
+  auto count = [&st](post_error why) {
+    if (st.cfg.metrics)
+      st.cfg.metrics->count_post_error(why);
+  };
+  if (!reply || reply->status >= 500)
+    count(reply ? post_error::server_error : post_error::unreachable);
+  else if (st.cfg.metrics)
+    st.cfg.metrics->proxy_reached();
   if (!reply || reply->status >= 500) {
     log->warn("posting {} result(s) failed: {}", batch.size(),
               reply ? "HTTP " + std::to_string(reply->status)
@@ -90,6 +98,7 @@ std::vector<outcome> post(poster_state& st,
     return all(outcome::done);
   }
   if (reply->status != 200) {
+    count(post_error::refused);
     log->error("{} result(s) refused with HTTP {}: {}; dropped (the requests "
                "will be redelivered)",
                batch.size(), reply->status, net::printable(reply->body, 200));
@@ -99,6 +108,7 @@ std::vector<outcome> post(poster_state& st,
     return all(outcome::done);
   auto statuses = net::decode_result_statuses(reply->body, batch);
   if (!statuses) {
+    count(post_error::bad_response);
     log->error("the proxy's answer to a batch of {} result(s) is unreadable "
                "({}); they will be redelivered",
                batch.size(), describe(statuses.error()));
@@ -117,6 +127,7 @@ std::vector<outcome> post(poster_state& st,
         out.push_back(outcome::done);
         break;
       case net::result_status::refused:
+        count(post_error::refused);
         log->error("[req={}] result refused by the proxy; dropped (the "
                    "request will be redelivered)",
                    batch[i].id);

@@ -27,6 +27,7 @@
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
+#include "runtime/base/metrics.hpp"
 #include "runtime/net/proxy_client.hpp"
 
 #include <atomic>
@@ -45,6 +46,8 @@ struct result_poster_config {
   /// Results in one post at most.
   size_t max_batch = 64;
   spawn_mode mode = spawn_mode::detached;
+  /// Counts post errors and successes with the proxy; none: not counted.
+  std::shared_ptr<driver_metrics> metrics;
 };
 
 /// Spawns the poster; it owns `link`. With `audit` (not null), results of

@@ -39,6 +39,8 @@ void start_session(supervisor_ptr self, size_t index) {
   auto& st = self->state;
   auto& s = st.sessions[index];
   ++s.generation;
+  if (s.generation > 1 && st.cfg.metrics)
+    st.cfg.metrics->count_session_restart();
   s.handle = st.cfg.spawn_session(self->system(), index, s.generation,
                                   caf::actor_cast<session_supervisor_actor>(
                                     self));

@@ -14,6 +14,7 @@
 // it (`session_ok_atom` from the dispatcher).
 
 #include "actors/hsm_session.hpp"
+#include "runtime/base/metrics.hpp"
 
 #include <chrono>
 #include <functional>
@@ -43,6 +44,8 @@ struct supervisor_config {
   std::function<void(const std::string&)> on_fatal;
   /// Makes the session actors.
   session_factory spawn_session;
+  /// Counts session restarts; none: not counted.
+  std::shared_ptr<driver_metrics> metrics;
 };
 
 /// The factory of real sessions on the token of `ctx`.

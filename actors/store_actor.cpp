@@ -89,9 +89,26 @@ struct store_state {
   /// A `flush_atom` is on its way to the actor.
   bool flush_scheduled = false;
   store_stats stats;
+  std::shared_ptr<driver_metrics> metrics;
+  store_role role = store_role::keys;
+  /// When the database last answered (success or failure), on the actor
+  /// clock.
+  caf::actor_clock::time_point answered_at;
 };
 
 using store_ptr = storage_actor::stateful_pointer<store_state>;
+
+/// The database answered an operation `op` at `now`: with success or an
+/// error.
+void answered(store_state& s, caf::actor_clock::time_point now, store_op op,
+              bool ok) {
+  s.answered_at = now;
+  if (!s.metrics)
+    return;
+  s.metrics->store_answered(s.role, ok);
+  if (!ok)
+    s.metrics->count_store_error(op);
+}
 
 /// Commits the oldest pending puts (at most `max_group`) with one
 /// `put_many`, then answers each of them: with its result after the commit,
@@ -115,6 +132,7 @@ void commit_group(store_ptr self) {
     res = store::make_query_failed(
       store::put_label(recs) + ": " + std::to_string(res->size())
       + " results for " + std::to_string(n) + " records");
+  answered(s, self->clock().now(), store_op::put, static_cast<bool>(res));
   if (!res) {
     ++s.stats.failed_groups;
     logger("store")->warn("{}: {}", store::put_label(recs),
@@ -138,6 +156,13 @@ storage_actor::behavior_type store_impl(store_ptr self,
   self->state.driver_id = cfg.driver_id;
   self->state.max_group = std::max(cfg.max_group, size_t{1});
   self->state.cache = record_cache{cfg.cache_capacity};
+  self->state.metrics = cfg.metrics;
+  self->state.role = cfg.role;
+  self->state.answered_at = self->clock().now();
+  auto health_interval = cfg.metrics ? cfg.health_interval
+                                     : std::chrono::milliseconds{0};
+  if (health_interval.count() > 0)
+    self->delayed_send(self, health_interval, caf::ping_atom_v);
   // Puts already taken in were promised a commit: keep that promise on an
   // orderly stop. `kill` cannot be trapped; its requesters time out.
   self->set_exit_handler([self](caf::exit_msg& msg) {
@@ -155,6 +180,7 @@ storage_actor::behavior_type store_impl(store_ptr self,
       }
       ++s.stats.cache_misses;
       auto rec = s.st->get(key_id);
+      answered(s, self->clock().now(), store_op::get, static_cast<bool>(rec));
       if (!rec)
         return std::move(rec.error());
       if (!*rec)
@@ -177,6 +203,8 @@ storage_actor::behavior_type store_impl(store_ptr self,
     [self](audit_atom, const audit_batch& batch) -> caf::result<bool> {
       auto& s = self->state;
       auto rows = s.st->append_audit(s.driver_id, batch.entries);
+      answered(s, self->clock().now(), store_op::audit,
+               static_cast<bool>(rows));
       auto log = logger("audit");
       if (!rows) {
         ++s.stats.failed_audits;
@@ -205,6 +233,15 @@ storage_actor::behavior_type store_impl(store_ptr self,
         s.flush_scheduled = false;
       else
         self->send(self, flush_atom_v);
+    },
+    [self, health_interval](caf::ping_atom) {
+      // The health check: ask the database only when it has been quiet.
+      auto& s = self->state;
+      auto now = self->clock().now();
+      if (now - s.answered_at >= health_interval)
+        answered(s, now, store_op::ping,
+                 static_cast<bool>(s.st->schema_version()));
+      self->delayed_send(self, health_interval, caf::ping_atom_v);
     },
     [self](stats_atom) {
       auto& s = self->state;

@@ -17,8 +17,10 @@
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"
+#include "runtime/base/metrics.hpp"
 #include "store/key_store.hpp"
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -42,6 +44,15 @@ struct store_actor_config {
   /// The audit chain this actor appends to (`audit_atom`): the driver id.
   std::string driver_id;
   spawn_mode mode = spawn_mode::detached;
+  /// Counts store errors and tells whether the store answers; none: not
+  /// counted.
+  std::shared_ptr<driver_metrics> metrics;
+  /// Which connection this actor is, for the metrics.
+  store_role role = store_role::keys;
+  /// With metrics: when the store has not answered for this long, the
+  /// actor asks it (`schema_version`) so that readiness notices a database
+  /// that went away while idle; 0: never.
+  std::chrono::milliseconds health_interval{0};
 };
 
 /// Spawns the storage actor; it takes ownership of `st`. The handle

@@ -20,6 +20,8 @@ packages=(
   nlohmann-json3-dev libspdlog-dev libfmt-dev libcli11-dev
   # HTTP: client (driver) and server (reference proxy)
   libcurl4-openssl-dev libcpp-httplib-dev curl
+  # metrics: prometheus-cpp's core library (registry, metric types, text format)
+  prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev
   # `hsm-driver bench --plot`: renders the session sweep as a PNG

@@ -89,10 +89,12 @@ struct store_stats {
 
 /// The storage actor as spawned: a `store_actor` and an `audit_actor`
 /// (which its handle converts to) plus `flush_atom`, the group-commit
-/// message it sends itself, and `stats_atom`, its counters.
+/// message it sends itself, `ping_atom`, its health check's timer, and
+/// `stats_atom`, its counters.
 using storage_actor
   = store_actor::extend<caf::replies_to<audit_atom, audit_batch>::with<bool>,
                         caf::reacts_to<flush_atom>,
+                        caf::reacts_to<caf::ping_atom>,
                         caf::replies_to<stats_atom>::with<store_stats>>;
 
 /// Posts results to the proxy. Replies `true` once a result is posted (or

@@ -212,6 +212,18 @@ void add_run_flags(CLI::App* cmd, run_flags& f) {
                   "certificate expires within DAYS days",
                   "HSM_CERT_WARN_DAYS", num(net::default_cert_warn_days)},
                  f.cert_warn_days);
+  add_documented(cmd,
+                 {"--metrics-listen", "HOST:PORT",
+                  "serve /metrics (Prometheus), /healthz and /readyz here, "
+                  "plain HTTP; a loopback address unless "
+                  "--metrics-allow-remote; port 0 picks a free one; off: "
+                  "not served",
+                  "HSM_METRICS_LISTEN", "off (dev: 127.0.0.1:0)"},
+                 f.metrics_listen);
+  cmd->add_flag("--metrics-allow-remote", f.metrics_allow_remote,
+                "let --metrics-listen name an address that is not loopback "
+                "(it has no authentication: put TLS and access control in "
+                "front)");
 }
 
 /// Refuses anything that looks like a PIN on the command line, without

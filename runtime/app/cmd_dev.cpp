@@ -138,6 +138,8 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
     flags.driver_id = std::string{dev_driver_id};
   if (flags.poll_wait_ms == default_poll_wait_ms)
     flags.poll_wait_ms = dev_poll_wait_ms;
+  if (flags.metrics_listen.empty() && !process_env()("HSM_METRICS_LISTEN"))
+    flags.metrics_listen = std::string{dev_metrics_listen};
   auto opts = resolve_run_options(cfg, flags, process_env());
   if (!opts)
     return fail(opts.error());
@@ -161,10 +163,12 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
     demo.push_back(std::move(entry));
   }
   auto admin = "http://127.0.0.1:" + std::to_string((*proxy)->admin_port());
+  auto metrics = (*d)->metrics_url();
   print(json{{"ok", all_ok},
              {"data_dir", dir.string()},
              {"proxy", flags.proxy_addr},
              {"admin_api", admin},
+             {"metrics", metrics ? *metrics + "/metrics" : "off"},
              {"demo", demo}});
   // One line per kind that enqueues, waits for the answer and prints it.
   auto curl = "curl -s -H \"Authorization: Bearer $(cat " + token_file.string()
@@ -178,8 +182,12 @@ int cmd_dev(driver_config cfg, run_flags flags, const std::string& data_dir,
             << "'{\"kind\":\"sign\",\"params\":{\"key_id\":\"k1\","
                "\"payload\":\"'$(printf hello | sha256sum | cut -c1-64)'\"}}'\n"
             << "The admin API needs the token in " << token_file.string()
-            << " (Authorization: Bearer).\n"
-            << "Ctrl-C (SIGINT) or SIGTERM stops it; SIGHUP reloads the TLS "
+            << " (Authorization: Bearer).\n";
+  if (metrics)
+    std::cerr << "Metrics: curl -s " << *metrics
+              << "/metrics; health: " << *metrics << "/healthz, " << *metrics
+              << "/readyz\n";
+  std::cerr << "Ctrl-C (SIGINT) or SIGTERM stops it; SIGHUP reloads the TLS "
                "files.\n";
   static_cast<void>((*d)->serve_until_stop_signal());
   auto stopped = (*d)->stop();

@@ -12,6 +12,7 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/keys/reconcile.hpp"
+#include "runtime/net/cert_info.hpp"
 
 #include <pthread.h>
 #include <signal.h>
@@ -114,6 +115,38 @@ caf::actor spawn_watchdog(caf::actor_system& sys,
   });
 }
 
+/// Why the driver is no longer alive (`/healthz`): set once, by the first
+/// part that ended or the module lost for good; empty while alive.
+struct liveness_note {
+  std::mutex mtx;
+  std::string why;
+
+  void set(const std::string& text) {
+    std::lock_guard<std::mutex> guard{mtx};
+    if (why.empty())
+      why = text;
+  }
+
+  std::string get() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return why;
+  }
+};
+
+/// `on_fatal`, noting first that the driver is no longer alive.
+std::function<void(const std::string&)>
+noting(std::shared_ptr<liveness_note> note,
+       std::function<void(const std::string&)> on_fatal) {
+  return [note = std::move(note),
+          on_fatal = std::move(on_fatal)](const std::string& why) {
+    note->set(why);
+    if (on_fatal)
+      on_fatal(why);
+    else
+      logger("runtime")->critical("{}", why);
+  };
+}
+
 } // namespace
 
 struct daemon::impl {
@@ -142,12 +175,32 @@ struct daemon::impl {
   daemon_options opts;
   /// Set by the first `stop`.
   std::optional<stop_status> stopped;
+  std::shared_ptr<driver_metrics> metrics;
+  std::shared_ptr<liveness_note> liveness = std::make_shared<liveness_note>();
+  /// Serves `/metrics`, `/healthz`, `/readyz`; stopped before the actor
+  /// system goes (its handlers talk to the dispatcher).
+  std::unique_ptr<net::metrics_server> metrics_server;
 };
 
 caf::expected<std::unique_ptr<daemon>>
 daemon::start(const daemon_options& given) {
   auto log = logger("runtime");
   auto opts = given;
+  // Bound first: a taken port fails the start before the token is opened.
+  std::unique_ptr<net::metrics_server> listener;
+  if (opts.metrics_listen) {
+    auto bound = net::metrics_server::bind(*opts.metrics_listen,
+                                           "--metrics-listen");
+    if (!bound)
+      return bound.error();
+    listener = std::move(*bound);
+  }
+  auto metrics = std::make_shared<driver_metrics>(opts.sessions);
+  if (auto expiry = net::certificate_not_after(opts.proxy.tls.cert))
+    metrics->set_client_certificate_expiry(*expiry);
+  else
+    log->warn("cannot read the expiry of the client certificate: {}",
+              describe(expiry.error()));
   auto pin = pkcs11::secret_pin::from_environment();
   if (!pin)
     return pin.error();
@@ -169,6 +222,8 @@ daemon::start(const daemon_options& given) {
   d->impl_ = std::make_unique<impl>();
   auto& in = *d->impl_;
   in.opts = opts;
+  in.metrics = metrics;
+  in.metrics_server = std::move(listener);
   // From here on the module stays where it is: the sessions point to it.
   in.token = std::make_unique<token_session>(std::move(*tok));
   auto setup = set_up_keys(in.token->sess, opts.cfg);
@@ -197,6 +252,7 @@ daemon::start(const daemon_options& given) {
   ctx->pin = shared_pin;
   ctx->master_keys = setup->plan;
   ctx->caps = caps;
+  ctx->metrics = metrics;
 
   in.sys_cfg = std::make_unique<caf::actor_system_config>();
   // Set from measurement (`hsm-driver bench`, 2 cores): only the
@@ -211,6 +267,10 @@ daemon::start(const daemon_options& given) {
   auto& sys = *in.sys;
   store_actor_config stcfg;
   stcfg.driver_id = opts.proxy.driver_id;
+  stcfg.metrics = metrics;
+  // Readiness notices a database gone while idle within this time.
+  if (in.metrics_server)
+    stcfg.health_interval = std::chrono::seconds{5};
   auto storage = spawn_store_actor(
     sys, std::shared_ptr<store::key_store>(std::move(setup->store)), stcfg);
   in.store = storage;
@@ -219,20 +279,24 @@ daemon::start(const daemon_options& given) {
   // each) run beside the key lookups and puts, not in front of them.
   store_actor_config acfg = stcfg;
   acfg.cache_capacity = 0;
+  acfg.role = store_role::audit;
   in.audit = spawn_store_actor(
     sys, std::shared_ptr<store::key_store>(std::move(*audit_store)), acfg);
-  in.poster = spawn_result_poster(sys, result_poster_config{},
-                                  std::shared_ptr<net::proxy_link>(
-                                    std::move(*post_client)),
-                                  in.stopping, in.audit);
+  result_poster_config rcfg;
+  rcfg.metrics = metrics;
+  in.poster = spawn_result_poster(
+    sys, rcfg, std::shared_ptr<net::proxy_link>(std::move(*post_client)),
+    in.stopping, in.audit);
   dispatcher_config dcfg;
   dcfg.sessions = opts.sessions;
   dcfg.pipeline = opts.pipeline;
   dcfg.caps = caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
+  dcfg.metrics = metrics;
   supervisor_config scfg;
   scfg.sessions = opts.sessions;
-  scfg.on_fatal = opts.on_fatal;
+  scfg.on_fatal = noting(in.liveness, opts.on_fatal);
+  scfg.metrics = metrics;
   scfg.spawn_session = hsm_sessions(ctx);
   in.dispatcher = spawn_dispatcher(
     sys, dcfg, in.store, in.poster, [&sys, scfg](dispatcher_actor dispatcher) {
@@ -241,6 +305,7 @@ daemon::start(const daemon_options& given) {
   poller_config pcfg;
   pcfg.poll_wait = opts.poll_wait;
   pcfg.stopping = in.poll_stopping;
+  pcfg.metrics = metrics;
   in.poller = spawn_poller(
     sys, pcfg, std::shared_ptr<net::proxy_link>(std::move(*poll_client)),
     in.dispatcher);
@@ -251,7 +316,28 @@ daemon::start(const daemon_options& given) {
      {"result poster", caf::actor_cast<caf::actor>(in.poster)},
      {"dispatcher", caf::actor_cast<caf::actor>(in.dispatcher)},
      {"poller", caf::actor_cast<caf::actor>(in.poller)}},
-    in.poll_stopping, opts.on_fatal);
+    in.poll_stopping, noting(in.liveness, opts.on_fatal));
+  if (in.metrics_server) {
+    net::metrics_sources src;
+    src.metrics = metrics;
+    src.proxy_window = proxy_ready_window(opts.poll_wait);
+    // Alive: no part ended, and the dispatcher (on the scheduler) answers.
+    src.liveness = [&sys, note = in.liveness, dispatcher = in.dispatcher] {
+      if (auto why = note->get(); !why.empty())
+        return why;
+      caf::scoped_actor self{sys};
+      std::string out;
+      self->request(dispatcher, std::chrono::seconds{2}, stats_atom::value)
+        .receive([](dispatcher_stats&) {},
+                 [&out](caf::error& err) {
+                   out = "the dispatcher did not answer: " + describe(err);
+                 });
+      return out;
+    };
+    in.metrics_server->serve(std::move(src));
+    log->info("metrics and health on {} (/metrics, /healthz, /readyz)",
+              in.metrics_server->url());
+  }
   log->info("serving: driver {} polls {} with {} session(s)",
             opts.proxy.driver_id, opts.proxy.proxy_addr, opts.sessions);
   return d;
@@ -270,6 +356,8 @@ stop_status daemon::stop() {
   }
   auto log = logger("runtime");
   log->info("stopping: no new polls; draining in-flight work");
+  if (in.metrics)
+    in.metrics->set_stopping();
   {
     caf::scoped_actor self{*in.sys};
     // A poll in progress finishes first (at most the poll wait); what it
@@ -317,6 +405,8 @@ stop_status daemon::stop() {
       // one included), the start-up session and the module stay alive, as
       // they are, until the process exits. Every request was answered or
       // handed back above, and the poller has stopped.
+      if (in.metrics_server)
+        in.metrics_server->stop();
       keep_until_exit(std::move(in.sys_cfg), std::move(in.sys),
                       std::move(in.token));
       in.stopped = stop_status::hsm_call_stuck;
@@ -329,6 +419,8 @@ stop_status daemon::stop() {
     self->send_exit(in.store, caf::exit_reason::user_shutdown);
     self->send_exit(in.audit, caf::exit_reason::user_shutdown);
   }
+  if (in.metrics_server)
+    in.metrics_server->stop();
   in.watchdog = nullptr;
   in.poller = nullptr;
   in.poster = nullptr;
@@ -365,8 +457,13 @@ caf::error daemon::kill_part_for_test(std::string_view part) {
 caf::error daemon::reload_tls() {
   if (!impl_ || !impl_->opts.proxy.material)
     return caf::make_error(caf::sec::invalid_argument);
-  return reload_client_tls(*impl_->opts.proxy.material,
-                           impl_->opts.cert_warn_days);
+  auto err = reload_client_tls(*impl_->opts.proxy.material,
+                               impl_->opts.cert_warn_days);
+  if (!err && impl_->metrics) {
+    if (auto expiry = net::certificate_not_after(impl_->opts.proxy.tls.cert))
+      impl_->metrics->set_client_certificate_expiry(*expiry);
+  }
+  return err;
 }
 
 void daemon::check_cert_expiry() {
@@ -402,6 +499,16 @@ caf::expected<dispatcher_stats> daemon::stats() {
     .receive([&](dispatcher_stats& st) { out = st; },
              [&](caf::error& err) { out = err; });
   return out;
+}
+
+std::shared_ptr<driver_metrics> daemon::metrics() const {
+  return impl_ ? impl_->metrics : nullptr;
+}
+
+std::optional<std::string> daemon::metrics_url() const {
+  if (!impl_ || !impl_->metrics_server)
+    return std::nullopt;
+  return impl_->metrics_server->url();
 }
 
 daemon::~daemon() {

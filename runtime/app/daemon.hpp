@@ -11,13 +11,17 @@
 #include "messages/errors.hpp"
 #include "messages/interfaces.hpp"
 #include "runtime/app/config.hpp"
+#include "runtime/base/metrics.hpp"
+#include "runtime/net/metrics_server.hpp"
 #include "runtime/net/proxy_client.hpp"
 #include "runtime/net/tls_material.hpp"
 #include "runtime/pkcs11/module.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -45,7 +49,18 @@ struct daemon_options {
   /// Warn when the client certificate expires within this many days
   /// (`--cert-warn-days`), at start and once a day.
   int cert_warn_days = net::default_cert_warn_days;
+
+  /// `--metrics-listen`: where `/metrics`, `/healthz` and `/readyz` are
+  /// served; none: nowhere (the metrics are kept all the same).
+  std::optional<net::metrics_listen> metrics_listen;
 };
+
+/// How long `/readyz` accepts since the last success with the proxy: twice
+/// the poll wait, at least 5 s.
+inline std::chrono::milliseconds
+proxy_ready_window(std::chrono::milliseconds poll_wait) {
+  return std::max(2 * poll_wait, std::chrono::milliseconds{5000});
+}
 
 /// How `daemon::stop` ended.
 enum class stop_status {
@@ -91,6 +106,13 @@ public:
   /// Serves until SIGTERM or SIGINT (returned): reloads the TLS files on
   /// SIGHUP and checks the certificate's expiry once a day.
   int serve_until_stop_signal();
+
+  /// The metrics; a certificate reload sets the client certificate's
+  /// expiry here (`set_client_certificate_expiry`).
+  [[nodiscard]] std::shared_ptr<driver_metrics> metrics() const;
+
+  /// `http://HOST:PORT` of the metrics listener; none without one.
+  [[nodiscard]] std::optional<std::string> metrics_url() const;
 
   ~daemon();
 

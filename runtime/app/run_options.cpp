@@ -1,5 +1,8 @@
 #include "runtime/app/run_options.hpp"
 
+#include "runtime/net/host_port.hpp"
+#include "runtime/net/metrics_server.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -100,6 +103,23 @@ caf::expected<daemon_options> resolve_run_options(const driver_config& cfg,
   o.hsm_timeout = std::chrono::milliseconds{flags.hsm_timeout_ms};
   o.drain_timeout = std::chrono::milliseconds{flags.drain_timeout_ms};
   o.poll_wait = std::chrono::milliseconds{flags.poll_wait_ms};
+  auto metrics = flag_or_env(flags.metrics_listen, "HSM_METRICS_LISTEN", env);
+  if (!metrics.empty() && metrics != "off") {
+    auto hp = net::parse_host_port(metrics, "--metrics-listen",
+                                   net::port_zero::allowed);
+    if (!hp)
+      return hp.error();
+    if (!flags.metrics_allow_remote && !net::is_loopback_host(hp->host))
+      return caf::make_error(
+        config_errc::invalid_option, std::string{"--metrics-listen"},
+        "--metrics-listen must name a loopback address (127.0.0.1, ::1, "
+        "localhost), not '"
+          + hp->host
+          + "': it is plain HTTP without authentication; add "
+            "--metrics-allow-remote to serve it on another address");
+    o.metrics_listen = net::metrics_listen{hp->host, hp->port,
+                                           flags.metrics_allow_remote};
+  }
   return o;
 }
 

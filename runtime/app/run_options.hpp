@@ -71,7 +71,17 @@ struct run_flags {
   /// this many days; empty: `HSM_CERT_WARN_DAYS`, else
   /// `net::default_cert_warn_days`.
   std::string cert_warn_days;
+  /// `--metrics-listen`: `host:port` of `/metrics`, `/healthz` and
+  /// `/readyz`; none (and `off`): not served.
+  std::string metrics_listen;
+  /// `--metrics-allow-remote`: lets `--metrics-listen` name an address
+  /// that is not loopback.
+  bool metrics_allow_remote = false;
 };
+
+/// The metrics listener of `dev` when `--metrics-listen` is not given: a
+/// free loopback port.
+inline constexpr std::string_view dev_metrics_listen = "127.0.0.1:0";
 
 /// Checks `flags` and fills in the environment (`PROXY_ADDR`, `CA_CERT`,
 /// `CLIENT_CERT`, `CLIENT_KEY`, `HSM_DRIVER_ID`); the driver id defaults to

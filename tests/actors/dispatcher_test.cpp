@@ -209,6 +209,7 @@ protected:
       dcfg.caps.schemes[i].detail = "not wrappable";
     }
     dcfg.hsm_timeout = std::chrono::seconds{1};
+    dcfg.metrics = metrics;
     auto w = world;
     dispatcher = hsm::spawn_dispatcher(sys, dcfg, store, poster,
                                        [this, w](dispatcher_actor) {
@@ -264,6 +265,8 @@ protected:
   }
 
   std::shared_ptr<fake_world> world = std::make_shared<fake_world>();
+  /// Given to the dispatcher when set before `spawn_dispatcher_with`.
+  std::shared_ptr<driver_metrics> metrics;
   store_actor store;
   result_poster_actor poster;
   dispatcher_actor dispatcher;
@@ -455,6 +458,51 @@ TEST_F(DispatcherTest, UnknownKeyAndUnservedSchemeNeverReachASession) {
   EXPECT_EQ(code_of["u"], "unknown_key");
   EXPECT_EQ(code_of["ed"], "scheme_unsupported");
   EXPECT_EQ(world->session_calls, 0);
+}
+
+TEST_F(DispatcherTest, MetricsCountEveryAnswerAndFollowSessionsAndLeases) {
+  metrics = std::make_shared<driver_metrics>(2);
+  spawn_dispatcher_with(2);
+  auto value = [&](const char* name,
+                   std::vector<std::pair<std::string, std::string>> l = {}) {
+    return metrics->value(name, l);
+  };
+  EXPECT_EQ(value("hsm_driver_sessions_healthy"), 0);
+  EXPECT_EQ(value("hsm_driver_credits"), 0);
+  self->send(dispatcher, session_up_atom::value, size_t{0}, session());
+  sched.run();
+  EXPECT_EQ(value("hsm_driver_sessions_healthy"), 1);
+  EXPECT_EQ(value("hsm_driver_credits"), 2);
+  self->send(dispatcher, job_atom::value, sign_job("s1"));
+  self->send(dispatcher, job_atom::value, sign_job("u", "missing"));
+  job_result invalid;
+  invalid.id = "bad";
+  invalid.lease = "l";
+  invalid.outcome = error_result{"invalid_request", "no kind", false};
+  self->send(dispatcher, result_atom::value, invalid);
+  sched.run();
+  ASSERT_EQ(world->posted.size(), 3u);
+  auto requests = [&](const char* kind, const char* outcome) {
+    return value("hsm_driver_requests_total",
+                 {{"kind", kind}, {"outcome", outcome}});
+  };
+  EXPECT_EQ(requests("sign", "ok"), 1);
+  EXPECT_EQ(requests("sign", "unknown_key"), 1);
+  EXPECT_EQ(requests("invalid", "invalid_request"), 1);
+  EXPECT_EQ(requests("generate_key", "ok"), 0);
+  auto stage = [&](const char* name) {
+    return value("hsm_driver_stage_duration_seconds", {{"stage", name}});
+  };
+  EXPECT_EQ(stage("hsm"), 1);
+  EXPECT_EQ(stage("queue_wait"), 1);
+  EXPECT_EQ(stage("store"), 2); // two lookups
+  EXPECT_EQ(stage("post"), 3);
+  EXPECT_EQ(value("hsm_driver_leases_held"), 0);
+  EXPECT_EQ(value("hsm_driver_credits"), 2);
+  self->send(dispatcher, session_down_atom::value, size_t{0});
+  sched.run();
+  EXPECT_EQ(value("hsm_driver_sessions_healthy"), 0);
+  EXPECT_EQ(value("hsm_driver_credits"), 0);
 }
 
 TEST_F(DispatcherTest, StopHandsBackQueuedJobs) {

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -37,6 +38,8 @@ struct store_log {
   std::function<void()> on_put_many;
   /// Fail every put_many with `store_errc::unavailable`.
   bool fail = false;
+  /// Fail `schema_version` (the health check) with `store_errc::unavailable`.
+  bool fail_ping = false;
   std::map<std::string, key_record> rows;
 };
 
@@ -85,6 +88,9 @@ public:
   }
 
   caf::expected<int> schema_version() override {
+    log_->calls.push_back("schema_version");
+    if (log_->fail_ping)
+      return store::make_unavailable("scripted failure");
     return 1;
   }
 
@@ -395,6 +401,59 @@ TEST_F(StoreActorTest, CommittedRecordsAreCachedMissingKeysAreNot) {
   EXPECT_EQ(s.cache_misses, 2u);
   EXPECT_EQ(log->calls, (std::vector<std::string>{"put_many fresh",
                                                   "get nobody", "get nobody"}));
+}
+
+// -- health -------------------------------------------------------------------
+
+TEST_F(StoreActorTest, QuietStoreIsAskedSoThatReadinessSeesItGone) {
+  using std::chrono::seconds;
+  auto metrics = std::make_shared<driver_metrics>(1);
+  store_actor_config c;
+  c.mode = spawn_mode::scheduled;
+  c.metrics = metrics;
+  c.health_interval = seconds{5};
+  testee = spawn_store_actor(sys, std::make_shared<scripted_store>(log), c);
+  sched.run();
+  auto up = [&] {
+    return metrics->value("hsm_driver_store_up", {{"connection", "keys"}});
+  };
+  auto pings = [&] {
+    return std::count(log->calls.begin(), log->calls.end(), "schema_version");
+  };
+  auto h = send_put(make_key("a"));
+  sched.run();
+  ASSERT_TRUE(answer(h));
+  EXPECT_EQ(up(), 1);
+  // Quiet for the interval: the store is asked, and found gone.
+  log->fail_ping = true;
+  sched.advance_time(seconds{5});
+  sched.run();
+  EXPECT_EQ(pings(), 1);
+  EXPECT_EQ(up(), 0);
+  EXPECT_EQ(metrics->value("hsm_driver_store_errors_total",
+                           {{"operation", "ping"}}),
+            1);
+  // Back: the next check says so.
+  log->fail_ping = false;
+  sched.advance_time(seconds{5});
+  sched.run();
+  EXPECT_EQ(pings(), 2);
+  EXPECT_EQ(up(), 1);
+  // A store that answered within the interval is not asked.
+  sched.advance_time(seconds{3});
+  sched.run();
+  EXPECT_TRUE(get("b"));
+  sched.advance_time(seconds{2});
+  sched.run();
+  EXPECT_EQ(pings(), 2);
+  // A failed operation counts as the store being gone too.
+  log->fail = true;
+  auto failed = send_put(make_key("c"));
+  sched.run();
+  EXPECT_FALSE(answer(failed));
+  EXPECT_EQ(up(), 0);
+  EXPECT_EQ(
+    metrics->value("hsm_driver_store_errors_total", {{"operation", "put"}}), 1);
 }
 
 TEST_F(StoreActorTest, DefaultCacheCapacityIsTheNamedConstant) {

@@ -503,7 +503,13 @@ TEST_F(EngineTest, StopWithAHungCallEndsWithinItsBoundsAndSaysSo) {
   o.hsm_timeout = 500ms;
   o.drain_timeout = 2000ms;
   o.abandon_grace = 1000ms;
+  o.metrics_listen = net::metrics_listen{"127.0.0.1", 0, false};
   start_daemon(o);
+  auto url = drv->metrics_url();
+  ASSERT_TRUE(url);
+  auto metrics_port = static_cast<uint16_t>(
+    std::stoul(url->substr(url->rfind(':') + 1)));
+  EXPECT_TRUE(admin_http(metrics_port, "", "GET", "/healthz"));
   ASSERT_TRUE(generate("stuck", "p256")["ok"].get<bool>());
   held_call = plan->counts.sign.load() + 1;
   // Served elsewhere once the hung call is abandoned.
@@ -522,6 +528,8 @@ TEST_F(EngineTest, StopWithAHungCallEndsWithinItsBoundsAndSaysSo) {
   EXPECT_LT(took, o.poll_wait + o.drain_timeout + o.abandon_grace + 2s);
   EXPECT_GE(took, o.abandon_grace);
   EXPECT_EQ(released.load(), 0);
+  // The metrics listener is closed, although the actor system is kept.
+  EXPECT_FALSE(admin_http(metrics_port, "", "GET", "/healthz"));
   // The abandoned call returns and its session closes before this process
   // exits: exit handlers (SoftHSMv2's and OpenSSL's free the mutexes and
   // tables that thread uses) must not run under a thread still inside the
@@ -945,6 +953,18 @@ TEST_F(EngineTest, DevModeRunsTheDemoAndServesUntilSigterm) {
       30s, "the dev mode to answer " + key_id, 20ms))
       << state.dump();
     EXPECT_TRUE(state.is_object() && state.value("ok", false)) << state.dump();
+    // It serves its metrics on a loopback port and printed where.
+    static const std::regex metrics_url{
+      R"re("metrics": "http://127\.0\.0\.1:([0-9]+)/metrics")re"};
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(text, m, metrics_url)) << text;
+    auto metrics = admin_http(static_cast<uint16_t>(std::stoul(m[1].str())), "",
+                              "GET", "/metrics");
+    ASSERT_TRUE(metrics);
+    EXPECT_NE(metrics->find(
+                "hsm_driver_requests_total{kind=\"sign\",outcome=\"ok\"} 3\n"),
+              std::string::npos)
+      << *metrics;
     ::kill(p.pid, SIGTERM);
     EXPECT_EQ(test::wait_exit(p, 30000), 0);
     // The same keys on the second run: the folder is reused.

@@ -1,0 +1,142 @@
+// The metrics and health listener over real HTTP on loopback: what each
+// endpoint answers, the loopback rule, the Host check, and a taken port.
+
+#include "runtime/net/metrics_server.hpp"
+
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+namespace hsm::net {
+namespace {
+
+using json = nlohmann::json;
+
+std::unique_ptr<metrics_server>
+bound(metrics_listen where = {"127.0.0.1", 0, false}) {
+  auto s = metrics_server::bind(where, "--metrics-listen");
+  if (!s) {
+    ADD_FAILURE() << describe(s.error());
+    return nullptr;
+  }
+  return std::move(*s);
+}
+
+TEST(MetricsServerTest, ServesMetricsLivenessAndReadiness) {
+  auto metrics = std::make_shared<driver_metrics>(2);
+  auto alive = std::make_shared<std::atomic<bool>>(true);
+  auto srv = bound();
+  ASSERT_TRUE(srv);
+  ASSERT_NE(srv->port(), 0);
+  EXPECT_EQ(srv->url(), "http://127.0.0.1:" + std::to_string(srv->port()));
+  metrics_sources src;
+  src.metrics = metrics;
+  src.liveness = [alive] {
+    return alive->load() ? std::string{} : std::string{"the poller ended"};
+  };
+  srv->serve(src);
+  httplib::Client cli{"127.0.0.1", srv->port()};
+  auto job = job_kind::sign;
+  metrics->count_request(&job, "ok");
+  auto m = cli.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->status, 200);
+  EXPECT_EQ(m->get_header_value("Content-Type"),
+            "text/plain; version=0.0.4; charset=utf-8");
+  EXPECT_NE(m->body.find("hsm_driver_requests_total{kind=\"sign\",outcome="
+                         "\"ok\"} 1"),
+            std::string::npos)
+    << m->body;
+  auto h = cli.Get("/healthz");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200) << h->body;
+  // Not ready: no session, the proxy never reached.
+  auto r = cli.Get("/readyz");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 503);
+  auto body = json::parse(r->body, nullptr, false);
+  ASSERT_TRUE(body.is_object()) << r->body;
+  EXPECT_EQ(body["ready"], false);
+  EXPECT_TRUE(body["not_ready"].contains("sessions")) << r->body;
+  EXPECT_TRUE(body["not_ready"].contains("proxy")) << r->body;
+  EXPECT_FALSE(body["not_ready"].contains("store")) << r->body;
+  metrics->set_dispatch_state(2, 4, 0);
+  metrics->proxy_reached();
+  r = cli.Get("/readyz");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200) << r->body;
+  alive->store(false);
+  h = cli.Get("/healthz");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 503);
+  EXPECT_NE(h->body.find("the poller ended"), std::string::npos) << h->body;
+  auto missing = cli.Get("/v1/poll");
+  ASSERT_TRUE(missing);
+  EXPECT_EQ(missing->status, 404);
+  srv->stop();
+  EXPECT_FALSE(cli.Get("/metrics")) << "still answering after stop";
+}
+
+TEST(MetricsServerTest, RefusesAnAddressThatIsNotLoopbackUnlessAllowed) {
+  auto refused = metrics_server::bind({"0.0.0.0", 0, false},
+                                      "--metrics-listen");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error(), config_errc::invalid_option);
+  EXPECT_NE(describe(refused.error()).find("--metrics-listen"),
+            std::string::npos);
+  auto allowed = metrics_server::bind({"0.0.0.0", 0, true}, "--metrics-listen");
+  ASSERT_TRUE(allowed) << describe(allowed.error());
+  EXPECT_TRUE(is_loopback_host("127.0.0.2"));
+  EXPECT_TRUE(is_loopback_host("::1"));
+  EXPECT_TRUE(is_loopback_host("localhost"));
+  EXPECT_FALSE(is_loopback_host("10.0.0.1"));
+  EXPECT_FALSE(is_loopback_host("::"));
+  EXPECT_FALSE(is_loopback_host("metrics.example"));
+}
+
+TEST(MetricsServerTest, LoopbackListenerRefusesAForeignHostHeader) {
+  auto srv = bound();
+  ASSERT_TRUE(srv);
+  metrics_sources src;
+  src.metrics = std::make_shared<driver_metrics>(1);
+  src.liveness = [] { return std::string{}; };
+  srv->serve(src);
+  httplib::Client cli{"127.0.0.1", srv->port()};
+  auto foreign = cli.Get("/metrics", {{"Host", "rebound.example:80"}});
+  ASSERT_TRUE(foreign);
+  EXPECT_EQ(foreign->status, 403);
+  auto local = cli.Get("/metrics", {{"Host", "localhost"}});
+  ASSERT_TRUE(local);
+  EXPECT_EQ(local->status, 200);
+}
+
+TEST(MetricsServerTest, ATakenPortFailsTheBindAndNamesTheFlag) {
+  auto first = bound();
+  ASSERT_TRUE(first);
+  auto second = metrics_server::bind({"127.0.0.1", first->port(), false},
+                                     "--metrics-listen");
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error(), net_errc::unreachable);
+  EXPECT_NE(describe(second.error()).find("--metrics-listen"),
+            std::string::npos)
+    << describe(second.error());
+}
+
+TEST(MetricsServerTest, BoundButNeverServedReleasesThePort) {
+  uint16_t port = 0;
+  {
+    auto srv = bound();
+    ASSERT_TRUE(srv);
+    port = srv->port();
+  }
+  auto again = metrics_server::bind({"127.0.0.1", port, false},
+                                    "--metrics-listen");
+  EXPECT_TRUE(again) << describe(again.error());
+}
+
+} // namespace
+} // namespace hsm::net

@@ -12,9 +12,9 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::vector<hsm::job_result> sent{
-    {"a", "la", hsm::error_result{"unknown_key", "no such key", false}, {}},
-    {"b", "lb", hsm::error_result{"hsm_unavailable", "down", true}, {}},
-    {"a", "lc", hsm::error_result{"invalid_request", "dup id", false}, {}},
+    {"a", "la", hsm::error_result{"unknown_key", "no such key", false}, {}, {}},
+    {"b", "lb", hsm::error_result{"hsm_unavailable", "down", true}, {}, {}},
+    {"a", "lc", hsm::error_result{"invalid_request", "dup id", false}, {}, {}},
   };
   std::string_view body{reinterpret_cast<const char*>(data), size};
   auto st = hsm::net::decode_result_statuses(body, sent);

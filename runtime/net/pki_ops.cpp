@@ -682,7 +682,7 @@ caf::expected<leaf_output> issue_leaf(const issuer_files& ca,
 }
 
 caf::error write_pem_file(const std::filesystem::path& path,
-                          std::string_view data, unsigned mode) {
+                          std::string_view data, unsigned mode, pem_write how) {
   auto tmp = path;
   tmp += ".tmp";
   auto tmp_str = tmp.string();
@@ -699,7 +699,8 @@ caf::error write_pem_file(const std::filesystem::path& path,
     return caf::make_error(config_errc::bad_file, path.string(),
                            std::string{"cannot create: "}
                              + std::strerror(errno));
-  // The umask may have cleared bits of `mode`; never add any it did not.
+  // Exactly `mode`, whatever the umask (certificates stay 0644 under
+  // UMask=0077; keys are 0600 either way).
   if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
     auto err = errno;
     ::close(fd);
@@ -724,6 +725,21 @@ caf::error write_pem_file(const std::filesystem::path& path,
   }
   if (::close(fd) != 0)
     return fail("cannot write", errno);
+  if (how == pem_write::create_new) {
+    // link() never replaces: an existing file (a key in use) stays.
+    if (::link(tmp_str.c_str(), path.c_str()) != 0) {
+      auto err = errno;
+      ::unlink(tmp_str.c_str());
+      return caf::make_error(
+        config_errc::bad_file, path.string(),
+        err == EEXIST ? std::string{"exists; move it away first (a "
+                                    "key or certificate is never "
+                                    "overwritten)"}
+                      : std::string{"cannot create: "} + std::strerror(err));
+    }
+    ::unlink(tmp_str.c_str());
+    return caf::none;
+  }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
   if (ec) {

@@ -166,9 +166,20 @@ struct issuer_files {
 [[nodiscard]] caf::expected<leaf_output> issue_leaf(const issuer_files& ca,
                                                     const leaf_spec& spec);
 
-/// Writes `data` to `path` through a temporary file and a rename, with
+/// Whether `write_pem_file` may replace an existing file.
+enum class pem_write : uint8_t {
+  /// Replace it atomically (a renewal put in place for SIGHUP).
+  replace,
+  /// Fail if `path` exists (`pki csr`, `pki issue-leaf`: a key in use is
+  /// never overwritten).
+  create_new,
+};
+
+/// Writes `data` to `path` through a temporary file and a rename (or, with
+/// `pem_write::create_new`, a link that fails if `path` exists), with
 /// `mode` from creation on (0600 for keys).
 [[nodiscard]] caf::error write_pem_file(const std::filesystem::path& path,
-                                        std::string_view data, unsigned mode);
+                                        std::string_view data, unsigned mode,
+                                        pem_write how = pem_write::replace);
 
 } // namespace hsm::net

@@ -235,6 +235,8 @@ struct proxy_client::impl {
   /// The TLS files; `generation` is the set this handle was made with.
   std::shared_ptr<tls_source> source;
   uint64_t generation = 0;
+  /// True once `setup` made the handle for `generation` whole.
+  bool ready = false;
 
   ~impl() {
     if (curl != nullptr)
@@ -246,7 +248,7 @@ struct proxy_client::impl {
   /// handle's connections close, and the next call connects with the new
   /// set. Calls on one client are sequential, so none is in flight here.
   caf::error refresh() {
-    if (source->current().second == generation)
+    if (ready && source->current().second == generation)
       return caf::none;
     if (curl != nullptr) {
       curl_easy_cleanup(curl);
@@ -260,6 +262,9 @@ struct proxy_client::impl {
   /// Sets the options that stay for the handle's life.
   caf::error setup() {
     auto [material, gen] = source->current();
+    // `ready` only once the handle is made (the end of this function), so
+    // that a failed set-up is tried again on the next call.
+    ready = false;
     generation = gen;
     curl = curl_easy_init();
     if (curl == nullptr)
@@ -308,6 +313,9 @@ struct proxy_client::impl {
     // Only the configured CA: not the system's bundle file or directory.
     set(CURLOPT_CAINFO, static_cast<char*>(nullptr));
     set(CURLOPT_CAPATH, static_cast<char*>(nullptr));
+    // Only a root anchors a chain (libcurl would otherwise let OpenSSL stop
+    // at any certificate of the CA blob).
+    set(CURLOPT_SSL_OPTIONS, static_cast<long>(CURLSSLOPT_NO_PARTIALCHAIN));
     // The leaf and its intermediates: a proxy that trusts only the
     // vendor's root still gets the chain up to it.
     set(CURLOPT_SSLCERT_BLOB, &cert);
@@ -330,6 +338,7 @@ struct proxy_client::impl {
       return caf::make_error(net_errc::tls_failed,
                              std::string{"cannot configure libcurl"},
                              std::string{curl_easy_strerror(rc)});
+    ready = true;
     return caf::none;
   }
 

@@ -198,7 +198,14 @@ load_client_tls(const tls_files& files, const client_tls_options& opts) {
     return cert_error("--client-key", cert_cause::unreadable,
                       "'" + files.key.string()
                         + "' holds no unencrypted private key in PEM");
-  out->ca_pem = std::move(*ca_text);
+  // Only the roots anchor the proxy's chain: a customer's intermediate in
+  // the same file (the runbook's layout) is there to complete the driver's
+  // own chain, and must not let whoever holds its key pose as the proxy.
+  for (const auto& c : ca)
+    if (self_signed(c.get()))
+      out->ca_pem += to_pem(c.get());
+  if (out->ca_pem.empty()) // refused below when checked
+    out->ca_pem = std::move(*ca_text);
   // -- the chain to send: the leaf, then each issuer found ------------------
   std::vector<x509_ptr> pool;
   for (size_t i = 1; i < own.size(); ++i)

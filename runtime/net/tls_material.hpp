@@ -112,7 +112,8 @@ struct client_tls {
 
   /// The files they came from.
   tls_files files;
-  /// `--ca-cert` as read: what the proxy's chain must reach.
+  /// The self-signed roots of `--ca-cert`: what the proxy's chain must
+  /// reach (its intermediates only help build the driver's own chain).
   std::string ca_pem;
   /// What the driver sends: its certificate and the intermediates found
   /// for it, leaf first, no root.

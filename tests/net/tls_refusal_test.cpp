@@ -311,6 +311,30 @@ TEST_F(TlsRefusalTest, DriverRefusesAProxyCertificateFromAnotherCa) {
     << describe(reply.error());
 }
 
+TEST_F(TlsRefusalTest, OnlyTheRootsOfTheCaFileAnchorTheProxysChain) {
+  // The proxy's certificate comes from another PKI's intermediate, which
+  // sits in --ca-cert next to the driver's root (as a customer's
+  // intermediate does in the runbook's layout) while its own root does
+  // not: an intermediate there completes the driver's chain, it does not
+  // vouch for the proxy.
+  start_proxy(other_->server_chain, other_->server_key);
+  auto mixed = *dir_ / "mixed-ca.pem";
+  ASSERT_FALSE(write_pem_file(
+    mixed, slurp(pki_->root_cert) + slurp(other_->intermediate_cert), 0644));
+  auto c = client({mixed, pki_->driver_chain, pki_->driver_key});
+  ASSERT_NE(c, nullptr);
+  auto err = c->handshake();
+  ASSERT_TRUE(err) << "the proxy's chain was anchored at an intermediate";
+  EXPECT_EQ(cause_of(err), cert_cause::wrong_ca) << describe(err);
+  // With that PKI's root in the file instead, the same proxy is accepted.
+  auto with_root = *dir_ / "other-root-ca.pem";
+  ASSERT_FALSE(write_pem_file(
+    with_root, slurp(pki_->root_cert) + slurp(other_->root_cert), 0644));
+  auto ok = client({with_root, pki_->driver_chain, pki_->driver_key});
+  ASSERT_NE(ok, nullptr);
+  EXPECT_FALSE(ok->handshake());
+}
+
 TEST_F(TlsRefusalTest, DriverRefusesAnExpiredProxyCertificate) {
   auto now = std::time(nullptr);
   leaf_spec spec = dated(now - 10 * day, now - day, "serverAuth");

@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -242,7 +243,11 @@ int cmd_db_verify(const driver_config& cfg) {
         causes += (causes.empty() ? "" : ",") + std::string{to_string(f)};
       log->error("db verify: key '{}': {}", keys::printable(rec.key_id),
                  causes);
-      bool unbound = verdict->key_pair_intact;
+      // A row whose MAC fails may be another key id's row: its MAC is
+      // tried under the other key ids below (never unwrapped).
+      bool unbound = std::find(verdict->faults.begin(), verdict->faults.end(),
+                               keys::row_fault::mac_broken)
+                     != verdict->faults.end();
       if (bad.size() < max_listed)
         bad.push_back(bad_row{rec.key_id, std::move(*verdict)});
       if (unbound && intact_unbound.size() < max_listed)

@@ -46,8 +46,8 @@ caf::error refuse_existing(const std::filesystem::path& path,
   if (std::filesystem::exists(std::filesystem::symlink_status(path, ec)))
     return caf::make_error(config_errc::bad_file, std::string{flag},
                            "'" + path.string()
-                             + "' exists; move it away first (a CA key is "
-                               "never overwritten)");
+                             + "' exists; move it away first (a key or "
+                               "certificate is never overwritten)");
   return caf::none;
 }
 
@@ -64,13 +64,17 @@ int cmd_pki_csr(const pki_csr_flags& f) {
   std::filesystem::path csr_out = f.csr_out;
   if (auto err = refuse_existing(key_out, "--key-out"))
     return fail(err);
+  if (auto err = refuse_existing(csr_out, "--csr-out"))
+    return fail(err);
   auto made = net::make_csr(*t, *pass);
   OPENSSL_cleanse(pass->data(), pass->size());
   if (!made)
     return fail(made.error());
-  if (auto err = net::write_pem_file(key_out, made->key_pem.str(), 0600))
+  if (auto err = net::write_pem_file(key_out, made->key_pem.str(), 0600,
+                                     net::pem_write::create_new))
     return fail(err);
-  if (auto err = net::write_pem_file(csr_out, made->csr_pem, 0644))
+  if (auto err = net::write_pem_file(csr_out, made->csr_pem, 0644,
+                                     net::pem_write::create_new))
     return fail(err);
   std::string subject;
   for (const auto& e : t->subject)
@@ -108,12 +112,27 @@ int cmd_pki_issue_leaf(const pki_issue_flags& f) {
   auto cert_path = dir / "leaf.pem";
   auto key_path = dir / "leaf-key.pem";
   auto chain_path = dir / "leaf-chain.pem";
+  // Nothing is replaced: a second run, or one in the folder the driver
+  // reads, must not swap the key in use from under its certificate. All
+  // targets are checked first; each write then refuses an existing file.
+  for (const auto& [path, flag] :
+       {std::pair{key_path, "--out-dir"}, std::pair{cert_path, "--out-dir"},
+        std::pair{chain_path, "--out-dir"},
+        std::pair{dir / "chain.pem", "--out-dir"}}) {
+    if (path.filename() == "chain.pem" && f.root.empty())
+      continue;
+    if (auto err = refuse_existing(path, flag))
+      return fail(err);
+  }
   // The key first: a certificate is never left without its key.
-  if (auto err = net::write_pem_file(key_path, leaf->key_pem.str(), 0600))
+  if (auto err = net::write_pem_file(key_path, leaf->key_pem.str(), 0600,
+                                     net::pem_write::create_new))
     return fail(err);
-  if (auto err = net::write_pem_file(cert_path, leaf->cert_pem, 0644))
+  if (auto err = net::write_pem_file(cert_path, leaf->cert_pem, 0644,
+                                     net::pem_write::create_new))
     return fail(err);
-  if (auto err = net::write_pem_file(chain_path, leaf->chain_pem, 0644))
+  if (auto err = net::write_pem_file(chain_path, leaf->chain_pem, 0644,
+                                     net::pem_write::create_new))
     return fail(err);
   json out{{"ok", true},
            {"cert", cert_path.string()},
@@ -131,7 +150,7 @@ int cmd_pki_issue_leaf(const pki_issue_flags& f) {
       return fail(root_text.error());
     auto ca_chain_path = dir / "chain.pem";
     if (auto err = net::write_pem_file(ca_chain_path, *ca_text + *root_text,
-                                       0644))
+                                       0644, net::pem_write::create_new))
       return fail(err);
     auto check = net::load_client_tls({ca_chain_path, cert_path, key_path});
     if (!check)

@@ -174,12 +174,17 @@ caf::error write_secret_file(const std::filesystem::path& path,
     auto n = ::write(f.fd, data.data() + put, data.size() - put);
     if (n < 0 && errno == EINTR)
       continue;
-    if (n <= 0)
+    if (n <= 0) {
+      ::unlink(path.c_str()); // no half-written secret left to be read
       return bad_file(what, path, "cannot write it whole");
+    }
     put += static_cast<size_t>(n);
   }
-  if (::fsync(f.fd) != 0)
-    return bad_file(what, path, std::strerror(errno));
+  if (::fsync(f.fd) != 0) {
+    auto err = errno;
+    ::unlink(path.c_str());
+    return bad_file(what, path, std::strerror(err));
+  }
   return caf::none;
 }
 

@@ -91,6 +91,15 @@ caf::expected<row_verdict> verify_row(pkcs11::session& sess, key_handles& keys,
     mac_ok = mac_matches(sess, *set, rec, err);
     if (!mac_ok)
       return err;
+    // The MAC is checked before any unwrap (DESIGN, invariants): a row that
+    // fails it is never handed to the HSM.
+    if (!*mac_ok) {
+      out.add(row_fault::mac_broken,
+              "the row MAC does not hold: the row was changed (its key id, "
+              "blob, public key, another field or the MAC itself); not "
+              "unwrapped");
+      return out;
+    }
   }
   // The key itself: a test signature inside the HSM, verified here.
   auto payload = fixed_payload(rec.scheme, test_digest_text);
@@ -131,13 +140,6 @@ caf::expected<row_verdict> verify_row(pkcs11::session& sess, key_handles& keys,
   } else {
     out.key_pair_intact = true;
   }
-  if (mac_ok && !*mac_ok)
-    out.add(row_fault::mac_broken,
-            out.key_pair_intact
-              ? "the row MAC does not hold, though the key signs for the "
-                "stored public key: the key id, the scheme, another field "
-                "or the MAC itself was changed"
-              : "the row MAC does not hold: the row was changed");
   return out;
 }
 

@@ -211,6 +211,32 @@ TEST_F(PkiCliTest, IssueLeafWritesTheRunbookFilesAndVerifyChecksThem) {
   EXPECT_EQ(too_long.exit_code, 2) << too_long.out << too_long.err;
   EXPECT_NE(too_long.out.find("outlive its issuer"), std::string::npos);
   EXPECT_FALSE(std::filesystem::exists(dir / "driver-10" / "leaf-key.pem"));
+  // Run again into the same folder: refused, and the key in use is kept
+  // byte for byte (as is every other file).
+  auto key_before = slurp(out / "leaf-key.pem");
+  auto cert_before = slurp(out / "leaf.pem");
+  auto again = run({"pki", "issue-leaf", "--intermediate-cert",
+                    pki->intermediate_cert.string(), "--intermediate-key",
+                    (dir / "ca" / "intermediate.key.pem").string(), "--name",
+                    "driver-9", "--days", "10", "--out-dir", out.string(),
+                    "--root", pki->root_cert.string()});
+  EXPECT_NE(again.exit_code, 0) << again.out << again.err;
+  EXPECT_NE(again.out.find("never overwritten"), std::string::npos)
+    << again.out;
+  EXPECT_EQ(slurp(out / "leaf-key.pem"), key_before);
+  EXPECT_EQ(slurp(out / "leaf.pem"), cert_before);
+  // Only chain.pem in the way: still nothing written.
+  auto partial = dir / "driver-11";
+  std::filesystem::create_directories(partial);
+  { std::ofstream{partial / "chain.pem"} << "placeholder\n"; }
+  auto blocked = run({"pki", "issue-leaf", "--intermediate-cert",
+                      pki->intermediate_cert.string(), "--intermediate-key",
+                      (dir / "ca" / "intermediate.key.pem").string(), "--name",
+                      "driver-11", "--days", "10", "--out-dir",
+                      partial.string(), "--root", pki->root_cert.string()});
+  EXPECT_NE(blocked.exit_code, 0) << blocked.out << blocked.err;
+  EXPECT_FALSE(std::filesystem::exists(partial / "leaf-key.pem"));
+  EXPECT_EQ(slurp(partial / "chain.pem"), "placeholder\n");
 }
 
 } // namespace

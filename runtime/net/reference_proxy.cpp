@@ -978,6 +978,16 @@ struct reference_proxy::impl {
                  });
   }
 
+  static caf::error fill_extension_caches(X509_STORE* store) {
+    if (store == nullptr)
+      return bad_tls_material("the server has no certificate store");
+    auto* objects = X509_STORE_get0_objects(store);
+    for (int i = 0; i < sk_X509_OBJECT_num(objects); ++i)
+      if (auto* x = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objects, i)))
+        X509_check_purpose(x, -1, 0);
+    return caf::none;
+  }
+
   caf::error load_tls() {
     for (const auto& [path, what] :
          {std::pair{cfg.server_cert, "server certificate"},
@@ -1020,6 +1030,12 @@ struct reference_proxy::impl {
     if (names == nullptr)
       return bad_tls_material("no CA certificate in the client CA file " + ca);
     SSL_CTX_set_client_CA_list(ctx, names);
+    // OpenSSL fills a certificate's extension cache (key ids, purposes) on
+    // first use, under the certificate's lock but read back without it on
+    // a fast path: two handshakes verifying against the same CA at once
+    // race on it. Fill it here, before any worker thread runs.
+    if (auto err = fill_extension_caches(SSL_CTX_get_cert_store(ctx)))
+      return err;
     // Refused client certificates are recorded, with the cause, for the
     // operator (log, `GET /v1/admin/clients`) and the tests: with TLS 1.3
     // the client often cannot read the alert before the connection closes.

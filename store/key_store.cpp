@@ -29,6 +29,15 @@ caf::error make_corrupt_row(std::string msg) {
   return caf::make_error(store_errc::corrupt_row, std::move(msg));
 }
 
+caf::error make_schema_too_new(const std::string& where, int current,
+                               int newest) {
+  return caf::make_error(store_errc::schema_too_new,
+                         where + ": database schema version "
+                           + std::to_string(current)
+                           + " is newer than this build's newest migration "
+                           + std::to_string(newest));
+}
+
 caf::error sort_migrations(std::vector<migration>& ms) {
   std::sort(ms.begin(), ms.end(), [](const migration& x, const migration& y) {
     return x.version < y.version;

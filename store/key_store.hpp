@@ -210,6 +210,11 @@ caf::error make_query_failed(std::string msg);
 /// `store_errc::corrupt_row` with `msg`.
 caf::error make_corrupt_row(std::string msg);
 
+/// `store_errc::schema_too_new`: the database at `where` (as errors name
+/// it) is at schema version `current`, beyond this build's `newest`.
+caf::error make_schema_too_new(const std::string& where, int current,
+                               int newest);
+
 /// Checks that versions are positive and distinct, and sorts `ms` by
 /// version; a bad list is `store_errc::query_failed`.
 [[nodiscard]] caf::error sort_migrations(std::vector<migration>& ms);

@@ -691,13 +691,8 @@ struct pg_store::impl {
                                  "table)");
     auto current = tx.exec1(select_version_sql)[0].as<int>();
     if (current > newest)
-      return caf::make_error(store_errc::schema_too_new,
-                             "PostgreSQL at " + target.where
-                               + ": database schema version "
-                               + std::to_string(current)
-                               + " is newer than this build's newest "
-                                 "migration "
-                               + std::to_string(newest));
+      return make_schema_too_new("PostgreSQL at " + target.where, current,
+                                 newest);
     if (current < newest)
       return make_query_failed(
         "PostgreSQL at " + target.where + ": database schema version "
@@ -717,13 +712,8 @@ struct pg_store::impl {
     tx.exec0(create_migrations_table);
     auto current = tx.exec1(select_version_sql)[0].as<int>();
     if (current > newest)
-      return caf::make_error(store_errc::schema_too_new,
-                             "PostgreSQL at " + target.where
-                               + ": database schema version "
-                               + std::to_string(current)
-                               + " is newer than this build's newest "
-                                 "migration "
-                               + std::to_string(newest));
+      return make_schema_too_new("PostgreSQL at " + target.where, current,
+                                 newest);
     for (const auto& m : migrations) {
       if (m.version <= current)
         continue;

@@ -630,11 +630,7 @@ caf::error migrate(sqlite3* db, const std::string& where,
   if (!current)
     return std::move(current.error());
   if (*current > newest)
-    return caf::make_error(store_errc::schema_too_new,
-                           where + ": database schema version "
-                             + std::to_string(*current)
-                             + " is newer than this build's newest migration "
-                             + std::to_string(newest));
+    return make_schema_too_new(where, *current, newest);
   if (*current == newest)
     return tx.commit(where + ": migrate");
   auto insert = prepare(db, insert_migration_sql, false, where + ": migrate");
@@ -737,11 +733,7 @@ caf::expected<db_ptr> open_for_reading(const std::filesystem::path& path,
     return make_unavailable(where + " is not a key store (no schema version: "
                             + describe(current.error()) + ")");
   if (*current > newest)
-    return caf::make_error(store_errc::schema_too_new,
-                           where + ": database schema version "
-                             + std::to_string(*current)
-                             + " is newer than this build's newest migration "
-                             + std::to_string(newest));
+    return make_schema_too_new(where, *current, newest);
   if (*current < newest)
     return make_query_failed(
       where + ": database schema version " + std::to_string(*current)

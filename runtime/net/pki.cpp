@@ -3,6 +3,7 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/crypto/ossl.hpp"
 #include "runtime/net/openssl_error.hpp"
+#include "runtime/net/x509_util.hpp"
 
 #include <fcntl.h>
 #include <openssl/asn1.h>
@@ -30,9 +31,7 @@ namespace hsm::net {
 
 namespace {
 
-using crypto::asn1_int_ptr;
 using crypto::bio_ptr;
-using crypto::bn_ptr;
 using crypto::ext_ptr;
 using crypto::names_ptr;
 using crypto::pkey_ptr;
@@ -53,10 +52,6 @@ constexpr const char* server_chain_file = "server.chain.pem";
 constexpr const char* server_key_file = "server.key.pem";
 constexpr const char* driver_chain_file = "driver.chain.pem";
 constexpr const char* driver_key_file = "driver.key.pem";
-
-/// Serial numbers are random and 159 bits long: positive, at most 20 octets
-/// (RFC 5280 4.1.2.2) and unpredictable.
-constexpr int serial_bits = 159;
 
 /// Backdating of notBefore, so that a peer with a slightly slow clock
 /// accepts a certificate made a moment ago.
@@ -252,14 +247,8 @@ caf::expected<x509_ptr> make_cert(const cert_request& req) {
   if (X509_set_version(cert.get(), X509_VERSION_3) != 1)
     return bad_tls_material("cannot set the version");
   // -- serial ---------------------------------------------------------------
-  bn_ptr bn{BN_new()};
-  if (!bn
-      || BN_rand(bn.get(), serial_bits, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY)
-           != 1)
-    return bad_tls_material("cannot draw a serial number");
-  asn1_int_ptr serial{BN_to_ASN1_INTEGER(bn.get(), nullptr)};
-  if (!serial || X509_set_serialNumber(cert.get(), serial.get()) != 1)
-    return bad_tls_material("cannot set the serial number");
+  if (auto err = set_random_serial(cert.get()))
+    return err;
   // -- validity -------------------------------------------------------------
   if (X509_gmtime_adj(X509_getm_notBefore(cert.get()), -backdate_seconds)
         == nullptr

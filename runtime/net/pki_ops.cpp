@@ -28,9 +28,7 @@ namespace hsm::net {
 
 namespace {
 
-using crypto::asn1_int_ptr;
 using crypto::bio_ptr;
-using crypto::bn_ptr;
 using crypto::ext_ptr;
 using crypto::pkey_ptr;
 using crypto::x509_ptr;
@@ -44,9 +42,6 @@ struct ext_stack_free {
 using ext_stack_ptr = std::unique_ptr<STACK_OF(X509_EXTENSION), ext_stack_free>;
 using octets_ptr = std::unique_ptr<
   ASN1_OCTET_STRING, crypto::ossl_deleter<ASN1_OCTET_STRING_free>>;
-
-/// Serial numbers: random, 159 bits (positive, at most 20 octets).
-constexpr int serial_bits = 159;
 
 /// notBefore of a new leaf lies this far in the past, for peers whose
 /// clocks are a little slow.
@@ -622,14 +617,8 @@ caf::expected<leaf_output> issue_leaf(const issuer_files& ca,
   x509_ptr cert{X509_new()};
   if (!cert || X509_set_version(cert.get(), X509_VERSION_3) != 1)
     return bad_tls_material("cannot allocate a certificate");
-  bn_ptr bn{BN_new()};
-  if (!bn
-      || BN_rand(bn.get(), serial_bits, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY)
-           != 1)
-    return bad_tls_material("cannot draw a serial number");
-  asn1_int_ptr serial{BN_to_ASN1_INTEGER(bn.get(), nullptr)};
-  if (!serial || X509_set_serialNumber(cert.get(), serial.get()) != 1)
-    return bad_tls_material("cannot set the serial number");
+  if (auto err = set_random_serial(cert.get()))
+    return err;
   if (X509_time_adj_ex(X509_getm_notBefore(cert.get()), 0, 0, &not_before)
         == nullptr
       || X509_time_adj_ex(X509_getm_notAfter(cert.get()), 0, 0, &not_after)

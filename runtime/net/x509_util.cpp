@@ -1,5 +1,7 @@
 #include "runtime/net/x509_util.hpp"
 
+#include "runtime/net/openssl_error.hpp"
+
 #include <fcntl.h>
 #include <openssl/asn1.h>
 #include <openssl/bio.h>
@@ -207,6 +209,19 @@ cert_info info_of(X509* cert, std::time_t at) {
   }
   ERR_clear_error();
   return out;
+}
+
+caf::error set_random_serial(X509* cert) {
+  constexpr int serial_bits = 159;
+  crypto::bn_ptr bn{BN_new()};
+  if (!bn
+      || BN_rand(bn.get(), serial_bits, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY)
+           != 1)
+    return bad_tls_material("cannot draw a serial number");
+  crypto::asn1_int_ptr serial{BN_to_ASN1_INTEGER(bn.get(), nullptr)};
+  if (!serial || X509_set_serialNumber(cert, serial.get()) != 1)
+    return bad_tls_material("cannot set the serial number");
+  return caf::none;
 }
 
 } // namespace hsm::net

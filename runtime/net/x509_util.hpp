@@ -33,6 +33,11 @@ crypto::pkey_ptr read_key(std::string_view text,
 /// `cert` as PEM.
 std::string to_pem(X509* cert);
 
+/// Gives `cert` a random 159-bit serial number: positive, at most 20
+/// octets (RFC 5280 4.1.2.2) and unpredictable. Fails with
+/// `net_errc::bad_tls_material`.
+[[nodiscard]] caf::error set_random_serial(X509* cert);
+
 /// An ASN.1 time as `YYYY-MM-DDTHH:MM:SSZ` (empty if it does not parse).
 std::string iso_time(const ASN1_TIME* t);
 

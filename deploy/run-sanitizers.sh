@@ -62,7 +62,7 @@ build_caf_tsan() {
   if [ -f "$dir/libcaf_core.a" ] && [ "$(cat "$dir/stamp" 2>/dev/null)" = "$stamp" ]; then
     return 0
   fi
-  echo "== building $pkg $ver libcaf_core with -fsanitize=thread"
+  echo "== [$((SECONDS / 60))m] building $pkg $ver libcaf_core with -fsanitize=thread"
   rm -rf "$dir"
   mkdir -p "$dir/apt/lists/partial" "$dir/apt/cache/archives/partial" "$dir/obj"
   local codename mirror
@@ -110,14 +110,14 @@ run_suite() {
   (cd "$build" && ctest --output-on-failure --no-tests=error -j "$jobs" "$@") || status=1
   local log=$build/Testing/Temporary/LastTest.log
   if grep -q ": runtime error: " "$log" 2>/dev/null; then
-    echo "== UndefinedBehaviorSanitizer reports in the tests' output ($log):"
+    echo "== [$((SECONDS / 60))m] UndefinedBehaviorSanitizer reports in the tests' output ($log):"
     grep -A12 ": runtime error: " "$log" | head -n 400
     status=1
   fi
   local files
   files=$(find "$reports" -type f 2>/dev/null | sort)
   if [ -n "$files" ]; then
-    echo "== sanitizer reports in $reports:"
+    echo "== [$((SECONDS / 60))m] sanitizer reports in $reports:"
     for f in $files; do
       echo "---- $f"
       head -n 200 "$f"
@@ -139,12 +139,12 @@ trap cleanup EXIT
 for m in "${modes[@]}"; do
   case $m in
     address)
-      echo "== build (address,undefined) in $asan_build"
+      echo "== [$((SECONDS / 60))m] build (address,undefined) in $asan_build"
       build "$asan_build" address,undefined
       ;;
     thread)
       build_caf_tsan "$tsan_build"
-      echo "== build (thread) in $tsan_build"
+      echo "== [$((SECONDS / 60))m] build (thread) in $tsan_build"
       build "$tsan_build" thread -DCAF_CORE_LIBRARY="$tsan_build/caf-tsan/libcaf_core.a"
       ;;
   esac
@@ -169,7 +169,7 @@ for m in "${modes[@]}"; do
       # its entries need); log_path and print_suppressions come from
       # ASAN_OPTIONS there.
       export LSAN_OPTIONS="$log:suppressions=$root/tests/lsan.supp:print_suppressions=0"
-      echo "== tests under ASan+UBSan+LSan ($asan_build)"
+      echo "== [$((SECONDS / 60))m] tests under ASan+UBSan+LSan ($asan_build)"
       run_suite "$asan_build" "$@" || status=1
       unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
       ;;
@@ -177,7 +177,7 @@ for m in "${modes[@]}"; do
       reports=$tsan_build/sanitizer-reports
       rm -rf "$reports" && mkdir -p "$reports"
       export TSAN_OPTIONS="log_path=$reports/tsan:log_exe_name=1:second_deadlock_stack=1:halt_on_error=0:print_suppressions=0:suppressions=$root/tests/tsan.supp"
-      echo "== tests under TSan ($tsan_build)"
+      echo "== [$((SECONDS / 60))m] tests under TSan ($tsan_build)"
       run_suite "$tsan_build" "$@" || status=1
       unset TSAN_OPTIONS
       ;;

@@ -12,6 +12,7 @@
 #include "runtime/pkcs11/key_ops.hpp"
 #include "runtime/pkcs11/token_admin.hpp"
 #include "store/sqlite_store.hpp"
+#include "tests/support/soak.hpp"
 #include "tests/support/softhsm_env.hpp"
 
 #include <gtest/gtest.h>
@@ -232,7 +233,8 @@ TEST_F(RotationTest, MovesLegacyRowsToASoundKeyAndRetiresTheOldOne) {
 
 TEST_F(RotationTest, KillNineHalfWayLosesNothingAndARerunFinishes) {
   record_canary();
-  put_format_2_rows(120);
+  constexpr int rows = test::soak(120);
+  put_format_2_rows(rows);
   bool created = false;
   ASSERT_TRUE(pkcs11::create_master_key(token->sess, new_label, &created));
   auto proc = test::start_driver(
@@ -253,9 +255,10 @@ TEST_F(RotationTest, KillNineHalfWayLosesNothingAndARerunFinishes) {
   test::wait_exit(proc, 10'000);
   auto half = census();
   ASSERT_GE(half[std::string{new_label}], 10u);
-  ASSERT_LT(half[std::string{new_label}], 120u)
+  ASSERT_LT(half[std::string{new_label}], uint64_t{rows})
     << "the rotation finished before it could be killed";
-  EXPECT_EQ(half[std::string{new_label}] + half[std::string{old_label}], 120u);
+  EXPECT_EQ(half[std::string{new_label}] + half[std::string{old_label}],
+            uint64_t{rows});
 
   // While it is half-way, a driver that started before the rotation (it
   // knows only the old key) serves rows under both: it finds the new key
@@ -274,7 +277,7 @@ TEST_F(RotationTest, KillNineHalfWayLosesNothingAndARerunFinishes) {
   EXPECT_EQ(out["rows_left"], 0);
   EXPECT_EQ(out["rewrapped"].get<uint64_t>(), half[std::string{old_label}]);
   EXPECT_EQ(census(),
-            (std::map<std::string, uint64_t>{{std::string{new_label}, 120}}));
+            (std::map<std::string, uint64_t>{{std::string{new_label}, rows}}));
   auto handles = keys::find_key_handles(token->sess, new_label);
   ASSERT_TRUE(handles);
   expect_every_key_signs(*handles);

@@ -17,6 +17,10 @@ struct poller_state {
   std::shared_ptr<net::proxy_link> link;
   dispatcher_actor dispatcher;
   std::chrono::milliseconds backoff{0};
+  /// The last poll reached the proxy. Until one has (at start, after a
+  /// failure) a poll returns at once: readiness (`/readyz`) follows the
+  /// first round trip, not a long-poll running out on an empty queue.
+  bool reached = false;
 };
 
 using poller_ptr = poller_actor::stateful_pointer<poller_state>;
@@ -31,7 +35,9 @@ void poll_once(poller_ptr self, int64_t credit) {
   // At most `max_poll_requests` at a time, so that an answer stays within
   // the response cap; with more credit the next poll follows at once.
   auto max = std::min(static_cast<size_t>(credit), net::max_poll_requests);
-  auto reply = st.link->poll(max, st.cfg.poll_wait);
+  auto wait = st.reached ? st.cfg.poll_wait : std::chrono::milliseconds{0};
+  st.reached = false;
+  auto reply = st.link->poll(max, wait);
   auto& metrics = st.cfg.metrics;
   if (!reply || reply->status != 200) {
     if (metrics)
@@ -60,6 +66,7 @@ void poll_once(poller_ptr self, int64_t credit) {
     return;
   }
   st.backoff = std::chrono::milliseconds{0};
+  st.reached = true;
   if (metrics)
     metrics->proxy_reached();
   // One line per poll for everything a broken proxy sent beyond what can be

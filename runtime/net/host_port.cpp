@@ -1,5 +1,8 @@
 #include "runtime/net/host_port.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <optional>
 
 namespace hsm::net {
@@ -70,6 +73,18 @@ caf::expected<host_port> parse_host_port(std::string_view text,
                      ? "has no valid port (1-65535)"
                      : "has no valid port (0-65535; 0 picks a free one)");
   return host_port{std::string{host}, *value};
+}
+
+bool is_loopback_host(std::string_view host) {
+  if (host == "localhost")
+    return true;
+  std::string text{host};
+  in_addr v4{};
+  if (::inet_pton(AF_INET, text.c_str(), &v4) == 1)
+    return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return ::inet_pton(AF_INET6, text.c_str(), &v6) == 1
+         && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 } // namespace hsm::net

@@ -1,8 +1,10 @@
 #pragma once
 
 // The one parser of `host:port` addresses: the proxy the driver dials
-// (`--proxy-addr`) and the reference proxy's listeners (`--listen`,
-// `--admin-listen`). Pure functions; any thread.
+// (`--proxy-addr`), the reference proxy's listeners (`--listen`,
+// `--admin-listen`) and the metrics listener (`--metrics-listen`); and the
+// one loopback test of the listeners that must stay local. Pure functions;
+// any thread.
 
 #include "messages/errors.hpp"
 
@@ -31,5 +33,8 @@ enum class port_zero { refused, allowed };
 [[nodiscard]] caf::expected<host_port>
 parse_host_port(std::string_view text, std::string_view option,
                 port_zero zero = port_zero::refused);
+
+/// True if `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`.
+[[nodiscard]] bool is_loopback_host(std::string_view host);
 
 } // namespace hsm::net

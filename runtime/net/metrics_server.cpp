@@ -1,8 +1,8 @@
 #include "runtime/net/metrics_server.hpp"
 
-#include <arpa/inet.h>
+#include "runtime/net/host_port.hpp"
+
 #include <httplib.h>
-#include <netinet/in.h>
 #include <nlohmann/json.hpp>
 #include <pthread.h>
 #include <signal.h>
@@ -40,19 +40,39 @@ void reply_json(httplib::Response& res, int status, const nlohmann::json& j) {
   res.set_content(j.dump() + "\n", "application/json");
 }
 
-} // namespace
+/// Two workers and at most `max_queued` accepted connections waiting for
+/// them. Past that, the listener's own thread serves the connection before
+/// it accepts another, so further clients wait in the kernel's backlog:
+/// a flood of connections (a scraper gone wrong, a local process) holds a
+/// bounded number of descriptors and threads, never the driver's share.
+/// cpp-httplib's pool alone queues every accepted socket.
+class bounded_pool : public httplib::TaskQueue {
+public:
+  static constexpr int workers = 2;
+  static constexpr int max_queued = 8;
 
-bool is_loopback_host(std::string_view host) {
-  if (host == "localhost")
-    return true;
-  std::string text{host};
-  in_addr v4{};
-  if (::inet_pton(AF_INET, text.c_str(), &v4) == 1)
-    return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  return ::inet_pton(AF_INET6, text.c_str(), &v6) == 1
-         && IN6_IS_ADDR_LOOPBACK(&v6);
-}
+  void enqueue(std::function<void()> fn) override {
+    if (queued_.fetch_add(1) >= max_queued) {
+      queued_.fetch_sub(1);
+      fn();
+      return;
+    }
+    pool_.enqueue([this, fn = std::move(fn)] {
+      queued_.fetch_sub(1);
+      fn();
+    });
+  }
+
+  void shutdown() override {
+    pool_.shutdown();
+  }
+
+private:
+  std::atomic<int> queued_{0};
+  httplib::ThreadPool pool_{workers};
+};
+
+} // namespace
 
 struct metrics_server::impl {
   httplib::Server svr;
@@ -143,7 +163,7 @@ metrics_server::bind(const metrics_listen& where, std::string_view option) {
   self->impl_ = std::make_unique<impl>();
   auto& d = *self->impl_;
   d.where = where;
-  d.svr.new_task_queue = [] { return new httplib::ThreadPool(2); };
+  d.svr.new_task_queue = [] { return new bounded_pool; };
   // Reuse the address (a restart while old connections linger), never the
   // port: httplib's default SO_REUSEPORT would let a second driver bind the
   // same port and share the scrapes silently.
@@ -151,8 +171,10 @@ metrics_server::bind(const metrics_listen& where, std::string_view option) {
     int yes = 1;
     ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
   });
-  d.svr.set_keep_alive_timeout(5);
-  d.svr.set_read_timeout(5, 0);
+  // One request per connection, read within 2 s: an idle or slow client
+  // holds a worker for 2 s at most (a scrape is one short GET).
+  d.svr.set_keep_alive_max_count(1);
+  d.svr.set_read_timeout(2, 0);
   d.svr.set_write_timeout(5, 0);
   d.svr.set_payload_max_length(4096);
   d.routes();

@@ -41,9 +41,6 @@ struct metrics_sources {
   std::chrono::milliseconds proxy_window{40000};
 };
 
-/// True if `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`.
-[[nodiscard]] bool is_loopback_host(std::string_view host);
-
 /// The listener.
 class metrics_server {
 public:

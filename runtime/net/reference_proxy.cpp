@@ -3,13 +3,12 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/base/secret_file.hpp"
 #include "runtime/crypto/hex.hpp"
+#include "runtime/net/host_port.hpp"
 #include "runtime/net/openssl_error.hpp"
 #include "runtime/net/proxy_bodies.hpp"
 #include "runtime/net/x509_util.hpp"
 
-#include <arpa/inet.h>
 #include <httplib.h>
-#include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -113,36 +112,44 @@ bool client_gone(const SSL* ssl) {
 constexpr size_t max_refusals_kept = 100;
 
 /// Who holds the leases a connection is handed: the client certificate's
-/// identity, the SHA-256 of its issuer's and its subject's names (DER), in
-/// hex; empty without one (not on the mTLS listener, which refuses a
-/// client without a certificate). A driver whose certificate is renewed
-/// (same name, same CA, new key and serial) still holds the leases it took
-/// before: a reload of its files between a poll and its results loses
-/// nothing. Another driver has another name.
+/// subject name under the key that issued it, the SHA-256 of the issuer's
+/// public key (DER SubjectPublicKeyInfo, from the chain the handshake
+/// verified) and of the certificate's subject name (DER), in hex; empty
+/// without a verified certificate (not on the mTLS listener, which refuses
+/// a client without one). A driver whose certificate is renewed (same
+/// name, same issuing key, new key and serial) still holds the leases it
+/// took before: a reload of its files between a poll and its results
+/// loses nothing. Another driver has another name (the runbook issues one
+/// per driver); a certificate from another CA that happens to carry the
+/// same names has another issuing key.
 std::string holder_of(const SSL* ssl) {
   if (ssl == nullptr)
     return {};
   X509* cert = SSL_get0_peer_certificate(ssl);
-  if (cert == nullptr)
+  STACK_OF(X509)* chain = SSL_get0_verified_chain(ssl);
+  if (cert == nullptr || chain == nullptr || sk_X509_num(chain) < 1)
     return {};
-  unsigned char* issuer = nullptr;
+  // The verified chain starts with the leaf; its issuer follows, unless
+  // the leaf itself is the trusted certificate.
+  X509* issuer = sk_X509_value(chain, sk_X509_num(chain) > 1 ? 1 : 0);
+  unsigned char* issuer_key = nullptr;
   unsigned char* subject = nullptr;
-  auto issuer_len = i2d_X509_NAME(X509_get_issuer_name(cert), &issuer);
+  auto key_len = i2d_PUBKEY(X509_get0_pubkey(issuer), &issuer_key);
   auto subject_len = i2d_X509_NAME(X509_get_subject_name(cert), &subject);
   std::array<uint8_t, EVP_MAX_MD_SIZE> md{};
   unsigned int n = 0;
   std::string out;
   crypto::md_ctx_ptr ctx{EVP_MD_CTX_new()};
-  if (issuer_len > 0 && subject_len > 0 && ctx
+  if (key_len > 0 && subject_len > 0 && ctx
       && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1
-      && EVP_DigestUpdate(ctx.get(), issuer, static_cast<size_t>(issuer_len))
+      && EVP_DigestUpdate(ctx.get(), issuer_key, static_cast<size_t>(key_len))
            == 1
       && EVP_DigestUpdate(ctx.get(), "/", 1) == 1
       && EVP_DigestUpdate(ctx.get(), subject, static_cast<size_t>(subject_len))
            == 1
       && EVP_DigestFinal_ex(ctx.get(), md.data(), &n) == 1)
     out = crypto::to_hex(std::span<const uint8_t>{md.data(), n});
-  OPENSSL_free(issuer);
+  OPENSSL_free(issuer_key);
   OPENSSL_free(subject);
   return out;
 }
@@ -176,18 +183,6 @@ void reset_connection(const SSL* ssl) {
 /// Writes `text` to `sink`; false if the connection failed.
 bool write_all(httplib::DataSink& sink, std::string_view text) {
   return text.empty() || sink.write(text.data(), text.size());
-}
-
-/// True if `host` is a loopback address or `localhost`.
-bool is_loopback(const std::string& host) {
-  if (host == "localhost")
-    return true;
-  in_addr v4{};
-  if (::inet_pton(AF_INET, host.c_str(), &v4) == 1)
-    return (ntohl(v4.s_addr) >> 24) == 127;
-  in6_addr v6{};
-  return ::inet_pton(AF_INET6, host.c_str(), &v6) == 1
-         && IN6_IS_ADDR_LOOPBACK(&v6);
 }
 
 /// A fresh admin token: 256 random bits from OpenSSL, in hex.
@@ -1170,7 +1165,7 @@ reference_proxy::start(const reference_proxy_config& cfg) {
   d.tls->new_task_queue = [threads] {
     return new httplib::ThreadPool(threads);
   };
-  if (!cfg.admin_remote && !is_loopback(cfg.admin_host))
+  if (!cfg.admin_remote && !is_loopback_host(cfg.admin_host))
     return caf::make_error(
       config_errc::invalid_option,
       "the admin listener must bind a loopback address (127.0.0.1, ::1), "

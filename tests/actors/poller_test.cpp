@@ -228,7 +228,10 @@ TEST_F(PollerTest, PollAsksForAtMostTheCredit) {
   ASSERT_EQ(link->polls.size(), 2u);
   EXPECT_EQ(link->polls[0].max, 3u);
   EXPECT_EQ(link->polls[1].max, 1u);
-  EXPECT_EQ(link->polls[0].wait, milliseconds{20000});
+  // The first poll returns at once (the driver is ready after one round
+  // trip); the next ones wait on the proxy.
+  EXPECT_EQ(link->polls[0].wait, milliseconds{0});
+  EXPECT_EQ(link->polls[1].wait, milliseconds{20000});
   // The third question waits for credit: no third poll, no timer.
   EXPECT_EQ(world->credit_asks, 3);
   wait(std::chrono::hours{1});
@@ -307,6 +310,12 @@ TEST_F(PollerTest, TransportErrorsAndServerErrorsBackOff) {
   // The third poll succeeds; the fourth follows at once and fails.
   ASSERT_EQ(link->polls.size(), 4u);
   EXPECT_EQ(world->jobs.size(), 2u);
+  // Until a poll reached the proxy, none waits on it; after one did, the
+  // next waits the full poll wait.
+  EXPECT_EQ(link->polls[0].wait, milliseconds{0});
+  EXPECT_EQ(link->polls[1].wait, milliseconds{0});
+  EXPECT_EQ(link->polls[2].wait, milliseconds{0});
+  EXPECT_EQ(link->polls[3].wait, milliseconds{20000});
   EXPECT_EQ(world->credit_asks, 4);
   // A success reset the backoff: the minimum again (50..100 ms).
   wait(milliseconds{49});

@@ -333,6 +333,42 @@ TEST_F(MetricsEndToEndTest, TheRunningBinaryCountsWhatItServedAndReportsReady) {
   EXPECT_EQ(log.find(user_pin), std::string::npos);
 }
 
+TEST_F(MetricsEndToEndTest, ReadyAfterOneRoundTripNotAfterAPollWait) {
+  // An idle proxy answers a long poll only when its wait runs out (20 s
+  // here). The driver's first poll returns at once, so it is ready as soon
+  // as its sessions are up and the proxy answered, not 20 s later.
+  auto log_path = (dir / "run.log").string();
+  auto p = test::start_driver(
+    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
+     "--ca-cert", pki.root_cert.string(), "--client-cert",
+     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
+     "--driver-id", "ready-driver", "--sessions", "1", "--poll-wait", "20000",
+     "--metrics-listen", "127.0.0.1:0"},
+    env, log_path);
+  test::kill_on_exit guard{p};
+  auto read_log = [&] {
+    std::ifstream in{log_path};
+    return std::string{std::istreambuf_iterator<char>{in}, {}};
+  };
+  ASSERT_TRUE(test::wait_until(
+    [&] {
+      metrics_port = metrics_port_in(read_log());
+      return metrics_port != 0;
+    },
+    60s, "the driver to log its metrics address", 20ms))
+    << read_log();
+  ASSERT_TRUE(test::wait_until([&] { return readiness().first == 200; }, 10s,
+                               "/readyz to answer 200 well before the 20 s "
+                               "poll wait",
+                               20ms))
+    << readiness().second.dump() << read_log();
+  // And then it long-polls: the proxy holds its poll.
+  EXPECT_TRUE(test::wait_until([&] { return proxy->waiting_polls() == 1; }, 5s,
+                               "the driver's long poll to wait in the proxy"));
+  ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
+  EXPECT_EQ(test::wait_exit(p, 30000), 0) << read_log();
+}
+
 /// The token goes away (every PKCS#11 call fails with CKR_DEVICE_REMOVED
 /// from 4 s after the module is loaded, for 5 s): /readyz names the
 /// sessions, the errors are counted by CKR name, and readiness comes back

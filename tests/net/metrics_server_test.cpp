@@ -1,15 +1,27 @@
 // The metrics and health listener over real HTTP on loopback: what each
-// endpoint answers, the loopback rule, the Host check, and a taken port.
+// endpoint answers, the loopback rule, the Host check, a taken port, and a
+// flood of idle connections.
 
 #include "runtime/net/metrics_server.hpp"
 
+#include "runtime/net/host_port.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <nlohmann/json.hpp>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <filesystem>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace hsm::net {
 namespace {
@@ -79,6 +91,55 @@ TEST(MetricsServerTest, ServesMetricsLivenessAndReadiness) {
   EXPECT_EQ(missing->status, 404);
   srv->stop();
   EXPECT_FALSE(cli.Get("/metrics")) << "still answering after stop";
+}
+
+/// Open descriptors of this process.
+size_t open_fds() {
+  size_t n = 0;
+  for ([[maybe_unused]] auto& e :
+       std::filesystem::directory_iterator{"/proc/self/fd"})
+    ++n;
+  return n;
+}
+
+TEST(MetricsServerTest, AFloodOfIdleConnectionsHoldsBoundedDescriptors) {
+  auto srv = bound();
+  ASSERT_TRUE(srv);
+  metrics_sources src;
+  src.metrics = std::make_shared<driver_metrics>(1);
+  src.liveness = [] { return std::string{}; };
+  srv->serve(src);
+  // 40 connections that never send a byte (non-blocking connects: past the
+  // listener's backlog the kernel drops the handshake, and a blocking
+  // connect would wait on it).
+  constexpr size_t idle = 40;
+  auto before = open_fds();
+  std::vector<int> socks;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(srv->port());
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (size_t i = 0; i < idle; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    ASSERT_GE(fd, 0);
+    ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    socks.push_back(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds{500});
+  // The listener accepted two for its workers, eight queued and one on
+  // its own thread; the rest wait in the kernel. Unbounded, it would hold
+  // one descriptor per connection.
+  auto accepted = open_fds() - before - idle;
+  EXPECT_LE(accepted, 11u);
+  for (int fd : socks)
+    ::close(fd);
+  // Gone, the listener serves again at once.
+  httplib::Client cli{"127.0.0.1", srv->port()};
+  cli.set_read_timeout(10, 0);
+  auto h = cli.Get("/healthz");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200) << h->body;
+  srv->stop();
 }
 
 TEST(MetricsServerTest, RefusesAnAddressThatIsNotLoopbackUnlessAllowed) {

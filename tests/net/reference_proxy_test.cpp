@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <optional>
@@ -1355,6 +1356,55 @@ TEST_F(ReferenceProxyTest, ResultFromAnotherCertificateIsForbidden) {
     << reply->body;
   EXPECT_EQ(state(id).second["state"], "leased");
   EXPECT_EQ(post(holder, ok_result(reqs[0], "driver-a")), 200);
+  EXPECT_EQ(state(id).second["state"], "done");
+}
+
+TEST_F(ReferenceProxyTest, SameNamesUnderAnotherIssuingKeyHoldNoLease) {
+  // A proxy trusting two roots whose PKIs use the same names (the dev PKI
+  // of two machines: same root, intermediate and driver names, other
+  // keys). A lease belongs to the driver's name under the key that issued
+  // its certificate: the other PKI's driver, with every name alike, is not
+  // its holder.
+  auto both = *dir_ / "both-roots.pem";
+  {
+    std::ofstream out{both, std::ios::binary};
+    for (const auto& root : {pki_->root_cert, other_->root_cert}) {
+      std::ifstream in{root, std::ios::binary};
+      out << in.rdbuf();
+    }
+  }
+  auto cfg = proxy_config();
+  cfg.client_ca = both;
+  start(cfg);
+  auto id = enqueue("sign", {{"key_id", "k1"}});
+  auto* holder = client("driver-a");
+  auto look_alike = client_config("driver-a");
+  look_alike.tls.cert = other_->driver_chain;
+  look_alike.tls.key = other_->driver_key;
+  auto* twin = client(look_alike);
+  auto reqs = poll(holder, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(post(twin, ok_result(reqs[0], "driver-a")), 403);
+  EXPECT_EQ(state(id).second["state"], "leased");
+  EXPECT_EQ(post(holder, ok_result(reqs[0], "driver-a")), 200);
+  EXPECT_EQ(state(id).second["state"], "done");
+}
+
+TEST_F(ReferenceProxyTest, ARenewedCertificateStillHoldsItsLeases) {
+  // Same name, same intermediate, a new key and serial (a renewal, or a
+  // SIGHUP reload between a poll and its results): still the holder.
+  start();
+  auto renewed = issue_client_cert(*pki_, *dir_ / "renewed", "hsm-driver");
+  ASSERT_TRUE(renewed) << describe(renewed.error());
+  auto id = enqueue("sign", {{"key_id", "k1"}});
+  auto* before = client("driver-a");
+  auto cfg = client_config("driver-a");
+  cfg.tls.cert = renewed->first;
+  cfg.tls.key = renewed->second;
+  auto* after = client(cfg);
+  auto reqs = poll(before, 1, 1000ms);
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(post(after, ok_result(reqs[0], "driver-a")), 200);
   EXPECT_EQ(state(id).second["state"], "done");
 }
 

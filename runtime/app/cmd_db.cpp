@@ -58,13 +58,6 @@ std::string fingerprint(const std::vector<uint8_t>& public_key) {
   return crypto::public_key_fingerprint(public_key);
 }
 
-/// True when the HSM session (not the row) failed.
-bool session_gone(const caf::error& err) {
-  if (auto rv = pkcs11::rv_of(err))
-    return pkcs11::session_lost(*rv);
-  return is_session_failure(err);
-}
-
 // -- verify -------------------------------------------------------------------
 
 struct bad_row {
@@ -99,7 +92,7 @@ caf::expected<json> canary_report(pkcs11::session& sess,
            {"public_key_fingerprint", fingerprint((*c)->public_key)}};
   auto set = keys::key_set_for(sess, handles, (*c)->master_key_label);
   if (!set) {
-    if (session_gone(set.error()))
+    if (pkcs11::session_gone(set.error()))
       return set.error();
     ok = false;
     out["state"] = "unknown_master_key";
@@ -431,21 +424,28 @@ open_import_file(const std::string& file) {
 /// Rows read per step when checking a whole file.
 constexpr size_t check_step = 1000;
 
-/// Reads the whole file once, checking every line, the count and the
-/// digest; returns its header and row count.
+/// Reads the whole of `in` once, checking every line, the count and the
+/// digest; returns its header and row count, and leaves `in` at its start
+/// again for the import's pass.
 caf::expected<std::pair<keys::export_header, uint64_t>>
-check_import_file(const std::string& file) {
-  auto in = open_import_file(file);
+check_import_file(std::istream& in) {
+  std::pair<keys::export_header, uint64_t> out;
+  {
+    keys::export_reader r{in};
+    auto h = r.header();
+    if (!h)
+      return h.error();
+    while (!r.done())
+      if (auto rows = r.next(check_step); !rows)
+        return rows.error();
+    out = {std::move(*h), r.rows()};
+  }
+  in.clear();
+  in.seekg(0);
   if (!in)
-    return in.error();
-  keys::export_reader r{**in};
-  auto h = r.header();
-  if (!h)
-    return h.error();
-  while (!r.done())
-    if (auto rows = r.next(check_step); !rows)
-      return rows.error();
-  return std::pair{std::move(*h), r.rows()};
+    return caf::make_error(config_errc::bad_file, std::string{"--in"},
+                           std::string{"cannot read the file a second time"});
+  return out;
 }
 
 struct refused_row {
@@ -474,7 +474,7 @@ check_import_row(pkcs11::session& sess, keys::key_handles& handles,
                                           + "'");
   auto set = keys::key_set_for(sess, handles, rec.master_key_id);
   if (!set) {
-    if (session_gone(set.error()))
+    if (pkcs11::session_gone(set.error()))
       return set.error();
     return refuse("unknown_master_key", describe(set.error()));
   }
@@ -485,7 +485,7 @@ check_import_row(pkcs11::session& sess, keys::key_handles& handles,
   // The guard every signature passes: the row MAC under that key.
   auto checked = keys::check_row(sess, handles, rec);
   if (!checked) {
-    if (session_gone(checked.error()))
+    if (pkcs11::session_gone(checked.error()))
       return checked.error();
     return refuse("mac_broken", describe(checked.error()));
   }
@@ -506,8 +506,12 @@ json refused_json(const std::vector<refused_row>& rows) {
 int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
   auto log = logger("runtime");
   // The whole file is checked before anything is touched; it is read
-  // again, in batches, to import it.
-  auto checked = check_import_file(in_file);
+  // again, in batches, to import it: the same open file (a file put in
+  // its place meanwhile is not read), whose header must not have changed.
+  auto in = open_import_file(in_file);
+  if (!in)
+    return fail(in.error());
+  auto checked = check_import_file(**in);
   if (!checked)
     return fail(checked.error());
   const auto& h = checked->first;
@@ -637,12 +641,16 @@ int cmd_db_import(const driver_config& cfg, const std::string& in_file) {
     print(out);
     return exit_failed;
   };
-  auto in = open_import_file(in_file);
-  if (!in)
-    return stop_with(in.error());
   keys::export_reader reader{**in};
-  if (auto again = reader.header(); !again)
+  auto again = reader.header();
+  if (!again)
     return stop_with(again.error());
+  if (keys::header_line(*again) != keys::header_line(h))
+    return stop_with(caf::make_error(
+      config_errc::bad_file, std::string{"--in"},
+      in_file
+        + ": its header changed since it was checked; nothing was "
+          "imported"));
   while (!reader.done()) {
     // A file changed since it was checked fails here, naming the line;
     // every row imported before passed its MAC.

@@ -12,12 +12,12 @@
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/capabilities.hpp"
 #include "runtime/keys/reconcile.hpp"
-#include "runtime/net/cert_info.hpp"
 
 #include <pthread.h>
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -133,6 +133,14 @@ struct liveness_note {
   }
 };
 
+/// The last answer of the dispatcher to a `/healthz` probe, and when.
+struct dispatcher_probe {
+  std::mutex mtx;
+  bool asked = false;
+  std::chrono::steady_clock::time_point at;
+  std::string answer;
+};
+
 /// `on_fatal`, noting first that the driver is no longer alive.
 std::function<void(const std::string&)>
 noting(std::shared_ptr<liveness_note> note,
@@ -196,11 +204,18 @@ daemon::start(const daemon_options& given) {
     listener = std::move(*bound);
   }
   auto metrics = std::make_shared<driver_metrics>(opts.sessions);
-  if (auto expiry = net::certificate_not_after(opts.proxy.tls.cert))
-    metrics->set_client_certificate_expiry(*expiry);
-  else
+  // The expiry of the certificate in use, as loaded (not the file on disk,
+  // which may already hold the next one).
+  if (opts.proxy.material) {
+    metrics->set_client_certificate_expiry(
+      opts.proxy.material->current().first->leaf.not_after_unix);
+  } else if (auto tls = net::load_client_tls(opts.proxy.tls,
+                                             {.verify = false})) {
+    metrics->set_client_certificate_expiry((*tls)->leaf.not_after_unix);
+  } else {
     log->warn("cannot read the expiry of the client certificate: {}",
-              describe(expiry.error()));
+              describe(tls.error()));
+  }
   auto pin = pkcs11::secret_pin::from_environment();
   if (!pin)
     return pin.error();
@@ -321,10 +336,16 @@ daemon::start(const daemon_options& given) {
     net::metrics_sources src;
     src.metrics = metrics;
     src.proxy_window = proxy_ready_window(opts.poll_wait);
-    // Alive: no part ended, and the dispatcher (on the scheduler) answers.
-    src.liveness = [&sys, note = in.liveness, dispatcher = in.dispatcher] {
+    // Alive: no part ended, and the dispatcher (on the scheduler) answers;
+    // asked at most once a second, however often `/healthz` is called.
+    src.liveness = [&sys, note = in.liveness, dispatcher = in.dispatcher,
+                    probe = std::make_shared<dispatcher_probe>()] {
       if (auto why = note->get(); !why.empty())
         return why;
+      std::lock_guard<std::mutex> guard{probe->mtx};
+      auto now = std::chrono::steady_clock::now();
+      if (probe->asked && now - probe->at < std::chrono::seconds{1})
+        return probe->answer;
       caf::scoped_actor self{sys};
       std::string out;
       self->request(dispatcher, std::chrono::seconds{2}, stats_atom::value)
@@ -332,6 +353,9 @@ daemon::start(const daemon_options& given) {
                  [&out](caf::error& err) {
                    out = "the dispatcher did not answer: " + describe(err);
                  });
+      probe->asked = true;
+      probe->at = std::chrono::steady_clock::now();
+      probe->answer = out;
       return out;
     };
     in.metrics_server->serve(std::move(src));
@@ -459,10 +483,9 @@ caf::error daemon::reload_tls() {
     return caf::make_error(caf::sec::invalid_argument);
   auto err = reload_client_tls(*impl_->opts.proxy.material,
                                impl_->opts.cert_warn_days);
-  if (!err && impl_->metrics) {
-    if (auto expiry = net::certificate_not_after(impl_->opts.proxy.tls.cert))
-      impl_->metrics->set_client_certificate_expiry(*expiry);
-  }
+  if (!err && impl_->metrics)
+    impl_->metrics->set_client_certificate_expiry(
+      impl_->opts.proxy.material->current().first->leaf.not_after_unix);
   return err;
 }
 

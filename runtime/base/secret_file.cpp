@@ -46,11 +46,12 @@ struct acl_guard {
 /// effective entries count instead: a named user entry for this process's
 /// user is allowed, any other entry granting access (after the mask) is
 /// not.
-std::string others_with_access(int fd, const struct stat& st) {
-  constexpr auto group_other = S_IRWXG | S_IRWXO;
+std::string others_with_access(int fd, const struct stat& st, bool group_read) {
+  const mode_t refused = S_IRWXO | S_IWGRP | S_IXGRP
+                         | (group_read ? mode_t{0} : mode_t{S_IRGRP});
   int extended = acl_extended_fd(fd);
   if (extended <= 0) // none, or a filesystem without ACLs
-    return (st.st_mode & group_other) == 0 ? "" : "group or others";
+    return (st.st_mode & refused) == 0 ? "" : "group or others";
   acl_guard a{acl_get_fd(fd)};
   if (a.acl == nullptr)
     return std::string{"an ACL that cannot be read: "} + std::strerror(errno);
@@ -89,7 +90,7 @@ std::string others_with_access(int fd, const struct stat& st) {
           return "others";
         break;
       case ACL_GROUP_OBJ:
-        if ((perms & mask) != 0)
+        if ((perms & mask & ~(group_read ? ACL_READ : 0)) != 0)
           return "its group";
         break;
       case ACL_USER:
@@ -117,7 +118,8 @@ std::string others_with_access(int fd, const struct stat& st) {
 } // namespace
 
 caf::expected<std::string> read_secret_file(const std::filesystem::path& path,
-                                            std::string_view what) {
+                                            std::string_view what,
+                                            const secret_file_rules& rules) {
   fd_guard f{::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC)};
   if (f.fd < 0)
     return bad_file(what, path,
@@ -133,16 +135,15 @@ caf::expected<std::string> read_secret_file(const std::filesystem::path& path,
                     "owned by uid " + std::to_string(st.st_uid)
                       + ", neither this user (uid "
                       + std::to_string(::geteuid()) + ") nor root");
-  if (auto who = others_with_access(f.fd, st); !who.empty())
+  if (auto who = others_with_access(f.fd, st, rules.group_read); !who.empty())
     return bad_file(what, path,
-                    "readable or writable by " + who
-                      + "; chmod 600 it (and remove other ACL entries)");
+                    (rules.group_read ? "open to " : "readable or writable by ")
+                      + who + "; chmod 600 it (and remove other ACL entries)");
   if (st.st_size <= 0)
     return bad_file(what, path, "empty");
-  if (static_cast<size_t>(st.st_size) > max_secret_file_bytes)
-    return bad_file(what, path,
-                    "larger than " + std::to_string(max_secret_file_bytes)
-                      + " bytes");
+  if (static_cast<size_t>(st.st_size) > rules.max_bytes)
+    return bad_file(
+      what, path, "larger than " + std::to_string(rules.max_bytes) + " bytes");
   // One allocation, sized before reading: growing the string would leave
   // copies of the secret in freed memory.
   std::string out(static_cast<size_t>(st.st_size), '\0');
@@ -156,7 +157,8 @@ caf::expected<std::string> read_secret_file(const std::filesystem::path& path,
     got += static_cast<size_t>(n);
   }
   out.resize(got); // shrinking keeps the buffer
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r'))
+  while (rules.strip_newlines && !out.empty()
+         && (out.back() == '\n' || out.back() == '\r'))
     out.pop_back();
   if (out.empty())
     return bad_file(what, path, "empty");

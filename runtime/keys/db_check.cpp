@@ -15,13 +15,6 @@ namespace {
 /// can be nothing but a test signature.
 constexpr std::string_view test_digest_text = "hsm-driver db verify";
 
-/// True when `err` is the session or token failing rather than the row.
-bool session_gone(const caf::error& err) {
-  if (auto rv = pkcs11::rv_of(err))
-    return pkcs11::session_lost(*rv);
-  return is_session_failure(err);
-}
-
 /// True if `mac` equals the MAC `set` makes over `rec`; nullopt if the
 /// HSM could not make it (`err` set).
 std::optional<bool> mac_matches(pkcs11::session& sess,
@@ -73,7 +66,7 @@ caf::expected<row_verdict> verify_row(pkcs11::session& sess, key_handles& keys,
                 "master-key rotate')");
   auto set = key_set_for(sess, keys, rec.master_key_id);
   if (!set) {
-    if (session_gone(set.error()))
+    if (pkcs11::session_gone(set.error()))
       return set.error();
     out.add(row_fault::unknown_master_key, describe(set.error()));
     return out;
@@ -120,7 +113,7 @@ caf::expected<row_verdict> verify_row(pkcs11::session& sess, key_handles& keys,
               "this token holds no key object with the row's key id and "
               "label (a token-resident key lives in one HSM): "
                 + describe(err));
-    else if (session_gone(err))
+    else if (pkcs11::session_gone(err))
       return err;
     else if (!rec.resident()
              && (err == key_errc::key_corrupted || fn == "C_UnwrapKey"))

@@ -573,7 +573,8 @@ caf::expected<leaf_output> issue_leaf(const issuer_files& ca,
   auto issuer = first_cert(ca.cert, ca_text);
   if (!issuer)
     return issuer.error();
-  auto key_text = read_small_file(ca.key, "--intermediate-key");
+  auto key_text = read_key_file(ca.key, "--intermediate-key",
+                                key_sharing::owner_only);
   if (!key_text)
     return caf::make_error(net_errc::bad_tls_material,
                            describe(key_text.error()));

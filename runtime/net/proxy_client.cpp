@@ -54,27 +54,6 @@ caf::error check_file(const std::filesystem::path& path, const char* option) {
   return caf::none;
 }
 
-/// Checks that the client key is not open to others: no permission for
-/// others, no write for the group (a group read, for a group such as
-/// ssl-cert, is allowed).
-caf::error check_key_mode(const std::filesystem::path& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  auto perms = fs::status(path, ec).permissions();
-  if (ec)
-    return caf::make_error(net_errc::bad_tls_material,
-                           std::string{"--client-key"},
-                           "'" + path.string() + "': " + ec.message());
-  if ((perms & (fs::perms::others_all | fs::perms::group_write))
-      != fs::perms::none)
-    return caf::make_error(net_errc::bad_tls_material,
-                           std::string{"--client-key"},
-                           "'" + path.string()
-                             + "' is open to others (or writable by its "
-                               "group); chmod 600 it");
-  return caf::none;
-}
-
 /// Checks `--proxy-addr`: `host:port` or `[v6]:port`, a port other than 0.
 caf::error check_address(const std::string& addr) {
   if (auto parsed = parse_host_port(addr, "--proxy-addr"); !parsed)
@@ -415,8 +394,6 @@ proxy_client::create(const proxy_client_config& cfg) {
   if (auto err = check_file(cfg.tls.cert, "--client-cert"))
     return err;
   if (auto err = check_file(cfg.tls.key, "--client-key"))
-    return err;
-  if (auto err = check_key_mode(cfg.tls.key))
     return err;
   if (auto rc = global_init(); rc != CURLE_OK)
     return caf::make_error(net_errc::unreachable,

@@ -32,25 +32,6 @@ constexpr size_t max_chain_depth = 8;
 
 constexpr std::string_view client_whose = "client certificate";
 
-/// Checks that the client key is not open to others: no permission for
-/// others, no write for the group (a group read, for a group such as
-/// ssl-cert, is allowed).
-caf::error check_key_mode(const std::filesystem::path& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  auto perms = fs::status(path, ec).permissions();
-  if (ec)
-    return cert_error("--client-key", cert_cause::unreadable,
-                      "'" + path.string() + "': " + ec.message());
-  if ((perms & (fs::perms::others_all | fs::perms::group_write))
-      != fs::perms::none)
-    return cert_error("--client-key", cert_cause::unreadable,
-                      "'" + path.string()
-                        + "' is open to others (or writable by its group); "
-                          "chmod 600 it");
-  return caf::none;
-}
-
 /// The certificate among `pool` that issued `cert`, if any (not `cert`
 /// itself, not a self-signed root).
 X509* issuer_in(X509* cert, const std::vector<x509_ptr>& pool) {
@@ -178,9 +159,8 @@ load_client_tls(const tls_files& files, const client_tls_options& opts) {
   auto cert_text = read_small_file(files.cert, "--client-cert");
   if (!cert_text)
     return cert_text.error();
-  if (auto err = check_key_mode(files.key))
-    return err;
-  auto key_text = read_small_file(files.key, "--client-key");
+  auto key_text = read_key_file(files.key, "--client-key",
+                                key_sharing::group_read);
   if (!key_text)
     return key_text.error();
   out->key_pem = std::move(*key_text);

@@ -95,6 +95,8 @@ struct cert_info {
   /// Validity, `YYYY-MM-DDTHH:MM:SSZ`.
   std::string not_before;
   std::string not_after;
+  /// notAfter in Unix seconds (the expiry metric).
+  int64_t not_after_unix = 0;
   /// Whole days from the check's time to notAfter (negative once expired).
   int64_t days_left = 0;
   /// subjectAltName entries, `DNS:name` / `IP:addr`.

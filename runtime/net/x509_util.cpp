@@ -1,5 +1,6 @@
 #include "runtime/net/x509_util.hpp"
 
+#include "runtime/base/secret_file.hpp"
 #include "runtime/net/openssl_error.hpp"
 
 #include <fcntl.h>
@@ -15,6 +16,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <system_error>
 
 namespace hsm::net {
@@ -85,6 +87,21 @@ caf::expected<std::string> read_small_file(const std::filesystem::path& path,
   return out;
 }
 
+caf::expected<std::string> read_key_file(const std::filesystem::path& path,
+                                         std::string_view option,
+                                         key_sharing sharing) {
+  if (path.empty())
+    return cert_error(option, cert_cause::unreadable, "no file given");
+  secret_file_rules rules;
+  rules.group_read = sharing == key_sharing::group_read;
+  rules.max_bytes = max_tls_file_bytes;
+  rules.strip_newlines = false;
+  auto text = read_secret_file(path, option, rules);
+  if (!text)
+    return cert_error(option, cert_cause::unreadable, describe(text.error()));
+  return text;
+}
+
 std::vector<crypto::x509_ptr> read_certs(std::string_view text) {
   std::vector<crypto::x509_ptr> out;
   bio_ptr bio{BIO_new_mem_buf(text.data(), static_cast<int>(text.size()))};
@@ -150,6 +167,8 @@ cert_info info_of(X509* cert, std::time_t at) {
   }
   out.not_before = iso_time(X509_get0_notBefore(cert));
   out.not_after = iso_time(X509_get0_notAfter(cert));
+  if (std::tm tm{}; ASN1_TIME_to_tm(X509_get0_notAfter(cert), &tm) == 1)
+    out.not_after_unix = static_cast<int64_t>(::timegm(&tm));
   int days = 0;
   int secs = 0;
   asn1_time_ptr now{ASN1_TIME_set(nullptr, at)};

@@ -22,6 +22,24 @@ namespace hsm::net {
 [[nodiscard]] caf::expected<std::string>
 read_small_file(const std::filesystem::path& path, std::string_view option);
 
+/// Who may read a private key file besides its owner.
+enum class key_sharing {
+  /// Nobody (an intermediate CA's key).
+  owner_only,
+  /// Its group too (a driver's TLS key shared with a group such as
+  /// ssl-cert).
+  group_read,
+};
+
+/// The PEM bytes of the private key in `path`, read as a secret file
+/// (`read_secret_file`: no symbolic link, checked on the open descriptor
+/// for type, owner, mode and ACL, at most 1 MiB); `option` names it in
+/// errors, which carry `cert_cause::unreadable`. The caller wipes the
+/// bytes.
+[[nodiscard]] caf::expected<std::string>
+read_key_file(const std::filesystem::path& path, std::string_view option,
+              key_sharing sharing);
+
 /// Every certificate in PEM `text`, in order (empty if none).
 std::vector<crypto::x509_ptr> read_certs(std::string_view text);
 

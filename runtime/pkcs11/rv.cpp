@@ -258,6 +258,12 @@ bool session_lost(CK_RV rv) {
   }
 }
 
+bool session_gone(const caf::error& err) {
+  if (auto rv = rv_of(err))
+    return session_lost(*rv);
+  return is_session_failure(err);
+}
+
 bool blob_refused(CK_RV rv) {
   switch (rv) {
     case CKR_WRAPPED_KEY_INVALID:

@@ -38,6 +38,12 @@ hsm_errc classify(CK_RV rv);
 /// the attempt as session failures.
 bool session_lost(CK_RV rv);
 
+/// True if `err` is the session or the token failing rather than what was
+/// asked of it: `session_lost` for a PKCS#11 failure, `is_session_failure`
+/// for any other. A check that runs row by row (`db verify`, `db import`)
+/// stops on these and judges the row on any other.
+bool session_gone(const caf::error& err);
+
 /// True if `rv`, from C_UnwrapKey, says the blob itself is bad (not the
 /// device, not a handle): the only unwrap failures that make a key
 /// `key_errc::key_corrupted`. SoftHSMv2 also answers CKR_GENERAL_ERROR

@@ -366,5 +366,35 @@ TEST_F(PkiOpsTest, LeafNeedsTheIntermediatesKey) {
     << describe(leaf.error());
 }
 
+TEST_F(PkiOpsTest, IntermediateKeyReadableByItsGroupIsRefused) {
+  // A CA's key is the owner's alone (a driver's TLS key may be shared with
+  // its group; this one may not), and it is not read through a link.
+  auto key = *dir_ / "shared-intermediate.key.pem";
+  std::filesystem::copy_file(
+    pki_->intermediate_cert.parent_path() / "intermediate.key.pem", key,
+    std::filesystem::copy_options::overwrite_existing);
+  issuer_files ca{pki_->intermediate_cert, key, {}};
+  leaf_spec spec;
+  spec.common_name = "driver-g";
+  spec.days = 10;
+  ASSERT_EQ(::chmod(key.c_str(), 0640), 0);
+  auto leaf = issue_leaf(ca, spec);
+  ASSERT_FALSE(leaf);
+  EXPECT_NE(describe(leaf.error()).find("chmod 600"), std::string::npos)
+    << describe(leaf.error());
+  auto link = *dir_ / "linked-intermediate.key.pem";
+  std::filesystem::remove(link);
+  std::filesystem::create_symlink(key, link);
+  ASSERT_EQ(::chmod(key.c_str(), 0600), 0);
+  ca.key = link;
+  leaf = issue_leaf(ca, spec);
+  ASSERT_FALSE(leaf);
+  EXPECT_NE(describe(leaf.error()).find("symbolic link"), std::string::npos)
+    << describe(leaf.error());
+  ca.key = key;
+  leaf = issue_leaf(ca, spec);
+  EXPECT_TRUE(leaf) << describe(leaf.error());
+}
+
 } // namespace
 } // namespace hsm::net

@@ -116,7 +116,8 @@ constexpr size_t max_refusals_kept = 100;
 /// public key (DER SubjectPublicKeyInfo, from the chain the handshake
 /// verified) and of the certificate's subject name (DER), in hex; empty
 /// without a verified certificate (not on the mTLS listener, which refuses
-/// a client without one). A driver whose certificate is renewed (same
+/// a client without one and resumes no session, so every connection has
+/// its verified chain). A driver whose certificate is renewed (same
 /// name, same issuing key, new key and serial) still holds the leases it
 /// took before: a reload of its files between a poll and its results
 /// loses nothing. Another driver has another name (the runbook issues one
@@ -1010,13 +1011,20 @@ struct reference_proxy::impl {
                                                            : TLS1_3_VERSION)
         != 1)
       return bad_tls_material("cannot set the lowest TLS version");
-    // Resuming a session under client-certificate verification needs a
-    // session id context; without one OpenSSL refuses every resumption
-    // ("internal error"), and a client that resumes (libcurl does) can no
-    // longer reconnect once the server closed its first connection.
+    // No session is resumed: a lease belongs to a certificate under the key
+    // that issued it (`holder_of`), and OpenSSL keeps the verified chain
+    // with the connection, not with the session, so a resumed connection
+    // has none. No TLS 1.3 ticket, no TLS 1.2 session cache: every
+    // connection verifies the client's chain in full. The session id
+    // context stays set, so that a client offering an old session gets a
+    // full handshake rather than OpenSSL's "internal error".
     static constexpr unsigned char sid_ctx[] = "hsm-driver-reference-proxy";
     if (SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1) != 1)
       return bad_tls_material("cannot set the session id context");
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    if (SSL_CTX_set_num_tickets(ctx, 0) != 1)
+      return bad_tls_material("cannot turn session tickets off");
     if (SSL_CTX_check_private_key(ctx) != 1)
       return bad_tls_material("the server key does not match its certificate");
     // httplib ignores whether the CA file loads; check it, and name the

@@ -400,8 +400,7 @@ TEST_F(ProxyClientTest, ClientKeyIsReadAsASecretFile) {
   cfg.tls.key = link;
   auto c = proxy_client::create(cfg);
   ASSERT_FALSE(c);
-  EXPECT_EQ(cause_of(c.error()), cert_cause::unreadable)
-    << describe(c.error());
+  EXPECT_EQ(cause_of(c.error()), cert_cause::unreadable) << describe(c.error());
   EXPECT_NE(describe(c.error()).find("symbolic link"), std::string::npos)
     << describe(c.error());
   EXPECT_NE(describe(c.error()).find("--client-key"), std::string::npos);

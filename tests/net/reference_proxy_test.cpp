@@ -5,16 +5,20 @@
 #include "runtime/net/proxy_client.hpp"
 #include "tests/support/wait.hpp"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <openssl/ssl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -1406,6 +1410,76 @@ TEST_F(ReferenceProxyTest, ARenewedCertificateStillHoldsItsLeases) {
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(post(after, ok_result(reqs[0], "driver-a")), 200);
   EXPECT_EQ(state(id).second["state"], "done");
+}
+
+/// One request over a fresh TLS connection with the driver's certificate,
+/// offering `resume` if given; the session it leaves (owned by the caller,
+/// null on failure) and whether the server resumed `resume`.
+std::pair<SSL_SESSION*, bool> tls_round_trip(uint16_t port, const dev_pki& pki,
+                                             SSL_SESSION* resume) {
+  std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx{
+    SSL_CTX_new(TLS_client_method()), &SSL_CTX_free};
+  if (!ctx
+      || SSL_CTX_use_certificate_chain_file(ctx.get(), pki.driver_chain.c_str())
+           != 1
+      || SSL_CTX_use_PrivateKey_file(ctx.get(), pki.driver_key.c_str(),
+                                     SSL_FILETYPE_PEM)
+           != 1
+      || SSL_CTX_load_verify_locations(ctx.get(), pki.root_cert.c_str(),
+                                       nullptr)
+           != 1)
+    return {nullptr, false};
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (fd < 0
+      || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    if (fd >= 0)
+      ::close(fd);
+    return {nullptr, false};
+  }
+  std::unique_ptr<SSL, decltype(&SSL_free)> ssl{SSL_new(ctx.get()), &SSL_free};
+  SSL_set_fd(ssl.get(), fd);
+  if (resume != nullptr)
+    SSL_set_session(ssl.get(), resume);
+  SSL_SESSION* left = nullptr;
+  bool reused = false;
+  if (SSL_connect(ssl.get()) == 1) {
+    reused = SSL_session_reused(ssl.get()) == 1;
+    // Any request; reading its answer also reads the tickets a TLS 1.3
+    // server sends after the handshake.
+    std::string req = "GET /v1/none HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      "Connection: close\r\n\r\n";
+    SSL_write(ssl.get(), req.data(), static_cast<int>(req.size()));
+    std::array<char, 4096> buf{};
+    while (SSL_read(ssl.get(), buf.data(), static_cast<int>(buf.size())) > 0) {
+    }
+    left = SSL_get1_session(ssl.get());
+    // A connection freed without a shutdown marks its session bad; this
+    // one ended as the server closed it.
+    SSL_set_shutdown(ssl.get(), SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+  }
+  ::close(fd);
+  return {left, reused};
+}
+
+TEST_F(ReferenceProxyTest, NoSessionIsResumedSoEveryConnectionHasItsChain) {
+  // A resumed connection carries no verified chain, and so no lease holder:
+  // the proxy issues no ticket and keeps no session, and a client offering
+  // its last session gets a full handshake.
+  start();
+  auto [first, first_reused] = tls_round_trip(proxy_->port(), *pki_, nullptr);
+  ASSERT_NE(first, nullptr);
+  EXPECT_FALSE(first_reused);
+  EXPECT_EQ(SSL_SESSION_is_resumable(first), 0)
+    << "the proxy handed out a session to resume";
+  auto [second, second_reused] = tls_round_trip(proxy_->port(), *pki_, first);
+  EXPECT_FALSE(second_reused);
+  SSL_SESSION_free(first);
+  SSL_SESSION_free(second);
 }
 
 TEST_F(ReferenceProxyTest, AdminTokenFileIsMadeOnceAndReadAsASecret) {

@@ -2,6 +2,7 @@
 
 #include "runtime/base/logging.hpp"
 #include "runtime/base/secret_file.hpp"
+#include "runtime/crypto/fingerprint.hpp"
 #include "runtime/crypto/hex.hpp"
 #include "runtime/net/host_port.hpp"
 #include "runtime/net/openssl_error.hpp"
@@ -137,19 +138,13 @@ std::string holder_of(const SSL* ssl) {
   unsigned char* subject = nullptr;
   auto key_len = i2d_PUBKEY(X509_get0_pubkey(issuer), &issuer_key);
   auto subject_len = i2d_X509_NAME(X509_get_subject_name(cert), &subject);
-  std::array<uint8_t, EVP_MAX_MD_SIZE> md{};
-  unsigned int n = 0;
   std::string out;
-  crypto::md_ctx_ptr ctx{EVP_MD_CTX_new()};
-  if (key_len > 0 && subject_len > 0 && ctx
-      && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1
-      && EVP_DigestUpdate(ctx.get(), issuer_key, static_cast<size_t>(key_len))
-           == 1
-      && EVP_DigestUpdate(ctx.get(), "/", 1) == 1
-      && EVP_DigestUpdate(ctx.get(), subject, static_cast<size_t>(subject_len))
-           == 1
-      && EVP_DigestFinal_ex(ctx.get(), md.data(), &n) == 1)
-    out = crypto::to_hex(std::span<const uint8_t>{md.data(), n});
+  if (key_len > 0 && subject_len > 0) {
+    std::vector<uint8_t> both(issuer_key, issuer_key + key_len);
+    both.push_back('/');
+    both.insert(both.end(), subject, subject + subject_len);
+    out = crypto::to_hex(crypto::sha256(both));
+  }
   OPENSSL_free(issuer_key);
   OPENSSL_free(subject);
   return out;

@@ -102,6 +102,16 @@ int64_t openssl_not_after(const std::filesystem::path& path) {
   return static_cast<int64_t>(::timegm(&tm));
 }
 
+/// The port of the metrics listener that a `run` log names (0 if none).
+uint16_t metrics_port_in(const std::string& log) {
+  static const std::regex line{
+    R"re(metrics and health on http://127\.0\.0\.1:([0-9]+))re"};
+  std::smatch m;
+  if (!std::regex_search(log, m, line))
+    return 0;
+  return static_cast<uint16_t>(std::stoul(m[1].str()));
+}
+
 class MetricsEndToEndTest : public ::testing::Test {
 protected:
   void SetUp() override {
@@ -183,6 +193,42 @@ protected:
     return {status, j.value("not_ready", json::object())};
   }
 
+  /// Starts `hsm-driver run` against the proxy with the dev PKI and a
+  /// metrics listener on a free loopback port, plus `extra` (driver id,
+  /// sessions, ...); its log goes to `run.log` (`run_log`).
+  test::background_process start_run(const std::vector<std::string>& extra) {
+    std::vector<std::string> args{"run",
+                                  "--proxy-addr",
+                                  "127.0.0.1:" + std::to_string(proxy->port()),
+                                  "--ca-cert",
+                                  pki.root_cert.string(),
+                                  "--client-cert",
+                                  pki.driver_chain.string(),
+                                  "--client-key",
+                                  pki.driver_key.string(),
+                                  "--metrics-listen",
+                                  "127.0.0.1:0"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return test::start_driver(args, env, (dir / "run.log").string());
+  }
+
+  /// What the driver started by `start_run` logged so far.
+  std::string run_log() const {
+    std::ifstream in{dir / "run.log"};
+    return std::string{std::istreambuf_iterator<char>{in}, {}};
+  }
+
+  /// Waits until the log of `start_run` names the metrics port, into
+  /// `metrics_port`.
+  ::testing::AssertionResult metrics_listening() {
+    return test::wait_until(
+      [&] {
+        metrics_port = metrics_port_in(run_log());
+        return metrics_port != 0;
+      },
+      60s, "the driver to log its metrics address", 20ms);
+  }
+
   std::filesystem::path dir;
   std::map<std::string, std::string> env;
   net::dev_pki pki;
@@ -191,40 +237,14 @@ protected:
   uint16_t metrics_port = 0;
 };
 
-/// The port of the metrics listener that a `run` log names (0 if none).
-uint16_t metrics_port_in(const std::string& log) {
-  static const std::regex line{
-    R"re(metrics and health on http://127\.0\.0\.1:([0-9]+))re"};
-  std::smatch m;
-  if (!std::regex_search(log, m, line))
-    return 0;
-  return static_cast<uint16_t>(std::stoul(m[1].str()));
-}
-
 TEST_F(MetricsEndToEndTest, TheRunningBinaryCountsWhatItServedAndReportsReady) {
-  auto log_path = (dir / "run.log").string();
-  auto p = test::start_driver(
-    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
-     "--ca-cert", pki.root_cert.string(), "--client-cert",
-     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
-     "--driver-id", "metrics-driver", "--sessions", "2", "--poll-wait", "300",
-     "--metrics-listen", "127.0.0.1:0", "--log-level", "info"},
-    env, log_path);
+  auto p = start_run({"--driver-id", "metrics-driver", "--sessions", "2",
+                      "--poll-wait", "300", "--log-level", "info"});
   test::kill_on_exit guard{p};
-  auto read_log = [&] {
-    std::ifstream in{log_path};
-    return std::string{std::istreambuf_iterator<char>{in}, {}};
-  };
-  ASSERT_TRUE(test::wait_until(
-    [&] {
-      metrics_port = metrics_port_in(read_log());
-      return metrics_port != 0;
-    },
-    60s, "the driver to log its metrics address", 20ms))
-    << read_log();
+  ASSERT_TRUE(metrics_listening()) << run_log();
   ASSERT_TRUE(test::wait_until([&] { return readiness().first == 200; }, 30s,
                                "/readyz to answer 200", 20ms))
-    << readiness().second.dump() << read_log();
+    << readiness().second.dump() << run_log();
   // What is sent: 3 new keys, 5 signatures, a sign for a key nobody has,
   // and a request of a kind the protocol does not know.
   std::map<std::string, std::string> keys{{"m-a", "p256"},
@@ -328,8 +348,8 @@ TEST_F(MetricsEndToEndTest, TheRunningBinaryCountsWhatItServedAndReportsReady) {
   EXPECT_EQ(at(s, "hsm_driver_sessions_healthy"), 2);
 
   ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
-  EXPECT_EQ(test::wait_exit(p, 30000), 0) << read_log();
-  auto log = read_log();
+  EXPECT_EQ(test::wait_exit(p, 30000), 0) << run_log();
+  auto log = run_log();
   EXPECT_EQ(log.find(user_pin), std::string::npos);
 }
 
@@ -337,36 +357,20 @@ TEST_F(MetricsEndToEndTest, ReadyAfterOneRoundTripNotAfterAPollWait) {
   // An idle proxy answers a long poll only when its wait runs out (20 s
   // here). The driver's first poll returns at once, so it is ready as soon
   // as its sessions are up and the proxy answered, not 20 s later.
-  auto log_path = (dir / "run.log").string();
-  auto p = test::start_driver(
-    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
-     "--ca-cert", pki.root_cert.string(), "--client-cert",
-     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
-     "--driver-id", "ready-driver", "--sessions", "1", "--poll-wait", "20000",
-     "--metrics-listen", "127.0.0.1:0"},
-    env, log_path);
+  auto p = start_run(
+    {"--driver-id", "ready-driver", "--sessions", "1", "--poll-wait", "20000"});
   test::kill_on_exit guard{p};
-  auto read_log = [&] {
-    std::ifstream in{log_path};
-    return std::string{std::istreambuf_iterator<char>{in}, {}};
-  };
-  ASSERT_TRUE(test::wait_until(
-    [&] {
-      metrics_port = metrics_port_in(read_log());
-      return metrics_port != 0;
-    },
-    60s, "the driver to log its metrics address", 20ms))
-    << read_log();
+  ASSERT_TRUE(metrics_listening()) << run_log();
   ASSERT_TRUE(test::wait_until([&] { return readiness().first == 200; }, 10s,
                                "/readyz to answer 200 well before the 20 s "
                                "poll wait",
                                20ms))
-    << readiness().second.dump() << read_log();
+    << readiness().second.dump() << run_log();
   // And then it long-polls: the proxy holds its poll.
   EXPECT_TRUE(test::wait_until([&] { return proxy->waiting_polls() == 1; }, 5s,
                                "the driver's long poll to wait in the proxy"));
   ASSERT_EQ(::kill(p.pid, SIGTERM), 0);
-  EXPECT_EQ(test::wait_exit(p, 30000), 0) << read_log();
+  EXPECT_EQ(test::wait_exit(p, 30000), 0) << run_log();
 }
 
 /// The token goes away (every PKCS#11 call fails with CKR_DEVICE_REMOVED

@@ -38,6 +38,14 @@ bound(metrics_listen where = {"127.0.0.1", 0, false}) {
   return std::move(*s);
 }
 
+/// Serves on `srv` with fresh metrics and a driver that is alive.
+void serve_alive(metrics_server& srv) {
+  metrics_sources src;
+  src.metrics = std::make_shared<driver_metrics>(1);
+  src.liveness = [] { return std::string{}; };
+  srv.serve(src);
+}
+
 TEST(MetricsServerTest, ServesMetricsLivenessAndReadiness) {
   auto metrics = std::make_shared<driver_metrics>(2);
   auto alive = std::make_shared<std::atomic<bool>>(true);
@@ -105,10 +113,7 @@ size_t open_fds() {
 TEST(MetricsServerTest, AFloodOfIdleConnectionsHoldsBoundedDescriptors) {
   auto srv = bound();
   ASSERT_TRUE(srv);
-  metrics_sources src;
-  src.metrics = std::make_shared<driver_metrics>(1);
-  src.liveness = [] { return std::string{}; };
-  srv->serve(src);
+  serve_alive(*srv);
   // 40 connections that never send a byte (non-blocking connects: past the
   // listener's backlog the kernel drops the handshake, and a blocking
   // connect would wait on it).
@@ -162,10 +167,7 @@ TEST(MetricsServerTest, RefusesAnAddressThatIsNotLoopbackUnlessAllowed) {
 TEST(MetricsServerTest, LoopbackListenerRefusesAForeignHostHeader) {
   auto srv = bound();
   ASSERT_TRUE(srv);
-  metrics_sources src;
-  src.metrics = std::make_shared<driver_metrics>(1);
-  src.liveness = [] { return std::string{}; };
-  srv->serve(src);
+  serve_alive(*srv);
   httplib::Client cli{"127.0.0.1", srv->port()};
   auto foreign = cli.Get("/metrics", {{"Host", "rebound.example:80"}});
   ASSERT_TRUE(foreign);

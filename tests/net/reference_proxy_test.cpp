@@ -307,6 +307,16 @@ protected:
     return cfg;
   }
 
+  /// As `client_config(driver)`, presenting another certificate and key.
+  proxy_client_config client_config(const std::string& driver,
+                                    const std::filesystem::path& cert,
+                                    const std::filesystem::path& key) const {
+    auto cfg = client_config(driver);
+    cfg.tls.cert = cert;
+    cfg.tls.key = key;
+    return cfg;
+  }
+
   proxy_client* client(const proxy_client_config& cfg) {
     auto c = proxy_client::create(cfg);
     EXPECT_TRUE(c) << describe(c.error());
@@ -782,10 +792,8 @@ TEST_F(ReferenceProxyTest, OversizedBodyIs413) {
 TEST_F(ReferenceProxyTest, RefusesClientCertificateFromAnotherPki) {
   start();
   auto id = enqueue("sign", {{"key_id", "k1"}, {"payload", "00"}});
-  auto cfg = client_config("intruder");
-  cfg.tls.cert = other_->driver_chain;
-  cfg.tls.key = other_->driver_key;
-  auto* c = client(cfg);
+  auto* c = client(
+    client_config("intruder", other_->driver_chain, other_->driver_key));
   ASSERT_NE(c, nullptr);
   auto reply = c->poll(5, 0ms);
   ASSERT_FALSE(reply) << "status " << reply->status;
@@ -827,10 +835,8 @@ TEST_F(ReferenceProxyTest, ClientChainFromIssuedCertIsAccepted) {
   start();
   auto issued = issue_client_cert(*pki_, *dir_ / "issued", "driver-b");
   ASSERT_TRUE(issued) << describe(issued.error());
-  auto cfg = client_config("driver-b");
-  cfg.tls.cert = issued->first;
-  cfg.tls.key = issued->second;
-  auto reply = client(cfg)->poll(1, 0ms);
+  auto reply = client(client_config("driver-b", issued->first, issued->second))
+                 ->poll(1, 0ms);
   ASSERT_TRUE(reply) << describe(reply.error());
   EXPECT_EQ(reply->status, 200);
 }
@@ -1343,10 +1349,8 @@ TEST_F(ReferenceProxyTest, ResultFromAnotherCertificateIsForbidden) {
   ASSERT_TRUE(issued) << describe(issued.error());
   auto id = enqueue("sign", {{"key_id", "k1"}});
   auto* holder = client("driver-a");
-  auto cfg = client_config("driver-b");
-  cfg.tls.cert = issued->first;
-  cfg.tls.key = issued->second;
-  auto* thief = client(cfg);
+  auto* thief = client(
+    client_config("driver-b", issued->first, issued->second));
   auto reqs = poll(holder, 1, 1000ms);
   ASSERT_EQ(reqs.size(), 1u);
   // The lease and id are right, the certificate is not the holder's: a
@@ -1382,10 +1386,8 @@ TEST_F(ReferenceProxyTest, SameNamesUnderAnotherIssuingKeyHoldNoLease) {
   start(cfg);
   auto id = enqueue("sign", {{"key_id", "k1"}});
   auto* holder = client("driver-a");
-  auto look_alike = client_config("driver-a");
-  look_alike.tls.cert = other_->driver_chain;
-  look_alike.tls.key = other_->driver_key;
-  auto* twin = client(look_alike);
+  auto* twin = client(
+    client_config("driver-a", other_->driver_chain, other_->driver_key));
   auto reqs = poll(holder, 1, 1000ms);
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(post(twin, ok_result(reqs[0], "driver-a")), 403);
@@ -1402,10 +1404,8 @@ TEST_F(ReferenceProxyTest, ARenewedCertificateStillHoldsItsLeases) {
   ASSERT_TRUE(renewed) << describe(renewed.error());
   auto id = enqueue("sign", {{"key_id", "k1"}});
   auto* before = client("driver-a");
-  auto cfg = client_config("driver-a");
-  cfg.tls.cert = renewed->first;
-  cfg.tls.key = renewed->second;
-  auto* after = client(cfg);
+  auto* after = client(
+    client_config("driver-a", renewed->first, renewed->second));
   auto reqs = poll(before, 1, 1000ms);
   ASSERT_EQ(reqs.size(), 1u);
   EXPECT_EQ(post(after, ok_result(reqs[0], "driver-a")), 200);

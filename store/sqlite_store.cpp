@@ -17,6 +17,7 @@
 #include <limits>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <utility>
 
 namespace hsm::store {
@@ -173,6 +174,23 @@ public:
 private:
   sqlite3_stmt* stmt_;
 };
+
+// -- locks --------------------------------------------------------------------
+
+/// The busy handler of every connection: pauses as `lock_wait_pause` says,
+/// then has SQLite try again; gives up when it says no more.
+int wait_for_lock(void*, int tries) {
+  auto pause = lock_wait_pause(tries);
+  if (!pause)
+    return 0;
+  std::this_thread::sleep_for(*pause);
+  return 1;
+}
+
+/// Installs `wait_for_lock` on `db`.
+void wait_for_locks(sqlite3* db) {
+  sqlite3_busy_handler(db, wait_for_lock, nullptr);
+}
 
 // -- errors -------------------------------------------------------------------
 
@@ -593,7 +611,7 @@ caf::expected<std::string> set_wal_mode(sqlite3* db, const std::string& what) {
 
 /// Sets the busy timeout, WAL mode, full sync and foreign keys.
 caf::error configure(sqlite3* db, const std::string& where) {
-  sqlite3_busy_timeout(db, busy_timeout_ms);
+  wait_for_locks(db);
   auto mode = set_wal_mode(db, where + ": PRAGMA journal_mode=WAL");
   if (!mode)
     return as_unavailable(mode.error());
@@ -654,6 +672,20 @@ caf::error migrate(sqlite3* db, const std::string& where,
 }
 
 } // namespace
+
+std::optional<std::chrono::microseconds> lock_wait_pause(int tries) {
+  constexpr std::chrono::microseconds first{50};
+  constexpr std::chrono::microseconds longest{2000};
+  std::chrono::microseconds waited{0};
+  auto pause = first;
+  for (int i = 0; i < tries; ++i) {
+    waited += pause;
+    if (waited >= std::chrono::milliseconds{busy_timeout_ms})
+      return std::nullopt;
+    pause = std::min(pause * 2, longest);
+  }
+  return pause;
+}
 
 // -- connection ---------------------------------------------------------------
 
@@ -723,7 +755,7 @@ caf::expected<db_ptr> open_for_reading(const std::filesystem::path& path,
     return make_unavailable(
       "cannot open " + where + " read-only: "
       + (raw != nullptr ? sqlite3_errmsg(raw) : sqlite3_errstr(rc)));
-  sqlite3_busy_timeout(db.get(), busy_timeout_ms);
+  wait_for_locks(db.get());
   if (auto err = exec(db.get(), "PRAGMA query_only=1",
                       where + ": PRAGMA query_only=1"))
     return as_unavailable(err);

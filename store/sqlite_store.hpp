@@ -6,10 +6,12 @@
 // actor). One thread at a time calls it (the connection is opened NOMUTEX);
 // it may move between threads, as an actor does between workers. Several
 // stores, in one process or many, may share a file: writes run in
-// `BEGIN IMMEDIATE` transactions and wait up to five seconds for the lock.
+// `BEGIN IMMEDIATE` transactions and wait up to five seconds for the lock
+// (see `lock_wait_pause`).
 
 #include "store/key_store.hpp"
 
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -17,6 +19,16 @@
 #include <vector>
 
 namespace hsm::store {
+
+/// How long a connection pauses before it tries again for a lock another
+/// connection holds, after `tries` failed tries; none once the pauses add up
+/// to five seconds (then the statement fails, `store_errc::unavailable`).
+/// 50 µs, doubling up to 2 ms. SQLite's own busy handler pauses 1, 2, 5,
+/// 10 ... ms, while a commit here holds the lock for a fraction of a
+/// millisecond: the driver's two writers (keys, audit trail) would wait
+/// several times longer than the lock is held.
+[[nodiscard]] std::optional<std::chrono::microseconds>
+lock_wait_pause(int tries);
 
 /// A key store in one SQLite database file. See the file comment for
 /// threading.

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -345,6 +346,72 @@ TEST_F(SqliteStoreTest, ReadOnlyOpenReadsWritesNothingAndCreatesNothing) {
   EXPECT_EQ(raw_db{old_path}.scalar("SELECT MAX(version) FROM "
                                     "schema_migrations"),
             "3");
+}
+
+// -- another connection's lock -----------------------------------------------
+
+TEST(SqliteLockWait, PausesStartShortDoubleAndGiveUpAfterFiveSeconds) {
+  using hsm::store::lock_wait_pause;
+  using std::chrono::microseconds;
+  EXPECT_EQ(lock_wait_pause(0), microseconds{50});
+  EXPECT_EQ(lock_wait_pause(1), microseconds{100});
+  EXPECT_EQ(lock_wait_pause(5), microseconds{1600});
+  EXPECT_EQ(lock_wait_pause(6), microseconds{2000});
+  EXPECT_EQ(lock_wait_pause(100), microseconds{2000});
+  // Every pause until it says no more: five seconds in all, not much more.
+  microseconds total{0};
+  int tries = 0;
+  while (auto pause = lock_wait_pause(tries)) {
+    total += *pause;
+    ++tries;
+    ASSERT_LT(tries, 10000);
+  }
+  EXPECT_GE(total, std::chrono::seconds{5});
+  EXPECT_LT(total, std::chrono::seconds{5} + microseconds{2000});
+  EXPECT_FALSE(lock_wait_pause(tries + 1));
+}
+
+TEST_F(SqliteStoreTest, AWriteWaitsForAnotherConnectionsLockAndThenCommits) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  raw_db holder{db_path};
+  ASSERT_EQ(holder.exec("BEGIN IMMEDIATE"), "");
+  auto held_for = std::chrono::milliseconds{300};
+  std::thread release{[&] {
+    std::this_thread::sleep_for(held_for);
+    EXPECT_EQ(holder.exec("COMMIT"), "");
+  }};
+  auto t0 = std::chrono::steady_clock::now();
+  auto put = store->put(sample_key("waited", hsm::scheme::p256, 1));
+  auto waited = std::chrono::steady_clock::now() - t0;
+  release.join();
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  EXPECT_TRUE(put->inserted);
+  // It waited for the lock rather than failing at once.
+  EXPECT_GE(waited, held_for - std::chrono::milliseconds{50});
+  EXPECT_EQ(raw_db{db_path}.scalar(
+              "SELECT COUNT(*) FROM keys WHERE key_id = 'waited'"),
+            "1");
+}
+
+TEST_F(SqliteStoreTest, AWriteGivesUpAfterFiveSecondsOfAnotherConnectionsLock) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  raw_db holder{db_path};
+  ASSERT_EQ(holder.exec("BEGIN IMMEDIATE"), "");
+  auto t0 = std::chrono::steady_clock::now();
+  auto put = store->put(sample_key("refused", hsm::scheme::p256, 1));
+  auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(holder.exec("ROLLBACK"), "");
+  ASSERT_FALSE(put);
+  EXPECT_TRUE(is_store_error(put.error(), hsm::store_errc::unavailable));
+  auto text = hsm::describe(put.error());
+  EXPECT_NE(text.find("after waiting 5000 ms"), std::string::npos) << text;
+  EXPECT_GE(waited, std::chrono::milliseconds{4900});
+  EXPECT_LT(waited, std::chrono::seconds{30});
+  EXPECT_EQ(raw_db{db_path}.scalar(
+              "SELECT COUNT(*) FROM keys WHERE key_id = 'refused'"),
+            "0");
 }
 
 } // namespace

@@ -1,5 +1,6 @@
 #include "actors/dispatcher.hpp"
 
+#include "runtime/base/clock.hpp"
 #include "runtime/base/logging.hpp"
 #include "runtime/keys/decisions.hpp"
 #include "runtime/keys/requests.hpp"
@@ -338,10 +339,24 @@ void hsm_failed(dispatcher_ptr self, hold h, hsm_session_actor session,
 }
 
 /// Answers a generate_key from what the store holds under its key id.
-void report_stored(dispatcher_ptr self, const job& j, const key_record& rec,
-                   bool created) {
-  auto res = keys::answer_stored(rec, j.scheme, created);
-  report(self, res ? answer(j, std::move(*res)) : answer(j, res.error()));
+void report_stored(dispatcher_ptr self, const job& j, const put_result& put) {
+  auto res = keys::answer_stored(put.record, j.scheme, put.inserted);
+  auto r = res ? answer(j, std::move(*res)) : answer(j, res.error());
+  // Only an inserted record is audited with its put, and its answer is
+  // the one the entry was made from (`audit_of_new_key`).
+  r.audit_written = put.audited && r.ok();
+  report(self, std::move(r));
+}
+
+/// The audit entry of the answer to `j` if `rec`, just generated, is
+/// inserted; none if that answer is an error (then it is audited after the
+/// put, as every other answer).
+std::optional<audit_entry> audit_of_new_key(const job& j,
+                                            const key_record& rec) {
+  auto res = keys::answer_stored(rec, j.scheme, true);
+  if (!res)
+    return std::nullopt;
+  return audit_entry_of(answer(j, std::move(*res)), now_ms());
 }
 
 void run_sign(dispatcher_ptr self, hold h, ready_job rj) {
@@ -389,23 +404,36 @@ void store_generated(dispatcher_ptr self, hsm_session_actor session,
   auto call = begin_call(self, st.cfg.store_timeout,
                          [=] { on_error(timed_out()); });
   auto started = std::chrono::steady_clock::now();
-  self->request(st.store, caf::infinite, caf::put_atom::value, rec)
-    .then(
-      [=](put_result& put) {
-        if (!end_call(self, call))
-          return;
-        observe(self->state, request_stage::store, started);
-        store_answered(self);
-        if (!put.inserted && rec.resident())
-          self->send(session, destroy_atom::value, rec);
-        report_stored(self, rj.j, put.record, put.inserted);
-      },
-      [=](caf::error& err) {
-        if (!end_call(self, call))
-          return;
-        observe(self->state, request_stage::store, started);
-        on_error(err);
-      });
+  auto on_put = [=](put_result& put) {
+    if (!end_call(self, call))
+      return;
+    observe(self->state, request_stage::store, started);
+    store_answered(self);
+    if (!put.inserted && rec.resident())
+      self->send(session, destroy_atom::value, rec);
+    report_stored(self, rj.j, put);
+  };
+  auto on_put_error = [=](caf::error& err) {
+    if (!end_call(self, call))
+      return;
+    observe(self->state, request_stage::store, started);
+    on_error(err);
+  };
+  // With the audit entry, one commit makes both durable. If the reply
+  // comes too late (the deadline above answered with an error), the entry
+  // may still commit: the trail then holds the key's "ok" and the error
+  // that was posted, both true.
+  std::optional<audit_entry> entry;
+  if (st.cfg.audit_with_put && rj.j.kind == job_kind::generate_key)
+    entry = audit_of_new_key(rj.j, rec);
+  if (entry)
+    self
+      ->request(st.store, caf::infinite, caf::put_atom::value, rec,
+                std::move(*entry))
+      .then(on_put, on_put_error);
+  else
+    self->request(st.store, caf::infinite, caf::put_atom::value, rec)
+      .then(on_put, on_put_error);
 }
 
 void run_generate(dispatcher_ptr self, hold h, ready_job rj) {
@@ -485,7 +513,7 @@ void looked_up(dispatcher_ptr self, job j, key_lookup& found) {
   if (j.kind == job_kind::generate_key) {
     // Idempotent: a stored key is the answer, the HSM untouched.
     if (found.found)
-      return report_stored(self, j, found.record, false);
+      return report_stored(self, j, put_result{found.record, false});
     st.ready.push_back(ready_job{std::move(j), std::nullopt});
     return pump(self);
   }

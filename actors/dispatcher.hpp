@@ -70,6 +70,10 @@ struct dispatcher_config {
   /// Where requests, stage durations, sessions, credits and leases are
   /// counted; none: not counted.
   std::shared_ptr<driver_metrics> metrics;
+  /// A generated key's audit entry goes into its put's commit (the store
+  /// appends it if the key is inserted) rather than into a commit of its
+  /// own after the put: set when the driver keeps an audit trail.
+  bool audit_with_put = false;
 };
 
 /// Spawns the dispatcher; it spawns its supervisor with `make_supervisor`.

@@ -314,7 +314,7 @@ poster_impl(poster_ptr self, result_poster_config cfg,
       pending_post p;
       p.r = std::move(r);
       p.tag = ++st.next_tag;
-      p.audited = !st.audit || !p.r.audit;
+      p.audited = !st.audit || !p.r.audit || p.r.audit_written;
       p.rp = self->make_response_promise<bool>();
       auto rp = p.rp;
       bool audited = p.audited;

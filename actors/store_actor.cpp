@@ -7,6 +7,7 @@
 #include <deque>
 #include <iterator>
 #include <list>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
@@ -77,6 +78,8 @@ private:
 /// A put waiting for its group's commit.
 struct pending_put {
   key_record rec;
+  /// Appended with `rec` if it is inserted.
+  std::optional<audit_entry> audit;
   caf::typed_response_promise<put_result> rp;
 };
 
@@ -110,27 +113,49 @@ void answered(store_state& s, caf::actor_clock::time_point now, store_op op,
     s.metrics->count_store_error(op);
 }
 
+/// The info line of each audit row written: the trail in the log too.
+void log_audit_rows(const std::vector<audit_row>& rows) {
+  auto log = logger("audit");
+  for (const auto& r : rows)
+    log->info("[req={}] {} key={} {}{}{} outcome={} driver={} seq={} "
+              "hash={}",
+              r.entry.request_id, audit_kind_name(r.entry.kind), r.entry.key_id,
+              r.entry.public_key_fingerprint,
+              r.entry.payload_sha256.empty() ? "" : " payload_sha256=",
+              crypto::to_hex(r.entry.payload_sha256), r.entry.outcome,
+              r.driver_id, r.seq, crypto::to_hex(r.entry_hash));
+}
+
 /// Commits the oldest pending puts (at most `max_group`) with one
-/// `put_many`, then answers each of them: with its result after the commit,
-/// or with the error.
+/// `put_many_audited`, then answers each of them: with its result after the
+/// commit, or with the error.
 void commit_group(store_ptr self) {
   auto& s = self->state;
   auto n = std::min(s.pending.size(), s.max_group);
   if (n == 0)
     return;
   std::vector<key_record> recs;
+  store::put_audit audit;
   std::vector<caf::typed_response_promise<put_result>> promises;
   recs.reserve(n);
   promises.reserve(n);
+  bool audited = false;
   for (size_t i = 0; i < n; ++i) {
-    recs.push_back(std::move(s.pending.front().rec));
-    promises.push_back(std::move(s.pending.front().rp));
+    auto& p = s.pending.front();
+    audited = audited || p.audit.has_value();
+    recs.push_back(std::move(p.rec));
+    audit.entries.push_back(std::move(p.audit));
+    promises.push_back(std::move(p.rp));
     s.pending.pop_front();
   }
-  auto res = s.st->put_many(recs);
-  if (res && res->size() != n)
+  if (audited)
+    audit.driver_id = s.driver_id;
+  else
+    audit.entries.clear();
+  auto res = s.st->put_many_audited(recs, audit);
+  if (res && res->results.size() != n)
     res = store::make_query_failed(
-      store::put_label(recs) + ": " + std::to_string(res->size())
+      store::put_label(recs) + ": " + std::to_string(res->results.size())
       + " results for " + std::to_string(n) + " records");
   answered(s, self->clock().now(), store_op::put, static_cast<bool>(res));
   if (!res) {
@@ -143,10 +168,28 @@ void commit_group(store_ptr self) {
   }
   ++s.stats.commits;
   s.stats.committed_puts += n;
+  s.stats.audited += res->rows.size();
+  log_audit_rows(res->rows);
   for (size_t i = 0; i < n; ++i) {
-    s.cache.insert((*res)[i].record);
-    promises[i].deliver(std::move((*res)[i]));
+    s.cache.insert(res->results[i].record);
+    promises[i].deliver(std::move(res->results[i]));
   }
+}
+
+/// Takes a put into the next group.
+caf::typed_response_promise<put_result>
+enqueue_put(store_ptr self, const key_record& rec,
+            std::optional<audit_entry> audit) {
+  auto& s = self->state;
+  auto rp = self->make_response_promise<put_result>();
+  s.pending.push_back(pending_put{rec, std::move(audit), rp});
+  if (!s.flush_scheduled) {
+    // Queued behind every put already in the mailbox: they all join this
+    // group.
+    s.flush_scheduled = true;
+    self->send(self, flush_atom_v);
+  }
+  return rp;
 }
 
 storage_actor::behavior_type store_impl(store_ptr self,
@@ -189,17 +232,10 @@ storage_actor::behavior_type store_impl(store_ptr self,
       return key_lookup{true, std::move(**rec)};
     },
     [self](caf::put_atom, const key_record& rec) -> caf::result<put_result> {
-      auto& s = self->state;
-      auto rp = self->make_response_promise<put_result>();
-      s.pending.push_back(pending_put{rec, rp});
-      if (!s.flush_scheduled) {
-        // Queued behind every put already in the mailbox: they all join
-        // this group.
-        s.flush_scheduled = true;
-        self->send(self, flush_atom_v);
-      }
-      return rp;
+      return enqueue_put(self, rec, std::nullopt);
     },
+    [self](caf::put_atom, const key_record& rec, const audit_entry& entry)
+      -> caf::result<put_result> { return enqueue_put(self, rec, entry); },
     [self](audit_atom, const audit_batch& batch) -> caf::result<bool> {
       auto& s = self->state;
       auto rows = s.st->append_audit(s.driver_id, batch.entries);
@@ -214,14 +250,7 @@ storage_actor::behavior_type store_impl(store_ptr self,
         return std::move(rows.error());
       }
       s.stats.audited += rows->size();
-      for (const auto& r : *rows)
-        log->info("[req={}] {} key={} {}{}{} outcome={} driver={} seq={} "
-                  "hash={}",
-                  r.entry.request_id, audit_kind_name(r.entry.kind),
-                  r.entry.key_id, r.entry.public_key_fingerprint,
-                  r.entry.payload_sha256.empty() ? "" : " payload_sha256=",
-                  crypto::to_hex(r.entry.payload_sha256), r.entry.outcome,
-                  r.driver_id, r.seq, crypto::to_hex(r.entry_hash));
+      log_audit_rows(*rows);
       return true;
     },
     [self](flush_atom) {

@@ -12,8 +12,11 @@
 // commits what is pending before it quits. It also appends the audit
 // trail (`audit_atom`): a batch per call, in one transaction of its own,
 // answered once durable, with an info log line per entry that names its
-// place in the chain (seq and hash). Runs detached in production:
-// SQLite commits block on fsync, PostgreSQL ones on the network.
+// place in the chain (seq and hash). A put may carry its audit entry (a
+// generated key's answer): the entry is appended in the group's commit if
+// the record is inserted, so a new key and its row in the trail cost one
+// commit. Runs detached in production: SQLite commits block on fsync,
+// PostgreSQL ones on the network.
 
 #include "actors/spawn_mode.hpp"
 #include "messages/interfaces.hpp"

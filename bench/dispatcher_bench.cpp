@@ -256,6 +256,10 @@ fake_store(hsm::store_actor::pointer, std::shared_ptr<const key_map> keys) {
         const hsm::key_record& r) -> caf::result<hsm::put_result> {
       return hsm::put_result{r, true};
     },
+    [=](caf::put_atom, const hsm::key_record& r,
+        const hsm::audit_entry&) -> caf::result<hsm::put_result> {
+      return hsm::put_result{r, true, true};
+    },
   };
 }
 

@@ -56,10 +56,14 @@ using hsm_session_actor = caf::typed_actor<
                   std::vector<uint8_t>>::with<signature_result>,
   caf::reacts_to<destroy_atom, key_record>>;
 
-/// The key store. Writes are acknowledged after commit.
+/// The key store. Writes are acknowledged after commit. A put with an audit
+/// entry (a generated key's answer) appends it to this driver's audit chain
+/// in the same commit if, and only if, the record is inserted; the reply's
+/// `audited` says so. A put that finds its key id taken appends nothing.
 using store_actor = caf::typed_actor<
   caf::replies_to<caf::get_atom, std::string>::with<key_lookup>,
-  caf::replies_to<caf::put_atom, key_record>::with<put_result>>;
+  caf::replies_to<caf::put_atom, key_record>::with<put_result>,
+  caf::replies_to<caf::put_atom, key_record, audit_entry>::with<put_result>>;
 
 /// The audit trail's writer: appends a batch of entries to this driver's
 /// chain in one transaction and replies `true` once it is durable; fails
@@ -168,3 +172,4 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::key_record)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::put_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::scheme)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::audit_batch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(hsm::audit_entry)

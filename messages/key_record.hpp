@@ -63,6 +63,9 @@ struct put_result {
   key_record record;
   /// True if this call wrote the record.
   bool inserted = false;
+  /// True if the put's audit entry was appended in the same commit (an
+  /// audited put that inserted; see `store_actor`).
+  bool audited = false;
 };
 
 /// A key lookup's answer: `found` false means no key under the id.

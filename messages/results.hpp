@@ -77,6 +77,8 @@ struct job_result {
   /// What the job asked for, for the audit trail; none for an answer to a
   /// request that was never a job (malformed: it reached no HSM).
   std::optional<audit_facts> audit;
+  /// Its audit entry is durable already: appended with the key's put.
+  bool audit_written = false;
 
   /// True unless the outcome is an error.
   bool ok() const {

@@ -35,6 +35,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(hsm_driver, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::put_result))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::store_stats))
   CAF_ADD_TYPE_ID(hsm_driver, (hsm::audit_batch))
+  CAF_ADD_TYPE_ID(hsm_driver, (hsm::audit_entry))
 
   CAF_ADD_ATOM(hsm_driver, hsm, generate_atom, "generate")
   CAF_ADD_ATOM(hsm_driver, hsm, sign_atom, "sign")

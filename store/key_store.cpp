@@ -6,6 +6,14 @@
 
 namespace hsm::store {
 
+caf::expected<std::vector<put_result>>
+key_store::put_many(const std::vector<key_record>& recs) {
+  auto res = put_many_audited(recs, put_audit{});
+  if (!res)
+    return std::move(res.error());
+  return std::move(res->results);
+}
+
 caf::expected<put_result> key_store::put(const key_record& rec) {
   auto res = put_many(std::vector<key_record>{rec});
   if (!res)

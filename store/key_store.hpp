@@ -83,6 +83,22 @@ struct migration {
   const char* sql;
 };
 
+/// The audit entries of a group of puts (`put_many_audited`).
+struct put_audit {
+  /// Whose chain the entries join.
+  std::string driver_id;
+  /// One per record, or empty: none.
+  std::vector<std::optional<audit_entry>> entries;
+};
+
+/// What `put_many_audited` wrote.
+struct audited_puts {
+  /// The i-th answers the i-th record.
+  std::vector<put_result> results;
+  /// The audit rows appended, in chain order.
+  std::vector<audit_row> rows;
+};
+
 /// Abstract key store. See the file comment for threading.
 class key_store {
 public:
@@ -100,8 +116,18 @@ public:
   /// id that appears twice in `recs` is written once: the first record wins
   /// and the later ones get its record with `inserted == false`. An empty
   /// `recs` writes nothing and opens no transaction.
-  [[nodiscard]] virtual caf::expected<std::vector<put_result>>
-  put_many(const std::vector<key_record>& recs) = 0;
+  [[nodiscard]] caf::expected<std::vector<put_result>>
+  put_many(const std::vector<key_record>& recs);
+
+  /// `put_many`, and in the same transaction the audit entries of the
+  /// records it inserts: `audit.entries[i]`, if set, is appended to
+  /// `audit.driver_id`'s chain (as `append_audit` would) if and only if
+  /// `recs[i]` is inserted, and its result says `audited`. On error neither
+  /// the records nor the entries are written. `audit.entries` is empty (no
+  /// entry) or as long as `recs`.
+  [[nodiscard]] virtual caf::expected<audited_puts>
+  put_many_audited(const std::vector<key_record>& recs, const put_audit& audit)
+    = 0;
 
   /// The record stored under `key_id`, or nullopt.
   [[nodiscard]] virtual caf::expected<std::optional<key_record>>
@@ -179,10 +205,10 @@ public:
 
   /// Appends `entries` to `driver_id`'s chain, in order, in one durable
   /// transaction, each row linked to the one before (`chain_next`); returns
-  /// the rows written. Two writers on one chain (two processes under one
-  /// driver id) collide on (driver_id, seq): the loser fails with
-  /// `store_errc::query_failed` and writes nothing. Empty `entries` writes
-  /// nothing.
+  /// the rows written. Writers of one chain (a driver's audit writer and its
+  /// audited puts, two processes under one driver id) take turns: each
+  /// reads the chain's head under a lock held to its commit. Empty
+  /// `entries` writes nothing.
   [[nodiscard]] virtual caf::expected<std::vector<audit_row>>
   append_audit(std::string_view driver_id,
                const std::vector<audit_entry>& entries)

@@ -122,6 +122,16 @@ constexpr const char* audit_head_sql
   = "SELECT seq, entry_hash FROM audit_log WHERE driver_id = $1 "
     "ORDER BY seq DESC LIMIT 1";
 
+/// The lock of one driver's chain, held to the end of the transaction:
+/// every writer of the chain (the driver's key and audit connections, a
+/// second process under the same driver id) reads its head in turn.
+constexpr const char* lock_audit_chain_sql
+  = "SELECT pg_advisory_xact_lock(hashtextextended("
+    "'hsm-driver audit chain ' || $1, 0))";
+
+constexpr const char* audit_hash_at_sql
+  = "SELECT entry_hash FROM audit_log WHERE driver_id = $1 AND seq = $2";
+
 constexpr const char* insert_audit_sql
   = "INSERT INTO audit_log (driver_id, seq, at_ms, request_id, kind, key_id, "
     "public_key_fingerprint, payload_sha256, outcome, prev_hash, entry_hash) "
@@ -160,13 +170,17 @@ constexpr statement update_rotation{"hsm_update_rotation", update_rotation_sql};
 constexpr statement update_canary{"hsm_replace_canary", replace_canary_sql};
 constexpr statement audit_head{"hsm_audit_head", audit_head_sql};
 constexpr statement insert_audit{"hsm_insert_audit", insert_audit_sql};
+constexpr statement lock_audit_chain{"hsm_lock_audit_chain",
+                                     lock_audit_chain_sql};
+constexpr statement audit_hash_at{"hsm_audit_hash_at", audit_hash_at_sql};
 constexpr statement read_audit_rows{"hsm_read_audit", read_audit_sql};
 
 constexpr statement prepared_statements[] = {
   insert_key,      select_key,      insert_canary,   select_canary,
   select_version,  count_key_rows,  select_pending,  replace_key,
   select_rotation, insert_rotation, update_rotation, update_canary,
-  audit_head,      insert_audit,    read_audit_rows,
+  audit_head,      insert_audit,    read_audit_rows, lock_audit_chain,
+  audit_hash_at,
 };
 
 // -- errors -------------------------------------------------------------------
@@ -340,6 +354,53 @@ std::optional<std::string> null_column(const pqxx::row& row) {
     if (f.is_null())
       return std::string{f.name()};
   return std::nullopt;
+}
+
+/// Takes the lock of `driver`'s audit chain for the rest of `tx`, then
+/// reads the chain's head (none before its first row).
+caf::expected<std::optional<audit_row>>
+lock_audit_head(pqxx::transaction_base& tx, const std::string& driver,
+                const std::string& what) {
+  tx.exec_prepared(lock_audit_chain.name, driver);
+  auto head = tx.exec_prepared(audit_head.name, driver);
+  if (head.empty())
+    return std::optional<audit_row>{};
+  if (auto col = null_column(head[0]))
+    return make_corrupt_row(what + ": column " + *col + " is NULL");
+  audit_row h;
+  h.seq = head[0][0].as<uint64_t>();
+  h.entry_hash = column_bytes(head[0][1]);
+  return std::optional<audit_row>{std::move(h)};
+}
+
+/// True if `row` is stored (its driver, seq and hash).
+bool audit_row_stored(pqxx::transaction_base& tx, const audit_row& row) {
+  auto found = tx.exec_prepared(audit_hash_at.name, row.driver_id,
+                                static_cast<int64_t>(row.seq));
+  return !found.empty() && !found[0][0].is_null()
+         && column_bytes(found[0][0]) == row.entry_hash;
+}
+
+/// Appends `entries` after `prev` (the head `lock_audit_head` read) in `tx`.
+std::vector<audit_row>
+insert_audit_rows(pqxx::transaction_base& tx, const std::string& driver,
+                  std::optional<audit_row> prev,
+                  const std::vector<const audit_entry*>& entries) {
+  std::vector<audit_row> rows;
+  rows.reserve(entries.size());
+  for (const auto* e : entries) {
+    auto row = chain_next(driver, prev, *e);
+    tx.exec_prepared0(insert_audit.name, row.driver_id,
+                      static_cast<int64_t>(row.seq), row.entry.at_ms,
+                      row.entry.request_id,
+                      std::string{audit_kind_name(row.entry.kind)},
+                      row.entry.key_id, row.entry.public_key_fingerprint,
+                      bytea(row.entry.payload_sha256), row.entry.outcome,
+                      bytea(row.prev_hash), bytea(row.entry_hash));
+    prev = row;
+    rows.push_back(std::move(row));
+  }
+  return rows;
 }
 
 /// Reads a row of `select_key_sql`.
@@ -766,10 +827,15 @@ pg_store::~pg_store() = default;
 
 // -- key_store ----------------------------------------------------------------
 
-caf::expected<std::vector<put_result>>
-pg_store::put_many(const std::vector<key_record>& recs) {
+caf::expected<audited_puts>
+pg_store::put_many_audited(const std::vector<key_record>& recs,
+                           const put_audit& audit) {
   if (recs.empty())
-    return std::vector<put_result>{};
+    return audited_puts{};
+  if (!audit.entries.empty() && audit.entries.size() != recs.size())
+    return make_query_failed(
+      put_label(recs) + ": " + std::to_string(audit.entries.size())
+      + " audit entries for " + std::to_string(recs.size()) + " records");
   auto label = put_label(recs);
   auto first = first_of_key_id(recs);
   // Inserted in key id order: two drivers writing overlapping groups then
@@ -782,13 +848,17 @@ pg_store::put_many(const std::vector<key_record>& recs) {
     return recs[x].key_id < recs[y].key_id;
   });
   // Set once a COMMIT went out whose outcome is unknown (the connection
-  // broke during it). If the retry then finds exactly a record of this
-  // group, it was this call's commit that landed.
-  bool in_doubt = false;
-  return impl_->run<std::vector<put_result>>(
-    label, [&](pqxx::connection& c) -> caf::expected<std::vector<put_result>> {
+  // broke during it), with what it carried. If the retry then finds exactly
+  // a record of this group, it was this call's commit that landed; if it
+  // carried audit rows, finding them says so for the whole group.
+  std::optional<audited_puts> in_doubt;
+  return impl_->run<audited_puts>(
+    label, [&](pqxx::connection& c) -> caf::expected<audited_puts> {
       pqxx::work tx{c};
       impl_->begin_key_write(tx);
+      if (in_doubt && !in_doubt->rows.empty()
+          && audit_row_stored(tx, in_doubt->rows.back()))
+        return std::move(*in_doubt);
       std::vector<put_result> out(recs.size());
       for (auto i : order) {
         const auto& rec = recs[i];
@@ -820,10 +890,25 @@ pg_store::put_many(const std::vector<key_record>& recs) {
       for (size_t i = 0; i < recs.size(); ++i)
         if (first[i] != i)
           out[i] = put_result{out[first[i]].record, false};
-      in_doubt = true;
+      // The entries of the records this transaction inserts. (A lost
+      // commit that carried none inserted no record that has one.)
+      std::vector<const audit_entry*> entries;
+      for (size_t i = 0; i < audit.entries.size(); ++i)
+        if (out[i].inserted && audit.entries[i]) {
+          entries.push_back(&*audit.entries[i]);
+          out[i].audited = true;
+        }
+      audited_puts done{std::move(out), {}};
+      if (!entries.empty()) {
+        auto prev = lock_audit_head(tx, audit.driver_id, label);
+        if (!prev)
+          return std::move(prev.error());
+        done.rows = insert_audit_rows(tx, audit.driver_id, *prev, entries);
+      }
+      in_doubt = done;
       tx.commit();
-      in_doubt = false;
-      return out;
+      in_doubt.reset();
+      return done;
     });
 }
 
@@ -913,41 +998,24 @@ pg_store::append_audit(std::string_view driver_id,
     return std::vector<audit_row>{};
   auto what = "append audit of '" + std::string{driver_id} + "'";
   auto driver = std::string{driver_id};
+  std::vector<const audit_entry*> in_order;
+  in_order.reserve(entries.size());
+  for (const auto& e : entries)
+    in_order.push_back(&e);
   // Set once a COMMIT went out whose outcome is unknown, with the rows it
-  // carried. If the retry then finds the chain's head is the last of them,
-  // that commit landed: appending again would record everything twice.
+  // carried. If the retry finds them stored, that commit landed: appending
+  // again would record everything twice.
   std::optional<std::vector<audit_row>> in_doubt;
   return impl_->run<std::vector<audit_row>>(
     what, [&](pqxx::connection& c) -> caf::expected<std::vector<audit_row>> {
       pqxx::work tx{c};
       impl_->begin_key_write(tx);
-      std::optional<audit_row> prev;
-      auto head = tx.exec_prepared(audit_head.name, driver);
-      if (!head.empty()) {
-        if (auto col = null_column(head[0]))
-          return make_corrupt_row(what + ": column " + *col + " is NULL");
-        audit_row h;
-        h.seq = head[0][0].as<uint64_t>();
-        h.entry_hash = column_bytes(head[0][1]);
-        if (in_doubt && h.seq == in_doubt->back().seq
-            && h.entry_hash == in_doubt->back().entry_hash)
-          return std::move(*in_doubt);
-        prev = std::move(h);
-      }
-      std::vector<audit_row> rows;
-      rows.reserve(entries.size());
-      for (const auto& e : entries) {
-        auto row = chain_next(driver, prev, e);
-        tx.exec_prepared0(insert_audit.name, row.driver_id,
-                          static_cast<int64_t>(row.seq), row.entry.at_ms,
-                          row.entry.request_id,
-                          std::string{audit_kind_name(row.entry.kind)},
-                          row.entry.key_id, row.entry.public_key_fingerprint,
-                          bytea(row.entry.payload_sha256), row.entry.outcome,
-                          bytea(row.prev_hash), bytea(row.entry_hash));
-        prev = row;
-        rows.push_back(std::move(row));
-      }
+      auto prev = lock_audit_head(tx, driver, what);
+      if (!prev)
+        return std::move(prev.error());
+      if (in_doubt && audit_row_stored(tx, in_doubt->back()))
+        return std::move(*in_doubt);
+      auto rows = insert_audit_rows(tx, driver, *prev, in_order);
       in_doubt = rows;
       tx.commit();
       in_doubt.reset();

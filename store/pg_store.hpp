@@ -125,9 +125,12 @@ public:
   /// lost connection retries the whole group (see the file comment). If the
   /// connection broke while committing and the retry finds exactly a
   /// group's record stored, that record's `inserted` is true: the lost
-  /// commit was this call's.
-  [[nodiscard]] caf::expected<std::vector<put_result>>
-  put_many(const std::vector<key_record>& recs) override;
+  /// commit was this call's. The audit entries of the records inserted are
+  /// appended in the same transaction, after taking the chain's lock; a
+  /// lost commit that carried some is recognised by its last row.
+  [[nodiscard]] caf::expected<audited_puts>
+  put_many_audited(const std::vector<key_record>& recs,
+                   const put_audit& audit) override;
 
   /// The record stored under `key_id`, or nullopt; `store_errc::corrupt_row`
   /// if the stored row does not parse.

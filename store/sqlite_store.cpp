@@ -858,11 +858,17 @@ sqlite_store::~sqlite_store() = default;
 
 // -- key_store ----------------------------------------------------------------
 
-caf::expected<std::vector<put_result>>
-sqlite_store::put_many(const std::vector<key_record>& recs) {
-  std::vector<put_result> results;
+caf::expected<audited_puts>
+sqlite_store::put_many_audited(const std::vector<key_record>& recs,
+                               const put_audit& audit) {
+  audited_puts out;
+  auto& results = out.results;
   if (recs.empty())
-    return results;
+    return out;
+  if (!audit.entries.empty() && audit.entries.size() != recs.size())
+    return make_query_failed(
+      put_label(recs) + ": " + std::to_string(audit.entries.size())
+      + " audit entries for " + std::to_string(recs.size()) + " records");
   auto label = put_label(recs);
   auto db = conn_->db.get();
   auto tx = conn_->transaction();
@@ -906,9 +912,22 @@ sqlite_store::put_many(const std::vector<key_record>& recs) {
       return make_query_failed(what + ": conflicting row not found");
     results.push_back(put_result{std::move(**stored), false});
   }
+  // The entries of the records inserted, in the same transaction.
+  std::vector<const audit_entry*> entries;
+  for (size_t i = 0; i < audit.entries.size(); ++i)
+    if (results[i].inserted && audit.entries[i]) {
+      entries.push_back(&*audit.entries[i]);
+      results[i].audited = true;
+    }
+  if (!entries.empty()) {
+    auto rows = append_in_transaction(audit.driver_id, entries, label);
+    if (!rows)
+      return std::move(rows.error());
+    out.rows = std::move(*rows);
+  }
   if (auto err = tx.commit(label))
     return err;
-  return results;
+  return out;
 }
 
 caf::expected<std::optional<key_record>>
@@ -1179,15 +1198,31 @@ sqlite_store::replace_canary(const canary_record& old_canary,
 caf::expected<std::vector<audit_row>>
 sqlite_store::append_audit(std::string_view driver_id,
                            const std::vector<audit_entry>& entries) {
-  std::vector<audit_row> rows;
   if (entries.empty())
-    return rows;
+    return std::vector<audit_row>{};
   auto what = "append audit of '" + std::string{driver_id} + "'";
-  auto db = conn_->db.get();
   auto tx = conn_->transaction();
   if (auto err = tx.begin(what))
     return err;
-  // The chain's head, read under the write lock.
+  std::vector<const audit_entry*> in_order;
+  in_order.reserve(entries.size());
+  for (const auto& e : entries)
+    in_order.push_back(&e);
+  auto rows = append_in_transaction(driver_id, in_order, what);
+  if (!rows)
+    return rows;
+  if (auto err = tx.commit(what))
+    return err;
+  return rows;
+}
+
+caf::expected<std::vector<audit_row>> sqlite_store::append_in_transaction(
+  std::string_view driver_id, const std::vector<const audit_entry*>& entries,
+  const std::string& what) {
+  auto db = conn_->db.get();
+  // The chain's head, read under the write lock: every writer of the chain
+  // (this driver's key and audit connections, another process under the
+  // same driver id) takes its turn.
   std::optional<audit_row> prev;
   {
     auto stmt = conn_->audit_head.get();
@@ -1206,9 +1241,10 @@ sqlite_store::append_audit(std::string_view driver_id,
       return sqlite_error(db, rc, what);
     }
   }
+  std::vector<audit_row> rows;
   rows.reserve(entries.size());
-  for (const auto& e : entries) {
-    auto row = chain_next(driver_id, prev, e);
+  for (const auto* e : entries) {
+    auto row = chain_next(driver_id, prev, *e);
     auto written = run_write(db, conn_->insert_audit.get(), what,
                              [&row](binder& args) {
                                args.text(1, row.driver_id)
@@ -1228,8 +1264,6 @@ sqlite_store::append_audit(std::string_view driver_id,
     prev = row;
     rows.push_back(std::move(row));
   }
-  if (auto err = tx.commit(what))
-    return err;
   return rows;
 }
 

@@ -73,10 +73,12 @@ public:
   // -- key_store --------------------------------------------------------------
 
   /// Inserts each record unless its key id is taken (then answers with the
-  /// stored record), all in one `BEGIN IMMEDIATE` transaction; commits (one
-  /// WAL fsync, synchronous=FULL) before returning.
-  [[nodiscard]] caf::expected<std::vector<put_result>>
-  put_many(const std::vector<key_record>& recs) override;
+  /// stored record), and appends the audit entries of those inserted, all
+  /// in one `BEGIN IMMEDIATE` transaction; commits (one WAL fsync,
+  /// synchronous=FULL) before returning.
+  [[nodiscard]] caf::expected<audited_puts>
+  put_many_audited(const std::vector<key_record>& recs,
+                   const put_audit& audit) override;
 
   /// The record stored under `key_id`, or nullopt; `store_errc::corrupt_row`
   /// if the stored row does not parse.
@@ -154,6 +156,13 @@ private:
   [[nodiscard]] static caf::expected<std::unique_ptr<sqlite_store>>
   open_as(const std::filesystem::path& path, std::vector<migration> migrations,
           bool read_only);
+
+  /// Appends `entries` to `driver_id`'s chain inside the write transaction
+  /// the caller has begun; `what` names the operation in errors.
+  [[nodiscard]] caf::expected<std::vector<audit_row>>
+  append_in_transaction(std::string_view driver_id,
+                        const std::vector<const audit_entry*>& entries,
+                        const std::string& what);
 
   /// Never null.
   std::unique_ptr<connection> conn_;

@@ -291,7 +291,8 @@ daemon::start(const daemon_options& given) {
   in.store = storage;
   // Every answer to a job is audited (in the key store's database) before
   // it is posted, by a storage actor of its own: its commits (one fsync
-  // each) run beside the key lookups and puts, not in front of them.
+  // each) run beside the key lookups and puts, not in front of them. A new
+  // key's entry rides in its put's commit instead (`audit_with_put`).
   store_actor_config acfg = stcfg;
   acfg.cache_capacity = 0;
   acfg.role = store_role::audit;
@@ -308,6 +309,8 @@ daemon::start(const daemon_options& given) {
   dcfg.caps = caps;
   dcfg.hsm_timeout = opts.hsm_timeout;
   dcfg.metrics = metrics;
+  // A generated key and its audit entry: one commit.
+  dcfg.audit_with_put = true;
   supervisor_config scfg;
   scfg.sessions = opts.sessions;
   scfg.on_fatal = noting(in.liveness, opts.on_fatal);

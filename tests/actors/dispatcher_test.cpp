@@ -43,6 +43,16 @@ store_actor::behavior_type racy_store(store_actor::pointer, bool put_fails) {
       winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
       return put_result{winner, false};
     },
+    // Lost the race: nothing inserted, nothing audited.
+    [=](caf::put_atom, const key_record& r,
+        const audit_entry&) -> caf::result<put_result> {
+      if (put_fails)
+        return caf::make_error(store_errc::unavailable,
+                               std::string{"connection lost during COMMIT"});
+      auto winner = r;
+      winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
+      return put_result{winner, false};
+    },
   };
 }
 
@@ -65,6 +75,10 @@ store_actor::behavior_type flaky_store(store_actor::pointer,
     },
     [](caf::put_atom, const key_record& r) -> caf::result<put_result> {
       return put_result{r, true};
+    },
+    [](caf::put_atom, const key_record& r,
+       const audit_entry&) -> caf::result<put_result> {
+      return put_result{r, true, true};
     },
   };
 }
@@ -108,6 +122,73 @@ store_actor::behavior_type fake_store(store_actor::pointer) {
     [](caf::put_atom, const key_record& r) -> caf::result<put_result> {
       return put_result{r, true};
     },
+    [](caf::put_atom, const key_record& r,
+       const audit_entry&) -> caf::result<put_result> {
+      return put_result{r, true, true};
+    },
+  };
+}
+
+/// The P-256 generator, uncompressed: a public key the answer can compress.
+std::vector<uint8_t> p256_generator() {
+  auto hex = std::string{"046B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4"
+                         "A13945D898C2964FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33"
+                         "576B315ECECBB6406837BF51F5"};
+  std::vector<uint8_t> out;
+  for (size_t i = 0; i < hex.size(); i += 2)
+    out.push_back(
+      static_cast<uint8_t>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  return out;
+}
+
+/// What a `recording_store` was asked to put, and what it answers.
+struct put_log {
+  /// Puts without an audit entry.
+  int plain = 0;
+  /// The entries that came with puts.
+  std::vector<audit_entry> entries;
+  /// Answer every put as a lost race (the key id taken).
+  bool taken = false;
+};
+
+/// A store that records its puts: inserted (and audited, with an entry)
+/// unless `taken`.
+store_actor::behavior_type recording_store(store_actor::pointer,
+                                           std::shared_ptr<put_log> log) {
+  return {
+    [](caf::get_atom, const std::string&) -> caf::result<key_lookup> {
+      return key_lookup{};
+    },
+    [=](caf::put_atom, const key_record& r) -> caf::result<put_result> {
+      ++log->plain;
+      return put_result{r, !log->taken};
+    },
+    [=](caf::put_atom, const key_record& r,
+        const audit_entry& e) -> caf::result<put_result> {
+      log->entries.push_back(e);
+      return put_result{r, !log->taken, !log->taken};
+    },
+  };
+}
+
+/// A session that generates wrapped P-256 keys.
+hsm_session_actor::behavior_type keygen_session(hsm_session_actor::pointer) {
+  return {
+    [=](generate_atom, const std::string& id,
+        scheme s) -> caf::result<key_record> {
+      key_record rec;
+      rec.key_id = id;
+      rec.scheme = s;
+      rec.public_key = p256_generator();
+      rec.key_blob.assign(40, 7);
+      rec.wrap_mechanism = "CKM_AES_KEY_WRAP_PAD";
+      return rec;
+    },
+    [=](sign_atom, const key_record&,
+        const std::vector<uint8_t>&) -> caf::result<signature_result> {
+      return caf::make_error(hsm_errc::fatal);
+    },
+    [=](destroy_atom, const key_record&) {},
   };
 }
 
@@ -210,6 +291,7 @@ protected:
     }
     dcfg.hsm_timeout = std::chrono::seconds{1};
     dcfg.metrics = metrics;
+    dcfg.audit_with_put = audit_with_put;
     auto w = world;
     dispatcher = hsm::spawn_dispatcher(sys, dcfg, store, poster,
                                        [this, w](dispatcher_actor) {
@@ -264,9 +346,32 @@ protected:
     sched.run();
   }
 
+  /// Generates `key_id` (P-256) through a dispatcher whose store records
+  /// its puts in `log`; one session.
+  void generate_recorded(std::shared_ptr<put_log> log,
+                         const std::string& key_id) {
+    self->send_exit(store, caf::exit_reason::user_shutdown);
+    store = sys.spawn(recording_store, log);
+    spawn_dispatcher_with(1);
+    self->send(dispatcher, session_up_atom::value, size_t{0},
+               sys.spawn(keygen_session));
+    sched.run();
+    job j;
+    j.id = "gen-" + key_id;
+    j.lease = "lease-" + key_id;
+    j.kind = job_kind::generate_key;
+    j.key_id = key_id;
+    j.scheme = scheme::p256;
+    self->send(dispatcher, job_atom::value, j);
+    sched.run();
+  }
+
   std::shared_ptr<fake_world> world = std::make_shared<fake_world>();
   /// Given to the dispatcher when set before `spawn_dispatcher_with`.
   std::shared_ptr<driver_metrics> metrics;
+  /// The dispatcher's `audit_with_put`, when set before
+  /// `spawn_dispatcher_with`.
+  bool audit_with_put = false;
   store_actor store;
   result_poster_actor poster;
   dispatcher_actor dispatcher;
@@ -359,6 +464,49 @@ TEST_F(DispatcherTest, ResidentKeyThatLostTheRaceIsDestroyed) {
   generate_resident_with(racy_store_of(false), "res-2");
   ASSERT_EQ(world->posted.size(), 1u);
   EXPECT_EQ(world->destroyed, 1);
+}
+
+TEST_F(DispatcherTest, AGeneratedKeyIsAuditedInItsPutsCommit) {
+  audit_with_put = true;
+  auto log = std::make_shared<put_log>();
+  generate_recorded(log, "g1");
+  ASSERT_EQ(world->posted.size(), 1u);
+  const auto& r = world->posted[0];
+  ASSERT_TRUE(r.ok()) << error_of(r).code;
+  EXPECT_TRUE(r.audit_written) << "the poster would append it again";
+  EXPECT_EQ(log->plain, 0);
+  ASSERT_EQ(log->entries.size(), 1u);
+  // The entry the poster would have made of this very answer.
+  auto expected = audit_entry_of(r, log->entries[0].at_ms);
+  ASSERT_TRUE(expected);
+  EXPECT_EQ(log->entries[0], *expected);
+  EXPECT_EQ(log->entries[0].request_id, "gen-g1");
+  EXPECT_EQ(log->entries[0].kind, job_kind::generate_key);
+  EXPECT_EQ(log->entries[0].key_id, "g1");
+  EXPECT_EQ(log->entries[0].outcome, "ok");
+  EXPECT_EQ(log->entries[0].public_key_fingerprint,
+            std::get<key_result>(r.outcome).public_key_fingerprint);
+  EXPECT_GT(log->entries[0].at_ms, 0);
+}
+
+TEST_F(DispatcherTest, AKeyIdAlreadyTakenIsAuditedAfterThePut) {
+  audit_with_put = true;
+  auto log = std::make_shared<put_log>();
+  log->taken = true;
+  generate_recorded(log, "g2");
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_FALSE(world->posted[0].audit_written)
+    << "nothing was appended with the put";
+}
+
+TEST_F(DispatcherTest, WithoutAnAuditTrailAPutCarriesNoEntry) {
+  auto log = std::make_shared<put_log>();
+  generate_recorded(log, "g3");
+  ASSERT_EQ(world->posted.size(), 1u);
+  EXPECT_TRUE(world->posted[0].ok());
+  EXPECT_FALSE(world->posted[0].audit_written);
+  EXPECT_EQ(log->plain, 1);
+  EXPECT_TRUE(log->entries.empty());
 }
 
 TEST_F(DispatcherTest, PipelineLooksUpTheNextJobWhileTheSessionIsBusy) {

@@ -463,6 +463,16 @@ TEST_F(AuditedPosterTest, AResultWhoseLeaseEndsUnauditedIsNeverPosted) {
   EXPECT_TRUE(script->entries.empty());
 }
 
+TEST_F(AuditedPosterTest, AResultAuditedWithItsPutIsNotAppendedAgain) {
+  auto r = audited_sign("g1");
+  r.audit_written = true;
+  auto slot = post(r);
+  ASSERT_TRUE(slot->posted.has_value());
+  EXPECT_TRUE(*slot->posted);
+  EXPECT_TRUE(script->entries.empty()) << "appended twice";
+  EXPECT_EQ(link->posts.size(), 1u);
+}
+
 TEST_F(AuditedPosterTest, AnswersToMalformedRequestsAreNotAudited) {
   auto slot = post(key_answer("m1")); // no audit facts: never a job
   ASSERT_TRUE(slot->posted.has_value());

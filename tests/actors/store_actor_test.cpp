@@ -41,6 +41,8 @@ struct store_log {
   /// Fail `schema_version` (the health check) with `store_errc::unavailable`.
   bool fail_ping = false;
   std::map<std::string, key_record> rows;
+  /// The audit rows appended with puts.
+  std::vector<audit_row> audit_rows;
 };
 
 /// A key store that keeps its rows in memory and logs each call.
@@ -51,8 +53,9 @@ public:
     // nop
   }
 
-  caf::expected<std::vector<put_result>>
-  put_many(const std::vector<key_record>& recs) override {
+  caf::expected<store::audited_puts>
+  put_many_audited(const std::vector<key_record>& recs,
+                   const store::put_audit& audit) override {
     std::string call = "put_many ";
     for (const auto& rec : recs)
       call += (&rec == &recs.front() ? "" : ",") + rec.key_id;
@@ -61,10 +64,21 @@ public:
       log_->on_put_many();
     if (log_->fail)
       return store::make_unavailable("scripted failure");
-    std::vector<put_result> out;
-    for (const auto& rec : recs) {
+    store::audited_puts out;
+    for (size_t k = 0; k < recs.size(); ++k) {
+      const auto& rec = recs[k];
       auto [i, added] = log_->rows.try_emplace(rec.key_id, rec);
-      out.push_back(put_result{i->second, added});
+      put_result res{i->second, added};
+      if (added && !audit.entries.empty() && audit.entries[k]) {
+        res.audited = true;
+        log_->audit_rows.push_back(audit_row{audit.driver_id,
+                                             log_->audit_rows.size() + 1,
+                                             *audit.entries[k],
+                                             {},
+                                             {}});
+        out.rows.push_back(log_->audit_rows.back());
+      }
+      out.results.push_back(std::move(res));
     }
     return out;
   }
@@ -247,6 +261,39 @@ TEST_F(StoreActorTest, PutsQueuedTogetherCommitAsOneGroup) {
   EXPECT_EQ(s.committed_puts, 5u);
   EXPECT_EQ(s.failed_groups, 0u);
   EXPECT_EQ(s.pending, 0u);
+}
+
+TEST_F(StoreActorTest, AnAuditedPutAppendsItsEntryInTheGroupsCommit) {
+  store_actor_config c;
+  c.driver_id = "d7";
+  c.mode = spawn_mode::scheduled;
+  testee = spawn_store_actor(sys, std::make_shared<scripted_store>(log), c);
+  audit_entry e;
+  e.request_id = "r-a";
+  e.kind = job_kind::generate_key;
+  e.key_id = "a";
+  e.outcome = "ok";
+  e.at_ms = 42;
+  put_handle audited = self->request(testee, caf::infinite, caf::put_atom_v,
+                                     make_key("a"), e);
+  auto plain = send_put(make_key("b"));
+  sched.run();
+  auto a = answer(audited);
+  ASSERT_TRUE(a) << describe(a.error());
+  EXPECT_TRUE(a->inserted);
+  EXPECT_TRUE(a->audited);
+  auto b = answer(plain);
+  ASSERT_TRUE(b) << describe(b.error());
+  EXPECT_TRUE(b->inserted);
+  EXPECT_FALSE(b->audited);
+  // One group, one commit; the entry joined the chain of this driver.
+  EXPECT_EQ(log->calls, std::vector<std::string>{"put_many a,b"});
+  ASSERT_EQ(log->audit_rows.size(), 1u);
+  EXPECT_EQ(log->audit_rows[0].driver_id, "d7");
+  EXPECT_EQ(log->audit_rows[0].entry, e);
+  auto s = stats();
+  EXPECT_EQ(s.commits, 1u);
+  EXPECT_EQ(s.audited, 1u);
 }
 
 TEST_F(StoreActorTest, RepliesArriveOnlyAfterTheGroupCommitted) {

@@ -29,7 +29,7 @@ public:
     // nop
   }
 
-  /// `put_many` commits, then answers `store_errc::unavailable`.
+  /// `put_many_audited` commits, then answers `store_errc::unavailable`.
   bool fail_after_commit = false;
   /// `get` of this key id answers `store_errc::unavailable`.
   std::string fail_get_of;
@@ -38,9 +38,10 @@ public:
   /// Every `get`, in order.
   std::vector<std::string> gets;
 
-  caf::expected<std::vector<put_result>>
-  put_many(const std::vector<key_record>& recs) override {
-    auto res = inner_.put_many(recs);
+  caf::expected<store::audited_puts>
+  put_many_audited(const std::vector<key_record>& recs,
+                   const store::put_audit& audit) override {
+    auto res = inner_.put_many_audited(recs, audit);
     if (!res || !fail_after_commit)
       return res;
     ++lost_answers;

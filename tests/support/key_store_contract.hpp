@@ -1149,6 +1149,139 @@ TYPED_TEST_P(KeyStoreContractTest, AuditChainsOfTwoWritersNeverFork) {
   EXPECT_TRUE(report.ok()) << ::testing::PrintToString(report.breaks);
 }
 
+/// The audit entry of a generated key, as the dispatcher makes it.
+inline hsm::audit_entry generated(const hsm::key_record& rec) {
+  auto e = audit_of("req-" + rec.key_id);
+  e.kind = hsm::job_kind::generate_key;
+  e.key_id = rec.key_id;
+  e.payload_sha256.clear();
+  return e;
+}
+
+/// Every audit row, in (driver, seq) order, checked as `audit verify` does.
+inline std::vector<hsm::audit_row> whole_trail(hsm::store::key_store& store) {
+  auto rows = store.read_audit("", 0, 100000);
+  EXPECT_TRUE(rows) << hsm::describe(rows.error());
+  if (!rows)
+    return {};
+  hsm::store::audit_checker checker;
+  for (const auto& r : *rows)
+    checker.add(r);
+  auto report = checker.finish();
+  EXPECT_TRUE(report.ok()) << ::testing::PrintToString(report.breaks);
+  return std::move(*rows);
+}
+
+TYPED_TEST_P(KeyStoreContractTest, AuditedPutAppendsTheInsertedInItsCommit) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  auto old = sample_key("old", hsm::scheme::p256, 1);
+  ASSERT_TRUE(store->put(old));
+  auto head = store->append_audit("d1", {audit_of("s1")});
+  ASSERT_TRUE(head) << hsm::describe(head.error());
+  auto group = sample_group("new-", 3, 2);
+  group.insert(group.begin() + 1, old);
+  group.push_back(group.front());
+  // new-0 (entry), old (entry, stored already), new-1 (no entry), new-2
+  // (entry), new-0 again (entry).
+  hsm::store::put_audit audit{"d1", {}};
+  for (const auto& rec : group)
+    audit.entries.emplace_back(generated(rec));
+  audit.entries[2].reset();
+  auto before = TypeParam::commits(this->where);
+  ASSERT_GE(before, 0);
+  auto put = store->put_many_audited(group, audit);
+  ASSERT_TRUE(put) << hsm::describe(put.error());
+  EXPECT_EQ(TypeParam::commits(this->where), before + 1);
+  ASSERT_EQ(put->results.size(), group.size());
+  std::vector<bool> inserted;
+  std::vector<bool> audited;
+  for (const auto& r : put->results) {
+    inserted.push_back(r.inserted);
+    audited.push_back(r.audited);
+  }
+  EXPECT_EQ(inserted, (std::vector<bool>{true, false, true, true, false}));
+  EXPECT_EQ(audited, (std::vector<bool>{true, false, false, true, false}));
+  // Two rows, in group order, chained after the row already there.
+  ASSERT_EQ(put->rows.size(), 2u);
+  EXPECT_EQ(put->rows[0].entry, *audit.entries[0]);
+  EXPECT_EQ(put->rows[1].entry, *audit.entries[3]);
+  EXPECT_EQ(put->rows[0].seq, 2u);
+  EXPECT_EQ(put->rows[0].prev_hash, (*head)[0].entry_hash);
+  EXPECT_EQ(put->rows[1].prev_hash, put->rows[0].entry_hash);
+  auto rows = whole_trail(*store);
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[1], put->rows[0]);
+  EXPECT_EQ(rows[2], put->rows[1]);
+  // Entries that do not match the records: refused, nothing written.
+  audit.entries.pop_back();
+  auto uneven = store->put_many_audited(sample_group("odd-", 5, 3), audit);
+  ASSERT_FALSE(uneven);
+  EXPECT_TRUE(is_store_error(uneven.error(), hsm::store_errc::query_failed));
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys WHERE key_id LIKE 'odd-%'"),
+            "0");
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM audit_log"), "3");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, FailedAuditedPutWritesNoKeyAndNoEntry) {
+  auto store = this->open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->put(sample_key("damaged", hsm::scheme::p256, 1)));
+  ASSERT_EQ(TypeParam::corrupt_scheme(this->where, "damaged"), "");
+  auto group = sample_group("a-", 3, 5);
+  group.push_back(sample_key("damaged", hsm::scheme::p256, 2));
+  hsm::store::put_audit audit{"d1", {}};
+  for (const auto& rec : group)
+    audit.entries.emplace_back(generated(rec));
+  auto put = store->put_many_audited(group, audit);
+  ASSERT_FALSE(put);
+  EXPECT_TRUE(is_store_error(put.error(), hsm::store_errc::corrupt_row));
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM keys"), "1");
+  EXPECT_EQ(this->sql("SELECT COUNT(*) FROM audit_log"), "0");
+}
+
+TYPED_TEST_P(KeyStoreContractTest, AuditedPutsAndAppendsOfOneChainTakeTurns) {
+  // A driver's key writer and audit writer: two connections appending to
+  // one chain at the same time. Each reads the head under the chain's
+  // lock, so none fails and the chain does not fork.
+  auto keys = this->open_store();
+  auto audit = this->open_store();
+  ASSERT_NE(keys, nullptr);
+  ASSERT_NE(audit, nullptr);
+  constexpr int rounds = 25;
+  std::latch start{2};
+  std::string put_error;
+  std::string append_error;
+  std::thread putter{[&] {
+    start.arrive_and_wait();
+    for (int i = 0; i < rounds && put_error.empty(); ++i) {
+      auto rec = sample_key("gen-" + std::to_string(i), hsm::scheme::p256, 7);
+      auto put = keys->put_many_audited({rec}, {"shared", {generated(rec)}});
+      if (!put)
+        put_error = hsm::describe(put.error());
+      else if (put->rows.size() != 1)
+        put_error = "no row for " + rec.key_id;
+    }
+  }};
+  std::thread appender{[&] {
+    start.arrive_and_wait();
+    for (int i = 0; i < rounds && append_error.empty(); ++i) {
+      auto rows = audit->append_audit("shared",
+                                      {audit_of("sig-" + std::to_string(i))});
+      if (!rows)
+        append_error = hsm::describe(rows.error());
+    }
+  }};
+  putter.join();
+  appender.join();
+  EXPECT_EQ(put_error, "");
+  EXPECT_EQ(append_error, "");
+  auto rows = whole_trail(*keys);
+  EXPECT_EQ(rows.size(), 2u * rounds);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_EQ(rows.back().seq, 2u * rounds);
+}
+
 REGISTER_TYPED_TEST_SUITE_P(
   KeyStoreContractTest, CountsRowsOfTheFormatBeforeTheMac,
   ReopenKeepsVersionAndData, AppliesNewMigrationsOnReopen,
@@ -1165,6 +1298,8 @@ REGISTER_TYPED_TEST_SUITE_P(
   ReplaceRowSealsAFormatOneRow, ReplaceRowLosesToAConcurrentChange,
   ReplaceRowRefusesToChangeTheKey, RotationIsCompareAndSwap,
   ReplaceCanaryIsCompareAndSwap, AuditAppendsChainPerDriverAndReadsInOrder,
-  AuditChainsOfTwoWritersNeverFork);
+  AuditChainsOfTwoWritersNeverFork, AuditedPutAppendsTheInsertedInItsCommit,
+  FailedAuditedPutWritesNoKeyAndNoEntry,
+  AuditedPutsAndAppendsOfOneChainTakeTurns);
 
 } // namespace hsm::test

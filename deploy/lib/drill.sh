@@ -737,6 +737,22 @@ drill_finish() {
   done < <(jq -r 'select(.kind == "sign" and .ok)
     | "\(.id) \(.key_id) \(.payload) \(if .st.result.scheme == "ed25519" then .st.result.signature else .st.result.der end) \(.st.result.public_key_fingerprint)"' \
     "$a/joined.jsonl")
+  # The audit trail: every driver's chain intact (`audit verify`), and no
+  # ok answer the proxy has without its row (outcome ok, same request id).
+  local trail_breaks=0 unaudited
+  if ! USER_PIN= "$bin" --log-level error --postgres-url "$db_url" audit verify \
+    >"$a/audit-verify.json" 2>"$a/audit-verify.err"; then
+    trail_breaks=$(jq '.breaks | length' "$a/audit-verify.json" 2>/dev/null || echo 1)
+    [ "$trail_breaks" -gt 0 ] 2>/dev/null || trail_breaks=1
+  fi
+  "$pg_bin/psql" -X -q -At "$db_url" \
+    -c "SELECT DISTINCT request_id FROM audit_log WHERE outcome = 'ok' ORDER BY 1" \
+    >"$a/audited_ok.txt" || die "cannot read the audit trail at $db_url"
+  jq -r 'select(.ok) | .id' "$a/joined.jsonl" | LC_ALL=C sort -u >"$a/answered_ok.txt"
+  unaudited=$(LC_ALL=C comm -23 "$a/answered_ok.txt" <(LC_ALL=C sort -u "$a/audited_ok.txt") | wc -l)
+  local audit_rows
+  audit_rows=$("$pg_bin/psql" -X -q -At "$db_url" -c "SELECT COUNT(*) FROM audit_log")
+
   local redelivered rejected dead given
   redelivered=$(jq .redelivered "$work/stats.json")
   rejected=$(jq .rejected_results "$work/stats.json")
@@ -765,6 +781,9 @@ drill_finish() {
   row "reported keys that do not sign" "$cli_bad" must-be-0
   row "driver signatures verified by openssl" "$sig_ok"
   row "driver signatures failing (or wrong fingerprint)" "$sig_bad" must-be-0
+  row "audit rows" "$audit_rows"
+  row "audit chain breaks (audit verify)" "$trail_breaks" must-be-0
+  row "ok answers without their audit row" "$unaudited" must-be-0
   row "driver kills (SIGKILL)" "$kills"
   row "  of which the driver held leases" "$kills_holding"
   row "database restarts (fast stop, start)" "$db_restarts"

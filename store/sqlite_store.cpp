@@ -609,7 +609,7 @@ caf::expected<std::string> set_wal_mode(sqlite3* db, const std::string& what) {
   }
 }
 
-/// Sets the busy timeout, WAL mode, full sync and foreign keys.
+/// Sets the busy handler, WAL mode, full sync and foreign keys.
 caf::error configure(sqlite3* db, const std::string& where) {
   wait_for_locks(db);
   auto mode = set_wal_mode(db, where + ": PRAGMA journal_mode=WAL");

@@ -31,28 +31,24 @@ struct fake_world {
 /// A store whose puts fail or lose a race, as `put_fails` says: a failure
 /// looks like an answer lost after the commit (the row may be there).
 store_actor::behavior_type racy_store(store_actor::pointer, bool put_fails) {
+  auto put = [=](const key_record& r) -> caf::result<put_result> {
+    if (put_fails)
+      return caf::make_error(store_errc::unavailable,
+                             std::string{"connection lost during COMMIT"});
+    auto winner = r;
+    winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
+    return put_result{winner, false};
+  };
   return {
     [](caf::get_atom, const std::string&) -> caf::result<key_lookup> {
       return key_lookup{};
     },
     [=](caf::put_atom, const key_record& r) -> caf::result<put_result> {
-      if (put_fails)
-        return caf::make_error(store_errc::unavailable,
-                               std::string{"connection lost during COMMIT"});
-      auto winner = r;
-      winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
-      return put_result{winner, false};
+      return put(r);
     },
     // Lost the race: nothing inserted, nothing audited.
     [=](caf::put_atom, const key_record& r,
-        const audit_entry&) -> caf::result<put_result> {
-      if (put_fails)
-        return caf::make_error(store_errc::unavailable,
-                               std::string{"connection lost during COMMIT"});
-      auto winner = r;
-      winner.key_blob.assign({'o', 't', 'h', 'e', 'r'});
-      return put_result{winner, false};
-    },
+        const audit_entry&) -> caf::result<put_result> { return put(r); },
   };
 }
 
@@ -327,14 +323,14 @@ protected:
     return sys.spawn(racy_store, put_fails);
   }
 
-  /// Runs one generate_key for `key_id` through a dispatcher on `racy`
-  /// with one session that makes resident keys.
-  void generate_resident_with(store_actor racy, const std::string& key_id) {
+  /// Runs one generate_key (P-256) for `key_id` through a dispatcher on
+  /// `with_store`, with one `session`.
+  void generate_with(store_actor with_store, hsm_session_actor session,
+                     const std::string& key_id) {
     self->send_exit(store, caf::exit_reason::user_shutdown);
-    store = std::move(racy);
+    store = std::move(with_store);
     spawn_dispatcher_with(1);
-    self->send(dispatcher, session_up_atom::value, size_t{0},
-               sys.spawn(resident_session, world));
+    self->send(dispatcher, session_up_atom::value, size_t{0}, session);
     sched.run();
     job j;
     j.id = "gen-" + key_id;
@@ -346,24 +342,16 @@ protected:
     sched.run();
   }
 
-  /// Generates `key_id` (P-256) through a dispatcher whose store records
-  /// its puts in `log`; one session.
+  /// `generate_with` on `racy` and a session that makes resident keys.
+  void generate_resident_with(store_actor racy, const std::string& key_id) {
+    generate_with(std::move(racy), sys.spawn(resident_session, world), key_id);
+  }
+
+  /// `generate_with` on a store that records its puts in `log`.
   void generate_recorded(std::shared_ptr<put_log> log,
                          const std::string& key_id) {
-    self->send_exit(store, caf::exit_reason::user_shutdown);
-    store = sys.spawn(recording_store, log);
-    spawn_dispatcher_with(1);
-    self->send(dispatcher, session_up_atom::value, size_t{0},
-               sys.spawn(keygen_session));
-    sched.run();
-    job j;
-    j.id = "gen-" + key_id;
-    j.lease = "lease-" + key_id;
-    j.kind = job_kind::generate_key;
-    j.key_id = key_id;
-    j.scheme = scheme::p256;
-    self->send(dispatcher, job_atom::value, j);
-    sched.run();
+    generate_with(sys.spawn(recording_store, std::move(log)),
+                  sys.spawn(keygen_session), key_id);
   }
 
   std::shared_ptr<fake_world> world = std::make_shared<fake_world>();

@@ -706,13 +706,11 @@ TEST_F(EngineTest, TheBinaryServesPastAHungSignAndExitsOneOnSigterm) {
   constexpr auto drain = 2000ms;
   constexpr auto abandon_grace = 5000ms; // `run`'s, not configurable
   auto p = test::start_driver(
-    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
-     "--ca-cert", pki.root_cert.string(), "--client-cert",
-     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
-     "--driver-id", "hang-driver", "--sessions", "2", "--poll-wait",
-     std::to_string(poll_wait.count()), "--hsm-timeout",
-     std::to_string(hsm_timeout.count()), "--drain-timeout",
-     std::to_string(drain.count())},
+    test::run_args(proxy->port(), pki,
+                   {"--driver-id", "hang-driver", "--sessions", "2",
+                    "--poll-wait", std::to_string(poll_wait.count()),
+                    "--hsm-timeout", std::to_string(hsm_timeout.count()),
+                    "--drain-timeout", std::to_string(drain.count())}),
     e, log_path);
   test::kill_on_exit guard{p};
   auto read_log = [&] {
@@ -841,11 +839,9 @@ TEST_F(EngineTest, SigtermDuringLoadAnswersOrHandsBackEveryRequest) {
                     : enqueue_sign("term", test::sha256(std::to_string(i))));
   auto run_env = env;
   auto p = test::start_driver(
-    {"run", "--proxy-addr", "127.0.0.1:" + std::to_string(proxy->port()),
-     "--ca-cert", pki.root_cert.string(), "--client-cert",
-     pki.driver_chain.string(), "--client-key", pki.driver_key.string(),
-     "--driver-id", "term-driver", "--poll-wait", "300", "--sessions", "2",
-     "--log-level", "info"},
+    test::run_args(proxy->port(), pki,
+                   {"--driver-id", "term-driver", "--poll-wait", "300",
+                    "--sessions", "2", "--log-level", "info"}),
     run_env, (dir / "run.log").string());
   test::kill_on_exit guard{p};
   // Wait until some, not all, are done.

@@ -197,17 +197,8 @@ protected:
   /// metrics listener on a free loopback port, plus `extra` (driver id,
   /// sessions, ...); its log goes to `run.log` (`run_log`).
   test::background_process start_run(const std::vector<std::string>& extra) {
-    std::vector<std::string> args{"run",
-                                  "--proxy-addr",
-                                  "127.0.0.1:" + std::to_string(proxy->port()),
-                                  "--ca-cert",
-                                  pki.root_cert.string(),
-                                  "--client-cert",
-                                  pki.driver_chain.string(),
-                                  "--client-key",
-                                  pki.driver_key.string(),
-                                  "--metrics-listen",
-                                  "127.0.0.1:0"};
+    auto args = test::run_args(proxy->port(), pki,
+                               {"--metrics-listen", "127.0.0.1:0"});
     args.insert(args.end(), extra.begin(), extra.end());
     return test::start_driver(args, env, (dir / "run.log").string());
   }

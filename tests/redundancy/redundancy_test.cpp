@@ -107,23 +107,9 @@ protected:
   }
 
   std::vector<std::string> run_args(const std::string& name) {
-    return {"run",
-            "--proxy-addr",
-            "127.0.0.1:" + std::to_string(proxy->port()),
-            "--ca-cert",
-            pki.root_cert.string(),
-            "--client-cert",
-            pki.driver_chain.string(),
-            "--client-key",
-            pki.driver_key.string(),
-            "--driver-id",
-            name,
-            "--poll-wait",
-            "300",
-            "--sessions",
-            "2",
-            "--pipeline",
-            "2"};
+    return test::run_args(proxy->port(), pki,
+                          {"--driver-id", name, "--poll-wait", "300",
+                           "--sessions", "2", "--pipeline", "2"});
   }
 
   void start(const std::string& name) {

@@ -42,6 +42,21 @@ nlohmann::json await_done(net::reference_proxy& proxy, const std::string& id,
   return nlohmann::json{{"ok", false}};
 }
 
+std::vector<std::string> run_args(uint16_t proxy_port, const net::dev_pki& pki,
+                                  const std::vector<std::string>& extra) {
+  std::vector<std::string> args{"run",
+                                "--proxy-addr",
+                                "127.0.0.1:" + std::to_string(proxy_port),
+                                "--ca-cert",
+                                pki.root_cert.string(),
+                                "--client-cert",
+                                pki.driver_chain.string(),
+                                "--client-key",
+                                pki.driver_key.string()};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
 std::vector<uint8_t> unhex(const nlohmann::json& j) {
   if (!j.is_string())
     return {};

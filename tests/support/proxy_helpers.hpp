@@ -3,6 +3,7 @@
 // Helpers shared by the end-to-end tests: a SoftHSMv2 configuration of their
 // own, and waiting on the reference proxy for a request's answer.
 
+#include "runtime/net/pki.hpp"
 #include "runtime/net/reference_proxy.hpp"
 
 #include <nlohmann/json.hpp>
@@ -27,6 +28,11 @@ std::filesystem::path write_softhsm_conf(const std::filesystem::path& dir);
 nlohmann::json
 await_done(net::reference_proxy& proxy, const std::string& id,
            std::chrono::milliseconds timeout = std::chrono::seconds{60});
+
+/// `hsm-driver run` against the proxy on 127.0.0.1:`proxy_port`, trusting
+/// `pki`'s root, with its driver chain and key; then `extra`.
+std::vector<std::string> run_args(uint16_t proxy_port, const net::dev_pki& pki,
+                                  const std::vector<std::string>& extra);
 
 /// Bytes of a hex JSON string (empty if it is not hex).
 std::vector<uint8_t> unhex(const nlohmann::json& j);
